@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""Builds random-weight SmolVLM models in the real Hugging Face layout and records what
+transformers (the reference implementation) computes on them, for Ocellus's parity tests.
+
+  python scripts/make_fixtures.py tiny          # tests/fixtures: two tiny models + references (committed)
+  python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
+
+Install (CPU is enough; PyPI's torch is a CUDA build that runs on CPU):
+  python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt
+
+Everything is seeded: rerunning gives the same weights, images and references.
+"""
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+import transformers
+from transformers import (
+    AutoProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_REF = REPO.parent / "shared" / "reference" / "smolvlm-256m-instruct"
+FIXTURES = REPO / "tests" / "fixtures"
+GREEDY_TOKENS = 24
+SEED = 1234
+# Random weights give nearly flat logits; a larger head makes greedy choices decisive so
+# that parity does not hinge on near-ties between tokens.
+LM_HEAD_SCALE = 10.0
+
+# The special tokens SmolVLM's processor and chat template rely on.
+IMAGE_TOKENS = (
+    ["<global-img>"]
+    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    + ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer: the real SmolVLM BPE tokenizer, truncated to a small vocabulary.
+# ---------------------------------------------------------------------------------------
+
+
+def small_tokenizer(vocab_size: int) -> dict:
+    """Keeps the first `vocab_size` BPE entries of the real tokenizer (specials, the 256
+    byte symbols, then merges by rank) and the merges that stay inside that vocabulary, so
+    the result is a genuine byte-level BPE with SmolVLM's pipeline and special tokens."""
+    real = json.loads((SHARED_REF / "tokenizer.json").read_text())
+    vocab = {tok: i for tok, i in real["model"]["vocab"].items() if i < vocab_size}
+    merges = []
+    for merge in real["model"]["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        if left in vocab and right in vocab and left + right in vocab:
+            merges.append([left, right])
+    added = [t for t in real["added_tokens"] if t["id"] < 17]
+    next_id = vocab_size
+    for content in IMAGE_TOKENS:
+        entry = next(t for t in real["added_tokens"] if t["content"] == content)
+        entry = dict(entry, id=next_id)
+        added.append(entry)
+        vocab[content] = next_id
+        next_id += 1
+    tok = copy.deepcopy(real)
+    tok["added_tokens"] = added
+    tok["model"]["vocab"] = vocab
+    tok["model"]["merges"] = merges
+    return tok
+
+
+def write_tokenizer(dst: Path, tok: dict, template: str) -> dict:
+    (dst / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    config = {
+        "add_prefix_space": False,
+        "bos_token": "<|im_start|>",
+        "eos_token": "<end_of_utterance>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>"],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+        "tokenizer_class": "GPT2Tokenizer",
+        "chat_template": template,
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return ids
+
+
+# ---------------------------------------------------------------------------------------
+# Test images: small, wide, tall, RGBA, grayscale; smooth shapes plus noise.
+# ---------------------------------------------------------------------------------------
+
+
+def make_images(dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(SEED)
+
+    def rgb(w, h):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 256], -1)
+        noise = rng.randint(-40, 41, size=(h, w, 3))
+        img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        draw.ellipse([w // 5, h // 5, w // 2, h // 2], fill=(250, 30, 30))
+        draw.rectangle([w // 2, h // 2, w - 2, h - 2], fill=(20, 40, 220))
+        return img
+
+    rgb(40, 30).save(dst / "small.png")
+    rgb(300, 80).save(dst / "wide.png")
+    rgb(70, 260).save(dst / "tall.png")
+    rgba = rgb(120, 90).convert("RGBA")
+    alpha = np.tile(np.linspace(0, 255, 120).astype(np.uint8), (90, 1))
+    alpha[:10] = 0  # fully transparent band
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    rgba.save(dst / "rgba.png")
+    rgb(100, 100).convert("L").save(dst / "gray.png")
+
+
+# ---------------------------------------------------------------------------------------
+# Cases: OpenAI-style messages, mapped onto the HF chat-template shape here and in Ocellus.
+# ---------------------------------------------------------------------------------------
+
+
+def image_part(name):
+    return {"type": "image_url", "image_url": {"url": f"images/{name}.png"}}
+
+
+def text_part(text):
+    return {"type": "text", "text": text}
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+CASES = {
+    "small_nosplit": dict(
+        messages=[user(image_part("small"), text_part("Describe this image."))], do_image_splitting=False
+    ),
+    "wide": dict(messages=[user(image_part("wide"), text_part("What is in this picture?"))]),
+    "tall": dict(messages=[user(text_part("Look:"), image_part("tall"), text_part("How tall is it?"))]),
+    "rgba": dict(messages=[user(image_part("rgba"), text_part("Which colours do you see?"))]),
+    "gray": dict(messages=[user(image_part("gray"), text_part("Is this grayscale?"))]),
+    "multi_image": dict(
+        messages=[
+            user(
+                text_part("Compare the first image"),
+                image_part("wide"),
+                text_part("with the second one"),
+                image_part("gray"),
+                text_part("and tell me the differences."),
+            )
+        ]
+    ),
+    "multi_turn": dict(
+        messages=[
+            {"role": "system", "content": "You are a careful assistant."},
+            user(image_part("rgba"), text_part("What shape is red?")),
+            {"role": "assistant", "content": "A circle."},
+            {"role": "user", "content": "And the blue one?"},
+        ]
+    ),
+    "text_only": dict(messages=[{"role": "user", "content": "Write a haiku about the sea."}]),
+}
+
+
+def to_hf_messages(messages):
+    """OpenAI content (string or parts) -> the list-of-parts shape HF chat templates expect."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [text_part(content)]
+        parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def image_paths(messages):
+    return [
+        p["image_url"]["url"]
+        for m in messages
+        if not isinstance(m["content"], str)
+        for p in m["content"]
+        if p["type"] == "image_url"
+    ]
+
+
+def pixel_levels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pixel values are ((u8 * rescale) - 0.5) / 0.5 in f32: storing the u8 levels is lossless
+    and four times smaller. Checked here, so the test's decoding gives back the exact floats."""
+    levels = torch.round((pixel_values.double() + 1.0) * 127.5).to(torch.uint8)
+    decoded = ((levels.double() * 0.00392156862745098).float() - 0.5) / 0.5
+    assert torch.equal(decoded, pixel_values.float()), "pixel values are not an affine map of u8 levels"
+    return levels.contiguous()
+
+
+@torch.no_grad()
+def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pixels: bool = True) -> None:
+    """Runs transformers on every case and writes <out>.json (ids, tokens) and
+    <out>.safetensors (pixel values, first-step logits)."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model_cls = {
+        "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,
+        "SmolVLMForConditionalGeneration": SmolVLMForConditionalGeneration,
+    }[json.loads((model_dir / "config.json").read_text())["architectures"][0]]
+    model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    results, tensors = {}, {}
+    for name, case in cases.items():
+        prompt = processor.apply_chat_template(to_hf_messages(case["messages"]), add_generation_prompt=True)
+        images = [Image.open(images_root / p) for p in image_paths(case["messages"])]
+        kwargs = {}
+        if "do_image_splitting" in case:
+            kwargs["do_image_splitting"] = case["do_image_splitting"]
+        inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt", **kwargs)
+        logits = model(**inputs).logits[0, -1].float()
+        generated = model.generate(
+            **inputs, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=eos
+        )[0, inputs["input_ids"].shape[1] :]
+        results[name] = {
+            "messages": case["messages"],
+            "do_image_splitting": case.get("do_image_splitting", True),
+            "prompt": prompt,
+            "input_ids": inputs["input_ids"][0].tolist(),
+            "greedy_tokens": generated.tolist(),
+        }
+        tensors[f"{name}.logits"] = logits.contiguous()
+        if images and store_pixels:
+            tensors[f"{name}.pixel_levels"] = pixel_levels(inputs["pixel_values"][0])
+        print(f"  {name}: {len(results[name]['input_ids'])} prompt tokens, generated {generated.tolist()[:8]}...")
+    meta = {"transformers": transformers.__version__, "torch": torch.__version__, "greedy_tokens": GREEDY_TOKENS}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
+    save_file(tensors, str(out.with_suffix(".safetensors")))
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+
+
+def randomize(model, seed: int):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Text weights larger than a trained model's keep random greedy outputs varied
+            # instead of collapsing into one repeated token.
+            p.normal_(0.0, 0.25 if "text_model.layers" in name else 0.08)
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or "layer_norm" in name or name.endswith("norm.weight"):
+                p.add_(1.0)
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    return model.float()
+
+
+def tiny_config(cls, ids: dict, vocab: int, tie: bool):
+    cfg = cls.from_pretrained(SHARED_REF) if cls is Idefics3Config else cls(**json.loads((SHARED_REF / "config.json").read_text()))
+    cfg.vision_config.update(
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8)
+    )
+    cfg.text_config.update(
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=vocab,
+            dtype="float32",
+        )
+    )
+    cfg.vocab_size = vocab
+    cfg.scale_factor = 2
+    cfg.image_token_id = ids["<image>"]
+    cfg.tie_word_embeddings = tie
+    cfg.text_config.tie_word_embeddings = tie
+    cfg.dtype = "float32"
+    return cfg
+
+
+TEMPLATE = json.loads((SHARED_REF / "chat_template.json").read_text())["chat_template"]
+PREPROCESSOR = {
+    "do_convert_rgb": True,
+    "do_image_splitting": True,
+    "do_normalize": True,
+    "do_pad": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_processor_type": "Idefics3ImageProcessor",
+    "image_std": [0.5, 0.5, 0.5],
+    "max_image_size": {"longest_edge": 64},
+    "processor_class": "Idefics3Processor",
+    "resample": 1,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 256},
+}
+
+
+def hub_era_config(model_dir: Path) -> None:
+    """Rewrites what transformers 5 saved into the layout of real hub folders (4.x era):
+    rope_theta instead of rope_parameters, flat processor files, chat_template.json."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    text = cfg["text_config"]
+    rope = text.pop("rope_parameters", None) or {}
+    text["rope_theta"] = rope.get("rope_theta", 100000)
+    text["rope_scaling"] = None
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def build_tiny_idefics3(dst: Path) -> None:
+    """SmolVLM v1 architecture, hub-era file layout, untied head, one safetensors file."""
+    tok = small_tokenizer(1024)
+    dst.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(dst, tok, TEMPLATE)
+    vocab = 1088
+    model = randomize(Idefics3ForConditionalGeneration(tiny_config(Idefics3Config, ids, vocab, tie=False)), SEED)
+    model.save_pretrained(dst)
+    hub_era_config(dst)
+    (dst / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    (dst / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": "Idefics3Processor"}))
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    gen = {"bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<end_of_utterance>"], "pad_token_id": 2}
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def build_tiny_smolvlm2(dst: Path) -> None:
+    """SmolVLM2 architecture as transformers 5 saves it: rope_parameters, nested
+    processor_config.json, chat_template.jinja, tied embeddings, sharded weights."""
+    tok = small_tokenizer(1024)
+    dst.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(dst, tok, TEMPLATE)
+    (dst / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    (dst / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": "Idefics3Processor"}))
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    processor = AutoProcessor.from_pretrained(dst)
+    for f in ["preprocessor_config.json", "processor_config.json", "chat_template.json"]:
+        (dst / f).unlink()
+    processor.save_pretrained(dst)
+    cfg = tiny_config(SmolVLMConfig, ids, 1088, tie=True)
+    cfg.architectures = ["SmolVLMForConditionalGeneration"]
+    model = randomize(SmolVLMForConditionalGeneration(cfg), SEED + 1)
+    model.save_pretrained(dst, max_shard_size="300KB")
+    gen = {"bos_token_id": ids["<|im_start|>"], "eos_token_id": [ids["<end_of_utterance>"]], "pad_token_id": 2}
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def build_big(dst: Path) -> None:
+    """SmolVLM-256M-Instruct's real config, tokenizer and processor files with random weights."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in SHARED_REF.iterdir():
+        if f.suffix in (".json", ".txt") and f.name != "SOURCES.md":
+            shutil.copy(f, dst / f.name)
+    cfg = Idefics3Config.from_pretrained(SHARED_REF)
+    model = randomize(Idefics3ForConditionalGeneration(cfg), SEED)
+    model.to(torch.bfloat16).save_pretrained(dst)
+    hub_era_config(dst)
+    # save_pretrained rewrote generation_config.json from the model config; restore the real one.
+    shutil.copy(SHARED_REF / "generation_config.json", dst / "generation_config.json")
+    shutil.copy(SHARED_REF / "config.json", dst / "config.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("tiny")
+    big = sub.add_parser("big")
+    big.add_argument("out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    images = FIXTURES / "images"
+    make_images(images)
+    if args.what == "tiny":
+        models = FIXTURES / "models"
+        refs = FIXTURES / "reference"
+        for d in [models, refs]:
+            d.mkdir(parents=True, exist_ok=True)
+        for name, build, cases in [
+            ("tiny-idefics3", build_tiny_idefics3, CASES),
+            ("tiny-smolvlm2", build_tiny_smolvlm2, {k: CASES[k] for k in ["wide", "multi_image", "text_only"]}),
+        ]:
+            shutil.rmtree(models / name, ignore_errors=True)
+            build(models / name)
+            print(f"{name}: recording transformers {transformers.__version__}")
+            record(models / name, FIXTURES, cases, refs / name, store_pixels=name == "tiny-idefics3")
+    else:
+        model_dir = args.out / "smolvlm-256m-random"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        build_big(model_dir)
+        shutil.copytree(images, args.out / "images", dirs_exist_ok=True)
+        print(f"smolvlm-256m-random: recording transformers {transformers.__version__}")
+        record(model_dir, args.out, CASES, args.out / "reference")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+//! The models Ocellus runs, behind one trait, and how they are loaded: a Hugging Face
+//! folder or hub id, safetensors in one file or shards, a chosen dtype and device.
+
+pub mod error;
+pub mod files;
+pub mod hub;
+pub mod smolvlm;
+pub mod weights;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+pub use error::LoadError;
+pub use files::ModelFiles;
+
+use crate::kv::{KvSpec, SequenceKv};
+
+/// The dtype weights are loaded in (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDType> for DType {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::F32 => DType::F32,
+            WeightDType::Bf16 => DType::BF16,
+            WeightDType::F16 => DType::F16,
+        }
+    }
+}
+
+/// What the rest of the server needs to know about a model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub image_token_id: u32,
+    /// Decoder tokens per image tile.
+    pub image_seq_len: usize,
+    /// Side of the square tiles the vision encoder takes.
+    pub tile_size: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+}
+
+/// One sequence's part of a step: a prefill chunk or one decode token.
+pub struct SequenceInput<'a> {
+    pub tokens: &'a [u32],
+    /// Vision features for the image tokens among `tokens`, in order (`[n, hidden]`).
+    pub image_features: Option<Tensor>,
+    pub kv: &'a mut SequenceKv,
+    /// Whether this step needs the next-token logits of the sequence (a decode step or
+    /// the last chunk of a prompt).
+    pub wants_logits: bool,
+}
+
+/// A vision-language model. It holds weights only: KV caches are owned by the caller and
+/// lent per step, so one instance serves any number of sequences.
+pub trait VisionLanguageModel: Send {
+    fn info(&self) -> &ModelInfo;
+
+    fn kv_spec(&self) -> KvSpec;
+
+    /// Vision features of image tiles: `[tiles, 3, S, S]` -> `[tiles * image_seq_len, hidden]`.
+    fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor>;
+
+    /// One step over a ragged batch. Returns f32 logits `[k, vocab]` for the `k` inputs
+    /// whose `wants_logits` is set, in batch order.
+    fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor>;
+
+    fn device(&self) -> &Device;
+
+    fn dtype(&self) -> DType;
+}
+
+/// Loads the model of a located folder, picking the implementation by architecture.
+pub fn load(
+    files: &ModelFiles,
+    dtype: WeightDType,
+    device: &Device,
+) -> std::result::Result<Box<dyn VisionLanguageModel>, LoadError> {
+    let config = smolvlm::SmolVlmConfig::load(&files.config)?;
+    let model = smolvlm::SmolVlm::load(config, files, dtype.into(), device)?;
+    Ok(Box::new(model))
+}

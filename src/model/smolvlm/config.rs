@@ -1,0 +1,319 @@
+//! config.json of SmolVLM (`Idefics3ForConditionalGeneration`) and SmolVLM2
+//! (`SmolVLMForConditionalGeneration`). Missing optional fields take transformers'
+//! defaults; fields Ocellus cannot honour are refused by name.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::model::error::LoadError;
+
+pub const ARCHITECTURES: &[&str] = &[
+    "Idefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SmolVlmConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default = "defaults::image_token_id")]
+    pub image_token_id: u32,
+    #[serde(default = "defaults::scale_factor")]
+    pub scale_factor: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub vision_config: VisionConfig,
+    pub text_config: TextConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionConfig {
+    #[serde(default = "defaults::vision_hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "defaults::vision_intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "defaults::vision_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "defaults::vision_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "defaults::num_channels")]
+    pub num_channels: usize,
+    #[serde(default = "defaults::image_size")]
+    pub image_size: usize,
+    #[serde(default = "defaults::patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "defaults::vision_act")]
+    pub hidden_act: String,
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every vision field has a default. This is a bug.")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextConfig {
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "defaults::text_hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "defaults::text_intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "defaults::text_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "defaults::text_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "defaults::text_act")]
+    pub hidden_act: String,
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "defaults::rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4 writes `rope_theta` (+ `rope_scaling`), transformers 5 `rope_parameters`.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeParameters>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub eos_token_id: Option<EosTokenIds>,
+}
+
+/// `eos_token_id` is an integer or a list of integers in HF configs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EosTokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl EosTokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+impl TextConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10_000.0)
+    }
+}
+
+impl SmolVlmConfig {
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let config: Self = crate::model::files::read_json(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Tokens per image tile after the pixel shuffle (64 for SmolVLM-256M).
+    pub fn image_seq_len(&self) -> usize {
+        let patches_per_side = self.vision_config.image_size / self.vision_config.patch_size;
+        patches_per_side * patches_per_side / (self.scale_factor * self.scale_factor)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), LoadError> {
+        let Some(arch) = self.architectures.first() else {
+            return Err(LoadError::invalid(
+                file,
+                "architectures",
+                "is missing or empty",
+            ));
+        };
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(LoadError::UnknownArchitecture {
+                file: file.to_path_buf(),
+                name: arch.clone(),
+                supported: ARCHITECTURES.join(", "),
+            });
+        }
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        let rules: [(bool, &str, String); 9] = [
+            (
+                v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
+                "vision_config.num_attention_heads",
+                format!(
+                    "must divide hidden_size {}, got {}",
+                    v.hidden_size, v.num_attention_heads
+                ),
+            ),
+            (
+                v.patch_size > 0 && v.image_size % v.patch_size == 0,
+                "vision_config.patch_size",
+                format!(
+                    "must divide image_size {}, got {}",
+                    v.image_size, v.patch_size
+                ),
+            ),
+            (
+                self.scale_factor > 0
+                    && (v.image_size / v.patch_size.max(1)) % self.scale_factor == 0,
+                "scale_factor",
+                format!(
+                    "must divide the patches per side {}, got {}",
+                    v.image_size / v.patch_size.max(1),
+                    self.scale_factor
+                ),
+            ),
+            (
+                matches!(v.hidden_act.as_str(), "gelu_pytorch_tanh" | "gelu"),
+                "vision_config.hidden_act",
+                format!("must be gelu_pytorch_tanh or gelu, got {}", v.hidden_act),
+            ),
+            (
+                v.num_channels == 3,
+                "vision_config.num_channels",
+                format!("must be 3, got {}", v.num_channels),
+            ),
+            (
+                t.hidden_act == "silu",
+                "text_config.hidden_act",
+                format!("must be silu, got {}", t.hidden_act),
+            ),
+            (
+                t.num_attention_heads > 0
+                    && t.num_kv_heads() > 0
+                    && t.num_attention_heads % t.num_kv_heads() == 0,
+                "text_config.num_key_value_heads",
+                format!(
+                    "must divide num_attention_heads {}, got {}",
+                    t.num_attention_heads,
+                    t.num_kv_heads()
+                ),
+            ),
+            (
+                t.head_dim() % 2 == 0 && t.head_dim() > 0,
+                "text_config.head_dim",
+                format!("must be even and positive, got {}", t.head_dim()),
+            ),
+            (
+                (self.image_token_id as usize) < t.vocab_size,
+                "image_token_id",
+                format!(
+                    "must be below text_config.vocab_size {}, got {}",
+                    t.vocab_size, self.image_token_id
+                ),
+            ),
+        ];
+        if let Some((_, field, message)) = rules.into_iter().find(|(ok, _, _)| !ok) {
+            return Err(LoadError::invalid(file, field, message));
+        }
+        for (field, rope) in [
+            ("text_config.rope_parameters", &t.rope_parameters),
+            ("text_config.rope_scaling", &t.rope_scaling),
+        ] {
+            let kind = rope
+                .as_ref()
+                .and_then(|r| r.rope_type.as_deref())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(LoadError::invalid(
+                    file,
+                    field,
+                    format!("rope type `{kind}` is not supported (only default)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+mod defaults {
+    // transformers' defaults (Idefics3Config / SmolVLMConfig, their vision config, LlamaConfig).
+    pub fn image_token_id() -> u32 {
+        128_257
+    }
+    pub fn scale_factor() -> usize {
+        2
+    }
+    pub fn vision_hidden_size() -> usize {
+        1152
+    }
+    pub fn vision_intermediate_size() -> usize {
+        3072
+    }
+    pub fn vision_layers() -> usize {
+        12
+    }
+    pub fn vision_heads() -> usize {
+        16
+    }
+    pub fn num_channels() -> usize {
+        3
+    }
+    pub fn image_size() -> usize {
+        224
+    }
+    pub fn patch_size() -> usize {
+        32
+    }
+    pub fn vision_act() -> String {
+        "gelu_pytorch_tanh".into()
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn vocab_size() -> usize {
+        32_000
+    }
+    pub fn text_hidden_size() -> usize {
+        4096
+    }
+    pub fn text_intermediate_size() -> usize {
+        11_008
+    }
+    pub fn text_layers() -> usize {
+        32
+    }
+    pub fn text_heads() -> usize {
+        32
+    }
+    pub fn text_act() -> String {
+        "silu".into()
+    }
+    pub fn max_position_embeddings() -> usize {
+        2048
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+}

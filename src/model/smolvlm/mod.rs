@@ -1,0 +1,194 @@
+//! SmolVLM and SmolVLM2 (Marafioti et al., "SmolVLM: Redefining small and efficient
+//! multimodal models", arXiv:2504.05299): SigLIP vision encoder, pixel-shuffle connector,
+//! Llama decoder. Weights follow transformers' tree (`model.vision_model`,
+//! `model.connector`, `model.text_model`, `lm_head`).
+
+pub mod config;
+pub mod connector;
+pub mod text;
+pub mod vision;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+pub use config::SmolVlmConfig;
+
+use crate::kv::KvSpec;
+use crate::model::weights::SafetensorsWeights;
+use crate::model::{LoadError, ModelFiles, ModelInfo, SequenceInput, VisionLanguageModel};
+use connector::Connector;
+use text::{SequenceRows, TextModel};
+use vision::VisionTransformer;
+
+pub struct SmolVlm {
+    vision: VisionTransformer,
+    connector: Connector,
+    text: TextModel,
+    config: SmolVlmConfig,
+    info: ModelInfo,
+    device: Device,
+    dtype: DType,
+}
+
+impl SmolVlm {
+    pub fn load(
+        config: SmolVlmConfig,
+        files: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, LoadError> {
+        let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(dtype, device);
+        let tensor_error = |e: candle_core::Error| LoadError::Tensor {
+            message: e.to_string(),
+        };
+        let vision = VisionTransformer::new(&config.vision_config, vb.pp("model.vision_model"))
+            .map_err(tensor_error)?;
+        let connector = Connector::new(
+            config.vision_config.hidden_size,
+            config.text_config.hidden_size,
+            config.scale_factor,
+            vb.pp("model.connector"),
+        )
+        .map_err(tensor_error)?;
+        let text = TextModel::new(&config.text_config, config.tie_word_embeddings, vb)
+            .map_err(tensor_error)?;
+        let info = ModelInfo {
+            architecture: config.architectures[0].clone(),
+            image_token_id: config.image_token_id,
+            image_seq_len: config.image_seq_len(),
+            tile_size: config.vision_config.image_size,
+            vocab_size: config.text_config.vocab_size,
+            max_positions: text.max_positions(),
+        };
+        Ok(Self {
+            vision,
+            connector,
+            text,
+            config,
+            info,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Token embeddings with image features put in place of the image tokens.
+    fn embed(&self, ids: &[u32], features: &[Tensor]) -> Result<Tensor> {
+        let embeds = self.text.embed(&Tensor::new(ids, &self.device)?)?;
+        if features.is_empty() {
+            return Ok(embeds);
+        }
+        let tokens = ids.len();
+        let mut next_feature = tokens as u32;
+        let index: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                if id == self.info.image_token_id {
+                    next_feature += 1;
+                    next_feature - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        let mut sources = vec![embeds];
+        sources.extend(
+            features
+                .iter()
+                .map(|f| f.to_dtype(self.dtype))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        Tensor::cat(&sources, 0)?.index_select(&Tensor::new(index, &self.device)?, 0)
+    }
+}
+
+impl VisionLanguageModel for SmolVlm {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn kv_spec(&self) -> KvSpec {
+        let t = &self.config.text_config;
+        KvSpec {
+            num_layers: t.num_hidden_layers,
+            num_kv_heads: t.num_kv_heads(),
+            head_dim: t.head_dim(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
+    }
+
+    fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let hidden = self.vision.forward(&pixel_values.to_dtype(self.dtype)?)?;
+        self.connector.forward(&hidden)
+    }
+
+    fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut features = Vec::new();
+        let mut logit_rows = Vec::new();
+        for input in batch.iter() {
+            let start = input.kv.len();
+            let n = input.tokens.len();
+            if n == 0 {
+                candle_core::bail!("a sequence in the batch has no tokens. This is a bug.")
+            }
+            if start + n > self.info.max_positions {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds max_position_embeddings {}",
+                    start + n,
+                    self.info.max_positions
+                )
+            }
+            let image_tokens = input
+                .tokens
+                .iter()
+                .filter(|&&t| t == self.info.image_token_id)
+                .count();
+            let supplied = match &input.image_features {
+                Some(f) => f.dim(0)?,
+                None => 0,
+            };
+            if supplied != image_tokens {
+                candle_core::bail!(
+                    "{image_tokens} image tokens in a chunk but {supplied} image feature rows"
+                )
+            }
+            features.extend(input.image_features.iter().cloned());
+            ids.extend_from_slice(input.tokens);
+            positions.extend((start..start + n).map(|p| p as u32));
+            if input.wants_logits {
+                logit_rows.push((ids.len() - 1) as u32);
+            }
+        }
+        let embeds = self.embed(&ids, &features)?;
+        let positions = Tensor::new(positions, &self.device)?;
+        let mut offset = 0;
+        let mut rows: Vec<SequenceRows> = batch
+            .iter_mut()
+            .map(|input| {
+                let len = input.tokens.len();
+                offset += len;
+                SequenceRows {
+                    offset: offset - len,
+                    len,
+                    kv: &mut *input.kv,
+                }
+            })
+            .collect();
+        let hidden = self.text.forward(&embeds, &positions, &mut rows)?;
+        if logit_rows.is_empty() {
+            return Tensor::zeros((0, self.info.vocab_size), DType::F32, &self.device);
+        }
+        let last = hidden.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?;
+        self.text.logits(&last)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

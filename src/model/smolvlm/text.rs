@@ -1,0 +1,288 @@
+//! SmolVLM's decoder: Llama (Touvron et al., arXiv:2302.13971) with RoPE, grouped-query
+//! attention and RMSNorm, as transformers' `LlamaModel` runs it.
+//!
+//! One call takes a ragged batch: the tokens of every sequence in the step, prefill chunks
+//! and single decode tokens alike, stacked into one `[tokens, hidden]` matrix, so that the
+//! linear layers (nearly all the FLOPs) run once for the whole step. Attention alone runs
+//! per sequence, against that sequence's own KV cache, with no padding and no cross-masks.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder, embedding, linear_no_bias, rms_norm};
+
+use super::config::TextConfig;
+use crate::kv::SequenceKv;
+
+/// Where one sequence's rows lie in the stacked batch.
+pub struct SequenceRows<'a> {
+    pub offset: usize,
+    pub len: usize,
+    pub kv: &'a mut SequenceKv,
+}
+
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryTable,
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// cos and sin of every position, computed in f32 as transformers does, then cast.
+struct RotaryTable {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryTable {
+    fn new(cfg: &TextConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim();
+        let theta = cfg.rope_theta() as f32;
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
+            .collect();
+        let positions = cfg.max_position_embeddings;
+        let mut freqs = Vec::with_capacity(positions * inv_freq.len());
+        for p in 0..positions {
+            freqs.extend(inv_freq.iter().map(|f| p as f32 * f));
+        }
+        let freqs = Tensor::from_vec(freqs, (positions, dim / 2), device)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rows of the table for these positions: (`[tokens, head_dim / 2]`, same).
+    fn select(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+}
+
+impl TextModel {
+    /// `vb` is the root; weights live under `model.text_model` and `lm_head`.
+    pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, vb: VarBuilder) -> Result<Self> {
+        let text = vb.pp("model.text_model");
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, text.pp("embed_tokens"))?;
+        let lm_head = if tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, text.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, text.pp("norm"))?,
+            lm_head,
+            rope: RotaryTable::new(cfg, vb.dtype(), vb.device())?,
+        })
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Runs the decoder layers over a stacked batch. `embeds`: `[tokens, hidden]`;
+    /// `positions`: `[tokens]` (u32), each sequence's rows numbered from its cache length.
+    /// Returns the hidden states `[tokens, hidden]` before the final norm, which `logits`
+    /// applies to the few rows that need it.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        seqs: &mut [SequenceRows<'_>],
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rope.select(positions)?;
+        for seq in seqs.iter_mut() {
+            seq.kv.reserve(seq.len)?;
+        }
+        let mut xs = embeds.clone();
+        for (index, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, index, &cos, &sin, seqs)?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.kv.commit(seq.len);
+        }
+        Ok(xs)
+    }
+
+    /// Next-token logits (f32) for rows of `forward`'s output.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head
+            .forward(&self.norm.forward(hidden)?)?
+            .to_dtype(DType::F32)
+    }
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let lin = |i, o, name: &str, bias: bool| {
+            if bias {
+                candle_nn::linear(i, o, vb.pp(name))
+            } else {
+                linear_no_bias(i, o, vb.pp(name))
+            }
+        };
+        Ok(Self {
+            input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            q_proj: lin(h, heads * hd, "self_attn.q_proj", cfg.attention_bias)?,
+            k_proj: lin(h, kv_heads * hd, "self_attn.k_proj", cfg.attention_bias)?,
+            v_proj: lin(h, kv_heads * hd, "self_attn.v_proj", cfg.attention_bias)?,
+            o_proj: lin(heads * hd, h, "self_attn.o_proj", cfg.attention_bias)?,
+            post_attention_layernorm: rms_norm(
+                h,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            gate_proj: lin(h, cfg.intermediate_size, "mlp.gate_proj", cfg.mlp_bias)?,
+            up_proj: lin(h, cfg.intermediate_size, "mlp.up_proj", cfg.mlp_bias)?,
+            down_proj: lin(cfg.intermediate_size, h, "mlp.down_proj", cfg.mlp_bias)?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SequenceRows<'_>],
+    ) -> Result<Tensor> {
+        let tokens = xs.dim(0)?;
+        let hs = self.input_layernorm.forward(xs)?;
+        let rope = |t: Tensor, heads: usize| -> Result<Tensor> {
+            let t = t.reshape((1, tokens, heads, self.head_dim))?;
+            candle_nn::rotary_emb::rope_thd(&t, cos, sin)?.squeeze(0)
+        };
+        let q = rope(self.q_proj.forward(&hs)?, self.num_heads)?;
+        let k = rope(self.k_proj.forward(&hs)?, self.num_kv_heads)?;
+        let v = self
+            .v_proj
+            .forward(&hs)?
+            .reshape((tokens, self.num_kv_heads, self.head_dim))?;
+        let mut outputs = Vec::with_capacity(seqs.len());
+        for seq in seqs.iter_mut() {
+            let rows = |t: &Tensor| t.narrow(0, seq.offset, seq.len);
+            let start = seq.kv.len();
+            let (keys, values) = seq.kv.write(layer, &rows(&k)?, &rows(&v)?)?;
+            outputs.push(self.attention(&rows(&q)?, &keys, &values, start)?);
+        }
+        let attn = Tensor::cat(&outputs, 0)?;
+        let xs = (self.o_proj.forward(&attn)? + xs)?;
+        let hs = self.post_attention_layernorm.forward(&xs)?;
+        let mlp =
+            (candle_nn::ops::silu(&self.gate_proj.forward(&hs)?)? * self.up_proj.forward(&hs)?)?;
+        self.down_proj.forward(&mlp)? + xs
+    }
+
+    /// One sequence: `q` `[n, heads, head_dim]` for positions `start..start + n`, against
+    /// `keys`/`values` `[start + n, kv_heads, head_dim]`. Query heads that share a KV head
+    /// are grouped into one matmul instead of repeating the keys.
+    fn attention(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        start: usize,
+    ) -> Result<Tensor> {
+        let n = q.dim(0)?;
+        let total = keys.dim(0)?;
+        let group = self.num_heads / self.num_kv_heads;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = (q.transpose(0, 1)?.contiguous()? * scale)?.reshape((
+            self.num_kv_heads,
+            group * n,
+            self.head_dim,
+        ))?;
+        let k = keys.transpose(0, 1)?;
+        let v = values.transpose(0, 1)?;
+        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        if n > 1 {
+            let mask = causal_mask(n, start, total, q.device())?;
+            scores = scores
+                .reshape((self.num_kv_heads, group, n, total))?
+                .broadcast_add(&mask)?;
+            scores = scores.reshape((self.num_kv_heads, group * n, total))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        probs
+            .matmul(&v)?
+            .reshape((self.num_heads, n, self.head_dim))?
+            .transpose(0, 1)?
+            .reshape((n, self.num_heads * self.head_dim))
+    }
+}
+
+/// `[n, total]`: query i (at position start + i) sees keys 0..=start + i.
+fn causal_mask(n: usize, start: usize, total: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (n, total), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_lets_a_chunk_see_the_cached_prefix() -> Result<()> {
+        let mask = causal_mask(2, 3, 5, &Device::Cpu)?.to_vec2::<f32>()?;
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(mask, vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0; 5]]);
+        Ok(())
+    }
+
+    #[test]
+    fn rotary_table_matches_transformers_at_a_far_position() -> Result<()> {
+        let cfg: TextConfig = serde_json::from_str(
+            r#"{"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 100000, "max_position_embeddings": 1024}"#,
+        )
+        .unwrap();
+        let table = RotaryTable::new(&cfg, DType::F32, &Device::Cpu)?;
+        let cos = table.cos.get(1000)?.to_vec1::<f32>()?;
+        // torch: inv_freq = 1 / 100000 ** (arange(0, 16, 2) / 16); cos(1000 * inv_freq)[1]
+        let expected = (1000f64 / 100000f64.powf(2.0 / 16.0)).cos() as f32;
+        assert!((cos[1] - expected).abs() < 1e-4, "{} vs {expected}", cos[1]);
+        assert_eq!(cos.len(), 8);
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+//! SmolVLM's vision encoder: SigLIP as transformers' `Idefics3VisionTransformer` runs it
+//! (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", arXiv:2303.15343).
+//!
+//! Every tile the processor produces is a full `image_size` square, so every patch is real
+//! and the NaViT-style bucketed position ids reduce to `0..num_patches`. All tiles of a
+//! request go through the linear layers as one `[tiles * patches, hidden]` matrix;
+//! attention runs tile by tile so that its scores stay small.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder, layer_norm, linear};
+
+use super::config::VisionConfig;
+
+pub struct VisionTransformer {
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    post_layernorm: LayerNorm,
+    patch_size: usize,
+    image_size: usize,
+    hidden_size: usize,
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    num_heads: usize,
+    exact_gelu: bool,
+}
+
+fn norm(cfg: &VisionConfig, vb: VarBuilder) -> Result<LayerNorm> {
+    let config = LayerNormConfig {
+        eps: cfg.layer_norm_eps,
+        ..Default::default()
+    };
+    layer_norm(cfg.hidden_size, config, vb)
+}
+
+impl VisionTransformer {
+    /// `vb` points at `model.vision_model`.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let emb = vb.pp("embeddings");
+        // The patch convolution (kernel = stride = patch) is a matmul over flattened patches.
+        let patch_weight = emb
+            .get((d, c, p, p), "patch_embedding.weight")?
+            .reshape((d, c * p * p))?;
+        let patch_bias = emb.get(d, "patch_embedding.bias")?;
+        let num_patches = (cfg.image_size / p) * (cfg.image_size / p);
+        let position_embedding = emb.get((num_patches, d), "position_embedding.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_weight,
+            patch_bias,
+            position_embedding,
+            layers,
+            post_layernorm: norm(cfg, vb.pp("post_layernorm"))?,
+            patch_size: p,
+            image_size: cfg.image_size,
+            hidden_size: d,
+        })
+    }
+
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+
+    /// `[tiles, 3, image_size, image_size]` -> `[tiles, patches, hidden]`.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (tiles, channels, h, w) = pixel_values.dims4()?;
+        if h != self.image_size || w != self.image_size {
+            candle_core::bail!("vision tiles must be {0}x{0}, got {h}x{w}", self.image_size)
+        }
+        let (p, side) = (self.patch_size, self.image_size / self.patch_size);
+        let patches = pixel_values
+            .reshape((tiles, channels, side, p, side, p))?
+            .permute([0usize, 2, 4, 1, 3, 5])?
+            .reshape((tiles * side * side, channels * p * p))?;
+        let embeds = patches
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
+        let mut xs = embeds
+            .reshape((tiles, side * side, self.hidden_size))?
+            .broadcast_add(&self.position_embedding)?
+            .reshape((tiles * side * side, self.hidden_size))?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, tiles)?;
+        }
+        self.post_layernorm
+            .forward(&xs)?
+            .reshape((tiles, side * side, self.hidden_size))
+    }
+}
+
+impl EncoderLayer {
+    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            layer_norm1: norm(cfg, vb.pp("layer_norm1"))?,
+            q_proj: linear(d, d, attn.pp("q_proj"))?,
+            k_proj: linear(d, d, attn.pp("k_proj"))?,
+            v_proj: linear(d, d, attn.pp("v_proj"))?,
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            layer_norm2: norm(cfg, vb.pp("layer_norm2"))?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            num_heads: cfg.num_attention_heads,
+            exact_gelu: cfg.hidden_act == "gelu",
+        })
+    }
+
+    /// `xs`: `[tiles * patches, hidden]`.
+    fn forward(&self, xs: &Tensor, tiles: usize) -> Result<Tensor> {
+        let residual = xs;
+        let hs = self.layer_norm1.forward(xs)?;
+        let hs = (self.attention(&hs, tiles)? + residual)?;
+        let residual = &hs;
+        let mlp = self.fc1.forward(&self.layer_norm2.forward(&hs)?)?;
+        let mlp = if self.exact_gelu {
+            mlp.gelu_erf()?
+        } else {
+            mlp.gelu()?
+        };
+        self.fc2.forward(&mlp)? + residual
+    }
+
+    fn attention(&self, xs: &Tensor, tiles: usize) -> Result<Tensor> {
+        let (rows, d) = xs.dims2()?;
+        let patches = rows / tiles;
+        let head_dim = d / self.num_heads;
+        let scale = (head_dim as f64).powf(-0.5);
+        let heads = |t: Tensor| -> Result<Tensor> {
+            t.reshape((tiles, patches, self.num_heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads((self.q_proj.forward(xs)? * scale)?)?;
+        let k = heads(self.k_proj.forward(xs)?)?;
+        let v = heads(self.v_proj.forward(xs)?)?;
+        let mut outputs = Vec::with_capacity(tiles);
+        for tile in 0..tiles {
+            let (q, k, v) = (q.get(tile)?, k.get(tile)?, v.get(tile)?);
+            let scores = q.matmul(&k.t()?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                .to_dtype(v.dtype())?;
+            outputs.push(probs.matmul(&v)?);
+        }
+        let out = Tensor::stack(&outputs, 0)?
+            .transpose(1, 2)?
+            .reshape((rows, d))?;
+        self.out_proj.forward(&out)
+    }
+}
