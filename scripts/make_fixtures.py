@@ -401,12 +401,14 @@ def main() -> None:
             print(f"{name}: recording transformers {transformers.__version__}")
             record(models / name, FIXTURES, cases, refs / name, store_pixels=name == "tiny-idefics3")
     else:
-        model_dir = args.out / "smolvlm-256m-random"
+        # Same layout as tests/fixtures, so the parity test runs on either root.
+        model_dir = args.out / "models" / "smolvlm-256m-random"
         shutil.rmtree(model_dir, ignore_errors=True)
         build_big(model_dir)
         shutil.copytree(images, args.out / "images", dirs_exist_ok=True)
+        (args.out / "reference").mkdir(exist_ok=True)
         print(f"smolvlm-256m-random: recording transformers {transformers.__version__}")
-        record(model_dir, args.out, CASES, args.out / "reference")
+        record(model_dir, args.out, CASES, args.out / "reference" / "smolvlm-256m-random")
 
 
 if __name__ == "__main__":

@@ -4,5 +4,38 @@
 //! messages and images into token ids and pixel tensors, `engine` batches sequences and
 //! samples tokens, `model` runs the network, `kv` holds the decoder's keys and values.
 
+pub mod engine;
 pub mod kv;
 pub mod model;
+pub mod processor;
+
+use candle_core::Device;
+
+use model::{LoadError, ModelFiles, VisionLanguageModel, WeightDType};
+use processor::Processor;
+
+/// A model and its processor, loaded from one folder.
+pub struct LoadedModel {
+    pub files: ModelFiles,
+    pub model: Box<dyn VisionLanguageModel>,
+    pub processor: Processor,
+}
+
+/// Loads a model given as a local folder or a hub id (resolved through the Hugging Face
+/// cache, downloaded unless HF_HUB_OFFLINE is set).
+pub fn load_model(model: &str, dtype: WeightDType, device: &Device) -> Result<LoadedModel, LoadError> {
+    let dir = model::hub::resolve_model(model, &model::hub::cache_dir_from_env(), model::hub::offline_from_env())?;
+    load_folder(&dir, dtype, device)
+}
+
+/// Loads a model from a local folder in the Hugging Face layout.
+pub fn load_folder(dir: &std::path::Path, dtype: WeightDType, device: &Device) -> Result<LoadedModel, LoadError> {
+    let files = ModelFiles::locate(dir)?;
+    let model = model::load(&files, dtype, device)?;
+    let processor = Processor::load(&files, model.info())?;
+    Ok(LoadedModel {
+        files,
+        model,
+        processor,
+    })
+}

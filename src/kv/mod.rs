@@ -43,19 +43,9 @@ impl SequenceKv {
     /// A cache with room for `tokens` (rounded up to whole blocks).
     pub fn new(spec: &KvSpec, tokens: usize) -> Result<Self> {
         let capacity = KvSpec::blocks_for(tokens.max(1)) * BLOCK_TOKENS;
-        let alloc = || {
-            Tensor::zeros(
-                (capacity, spec.num_kv_heads, spec.head_dim),
-                spec.dtype,
-                &spec.device,
-            )
-        };
-        let keys = (0..spec.num_layers)
-            .map(|_| alloc())
-            .collect::<Result<_>>()?;
-        let values = (0..spec.num_layers)
-            .map(|_| alloc())
-            .collect::<Result<_>>()?;
+        let alloc = || Tensor::zeros((capacity, spec.num_kv_heads, spec.head_dim), spec.dtype, &spec.device);
+        let keys = (0..spec.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
+        let values = (0..spec.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
         Ok(Self {
             spec: spec.clone(),
             keys,
@@ -89,11 +79,7 @@ impl SequenceKv {
         let capacity = KvSpec::blocks_for(needed.max(2 * self.capacity)) * BLOCK_TOKENS;
         let spec = &self.spec;
         for buffer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let grown = Tensor::zeros(
-                (capacity, spec.num_kv_heads, spec.head_dim),
-                spec.dtype,
-                &spec.device,
-            )?;
+            let grown = Tensor::zeros((capacity, spec.num_kv_heads, spec.head_dim), spec.dtype, &spec.device)?;
             if self.len > 0 {
                 grown.slice_set(&buffer.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
             }
@@ -163,10 +149,7 @@ mod tests {
             k.narrow(0, 0, 3)?.flatten_all()?.to_vec1::<f32>()?,
             chunk.flatten_all()?.to_vec1::<f32>()?
         );
-        assert_eq!(
-            k.narrow(0, 3, 1)?.flatten_all()?.to_vec1::<f32>()?,
-            vec![1.0; 8]
-        );
+        assert_eq!(k.narrow(0, 3, 1)?.flatten_all()?.to_vec1::<f32>()?, vec![1.0; 8]);
         Ok(())
     }
 

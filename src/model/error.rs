@@ -10,10 +10,7 @@ pub enum LoadError {
     #[error("{model} is neither a local folder nor a Hugging Face model id (owner/name)")]
     NotAModel { model: String },
     #[error("{file}: {source}")]
-    Io {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    Io { file: PathBuf, source: std::io::Error },
     #[error("{file}: field `{field}`: {message}")]
     Json {
         file: PathBuf,

@@ -56,8 +56,9 @@ impl ModelFiles {
         } else {
             return Err(LoadError::MissingFile {
                 dir: dir.to_path_buf(),
-                file: "chat template (chat_template.jinja, chat_template.json or tokenizer_config.json's chat_template)"
-                    .into(),
+                file:
+                    "chat template (chat_template.jinja, chat_template.json or tokenizer_config.json's chat_template)"
+                        .into(),
             });
         };
         Ok(Self {

@@ -54,19 +54,13 @@ pub fn resolve_model(model: &str, cache_dir: &Path, offline: bool) -> Result<Pat
         });
     }
     let cache = Cache::new(cache_dir.to_path_buf());
-    if let Some(config) = cache
-        .repo(Repo::model(model.to_string()))
-        .get("config.json")
-    {
+    if let Some(config) = cache.repo(Repo::model(model.to_string())).get("config.json") {
         return Ok(snapshot_dir(&config));
     }
     if offline {
         return Err(LoadError::Hub {
             model: model.to_string(),
-            message: format!(
-                "not in the cache at {} and HF_HUB_OFFLINE is set",
-                cache_dir.display()
-            ),
+            message: format!("not in the cache at {} and HF_HUB_OFFLINE is set", cache_dir.display()),
         });
     }
     download(model, cache)
@@ -77,11 +71,7 @@ fn looks_like_hub_id(model: &str) -> bool {
     let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
+    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     valid(owner) && valid(name)
 }
 
@@ -120,8 +110,7 @@ fn download(model: &str, cache: Cache) -> Result<PathBuf, LoadError> {
         let parsed: Index = super::files::read_json(&index)?;
         let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
         for shard in shards {
-            repo.get(&shard)
-                .map_err(|e| hub_error(format!("{shard}: {e}")))?;
+            repo.get(&shard).map_err(|e| hub_error(format!("{shard}: {e}")))?;
         }
     }
     Ok(snapshot_dir(&config))

@@ -49,6 +49,7 @@ pub struct ModelInfo {
 pub struct SequenceInput<'a> {
     pub tokens: &'a [u32],
     /// Vision features for the image tokens among `tokens`, in order (`[n, hidden]`).
+    /// `None` for decode steps and text: their tokens keep plain embeddings.
     pub image_features: Option<Tensor>,
     pub kv: &'a mut SequenceKv,
     /// Whether this step needs the next-token logits of the sequence (a decode step or

@@ -45,11 +45,7 @@ impl SafetensorsWeights {
         match self.routing.get(name) {
             Some(&i) => Ok((self.files[i].0.as_path(), &self.files[i].1)),
             None => {
-                let files: Vec<String> = self
-                    .files
-                    .iter()
-                    .map(|(p, _)| p.display().to_string())
-                    .collect();
+                let files: Vec<String> = self.files.iter().map(|(p, _)| p.display().to_string()).collect();
                 candle_core::bail!("{}: tensor `{name}` is missing", files.join(", "))
             }
         }

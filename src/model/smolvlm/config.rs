@@ -8,10 +8,7 @@ use serde::Deserialize;
 
 use crate::model::error::LoadError;
 
-pub const ARCHITECTURES: &[&str] = &[
-    "Idefics3ForConditionalGeneration",
-    "SmolVLMForConditionalGeneration",
-];
+pub const ARCHITECTURES: &[&str] = &["Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct SmolVlmConfig {
@@ -124,8 +121,7 @@ impl TextConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     pub fn rope_theta(&self) -> f64 {
@@ -152,11 +148,7 @@ impl SmolVlmConfig {
 
     fn validate(&self, file: &Path) -> Result<(), LoadError> {
         let Some(arch) = self.architectures.first() else {
-            return Err(LoadError::invalid(
-                file,
-                "architectures",
-                "is missing or empty",
-            ));
+            return Err(LoadError::invalid(file, "architectures", "is missing or empty"));
         };
         if !ARCHITECTURES.contains(&arch.as_str()) {
             return Err(LoadError::UnknownArchitecture {
@@ -179,14 +171,10 @@ impl SmolVlmConfig {
             (
                 v.patch_size > 0 && v.image_size % v.patch_size == 0,
                 "vision_config.patch_size",
-                format!(
-                    "must divide image_size {}, got {}",
-                    v.image_size, v.patch_size
-                ),
+                format!("must divide image_size {}, got {}", v.image_size, v.patch_size),
             ),
             (
-                self.scale_factor > 0
-                    && (v.image_size / v.patch_size.max(1)) % self.scale_factor == 0,
+                self.scale_factor > 0 && (v.image_size / v.patch_size.max(1)) % self.scale_factor == 0,
                 "scale_factor",
                 format!(
                     "must divide the patches per side {}, got {}",
@@ -210,9 +198,7 @@ impl SmolVlmConfig {
                 format!("must be silu, got {}", t.hidden_act),
             ),
             (
-                t.num_attention_heads > 0
-                    && t.num_kv_heads() > 0
-                    && t.num_attention_heads % t.num_kv_heads() == 0,
+                t.num_attention_heads > 0 && t.num_kv_heads() > 0 && t.num_attention_heads % t.num_kv_heads() == 0,
                 "text_config.num_key_value_heads",
                 format!(
                     "must divide num_attention_heads {}, got {}",
@@ -241,10 +227,7 @@ impl SmolVlmConfig {
             ("text_config.rope_parameters", &t.rope_parameters),
             ("text_config.rope_scaling", &t.rope_scaling),
         ] {
-            let kind = rope
-                .as_ref()
-                .and_then(|r| r.rope_type.as_deref())
-                .unwrap_or("default");
+            let kind = rope.as_ref().and_then(|r| r.rope_type.as_deref()).unwrap_or("default");
             if kind != "default" {
                 return Err(LoadError::invalid(
                     file,

@@ -12,12 +12,7 @@ pub struct Connector {
 
 impl Connector {
     /// `vb` points at `model.connector`.
-    pub fn new(
-        vision_hidden: usize,
-        text_hidden: usize,
-        scale_factor: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(vision_hidden: usize, text_hidden: usize, scale_factor: usize, vb: VarBuilder) -> Result<Self> {
         let input = vision_hidden * scale_factor * scale_factor;
         Ok(Self {
             proj: linear_no_bias(input, text_hidden, vb.pp("modality_projection.proj"))?,

@@ -37,11 +37,9 @@ impl SmolVlm {
         device: &Device,
     ) -> std::result::Result<Self, LoadError> {
         let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(dtype, device);
-        let tensor_error = |e: candle_core::Error| LoadError::Tensor {
-            message: e.to_string(),
-        };
-        let vision = VisionTransformer::new(&config.vision_config, vb.pp("model.vision_model"))
-            .map_err(tensor_error)?;
+        let tensor_error = |e: candle_core::Error| LoadError::Tensor { message: e.to_string() };
+        let vision =
+            VisionTransformer::new(&config.vision_config, vb.pp("model.vision_model")).map_err(tensor_error)?;
         let connector = Connector::new(
             config.vision_config.hidden_size,
             config.text_config.hidden_size,
@@ -49,8 +47,7 @@ impl SmolVlm {
             vb.pp("model.connector"),
         )
         .map_err(tensor_error)?;
-        let text = TextModel::new(&config.text_config, config.tie_word_embeddings, vb)
-            .map_err(tensor_error)?;
+        let text = TextModel::new(&config.text_config, config.tie_word_embeddings, vb).map_err(tensor_error)?;
         let info = ModelInfo {
             architecture: config.architectures[0].clone(),
             image_token_id: config.image_token_id,
@@ -70,26 +67,29 @@ impl SmolVlm {
         })
     }
 
-    /// Token embeddings with image features put in place of the image tokens.
-    fn embed(&self, ids: &[u32], features: &[Tensor]) -> Result<Tensor> {
+    /// Token embeddings, with the image features of each input put in place of its image
+    /// tokens. Inputs without features (decode steps, text) keep plain embeddings even for
+    /// an image token id, as transformers does once the prompt is prefilled.
+    fn embed(&self, ids: &[u32], batch: &[SequenceInput<'_>]) -> Result<Tensor> {
         let embeds = self.text.embed(&Tensor::new(ids, &self.device)?)?;
+        let features: Vec<Tensor> = batch.iter().filter_map(|i| i.image_features.clone()).collect();
         if features.is_empty() {
             return Ok(embeds);
         }
-        let tokens = ids.len();
-        let mut next_feature = tokens as u32;
-        let index: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| {
-                if id == self.info.image_token_id {
-                    next_feature += 1;
-                    next_feature - 1
-                } else {
-                    i as u32
+        let mut next_feature = ids.len() as u32;
+        let mut index: Vec<u32> = (0..ids.len() as u32).collect();
+        let mut offset = 0;
+        for input in batch {
+            if input.image_features.is_some() {
+                for (i, &id) in input.tokens.iter().enumerate() {
+                    if id == self.info.image_token_id {
+                        index[offset + i] = next_feature;
+                        next_feature += 1;
+                    }
                 }
-            })
-            .collect();
+            }
+            offset += input.tokens.len();
+        }
         let mut sources = vec![embeds];
         sources.extend(
             features
@@ -125,7 +125,6 @@ impl VisionLanguageModel for SmolVlm {
     fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
-        let mut features = Vec::new();
         let mut logit_rows = Vec::new();
         for input in batch.iter() {
             let start = input.kv.len();
@@ -140,28 +139,22 @@ impl VisionLanguageModel for SmolVlm {
                     self.info.max_positions
                 )
             }
-            let image_tokens = input
-                .tokens
-                .iter()
-                .filter(|&&t| t == self.info.image_token_id)
-                .count();
-            let supplied = match &input.image_features {
-                Some(f) => f.dim(0)?,
-                None => 0,
-            };
-            if supplied != image_tokens {
-                candle_core::bail!(
-                    "{image_tokens} image tokens in a chunk but {supplied} image feature rows"
-                )
+            if let Some(features) = &input.image_features {
+                let image_tokens = input.tokens.iter().filter(|&&t| t == self.info.image_token_id).count();
+                if features.dim(0)? != image_tokens {
+                    candle_core::bail!(
+                        "{image_tokens} image tokens in a chunk but {} feature rows",
+                        features.dim(0)?
+                    )
+                }
             }
-            features.extend(input.image_features.iter().cloned());
             ids.extend_from_slice(input.tokens);
             positions.extend((start..start + n).map(|p| p as u32));
             if input.wants_logits {
                 logit_rows.push((ids.len() - 1) as u32);
             }
         }
-        let embeds = self.embed(&ids, &features)?;
+        let embeds = self.embed(&ids, batch)?;
         let positions = Tensor::new(positions, &self.device)?;
         let mut offset = 0;
         let mut rows: Vec<SequenceRows> = batch

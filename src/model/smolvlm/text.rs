@@ -111,12 +111,7 @@ impl TextModel {
     /// `positions`: `[tokens]` (u32), each sequence's rows numbered from its cache length.
     /// Returns the hidden states `[tokens, hidden]` before the final norm, which `logits`
     /// applies to the few rows that need it.
-    pub fn forward(
-        &self,
-        embeds: &Tensor,
-        positions: &Tensor,
-        seqs: &mut [SequenceRows<'_>],
-    ) -> Result<Tensor> {
+    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, seqs: &mut [SequenceRows<'_>]) -> Result<Tensor> {
         let (cos, sin) = self.rope.select(positions)?;
         for seq in seqs.iter_mut() {
             seq.kv.reserve(seq.len)?;
@@ -133,9 +128,7 @@ impl TextModel {
 
     /// Next-token logits (f32) for rows of `forward`'s output.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head
-            .forward(&self.norm.forward(hidden)?)?
-            .to_dtype(DType::F32)
+        self.lm_head.forward(&self.norm.forward(hidden)?)?.to_dtype(DType::F32)
     }
 }
 
@@ -156,11 +149,7 @@ impl DecoderLayer {
             k_proj: lin(h, kv_heads * hd, "self_attn.k_proj", cfg.attention_bias)?,
             v_proj: lin(h, kv_heads * hd, "self_attn.v_proj", cfg.attention_bias)?,
             o_proj: lin(heads * hd, h, "self_attn.o_proj", cfg.attention_bias)?,
-            post_attention_layernorm: rms_norm(
-                h,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             gate_proj: lin(h, cfg.intermediate_size, "mlp.gate_proj", cfg.mlp_bias)?,
             up_proj: lin(h, cfg.intermediate_size, "mlp.up_proj", cfg.mlp_bias)?,
             down_proj: lin(cfg.intermediate_size, h, "mlp.down_proj", cfg.mlp_bias)?,
@@ -200,30 +189,19 @@ impl DecoderLayer {
         let attn = Tensor::cat(&outputs, 0)?;
         let xs = (self.o_proj.forward(&attn)? + xs)?;
         let hs = self.post_attention_layernorm.forward(&xs)?;
-        let mlp =
-            (candle_nn::ops::silu(&self.gate_proj.forward(&hs)?)? * self.up_proj.forward(&hs)?)?;
+        let mlp = (candle_nn::ops::silu(&self.gate_proj.forward(&hs)?)? * self.up_proj.forward(&hs)?)?;
         self.down_proj.forward(&mlp)? + xs
     }
 
     /// One sequence: `q` `[n, heads, head_dim]` for positions `start..start + n`, against
     /// `keys`/`values` `[start + n, kv_heads, head_dim]`. Query heads that share a KV head
     /// are grouped into one matmul instead of repeating the keys.
-    fn attention(
-        &self,
-        q: &Tensor,
-        keys: &Tensor,
-        values: &Tensor,
-        start: usize,
-    ) -> Result<Tensor> {
+    fn attention(&self, q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
         let n = q.dim(0)?;
         let total = keys.dim(0)?;
         let group = self.num_heads / self.num_kv_heads;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = (q.transpose(0, 1)?.contiguous()? * scale)?.reshape((
-            self.num_kv_heads,
-            group * n,
-            self.head_dim,
-        ))?;
+        let q = (q.transpose(0, 1)?.contiguous()? * scale)?.reshape((self.num_kv_heads, group * n, self.head_dim))?;
         let k = keys.transpose(0, 1)?;
         let v = values.transpose(0, 1)?;
         let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
@@ -246,15 +224,7 @@ impl DecoderLayer {
 /// `[n, total]`: query i (at position start + i) sees keys 0..=start + i.
 fn causal_mask(n: usize, start: usize, total: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= start + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
+        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Tensor::from_vec(mask, (n, total), device)
 }

@@ -126,11 +126,7 @@ impl EncoderLayer {
         let hs = (self.attention(&hs, tiles)? + residual)?;
         let residual = &hs;
         let mlp = self.fc1.forward(&self.layer_norm2.forward(&hs)?)?;
-        let mlp = if self.exact_gelu {
-            mlp.gelu_erf()?
-        } else {
-            mlp.gelu()?
-        };
+        let mlp = if self.exact_gelu { mlp.gelu_erf()? } else { mlp.gelu()? };
         self.fc2.forward(&mlp)? + residual
     }
 
@@ -151,13 +147,10 @@ impl EncoderLayer {
         for tile in 0..tiles {
             let (q, k, v) = (q.get(tile)?, k.get(tile)?, v.get(tile)?);
             let scores = q.matmul(&k.t()?)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(v.dtype())?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
             outputs.push(probs.matmul(&v)?);
         }
-        let out = Tensor::stack(&outputs, 0)?
-            .transpose(1, 2)?
-            .reshape((rows, d))?;
+        let out = Tensor::stack(&outputs, 0)?.transpose(1, 2)?.reshape((rows, d))?;
         self.out_proj.forward(&out)
     }
 }

@@ -1,0 +1,279 @@
+//! Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, and a
+//! seeded random generator per request, so that a seed reproduces a completion. The order
+//! is transformers' (penalties, temperature, top-k, top-p, min-p); temperature 0 is greedy.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// 1 disables nucleus sampling.
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 0 disables min-p.
+    pub min_p: f32,
+    /// CTRL-style penalty over prompt and output tokens; 1 disables it.
+    pub repetition_penalty: f32,
+    /// OpenAI's penalties over output tokens; 0 disables them.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Scratch: output-token counts for the OpenAI penalties.
+    counts: std::collections::HashMap<u32, u32>,
+}
+
+impl Sampler {
+    /// `fallback_seed` seeds requests that gave none, so that each differs.
+    pub fn new(params: SamplingParams, fallback_seed: u64) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(params.seed.unwrap_or(fallback_seed));
+        Self {
+            params,
+            rng,
+            counts: Default::default(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks a token. `banned` tokens (an end-of-sequence before `min_tokens`) are never
+    /// chosen; `prompt` and `output` feed the penalties.
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32], banned: &[u32]) -> u32 {
+        let mut logits = logits.to_vec();
+        for &id in banned {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.apply_penalties(&mut logits, prompt, output);
+        if self.params.is_greedy() {
+            return argmax(&logits);
+        }
+        let candidates = self.filtered_probabilities(&logits);
+        let total: f64 = candidates.iter().map(|&(_, p)| p).sum();
+        let mut target = self.rng.random::<f64>() * total;
+        for &(id, p) in &candidates {
+            target -= p;
+            if target < 0.0 {
+                return id;
+            }
+        }
+        candidates.last().map(|&(id, _)| id).unwrap_or_else(|| argmax(&logits))
+    }
+
+    fn apply_penalties(&mut self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &id in prompt.iter().chain(output) {
+                let Some(slot) = seen.get_mut(id as usize) else {
+                    continue;
+                };
+                if !*slot {
+                    *slot = true;
+                    let l = &mut logits[id as usize];
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            self.counts.clear();
+            for &id in output {
+                *self.counts.entry(id).or_default() += 1;
+            }
+            for (&id, &count) in &self.counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.frequency_penalty * count as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    /// Probabilities (unnormalised is fine) of the tokens that survive temperature, top-k,
+    /// top-p and min-p, most likely first.
+    fn filtered_probabilities(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let p = &self.params;
+        let t = p.temperature as f64;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp()))
+            .collect();
+        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            probs.truncate(p.top_k);
+        }
+        let total: f64 = probs.iter().map(|&(_, q)| q).sum();
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&(_, q)| {
+                    cumulative += q / total;
+                    cumulative >= p.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let threshold = probs.first().map_or(0.0, |&(_, q)| q) * p.min_p as f64;
+            probs.retain(|&(_, q)| q >= threshold);
+        }
+        probs
+    }
+}
+
+/// The first index of the largest value, as torch.argmax picks it.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::new(params, 7)
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = sampler(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[], &[], &[]), 1);
+    }
+
+    #[test]
+    fn banned_tokens_are_never_chosen() {
+        let mut s = sampler(SamplingParams::default());
+        assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[], &[], &[1]), 2);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = sampler(params);
+        let mut logits = vec![4.0, -1.0, 3.0];
+        s.apply_penalties(&mut logits, &[0], &[1, 1]);
+        assert_eq!(logits, vec![2.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_output_tokens_only() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut s = sampler(params);
+        let mut logits = vec![4.0, 4.0, 4.0];
+        s.apply_penalties(&mut logits, &[2, 2], &[0, 0, 1]);
+        assert_eq!(logits, vec![4.0 - 2.0 - 0.5, 4.0 - 1.0 - 0.5, 4.0]);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_whatever_the_temperature() {
+        let params = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        let mut s = sampler(params);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[0.0, 1.0, 0.5], &[], &[], &[]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let s = sampler(params);
+        // probabilities ~ 0.665, 0.245, 0.09: 0.665 alone reaches 0.5
+        let kept = s.filtered_probabilities(&[2.0, 1.0, 0.0]);
+        assert_eq!(kept.iter().map(|&(i, _)| i).collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_best() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.2,
+            ..Default::default()
+        };
+        let s = sampler(params);
+        // relative probabilities 1, e^-1 = 0.37, e^-3 = 0.05
+        let kept = s.filtered_probabilities(&[3.0, 2.0, 0.0]);
+        assert_eq!(kept.iter().map(|&(i, _)| i).collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_seed_reproduces_the_samples_and_samples_follow_the_distribution() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(42),
+            ..Default::default()
+        };
+        let logits = [0.0, (3.0f32).ln()]; // p = 0.25, 0.75
+        let draw = |params: &SamplingParams| {
+            let mut s = Sampler::new(params.clone(), 0);
+            (0..2000).map(|_| s.sample(&logits, &[], &[], &[])).collect::<Vec<_>>()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.04, "{ones}");
+        let other = draw(&SamplingParams {
+            seed: Some(43),
+            ..params
+        });
+        assert_ne!(a, other);
+    }
+}

@@ -1,0 +1,298 @@
+//! From messages and images to what the model takes: the chat template, the image
+//! processor, the expansion of each image placeholder into its tile tokens, tokenization.
+//! Identical to transformers' SmolVLM processor, so the token ids and pixel values match.
+
+pub mod error;
+pub mod image;
+pub mod resample;
+pub mod template;
+
+use std::path::Path;
+
+use ::image::DynamicImage;
+use candle_core::{Device, Tensor};
+use tokenizers::Tokenizer;
+
+pub use error::ProcessorError;
+pub use image::{ImageProcessor, ImageProcessorConfig, ProcessedImage};
+pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
+
+use crate::model::files::read_json;
+use crate::model::{LoadError, ModelFiles, ModelInfo};
+
+const IMAGE_TOKEN: &str = "<image>";
+const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
+const GLOBAL_IMAGE_TOKEN: &str = "<global-img>";
+
+/// A prompt ready for the engine.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub token_ids: Vec<u32>,
+    /// All tiles of all images, in prompt order: `[tiles, 3, S, S]` (f32, CPU).
+    pub pixel_values: Option<Tensor>,
+    pub tiles: usize,
+}
+
+/// Per-request choices about images.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImageOptions {
+    /// Split into tiles (`None`: the model's default). `detail: "low"` sends `Some(false)`.
+    pub split: Option<bool>,
+}
+
+pub struct Processor {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    images: ImageProcessor,
+    image_seq_len: usize,
+    image_token_id: u32,
+    eos_token_ids: Vec<u32>,
+}
+
+impl Processor {
+    pub fn load(files: &ModelFiles, info: &ModelInfo) -> Result<Self, LoadError> {
+        let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| LoadError::Tokenizer {
+            file: files.tokenizer.clone(),
+            message: e.to_string(),
+        })?;
+        let tokenizer_config: serde_json::Value = match &files.tokenizer_config {
+            Some(path) => read_json(path)?,
+            None => serde_json::Value::Null,
+        };
+        let token = |name: &str| special_token(&tokenizer_config, name);
+        let tokens = TemplateTokens {
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            pad_token: token("pad_token"),
+            unk_token: token("unk_token"),
+        };
+        let template = ChatTemplate::load(&files.chat_template, tokens.clone())?;
+        let (images, image_file) = load_image_processor(files)?;
+        let image_seq_len = load_image_seq_len(files, info)?;
+        if images.tile_size() != info.tile_size {
+            return Err(LoadError::invalid(
+                &image_file,
+                "max_image_size.longest_edge",
+                format!(
+                    "must equal the vision encoder's image_size {}, got {}",
+                    info.tile_size,
+                    images.tile_size()
+                ),
+            ));
+        }
+        let image_token_id = tokenizer.token_to_id(IMAGE_TOKEN);
+        if image_token_id != Some(info.image_token_id) {
+            return Err(LoadError::invalid(
+                &files.config,
+                "image_token_id",
+                format!(
+                    "is {} but the tokenizer's {IMAGE_TOKEN} is {image_token_id:?}",
+                    info.image_token_id
+                ),
+            ));
+        }
+        let eos_token_ids = eos_token_ids(files, &tokenizer, tokens.eos_token.as_deref())?;
+        Ok(Self {
+            tokenizer,
+            template,
+            images,
+            image_seq_len,
+            image_token_id: info.image_token_id,
+            eos_token_ids,
+        })
+    }
+
+    /// Tokens that end generation (generation_config.json's `eos_token_id`).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn image_processor(&self) -> &ImageProcessor {
+        &self.images
+    }
+
+    /// Renders the chat template with the generation prompt appended.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ProcessorError> {
+        if messages.is_empty() {
+            return Err(ProcessorError::NoMessages);
+        }
+        if let Some(index) = messages.iter().position(|m| m.content.is_empty()) {
+            return Err(ProcessorError::EmptyContent { index });
+        }
+        self.template.render(messages, true)
+    }
+
+    /// The whole processor: template, images, placeholder expansion, tokenization.
+    pub fn process(
+        &self,
+        messages: &[ChatMessage],
+        images: &[DynamicImage],
+        options: ImageOptions,
+    ) -> Result<Prompt, ProcessorError> {
+        let text = self.render(messages)?;
+        let split = options.split.unwrap_or(self.images.splits_by_default());
+        let processed: Vec<ProcessedImage> = images.iter().map(|img| self.images.preprocess(img, split)).collect();
+        let expanded = self.expand_image_placeholders(&text, &processed)?;
+        let token_ids = self.tokenize(&expanded)?;
+        let tiles: usize = processed.iter().map(|p| p.tiles).sum();
+        let found = token_ids.iter().filter(|&&t| t == self.image_token_id).count();
+        if found != tiles * self.image_seq_len {
+            return Err(ProcessorError::Tokenizer {
+                message: format!(
+                    "expected {} image tokens, the tokenizer produced {found}",
+                    tiles * self.image_seq_len
+                ),
+            });
+        }
+        let pixel_values = if processed.is_empty() {
+            None
+        } else {
+            Some(stack_tiles(&processed, self.images.tile_size())?)
+        };
+        Ok(Prompt {
+            token_ids,
+            pixel_values,
+            tiles,
+        })
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ProcessorError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ProcessorError::Tokenizer { message: e.to_string() })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ProcessorError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| ProcessorError::Tokenizer { message: e.to_string() })
+    }
+
+    /// transformers' `Idefics3Processor`: each `<image>` in the rendered text becomes the
+    /// tokens of its tiles (`<row_r_col_c>` + image tokens, a newline after each row) and
+    /// of its global view (`<global-img>`), framed by `<fake_token_around_image>`.
+    fn expand_image_placeholders(&self, text: &str, images: &[ProcessedImage]) -> Result<String, ProcessorError> {
+        let pieces: Vec<&str> = text.split(IMAGE_TOKEN).collect();
+        if pieces.len() - 1 != images.len() {
+            return Err(ProcessorError::ImageCount {
+                placeholders: pieces.len() - 1,
+                images: images.len(),
+            });
+        }
+        let image_tokens = IMAGE_TOKEN.repeat(self.image_seq_len);
+        let mut out = String::with_capacity(text.len() + images.len() * image_tokens.len() * 17);
+        for (i, piece) in pieces.iter().enumerate() {
+            out.push_str(piece);
+            let Some(image) = images.get(i) else { break };
+            for r in 1..=image.rows {
+                for c in 1..=image.cols {
+                    out.push_str(&format!("{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{image_tokens}"));
+                }
+                out.push('\n');
+            }
+            if image.rows > 0 {
+                out.push('\n');
+            }
+            out.push_str(&format!(
+                "{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TOKEN}{image_tokens}{FAKE_IMAGE_TOKEN}"
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn stack_tiles(images: &[ProcessedImage], size: usize) -> Result<Tensor, ProcessorError> {
+    let tiles: usize = images.iter().map(|p| p.tiles).sum();
+    let data: Vec<f32> = images.iter().flat_map(|p| p.pixel_values.iter().copied()).collect();
+    Tensor::from_vec(data, (tiles, 3, size, size), &Device::Cpu).map_err(|e| ProcessorError::Tokenizer {
+        message: format!("pixel tensor: {e}. This is a bug."),
+    })
+}
+
+/// A special token of tokenizer_config.json: a string, or an AddedToken object.
+fn special_token(config: &serde_json::Value, name: &str) -> Option<String> {
+    match config.get(name)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => other.get("content")?.as_str().map(str::to_string),
+    }
+}
+
+/// preprocessor_config.json, or the `image_processor` that transformers 5 nests in
+/// processor_config.json.
+fn load_image_processor(files: &ModelFiles) -> Result<(ImageProcessor, std::path::PathBuf), LoadError> {
+    if let Some(path) = &files.preprocessor_config {
+        let config: ImageProcessorConfig = read_json(path)?;
+        return Ok((ImageProcessor::new(config, path)?, path.clone()));
+    }
+    if let Some(path) = &files.processor_config {
+        #[derive(serde::Deserialize)]
+        struct Nested {
+            image_processor: Option<ImageProcessorConfig>,
+        }
+        if let Some(config) = read_json::<Nested>(path)?.image_processor {
+            return Ok((ImageProcessor::new(config, path)?, path.clone()));
+        }
+    }
+    Err(LoadError::MissingFile {
+        dir: files.dir.clone(),
+        file: "preprocessor_config.json (or processor_config.json with image_processor)".into(),
+    })
+}
+
+/// processor_config.json's `image_seq_len`, which must agree with the model; when the file
+/// is absent the model's own value is used (transformers would fall back to 169 and fail).
+fn load_image_seq_len(files: &ModelFiles, info: &ModelInfo) -> Result<usize, LoadError> {
+    let Some(path) = &files.processor_config else {
+        return Ok(info.image_seq_len);
+    };
+    #[derive(serde::Deserialize)]
+    struct ProcessorConfig {
+        image_seq_len: Option<usize>,
+    }
+    match read_json::<ProcessorConfig>(path)?.image_seq_len {
+        Some(n) if n != info.image_seq_len => Err(LoadError::invalid(
+            path,
+            "image_seq_len",
+            format!("must equal the model's tokens per tile {}, got {n}", info.image_seq_len),
+        )),
+        _ => Ok(info.image_seq_len),
+    }
+}
+
+/// generation_config.json's `eos_token_id` (one id or a list); without that file, the
+/// tokenizer's eos token.
+fn eos_token_ids(files: &ModelFiles, tokenizer: &Tokenizer, eos_token: Option<&str>) -> Result<Vec<u32>, LoadError> {
+    if let Some(path) = &files.generation_config {
+        #[derive(serde::Deserialize)]
+        struct GenerationConfig {
+            eos_token_id: Option<crate::model::smolvlm::config::EosTokenIds>,
+        }
+        if let Some(ids) = read_json::<GenerationConfig>(path)?.eos_token_id {
+            return Ok(ids.to_vec());
+        }
+    }
+    let id = eos_token.and_then(|t| tokenizer.token_to_id(t));
+    id.map(|id| vec![id]).ok_or_else(|| {
+        let file = files
+            .generation_config
+            .clone()
+            .unwrap_or_else(|| files.dir.join("generation_config.json"));
+        LoadError::invalid(
+            &file,
+            "eos_token_id",
+            "no end-of-sequence token: neither here nor in tokenizer_config.json",
+        )
+    })
+}
+
+/// Opens an image file the way the CLI and tests need it; the server's media layer does
+/// its own bounded decoding.
+pub fn open_image(path: &Path) -> Result<DynamicImage, ::image::ImageError> {
+    ::image::ImageReader::open(path)?.with_guessed_format()?.decode()
+}

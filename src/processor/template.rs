@@ -1,0 +1,145 @@
+//! The model's own chat template, rendered with minijinja the way transformers renders it
+//! with Jinja2 (trim_blocks, lstrip_blocks, `raise_exception`, Python string methods,
+//! unescaped `tojson`).
+
+use std::path::Path;
+
+use minijinja::value::Serde;
+use minijinja::{Environment, ErrorKind, Value};
+use serde::Serialize;
+
+use super::ProcessorError;
+use crate::model::LoadError;
+use crate::model::files::{ChatTemplateFile, read_json};
+
+/// One message as chat templates see it: content is always a list of parts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Vec<ContentPart>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ContentPart {
+    Text {
+        text: String,
+    },
+    /// An image's place; the images themselves travel beside the messages, in order.
+    Image,
+}
+
+impl ChatMessage {
+    pub fn text(role: &str, text: &str) -> Self {
+        Self {
+            role: role.to_string(),
+            content: vec![ContentPart::Text { text: text.to_string() }],
+        }
+    }
+}
+
+/// Special tokens the template may refer to (`bos_token`, `eos_token`, ...).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TemplateTokens {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    tokens: TemplateTokens,
+}
+
+impl ChatTemplate {
+    pub fn load(source: &ChatTemplateFile, tokens: TemplateTokens) -> Result<Self, LoadError> {
+        let (file, text) = read_source(source)?;
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .expect("the default delimiters are valid. This is a bug.");
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        // Jinja2's tojson as transformers registers it: no HTML escaping.
+        env.add_filter("tojson", |value: Value| -> Result<String, minijinja::Error> {
+            serde_json::to_string(&value).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
+        });
+        env.add_template_owned("chat", text).map_err(|e| LoadError::Template {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Self { env, tokens })
+    }
+
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ProcessorError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .expect("the chat template was added at load. This is a bug.");
+        let ctx = minijinja::context! {
+            messages => Value::from(Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            ..Value::from(Serde(&self.tokens))
+        };
+        template
+            .render(ctx)
+            .map_err(|e| ProcessorError::Template { message: e.to_string() })
+    }
+}
+
+fn read_source(source: &ChatTemplateFile) -> Result<(&Path, String), LoadError> {
+    match source {
+        ChatTemplateFile::Jinja(path) => {
+            std::fs::read_to_string(path)
+                .map(|t| (path.as_path(), t))
+                .map_err(|e| LoadError::Io {
+                    file: path.clone(),
+                    source: e,
+                })
+        }
+        ChatTemplateFile::Json(path) => {
+            #[derive(serde::Deserialize)]
+            struct File {
+                chat_template: String,
+            }
+            Ok((path.as_path(), read_json::<File>(path)?.chat_template))
+        }
+        ChatTemplateFile::TokenizerConfig(path) => {
+            #[derive(serde::Deserialize)]
+            struct Named {
+                name: String,
+                template: String,
+            }
+            #[derive(serde::Deserialize)]
+            #[serde(untagged)]
+            enum Template {
+                One(String),
+                Named(Vec<Named>),
+            }
+            #[derive(serde::Deserialize)]
+            struct File {
+                chat_template: Template,
+            }
+            let text = match read_json::<File>(path)?.chat_template {
+                Template::One(t) => t,
+                Template::Named(list) => {
+                    let pick = list.iter().position(|t| t.name == "default").unwrap_or(0);
+                    list.into_iter()
+                        .nth(pick)
+                        .map(|t| t.template)
+                        .ok_or_else(|| LoadError::invalid(path, "chat_template", "is an empty list of templates"))?
+                }
+            };
+            Ok((path.as_path(), text))
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Shared by the integration tests: the fixture models and transformers' reference
+//! outputs recorded by scripts/make_fixtures.py.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use ocellus::LoadedModel;
+use ocellus::engine::{GenerationRequest, SamplingParams};
+use ocellus::model::WeightDType;
+use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Prompt, open_image};
+use serde::Deserialize;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+pub fn shared_reference() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared")
+        .join("reference")
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub messages: Vec<serde_json::Value>,
+    pub do_image_splitting: bool,
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_tokens: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReferenceFile {
+    cases: std::collections::BTreeMap<String, Case>,
+}
+
+/// A fixture root (tests/fixtures, or the folder `make_fixtures.py big` wrote), holding
+/// models/<name>, reference/<name>.{json,safetensors} and images/.
+pub struct Reference {
+    pub root: PathBuf,
+    pub cases: std::collections::BTreeMap<String, Case>,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    pub fn load(root: &Path, model: &str) -> Self {
+        let json = root.join("reference").join(format!("{model}.json"));
+        let parsed: ReferenceFile = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let tensors = candle_core::safetensors::load(
+            root.join("reference").join(format!("{model}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        Self {
+            root: root.to_path_buf(),
+            cases: parsed.cases,
+            tensors,
+        }
+    }
+
+    pub fn model_dir(root: &Path, model: &str) -> PathBuf {
+        root.join("models").join(model)
+    }
+
+    /// Transformers' pixel values, decoded from their lossless u8 levels.
+    pub fn pixel_values(&self, case: &str) -> Option<Vec<f32>> {
+        let levels = self.tensors.get(&format!("{case}.pixel_levels"))?;
+        let levels = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        Some(
+            levels
+                .iter()
+                .map(|&l| ((l as f64 * 0.00392156862745098) as f32 - 0.5) / 0.5)
+                .collect(),
+        )
+    }
+
+    pub fn logits(&self, case: &str) -> Vec<f32> {
+        self.tensors[&format!("{case}.logits")].to_vec1().unwrap()
+    }
+
+    /// The case's OpenAI-style messages as the processor takes them, and its images.
+    pub fn inputs(&self, case: &Case) -> (Vec<ChatMessage>, Vec<DynamicImage>) {
+        openai_messages(&case.messages, &self.root)
+    }
+}
+
+/// Maps OpenAI chat messages (content as a string or parts) onto the processor's types,
+/// opening `image_url` parts as files relative to `root`.
+pub fn openai_messages(messages: &[serde_json::Value], root: &Path) -> (Vec<ChatMessage>, Vec<DynamicImage>) {
+    let mut images = Vec::new();
+    let messages = messages
+        .iter()
+        .map(|m| {
+            let role = m["role"].as_str().unwrap().to_string();
+            let content = match &m["content"] {
+                serde_json::Value::String(text) => vec![ContentPart::Text { text: text.clone() }],
+                serde_json::Value::Array(parts) => parts
+                    .iter()
+                    .map(|p| match p["type"].as_str().unwrap() {
+                        "text" => ContentPart::Text {
+                            text: p["text"].as_str().unwrap().to_string(),
+                        },
+                        "image_url" => {
+                            images.push(open_image(&root.join(p["image_url"]["url"].as_str().unwrap())).unwrap());
+                            ContentPart::Image
+                        }
+                        other => panic!("unexpected part {other}"),
+                    })
+                    .collect(),
+                other => panic!("unexpected content {other}"),
+            };
+            ChatMessage { role, content }
+        })
+        .collect();
+    (messages, images)
+}
+
+pub fn load_fixture_model(name: &str) -> LoadedModel {
+    ocellus::load_folder(&fixtures().join("models").join(name), WeightDType::F32, &Device::Cpu).unwrap()
+}
+
+pub fn prompt_for(loaded: &LoadedModel, reference: &Reference, case: &Case) -> Prompt {
+    let (messages, images) = reference.inputs(case);
+    let options = ImageOptions {
+        split: Some(case.do_image_splitting),
+    };
+    loaded.processor.process(&messages, &images, options).unwrap()
+}
+
+pub fn greedy(prompt: Prompt, tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        sampling: SamplingParams::default(),
+        max_tokens: tokens,
+        min_tokens: tokens,
+        ignore_eos: false,
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

@@ -1,0 +1,110 @@
+//! Token for token equal to transformers: the fixture models' reference outputs (token
+//! ids, pixel values, first-step logits, greedy tokens) recorded by
+//! scripts/make_fixtures.py, compared with Ocellus on the same weights, in f32.
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use ocellus::engine::Generator;
+use ocellus::model::{SequenceInput, WeightDType};
+
+const PIXEL_TOLERANCE: f32 = 1e-5;
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+fn check_parity(root: &std::path::Path, model: &str) {
+    let reference = Reference::load(root, model);
+    let loaded = ocellus::load_folder(&Reference::model_dir(root, model), WeightDType::F32, &Device::Cpu).unwrap();
+    let mut failures = Vec::new();
+    for (name, case) in &reference.cases {
+        let (messages, _) = reference.inputs(case);
+        let rendered = loaded.processor.render(&messages).unwrap();
+        if rendered != case.prompt {
+            failures.push(format!("{name}: rendered prompt {rendered:?} != {:?}", case.prompt));
+        }
+        let prompt = prompt_for(&loaded, &reference, case);
+        if prompt.token_ids != case.input_ids {
+            failures.push(format!(
+                "{name}: input ids differ ({} vs {} tokens)",
+                prompt.token_ids.len(),
+                case.input_ids.len()
+            ));
+            continue;
+        }
+        if let Some(expected) = reference.pixel_values(name) {
+            let ours = prompt
+                .pixel_values
+                .as_ref()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(&ours, &expected);
+            if diff > PIXEL_TOLERANCE {
+                failures.push(format!("{name}: pixel values differ by {diff}"));
+            }
+        }
+        let logits = first_step_logits(&loaded, &prompt);
+        let diff = max_abs_diff(&logits, &reference.logits(name));
+        eprintln!(
+            "{name}: {} prompt tokens, max logit difference {diff:.2e}",
+            case.input_ids.len()
+        );
+        if diff > LOGIT_TOLERANCE {
+            failures.push(format!("{name}: first-step logits differ by {diff}"));
+        }
+        let mut generator = Generator::new(loaded.model.as_ref(), loaded.processor.eos_token_ids(), 4096);
+        generator.add(greedy(prompt, case.greedy_tokens.len())).unwrap();
+        let tokens = generator.run().unwrap().remove(0).tokens;
+        if tokens != case.greedy_tokens {
+            failures.push(format!("{name}: greedy tokens {tokens:?} != {:?}", case.greedy_tokens));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        reference.cases.len(),
+        failures.join("\n")
+    );
+}
+
+fn first_step_logits(loaded: &ocellus::LoadedModel, prompt: &ocellus::processor::Prompt) -> Vec<f32> {
+    let model = loaded.model.as_ref();
+    let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
+    let mut kv = ocellus::kv::SequenceKv::new(&model.kv_spec(), prompt.token_ids.len()).unwrap();
+    let mut batch = [SequenceInput {
+        tokens: &prompt.token_ids,
+        image_features: features,
+        kv: &mut kv,
+        wants_logits: true,
+    }];
+    model
+        .forward(&mut batch)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn tiny_idefics3_matches_transformers() {
+    check_parity(&fixtures(), "tiny-idefics3");
+}
+
+#[test]
+fn tiny_smolvlm2_sharded_tied_matches_transformers() {
+    check_parity(&fixtures(), "tiny-smolvlm2");
+}
+
+/// The SmolVLM-256M-shaped random model: `python scripts/make_fixtures.py big DIR`, then
+/// `OCELLUS_PARITY_DIR=DIR cargo test --release --test parity -- --ignored`.
+#[test]
+#[ignore = "needs the 256M-shaped model built by scripts/make_fixtures.py big (OCELLUS_PARITY_DIR)"]
+fn smolvlm_256m_shaped_matches_transformers() {
+    let root =
+        std::env::var("OCELLUS_PARITY_DIR").expect("set OCELLUS_PARITY_DIR to the folder make_fixtures.py big wrote");
+    check_parity(std::path::Path::new(&root), "smolvlm-256m-random");
+}
