@@ -1,1 +1,95 @@
-fn main() {}
+//! The `ocellus` command line.
+
+use std::process::ExitCode;
+
+use candle_core::Device;
+use clap::Parser;
+use ocellus::config::{Cli, Command, GenerateArgs};
+use ocellus::engine::{GenerationRequest, Generator, SamplingParams};
+use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, open_image};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let loaded = ocellus::load_model(&args.model.model, args.model.dtype, &Device::Cpu)?;
+    let images = args
+        .images
+        .iter()
+        .map(|path| open_image(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(ChatMessage::text("system", system));
+    }
+    let mut content = vec![ContentPart::Image; images.len()];
+    content.push(ContentPart::Text {
+        text: args.prompt.clone(),
+    });
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content,
+    });
+    let options = ImageOptions {
+        split: args.no_split.then_some(false),
+    };
+    let prompt = loaded.processor.process(&messages, &images, options)?;
+    let (prompt_tokens, tiles) = (prompt.token_ids.len(), prompt.tiles);
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let request = GenerationRequest {
+        prompt,
+        sampling,
+        max_tokens: args.max_tokens,
+        min_tokens: 0,
+        ignore_eos: false,
+    };
+    let mut generator = Generator::new(
+        loaded.model.as_ref(),
+        loaded.processor.eos_token_ids(),
+        args.max_batch_tokens,
+    );
+    generator.add(request)?;
+    let generation = generator.run()?.remove(0);
+    println!("{}", loaded.processor.decode(&generation.tokens)?);
+    let t = generation.timings;
+    let per_tile = if tiles > 0 {
+        t.vision.as_secs_f64() * 1e3 / tiles as f64
+    } else {
+        0.0
+    };
+    eprintln!(
+        "prompt {prompt_tokens} tokens, {tiles} image tiles | vision encode {:.3} s ({per_tile:.1} ms/tile) | \
+         prefill {:.3} s ({:.0} tokens/s) | decode {} tokens in {:.3} s ({:.1} tokens/s) | finish {:?}",
+        t.vision.as_secs_f64(),
+        t.prefill.as_secs_f64(),
+        prompt_tokens as f64 / t.prefill.as_secs_f64(),
+        t.decode_steps,
+        t.decode.as_secs_f64(),
+        t.decode_steps as f64 / t.decode.as_secs_f64().max(1e-9),
+        generation.finish_reason,
+    );
+    Ok(())
+}

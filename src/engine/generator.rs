@@ -55,6 +55,13 @@ pub struct Timings {
     pub decode_steps: usize,
 }
 
+/// What one step carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepStats {
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<u32>,
@@ -137,9 +144,13 @@ impl<'m> Generator<'m> {
 
     /// Runs every sequence to its end and returns the generations in the order added.
     pub fn run(mut self) -> Result<Vec<Generation>, GenerateError> {
-        while self.step()? {}
-        Ok(self
-            .seqs
+        while self.step()?.is_some() {}
+        Ok(self.finish())
+    }
+
+    /// The generations, in the order added, once `step` has returned `None`.
+    pub fn finish(self) -> Vec<Generation> {
+        self.seqs
             .into_iter()
             .map(|s| Generation {
                 prompt_tokens: s.request.prompt.token_ids.len(),
@@ -149,16 +160,20 @@ impl<'m> Generator<'m> {
                     .expect("run() steps until every sequence finished. This is a bug."),
                 timings: s.timings,
             })
-            .collect())
+            .collect()
     }
 
-    /// One iteration. Returns false when no sequence has work left.
-    pub fn step(&mut self) -> Result<bool, GenerateError> {
+    /// One iteration; `None` when no sequence has work left.
+    pub fn step(&mut self) -> Result<Option<StepStats>, GenerateError> {
         let states: Vec<SequenceState> = self.seqs.iter().map(Sequence::state).collect();
         let plan = plan_step(&states, self.token_budget);
         if plan.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
+        let stats = StepStats {
+            decode_tokens: plan.iter().filter(|c| c.decode).count(),
+            prefill_tokens: plan.iter().filter(|c| !c.decode).map(|c| c.len).sum(),
+        };
         for chunk in plan.iter().filter(|c| !c.decode && c.start == 0) {
             self.encode_images(chunk.index)?;
         }
@@ -225,7 +240,7 @@ impl<'m> Generator<'m> {
         for (row, index) in logit_owners.into_iter().enumerate() {
             self.sample_into(index, &logits[row]);
         }
-        Ok(true)
+        Ok(Some(stats))
     }
 
     fn encode_images(&mut self, index: usize) -> Result<(), GenerateError> {
