@@ -128,6 +128,7 @@ def make_images(dst: Path) -> None:
     rgba.putalpha(Image.fromarray(alpha, "L"))
     rgba.save(dst / "rgba.png")
     rgb(100, 100).convert("L").save(dst / "gray.png")
+    rgb(640, 480).save(dst / "photo.png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +177,11 @@ CASES = {
     ),
     "text_only": dict(messages=[{"role": "user", "content": "Write a haiku about the sea."}]),
 }
+
+
+# The real SmolVLM-256M processor (no weights needed): token ids and pixel hashes, so CI
+# checks the real config and tokenizer too. A 640x480 photo is 4x3 tiles + 1 = 832 tokens.
+PROCESSOR_CASES = dict(CASES, photo=dict(messages=[user(image_part("photo"), text_part("Can you describe this image?"))]))
 
 
 def to_hf_messages(messages):
@@ -246,6 +252,33 @@ def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pix
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "greedy_tokens": GREEDY_TOKENS}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
     save_file(tensors, str(out.with_suffix(".safetensors")))
+
+
+def record_processor(processor_dir: Path, images_root: Path, cases: dict, out: Path) -> None:
+    """Token ids and a sha256 of the f32 pixel values (little-endian) per case."""
+    import hashlib
+
+    processor = AutoProcessor.from_pretrained(processor_dir)
+    results = {}
+    for name, case in cases.items():
+        prompt = processor.apply_chat_template(to_hf_messages(case["messages"]), add_generation_prompt=True)
+        images = [Image.open(images_root / p) for p in image_paths(case["messages"])]
+        kwargs = {"do_image_splitting": case["do_image_splitting"]} if "do_image_splitting" in case else {}
+        inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt", **kwargs)
+        entry = {
+            "messages": case["messages"],
+            "do_image_splitting": case.get("do_image_splitting", True),
+            "prompt": prompt,
+            "input_ids": inputs["input_ids"][0].tolist(),
+        }
+        if images:
+            pixels = inputs["pixel_values"][0].float().contiguous().numpy()
+            entry["pixel_shape"] = list(pixels.shape)
+            entry["pixel_sha256"] = hashlib.sha256(pixels.astype("<f4").tobytes()).hexdigest()
+        results[name] = entry
+        print(f"  processor {name}: {len(entry['input_ids'])} tokens")
+    meta = {"transformers": transformers.__version__, "processor": str(processor_dir.name)}
+    out.write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,6 +433,7 @@ def main() -> None:
             build(models / name)
             print(f"{name}: recording transformers {transformers.__version__}")
             record(models / name, FIXTURES, cases, refs / name, store_pixels=name == "tiny-idefics3")
+        record_processor(SHARED_REF, FIXTURES, PROCESSOR_CASES, refs / "smolvlm-256m-processor.json")
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"

@@ -1,0 +1,109 @@
+//! The real SmolVLM-256M-Instruct processor files (config, tokenizer, chat template from
+//! ../shared/reference; no weights) against transformers' processor: token ids and pixel
+//! values for small, wide, tall, RGBA, grayscale, multi-image, multi-turn and photo cases.
+
+mod common;
+
+use common::*;
+use ocellus::model::smolvlm::SmolVlmConfig;
+use ocellus::model::{ModelFiles, ModelInfo};
+use ocellus::processor::{ImageOptions, Processor};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Deserialize)]
+struct ProcessorCase {
+    messages: Vec<serde_json::Value>,
+    do_image_splitting: bool,
+    prompt: String,
+    input_ids: Vec<u32>,
+    pixel_shape: Option<Vec<usize>>,
+    pixel_sha256: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ProcessorReference {
+    cases: std::collections::BTreeMap<String, ProcessorCase>,
+}
+
+/// The reference folder has no weights; the processor does not need them, but a model
+/// folder must name some, so a temporary copy gets an empty stand-in.
+fn real_processor() -> (tempfile::TempDir, Processor) {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(shared_reference().join("smolvlm-256m-instruct")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
+    let files = ModelFiles::locate(dir.path()).unwrap();
+    let config = SmolVlmConfig::load(&files.config).unwrap();
+    let info = ModelInfo {
+        architecture: config.architectures[0].clone(),
+        image_token_id: config.image_token_id,
+        image_seq_len: config.image_seq_len(),
+        tile_size: config.vision_config.image_size,
+        vocab_size: config.text_config.vocab_size,
+        max_positions: config.text_config.max_position_embeddings,
+    };
+    let processor = Processor::load(&files, &info).unwrap();
+    (dir, processor)
+}
+
+fn pixel_digest(values: &[f32]) -> String {
+    let mut hasher = Sha256::new();
+    for v in values {
+        hasher.update(v.to_le_bytes());
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn real_smolvlm_processor_matches_transformers() {
+    let path = fixtures().join("reference").join("smolvlm-256m-processor.json");
+    let reference: ProcessorReference = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (_dir, processor) = real_processor();
+    let mut failures = Vec::new();
+    for (name, case) in &reference.cases {
+        let (messages, images) = openai_messages(&case.messages, &fixtures());
+        let rendered = processor.render(&messages).unwrap();
+        if rendered != case.prompt {
+            failures.push(format!("{name}: rendered {rendered:?}, expected {:?}", case.prompt));
+        }
+        let prompt = processor.process(&messages, &images, ImageOptions { split: Some(case.do_image_splitting) }).unwrap();
+        if prompt.token_ids != case.input_ids {
+            failures.push(format!("{name}: token ids differ"));
+        }
+        if let (Some(shape), Some(digest)) = (&case.pixel_shape, &case.pixel_sha256) {
+            let pixels = prompt.pixel_values.unwrap();
+            let values = pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if pixels.dims() != shape.as_slice() || &pixel_digest(&values) != digest {
+                failures.push(format!("{name}: pixel values differ (shape {:?} vs {shape:?})", pixels.dims()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_640x480_photo_is_four_by_three_tiles_plus_a_global_view() {
+    let (_dir, processor) = real_processor();
+    let photo = ocellus::processor::open_image(&fixtures().join("images").join("photo.png")).unwrap();
+    let messages = vec![ocellus::processor::ChatMessage {
+        role: "user".into(),
+        content: vec![ocellus::processor::ContentPart::Image],
+    }];
+    let prompt = processor.process(&messages, &[photo], ImageOptions::default()).unwrap();
+    assert_eq!(prompt.tiles, 13);
+    assert_eq!(prompt.token_ids.iter().filter(|&&t| t == 49190).count(), 832);
+    // The newline after the last tile row and the one before the global view merge into
+    // the single token "\n\n" (1116).
+    assert_eq!(prompt.token_ids.iter().filter(|&&t| t == 1116).count(), 1);
+}
+
+#[test]
+fn text_typed_as_an_image_placeholder_is_refused() {
+    let (_dir, processor) = real_processor();
+    let messages = vec![ocellus::processor::ChatMessage::text("user", "what is <image> here?")];
+    let err = processor.process(&messages, &[], ImageOptions::default()).unwrap_err();
+    assert!(matches!(err, ocellus::processor::ProcessorError::ImageCount { placeholders: 1, images: 0 }), "{err}");
+}
