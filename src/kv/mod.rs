@@ -109,6 +109,11 @@ impl SequenceKv {
         ))
     }
 
+    /// Forgets the tokens past `len` (their storage is kept and will be overwritten).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Counts the last written chunk of `n` tokens as stored.
     pub fn commit(&mut self, n: usize) {
         self.len += n;

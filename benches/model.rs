@@ -1,0 +1,107 @@
+//! Model micro-benchmarks: vision encode per tile, prefill, and one decode step at batch 1
+//! and 8. The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
+//! (e.g. the SmolVLM-256M-shaped model from `scripts/make_fixtures.py big`); the dtype is
+//! OCELLUS_BENCH_DTYPE (f32). Threads: RAYON_NUM_THREADS. scripts/bench_model.sh runs these
+//! next to transformers on the same model.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use clap::ValueEnum;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ocellus::kv::SequenceKv;
+use ocellus::model::{SequenceInput, WeightDType};
+use ocellus::processor::{open_image, ChatMessage, ContentPart, ImageOptions, Prompt};
+use ocellus::LoadedModel;
+
+const DECODE_CONTEXT: usize = 512;
+
+fn load() -> LoadedModel {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("OCELLUS_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("tests/fixtures/models/tiny-idefics3"));
+    let dtype = std::env::var("OCELLUS_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
+    let dtype = WeightDType::from_str(&dtype, true).expect("OCELLUS_BENCH_DTYPE is f32, bf16 or f16");
+    ocellus::load_folder(&dir, dtype, &Device::Cpu).expect("bench model loads")
+}
+
+/// One 640x480 photo and a question: 13 tiles on SmolVLM-256M.
+fn photo_prompt(loaded: &LoadedModel) -> Prompt {
+    let photo = open_image(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/photo.png")).unwrap();
+    let messages = vec![ChatMessage {
+        role: "user".into(),
+        content: vec![ContentPart::Image, ContentPart::Text { text: "Can you describe this image?".into() }],
+    }];
+    loaded.processor.process(&messages, &[photo], ImageOptions::default()).unwrap()
+}
+
+fn benches(c: &mut Criterion) {
+    let loaded = load();
+    let model = loaded.model.as_ref();
+    let prompt = photo_prompt(&loaded);
+    let pixels = prompt.pixel_values.clone().unwrap();
+
+    let mut group = c.benchmark_group("vision");
+    group.sample_size(10);
+    let tile = pixels.narrow(0, 0, 1).unwrap();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("encode_1_tile", |b| b.iter(|| model.encode_images(&tile).unwrap()));
+    group.throughput(Throughput::Elements(prompt.tiles as u64));
+    group.bench_function(BenchmarkId::new("encode_tiles", prompt.tiles), |b| {
+        b.iter(|| model.encode_images(&pixels).unwrap())
+    });
+    group.finish();
+
+    let features = model.encode_images(&pixels).unwrap();
+    let mut group = c.benchmark_group("prefill");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(prompt.token_ids.len() as u64));
+    let mut kv = SequenceKv::new(&model.kv_spec(), prompt.token_ids.len()).unwrap();
+    group.bench_function(BenchmarkId::new("photo_prompt_tokens", prompt.token_ids.len()), |b| {
+        b.iter(|| {
+            kv.truncate(0);
+            let input = SequenceInput {
+                tokens: &prompt.token_ids,
+                image_features: Some(features.clone()),
+                kv: &mut kv,
+                wants_logits: true,
+            };
+            model.forward(&mut [input]).unwrap()
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("decode_step");
+    for batch in [1usize, 8] {
+        let mut caches: Vec<SequenceKv> = (0..batch).map(|_| prefilled_cache(model, DECODE_CONTEXT)).collect();
+        let tokens: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("batch", batch), |b| {
+            b.iter(|| {
+                let mut inputs: Vec<SequenceInput> = caches
+                    .iter_mut()
+                    .zip(&tokens)
+                    .map(|(kv, t)| {
+                        kv.truncate(DECODE_CONTEXT);
+                        SequenceInput { tokens: std::slice::from_ref(t), image_features: None, kv, wants_logits: true }
+                    })
+                    .collect();
+                model.forward(&mut inputs).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A cache holding `context` tokens of text, with room for one more.
+fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, context: usize) -> SequenceKv {
+    let mut kv = SequenceKv::new(&model.kv_spec(), context + 1).unwrap();
+    let tokens: Vec<u32> = (0..context as u32).map(|i| 200 + i % 500).collect();
+    let input = SequenceInput { tokens: &tokens, image_features: None, kv: &mut kv, wants_logits: false };
+    let _: Tensor = model.forward(&mut [input]).unwrap();
+    kv
+}
+
+criterion_group!(model_benches, benches);
+criterion_main!(model_benches);

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""transformers' side of benches/model.rs, on the same model, prompt and shapes: vision
+encode per tile, prefill of the photo prompt, and one decode step at batch 1 and 8 with a
+512-token context. Prints JSON (seconds, medians of repeated runs).
+
+  python scripts/bench_transformers.py MODEL_DIR [--threads 2]
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+
+REPO = Path(__file__).resolve().parent.parent
+DECODE_CONTEXT = 512
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Can you describe this image?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    photo = Image.open(REPO / "tests" / "fixtures" / "images" / "photo.png")
+    inputs = processor(text=prompt, images=[[photo]], return_tensors="pt")
+    pixels = inputs["pixel_values"]
+    tiles = pixels.shape[1]
+
+    one_tile = median_time(lambda: model.model.get_image_features(pixels[:, :1]), args.repeats)
+    all_tiles = median_time(lambda: model.model.get_image_features(pixels), max(1, args.repeats // 2))
+
+    features = model.model.get_image_features(pixels).pooler_output
+    embeds = model.model.inputs_merger(inputs["input_ids"], model.get_input_embeddings()(inputs["input_ids"]), torch.cat(features))
+    text = model.model.text_model
+
+    def prefill():
+        hidden = text(inputs_embeds=embeds, use_cache=True).last_hidden_state
+        return model.lm_head(hidden[:, -1:])
+
+    prefill_s = median_time(prefill, args.repeats)
+
+    decode = {}
+    for batch in (1, 8):
+        context = (torch.arange(DECODE_CONTEXT) % 500 + 200).repeat(batch, 1)
+        cache = DynamicCache(config=model.config.text_config)
+        text(input_ids=context, cache=cache, use_cache=True)
+        token = torch.full((batch, 1), 100)
+        position = torch.full((batch, 1), DECODE_CONTEXT)
+
+        def step():
+            cache.crop(DECODE_CONTEXT)
+            hidden = text(input_ids=token, cache=cache, position_ids=position, use_cache=True).last_hidden_state
+            return model.lm_head(hidden)
+
+        decode[batch] = median_time(step, args.repeats * 4)
+
+    print(
+        json.dumps(
+            {
+                "tiles": tiles,
+                "prompt_tokens": inputs["input_ids"].shape[1],
+                "vision_one_tile_s": one_tile,
+                "vision_all_tiles_s": all_tiles,
+                "vision_per_tile_s": all_tiles / tiles,
+                "prefill_s": prefill_s,
+                "prefill_tokens_per_s": inputs["input_ids"].shape[1] / prefill_s,
+                "decode_step_batch1_s": decode[1],
+                "decode_step_batch8_s": decode[8],
+                "decode_tokens_per_s_batch1": 1 / decode[1],
+                "decode_tokens_per_s_batch8": 8 / decode[8],
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
