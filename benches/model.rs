@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use clap::ValueEnum;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ocellus::LoadedModel;
 use ocellus::kv::SequenceKv;
 use ocellus::model::{SequenceInput, WeightDType};
-use ocellus::processor::{open_image, ChatMessage, ContentPart, ImageOptions, Prompt};
-use ocellus::LoadedModel;
+use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Prompt, open_image};
 
 const DECODE_CONTEXT: usize = 512;
 
@@ -31,9 +31,17 @@ fn photo_prompt(loaded: &LoadedModel) -> Prompt {
     let photo = open_image(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/photo.png")).unwrap();
     let messages = vec![ChatMessage {
         role: "user".into(),
-        content: vec![ContentPart::Image, ContentPart::Text { text: "Can you describe this image?".into() }],
+        content: vec![
+            ContentPart::Image,
+            ContentPart::Text {
+                text: "Can you describe this image?".into(),
+            },
+        ],
     }];
-    loaded.processor.process(&messages, &[photo], ImageOptions::default()).unwrap()
+    loaded
+        .processor
+        .process(&messages, &[photo], ImageOptions::default())
+        .unwrap()
 }
 
 fn benches(c: &mut Criterion) {
@@ -84,7 +92,12 @@ fn benches(c: &mut Criterion) {
                     .zip(&tokens)
                     .map(|(kv, t)| {
                         kv.truncate(DECODE_CONTEXT);
-                        SequenceInput { tokens: std::slice::from_ref(t), image_features: None, kv, wants_logits: true }
+                        SequenceInput {
+                            tokens: std::slice::from_ref(t),
+                            image_features: None,
+                            kv,
+                            wants_logits: true,
+                        }
                     })
                     .collect();
                 model.forward(&mut inputs).unwrap()
@@ -98,7 +111,12 @@ fn benches(c: &mut Criterion) {
 fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, context: usize) -> SequenceKv {
     let mut kv = SequenceKv::new(&model.kv_spec(), context + 1).unwrap();
     let tokens: Vec<u32> = (0..context as u32).map(|i| 200 + i % 500).collect();
-    let input = SequenceInput { tokens: &tokens, image_features: None, kv: &mut kv, wants_logits: false };
+    let input = SequenceInput {
+        tokens: &tokens,
+        image_features: None,
+        kv: &mut kv,
+        wants_logits: false,
+    };
     let _: Tensor = model.forward(&mut [input]).unwrap();
     kv
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use ocellus::model::hub::resolve_model;
 use ocellus::model::WeightDType;
+use ocellus::model::hub::resolve_model;
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -51,25 +51,38 @@ fn a_missing_file_is_named() {
 #[test]
 fn malformed_json_names_the_file_and_position() {
     let dir = copy_fixture("tiny-idefics3");
-    std::fs::write(dir.path().join("config.json"), "{\"architectures\": [\"Idefics3ForConditionalGeneration\",").unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"architectures\": [\"Idefics3ForConditionalGeneration\",",
+    )
+    .unwrap();
     assert_mentions(&load_error(dir.path()), &["config.json", "(syntax)", "line 1"]);
 }
 
 #[test]
 fn a_field_of_the_wrong_type_is_named_by_its_path() {
     let dir = copy_fixture("tiny-idefics3");
-    edit_json(&dir.path().join("config.json"), |c| c["text_config"]["hidden_size"] = "big".into());
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["text_config"]["hidden_size"] = "big".into()
+    });
     assert_mentions(&load_error(dir.path()), &["config.json", "text_config.hidden_size"]);
     let dir = copy_fixture("tiny-idefics3");
-    edit_json(&dir.path().join("preprocessor_config.json"), |c| c["resample"] = "lanczos".into());
+    edit_json(&dir.path().join("preprocessor_config.json"), |c| {
+        c["resample"] = "lanczos".into()
+    });
     assert_mentions(&load_error(dir.path()), &["preprocessor_config.json", "resample"]);
 }
 
 #[test]
 fn an_unknown_architecture_is_refused_by_name() {
     let dir = copy_fixture("tiny-idefics3");
-    edit_json(&dir.path().join("config.json"), |c| c["architectures"] = serde_json::json!(["LlavaForCausalLM"]));
-    assert_mentions(&load_error(dir.path()), &["config.json", "architectures", "LlavaForCausalLM"]);
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["architectures"] = serde_json::json!(["LlavaForCausalLM"])
+    });
+    assert_mentions(
+        &load_error(dir.path()),
+        &["config.json", "architectures", "LlavaForCausalLM"],
+    );
 }
 
 #[test]
@@ -78,10 +91,18 @@ fn settings_the_model_cannot_honour_are_refused_by_field() {
     edit_json(&dir.path().join("config.json"), |c| {
         c["text_config"]["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
     });
-    assert_mentions(&load_error(dir.path()), &["config.json", "text_config.rope_scaling", "yarn"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["config.json", "text_config.rope_scaling", "yarn"],
+    );
     let dir = copy_fixture("tiny-idefics3");
-    edit_json(&dir.path().join("processor_config.json"), |c| c["image_seq_len"] = 169.into());
-    assert_mentions(&load_error(dir.path()), &["processor_config.json", "image_seq_len", "169"]);
+    edit_json(&dir.path().join("processor_config.json"), |c| {
+        c["image_seq_len"] = 169.into()
+    });
+    assert_mentions(
+        &load_error(dir.path()),
+        &["processor_config.json", "image_seq_len", "169"],
+    );
 }
 
 /// Rewrites model.safetensors with one tensor replaced (or removed when `replacement` is None).
@@ -99,8 +120,15 @@ fn rewrite_weights(dir: &Path, name: &str, replacement: Option<Tensor>) {
 fn a_tensor_of_the_wrong_shape_names_file_tensor_and_shapes() {
     let dir = copy_fixture("tiny-idefics3");
     let name = "model.text_model.layers.1.mlp.up_proj.weight";
-    rewrite_weights(dir.path(), name, Some(Tensor::zeros((130, 64), DType::F32, &Device::Cpu).unwrap()));
-    assert_mentions(&load_error(dir.path()), &["model.safetensors", name, "[130, 64]", "[128, 64]"]);
+    rewrite_weights(
+        dir.path(),
+        name,
+        Some(Tensor::zeros((130, 64), DType::F32, &Device::Cpu).unwrap()),
+    );
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors", name, "[130, 64]", "[128, 64]"],
+    );
 }
 
 #[test]
@@ -115,7 +143,10 @@ fn a_missing_tensor_is_named() {
 fn a_shard_missing_from_a_sharded_folder_is_named() {
     let dir = copy_fixture("tiny-smolvlm2");
     std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
-    assert_mentions(&load_error(dir.path()), &["model.safetensors.index.json", "model-00002-of-00003.safetensors"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["model.safetensors.index.json", "model-00002-of-00003.safetensors"],
+    );
 }
 
 /// Lays out `fixture` as huggingface_hub caches `owner/name` and returns the cache folder.
@@ -145,9 +176,13 @@ fn a_hub_id_resolves_through_the_local_cache() {
 #[test]
 fn an_uncached_hub_id_offline_and_a_non_model_are_errors() {
     let cache = tempfile::tempdir().unwrap();
-    let err = resolve_model("HuggingFaceTB/SmolVLM-256M-Instruct", cache.path(), true).unwrap_err().to_string();
+    let err = resolve_model("HuggingFaceTB/SmolVLM-256M-Instruct", cache.path(), true)
+        .unwrap_err()
+        .to_string();
     assert_mentions(&err, &["HuggingFaceTB/SmolVLM-256M-Instruct", "HF_HUB_OFFLINE"]);
-    let err = resolve_model("no such model", cache.path(), true).unwrap_err().to_string();
+    let err = resolve_model("no such model", cache.path(), true)
+        .unwrap_err()
+        .to_string();
     assert_mentions(&err, &["no such model"]);
 }
 
@@ -170,9 +205,18 @@ fn reduced_precision_dtypes_load_and_stay_close_to_f32() {
             kv: &mut kv,
             wants_logits: true,
         }];
-        let logits: Vec<f32> = model.forward(&mut batch).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = model
+            .forward(&mut batch)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let diff = max_abs_diff(&logits, &expected);
-        assert!(diff < tolerance * scale, "{dtype:?}: logits differ by {diff} (scale {scale})");
+        assert!(
+            diff < tolerance * scale,
+            "{dtype:?}: logits differ by {diff} (scale {scale})"
+        );
         assert_eq!(
             ocellus::engine::sampling::argmax(&logits),
             ocellus::engine::sampling::argmax(&expected),

@@ -69,7 +69,15 @@ fn real_smolvlm_processor_matches_transformers() {
         if rendered != case.prompt {
             failures.push(format!("{name}: rendered {rendered:?}, expected {:?}", case.prompt));
         }
-        let prompt = processor.process(&messages, &images, ImageOptions { split: Some(case.do_image_splitting) }).unwrap();
+        let prompt = processor
+            .process(
+                &messages,
+                &images,
+                ImageOptions {
+                    split: Some(case.do_image_splitting),
+                },
+            )
+            .unwrap();
         if prompt.token_ids != case.input_ids {
             failures.push(format!("{name}: token ids differ"));
         }
@@ -77,7 +85,10 @@ fn real_smolvlm_processor_matches_transformers() {
             let pixels = prompt.pixel_values.unwrap();
             let values = pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             if pixels.dims() != shape.as_slice() || &pixel_digest(&values) != digest {
-                failures.push(format!("{name}: pixel values differ (shape {:?} vs {shape:?})", pixels.dims()));
+                failures.push(format!(
+                    "{name}: pixel values differ (shape {:?} vs {shape:?})",
+                    pixels.dims()
+                ));
             }
         }
     }
@@ -105,5 +116,14 @@ fn text_typed_as_an_image_placeholder_is_refused() {
     let (_dir, processor) = real_processor();
     let messages = vec![ocellus::processor::ChatMessage::text("user", "what is <image> here?")];
     let err = processor.process(&messages, &[], ImageOptions::default()).unwrap_err();
-    assert!(matches!(err, ocellus::processor::ProcessorError::ImageCount { placeholders: 1, images: 0 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ocellus::processor::ProcessorError::ImageCount {
+                placeholders: 1,
+                images: 0
+            }
+        ),
+        "{err}"
+    );
 }
