@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
+use ocellus::model::ModelFiles;
 use ocellus::model::smolvlm::SmolVlmConfig;
-use ocellus::model::{ModelFiles, ModelInfo};
 use ocellus::processor::{ImageOptions, Processor};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -36,15 +36,7 @@ fn real_processor() -> (tempfile::TempDir, Processor) {
     }
     std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
     let files = ModelFiles::locate(dir.path()).unwrap();
-    let config = SmolVlmConfig::load(&files.config).unwrap();
-    let info = ModelInfo {
-        architecture: config.architectures[0].clone(),
-        image_token_id: config.image_token_id,
-        image_seq_len: config.image_seq_len(),
-        tile_size: config.vision_config.image_size,
-        vocab_size: config.text_config.vocab_size,
-        max_positions: config.text_config.max_position_embeddings,
-    };
+    let info = SmolVlmConfig::load(&files.config).unwrap().info();
     let processor = Processor::load(&files, &info).unwrap();
     (dir, processor)
 }

@@ -140,6 +140,18 @@ impl SmolVlmConfig {
         Ok(config)
     }
 
+    /// What the rest of the server needs to know of the model.
+    pub fn info(&self) -> crate::model::ModelInfo {
+        crate::model::ModelInfo {
+            architecture: self.architectures[0].clone(),
+            image_token_id: self.image_token_id,
+            image_seq_len: self.image_seq_len(),
+            tile_size: self.vision_config.image_size,
+            vocab_size: self.text_config.vocab_size,
+            max_positions: self.text_config.max_position_embeddings,
+        }
+    }
+
     /// Tokens per image tile after the pixel shuffle (64 for SmolVLM-256M).
     pub fn image_seq_len(&self) -> usize {
         let patches_per_side = self.vision_config.image_size / self.vision_config.patch_size;

@@ -48,14 +48,7 @@ impl SmolVlm {
         )
         .map_err(tensor_error)?;
         let text = TextModel::new(&config.text_config, config.tie_word_embeddings, vb).map_err(tensor_error)?;
-        let info = ModelInfo {
-            architecture: config.architectures[0].clone(),
-            image_token_id: config.image_token_id,
-            image_seq_len: config.image_seq_len(),
-            tile_size: config.vision_config.image_size,
-            vocab_size: config.text_config.vocab_size,
-            max_positions: text.max_positions(),
-        };
+        let info = config.info();
         Ok(Self {
             vision,
             connector,

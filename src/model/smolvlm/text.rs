@@ -103,10 +103,6 @@ impl TextModel {
         self.embed_tokens.forward(ids)
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.rope.cos.dim(0).unwrap_or(0)
-    }
-
     /// Runs the decoder layers over a stacked batch. `embeds`: `[tokens, hidden]`;
     /// `positions`: `[tokens]` (u32), each sequence's rows numbered from its cache length.
     /// Returns the hidden states `[tokens, hidden]` before the final norm, which `logits`
