@@ -105,6 +105,24 @@ fn settings_the_model_cannot_honour_are_refused_by_field() {
     );
 }
 
+#[test]
+fn degenerate_sizes_are_errors_not_panics() {
+    for (field, value) in [
+        ("num_attention_heads", 0u64),
+        ("hidden_size", 0),
+        ("max_position_embeddings", 1u64 << 40),
+    ] {
+        let dir = copy_fixture("tiny-idefics3");
+        edit_json(&dir.path().join("config.json"), |c| {
+            c["text_config"][field] = value.into()
+        });
+        assert_mentions(
+            &load_error(dir.path()),
+            &["config.json", &format!("text_config.{field}")],
+        );
+    }
+}
+
 /// Rewrites model.safetensors with one tensor replaced (or removed when `replacement` is None).
 fn rewrite_weights(dir: &Path, name: &str, replacement: Option<Tensor>) {
     let path = dir.join("model.safetensors");

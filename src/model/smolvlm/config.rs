@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 use crate::model::error::LoadError;
 
+/// A bound on the RoPE table Ocellus precomputes (2^20 positions).
+const MAX_POSITIONS: usize = 1 << 20;
+
 pub const ARCHITECTURES: &[&str] = &["Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,7 +124,8 @@ impl TextConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0))
     }
 
     pub fn rope_theta(&self) -> f64 {
@@ -171,7 +175,27 @@ impl SmolVlmConfig {
         }
         let v = &self.vision_config;
         let t = &self.text_config;
-        let rules: [(bool, &str, String); 9] = [
+        let rules: [(bool, &str, String); 13] = [
+            (
+                t.num_attention_heads > 0,
+                "text_config.num_attention_heads",
+                "must be positive, got 0".into(),
+            ),
+            (
+                v.hidden_size > 0,
+                "vision_config.hidden_size",
+                "must be positive, got 0".into(),
+            ),
+            (
+                t.hidden_size > 0,
+                "text_config.hidden_size",
+                "must be positive, got 0".into(),
+            ),
+            (
+                t.max_position_embeddings <= MAX_POSITIONS,
+                "text_config.max_position_embeddings",
+                format!("must be <= {MAX_POSITIONS}, got {}", t.max_position_embeddings),
+            ),
             (
                 v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
                 "vision_config.num_attention_heads",
