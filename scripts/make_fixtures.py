@@ -41,6 +41,7 @@ SEED = 1234
 # Random weights give nearly flat logits; a larger head makes greedy choices decisive so
 # that parity does not hinge on near-ties between tokens.
 LM_HEAD_SCALE = 10.0
+TINY_TEXT_STD = 0.2
 
 # The special tokens SmolVLM's processor and chat template rely on.
 IMAGE_TOKENS = (
@@ -234,10 +235,17 @@ def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pix
         if "do_image_splitting" in case:
             kwargs["do_image_splitting"] = case["do_image_splitting"]
         inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt", **kwargs)
-        logits = model(**inputs).logits[0, -1].float()
-        generated = model.generate(
-            **inputs, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=eos
-        )[0, inputs["input_ids"].shape[1] :]
+        result = model.generate(
+            **inputs,
+            max_new_tokens=GREEDY_TOKENS,
+            min_new_tokens=GREEDY_TOKENS,
+            do_sample=False,
+            eos_token_id=eos,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        logits = result.logits[0][0].float()  # raw first-step logits, before min_new_tokens masks eos
+        generated = result.sequences[0, inputs["input_ids"].shape[1] :]
         results[name] = {
             "messages": case["messages"],
             "do_image_splitting": case.get("do_image_splitting", True),
@@ -286,13 +294,13 @@ def record_processor(processor_dir: Path, images_root: Path, cases: dict, out: P
 # ---------------------------------------------------------------------------------------
 
 
-def randomize(model, seed: int):
+def randomize(model, seed: int, text_std: float):
+    """Tiny models: weights drawn afresh; text weights larger than a trained model's keep
+    greedy outputs varied instead of collapsing into one repeated token."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            # Text weights larger than a trained model's keep random greedy outputs varied
-            # instead of collapsing into one repeated token.
-            p.normal_(0.0, 0.25 if "text_model.layers" in name else 0.08)
+            p.normal_(0.0, text_std if "text_model.layers" in name else 0.08)
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or "layer_norm" in name or name.endswith("norm.weight"):
                 p.add_(1.0)
@@ -363,7 +371,7 @@ def build_tiny_idefics3(dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer(dst, tok, TEMPLATE)
     vocab = 1088
-    model = randomize(Idefics3ForConditionalGeneration(tiny_config(Idefics3Config, ids, vocab, tie=False)), SEED)
+    model = randomize(Idefics3ForConditionalGeneration(tiny_config(Idefics3Config, ids, vocab, tie=False)), SEED, TINY_TEXT_STD)
     model.save_pretrained(dst)
     hub_era_config(dst)
     (dst / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
@@ -388,7 +396,7 @@ def build_tiny_smolvlm2(dst: Path) -> None:
     processor.save_pretrained(dst)
     cfg = tiny_config(SmolVLMConfig, ids, 1088, tie=True)
     cfg.architectures = ["SmolVLMForConditionalGeneration"]
-    model = randomize(SmolVLMForConditionalGeneration(cfg), SEED + 1)
+    model = randomize(SmolVLMForConditionalGeneration(cfg), SEED + 1, TINY_TEXT_STD)
     model.save_pretrained(dst, max_shard_size="300KB")
     gen = {"bos_token_id": ids["<|im_start|>"], "eos_token_id": [ids["<end_of_utterance>"]], "pad_token_id": 2}
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -401,7 +409,12 @@ def build_big(dst: Path) -> None:
         if f.suffix in (".json", ".txt") and f.name != "SOURCES.md":
             shutil.copy(f, dst / f.name)
     cfg = Idefics3Config.from_pretrained(SHARED_REF)
-    model = randomize(Idefics3ForConditionalGeneration(cfg), SEED)
+    # transformers' own initialisation keeps 30 layers well conditioned (larger random
+    # weights amplify float rounding from layer to layer); the head is scaled as above.
+    torch.manual_seed(SEED)
+    model = Idefics3ForConditionalGeneration(cfg).float()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.to(torch.bfloat16).save_pretrained(dst)
     hub_era_config(dst)
     # save_pretrained rewrote generation_config.json from the model config; restore the real one.
