@@ -1,0 +1,63 @@
+//! The one-shot CLI: `ocellus generate` answers and reports timings; bad input is a clear
+//! error and a failing exit status, not a panic.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn ocellus(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ocellus"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn generate_prints_the_greedy_answer_and_its_timings() {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let loaded = load_fixture_model("tiny-idefics3");
+    let case = &reference.cases["wide"];
+    let image = fixtures().join("images").join("wide.png");
+    let model = fixtures().join("models").join("tiny-idefics3");
+    let out = ocellus(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What is in this picture?",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = loaded.processor.decode(&case.greedy_tokens[..8]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), expected);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for part in [
+        "prompt 187 tokens",
+        "9 image tiles",
+        "vision encode",
+        "prefill",
+        "decode 7 tokens",
+        "finish Length",
+    ] {
+        assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
+    }
+}
+
+#[test]
+fn a_missing_image_or_model_is_an_error_naming_it() {
+    let out = ocellus(&["generate", "--image", "/nonexistent/cat.png", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cat.png"));
+    let out = ocellus(&["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/model") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
