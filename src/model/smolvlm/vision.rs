@@ -7,7 +7,9 @@
 //! attention runs tile by tile so that its scores stay small.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, LayerNormConfig, Linear, VarBuilder, layer_norm, linear};
+use candle_nn::{Linear, VarBuilder, linear};
+
+use crate::model::layer_norm::LayerNorm;
 
 use super::config::VisionConfig;
 
@@ -36,11 +38,7 @@ struct EncoderLayer {
 }
 
 fn norm(cfg: &VisionConfig, vb: VarBuilder) -> Result<LayerNorm> {
-    let config = LayerNormConfig {
-        eps: cfg.layer_norm_eps,
-        ..Default::default()
-    };
-    layer_norm(cfg.hidden_size, config, vb)
+    LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb)
 }
 
 impl VisionTransformer {

@@ -1,0 +1,65 @@
+//! LayerNorm with a two-pass variance. candle's fused op computes E[x²] - E[x]² in f32,
+//! which loses digits when the mean is large next to the spread (as in deep ViT residual
+//! streams); PyTorch uses Welford's moments, which this matches to rounding.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_large_mean_does_not_swallow_the_variance() -> Result<()> {
+        // Values 10000 + {-1, 1}: E[x²] ~ 1e8 has an f32 ulp of 8, so the one-pass formula
+        // (candle_nn::ops::layer_norm) gets the variance of 1 wrong.
+        let xs = Tensor::new(&[[9999f32, 10001.0, 9999.0, 10001.0]], &Device::Cpu)?;
+        let ln = LayerNorm {
+            weight: Tensor::ones(4, DType::F32, &Device::Cpu)?,
+            bias: Tensor::zeros(4, DType::F32, &Device::Cpu)?,
+            eps: 1e-6,
+        };
+        let out = ln.forward(&xs)?.squeeze(0)?.to_vec1::<f32>()?;
+        for (o, e) in out.iter().zip([-1.0, 1.0, -1.0, 1.0]) {
+            assert!((o - e).abs() < 1e-5, "{out:?}");
+        }
+        let (w, b) = (&ln.weight, &ln.bias);
+        let one_pass = candle_nn::ops::layer_norm(&xs, w, b, 1e-6)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        assert!(
+            (one_pass[0] + 1.0).abs() > 1e-3,
+            "the one-pass formula got it right: {one_pass:?}"
+        );
+        Ok(())
+    }
+}
