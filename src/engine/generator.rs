@@ -235,6 +235,9 @@ impl<'m> Generator<'m> {
             } else {
                 seq.timings.prefill += elapsed;
                 seq.prefilled += chunk.len;
+                if seq.prefilled == seq.request.prompt.token_ids.len() {
+                    seq.image_features = None; // all placed in the KV cache now
+                }
             }
         }
         for (row, index) in logit_owners.into_iter().enumerate() {
@@ -245,7 +248,7 @@ impl<'m> Generator<'m> {
 
     fn encode_images(&mut self, index: usize) -> Result<(), GenerateError> {
         let seq = &mut self.seqs[index];
-        let Some(pixels) = &seq.request.prompt.pixel_values else {
+        let Some(pixels) = seq.request.prompt.pixel_values.take() else {
             return Ok(());
         };
         let started = Instant::now();

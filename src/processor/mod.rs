@@ -91,6 +91,16 @@ impl Processor {
                 ),
             ));
         }
+        let tokenizer_vocab = tokenizer.get_vocab_size(true);
+        if tokenizer_vocab > info.vocab_size {
+            return Err(LoadError::Tokenizer {
+                file: files.tokenizer.clone(),
+                message: format!(
+                    "has {tokenizer_vocab} tokens, more than the model's vocab_size {}",
+                    info.vocab_size
+                ),
+            });
+        }
         let eos_token_ids = eos_token_ids(files, &tokenizer, tokens.eos_token.as_deref())?;
         Ok(Self {
             tokenizer,
