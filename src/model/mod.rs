@@ -4,7 +4,7 @@
 pub mod error;
 pub mod files;
 pub mod hub;
-pub mod layer_norm;
+pub mod norm;
 pub mod smolvlm;
 pub mod weights;
 

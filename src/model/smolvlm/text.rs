@@ -7,7 +7,9 @@
 //! per sequence, against that sequence's own KV cache, with no padding and no cross-masks.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder, embedding, linear_no_bias, rms_norm};
+use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
+
+use crate::model::norm::RmsNorm;
 
 use super::config::TextConfig;
 use crate::kv::SequenceKv;
@@ -93,7 +95,7 @@ impl TextModel {
         Ok(Self {
             embed_tokens,
             layers,
-            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, text.pp("norm"))?,
+            norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, text.pp("norm"))?,
             lm_head,
             rope: RotaryTable::new(cfg, vb.dtype(), vb.device())?,
         })
@@ -140,12 +142,12 @@ impl DecoderLayer {
             }
         };
         Ok(Self {
-            input_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             q_proj: lin(h, heads * hd, "self_attn.q_proj", cfg.attention_bias)?,
             k_proj: lin(h, kv_heads * hd, "self_attn.k_proj", cfg.attention_bias)?,
             v_proj: lin(h, kv_heads * hd, "self_attn.v_proj", cfg.attention_bias)?,
             o_proj: lin(heads * hd, h, "self_attn.o_proj", cfg.attention_bias)?,
-            post_attention_layernorm: rms_norm(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: RmsNorm::new(h, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             gate_proj: lin(h, cfg.intermediate_size, "mlp.gate_proj", cfg.mlp_bias)?,
             up_proj: lin(h, cfg.intermediate_size, "mlp.up_proj", cfg.mlp_bias)?,
             down_proj: lin(cfg.intermediate_size, h, "mlp.down_proj", cfg.mlp_bias)?,

@@ -9,7 +9,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
-use crate::model::layer_norm::LayerNorm;
+use crate::model::norm::LayerNorm;
 
 use super::config::VisionConfig;
 

@@ -1,6 +1,7 @@
-//! LayerNorm with a two-pass variance. candle's fused op computes E[x²] - E[x]² in f32,
-//! which loses digits when the mean is large next to the spread (as in deep ViT residual
-//! streams); PyTorch uses Welford's moments, which this matches to rounding.
+//! Normalisations written as transformers writes them, in f32 whatever the weights' dtype.
+//! candle's fused LayerNorm computes the variance as E[x²] - E[x]², which loses digits when
+//! the mean is large next to the spread (deep ViT residual streams); PyTorch uses Welford's
+//! moments, which a two-pass variance matches to rounding.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -25,11 +26,37 @@ impl LayerNorm {
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
+        let xs = xs.to_dtype(if dtype == DType::F64 { DType::F64 } else { DType::F32 })?;
         let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Llama's RMSNorm: `weight * (x / sqrt(mean(x²) + eps))`, normalised in f32 (or wider).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let xs = xs.to_dtype(wide)?;
+        let rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        xs.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
 }
 
