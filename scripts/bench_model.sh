@@ -25,7 +25,7 @@ rows = [
     ("decode batch 1, tokens/s", 1 / ours("decode_step", "batch/1"), t["decode_tokens_per_s_batch1"], True),
     ("decode batch 8, tokens/s", 8 / ours("decode_step", "batch/8"), t["decode_tokens_per_s_batch8"], True),
 ]
-print(f"\n{sys.argv[1]} threads, {tiles} tiles, {t['prompt_tokens']}-token photo prompt, 512-token decode context")
+print(f"\n{sys.argv[1]} threads, {tiles} tiles per encode, {t['prompt_tokens']}-token photo prompt, 512-token decode context")
 print(f"{'':28} {'ocellus':>10} {'transformers':>13} {'ocellus advantage':>18}")
 for name, o, r, higher_better in rows:
     adv = o / r if higher_better else r / o
