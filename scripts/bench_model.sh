@@ -15,7 +15,7 @@ $python - "$threads" <<'PY'
 import json, pathlib, sys
 root = pathlib.Path("target/criterion")
 def ours(group, bench):
-    [path] = list((root / group).glob(f"{bench}*/new/estimates.json"))
+    [path] = list((root / group).glob(f"{bench}*/**/new/estimates.json"))
     return json.loads(path.read_text())["median"]["point_estimate"] / 1e9
 t = json.loads(pathlib.Path("target/transformers-bench.json").read_text())
 tiles = t["tiles"]

@@ -402,7 +402,7 @@ def build_tiny_smolvlm2(dst: Path) -> None:
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
-def build_big(dst: Path) -> None:
+def build_big(dst: Path, head_scale: float) -> None:
     """SmolVLM-256M-Instruct's real config, tokenizer and processor files with random weights."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in SHARED_REF.iterdir():
@@ -414,7 +414,7 @@ def build_big(dst: Path) -> None:
     torch.manual_seed(SEED)
     model = Idefics3ForConditionalGeneration(cfg).float()
     with torch.no_grad():
-        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+        model.lm_head.weight.mul_(head_scale)
     model.to(torch.bfloat16).save_pretrained(dst)
     hub_era_config(dst)
     # save_pretrained rewrote generation_config.json from the model config; restore the real one.
@@ -428,6 +428,12 @@ def main() -> None:
     sub.add_parser("tiny")
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
+    big.add_argument(
+        "--head-scale",
+        type=float,
+        default=LM_HEAD_SCALE,
+        help="multiplies lm_head: larger logits make greedy choices decisive, and scale f32 rounding with them",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -451,7 +457,7 @@ def main() -> None:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"
         shutil.rmtree(model_dir, ignore_errors=True)
-        build_big(model_dir)
+        build_big(model_dir, args.head_scale)
         shutil.copytree(images, args.out / "images", dirs_exist_ok=True)
         (args.out / "reference").mkdir(exist_ok=True)
         print(f"smolvlm-256m-random: recording transformers {transformers.__version__}")
