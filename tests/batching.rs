@@ -50,3 +50,23 @@ fn ragged_batches_give_each_sequence_its_unbatched_greedy_tokens() {
         assert_eq!(alone[i], cases[i].greedy_tokens, "{name}: differs from transformers");
     }
 }
+
+#[test]
+fn a_prompt_whose_image_tokens_do_not_match_its_images_is_refused() {
+    let loaded = load_fixture_model("tiny-idefics3");
+    let mut generator = Generator::new(loaded.model.as_ref(), loaded.processor.eos_token_ids(), 64);
+    let image_token = loaded.model.info().image_token_id;
+    let prompt = ocellus::processor::Prompt {
+        token_ids: vec![1, image_token, 2],
+        pixel_values: None,
+        tiles: 0,
+    };
+    let err = generator.add(greedy(prompt, 4)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ocellus::engine::GenerateError::ImageTokens { found: 1, expected: 0 }
+        ),
+        "{err}"
+    );
+}

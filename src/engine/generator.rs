@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::sampling::{Sampler, SamplingParams};
-use super::scheduler::{SequenceState, plan_step};
+use super::scheduler::{Chunk, SequenceState, plan_step};
 use crate::kv::SequenceKv;
 use crate::model::{SequenceInput, VisionLanguageModel};
 use crate::processor::Prompt;
@@ -23,6 +23,8 @@ pub enum GenerateError {
     },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error("the prompt has {found} image tokens but its images make {expected}")]
+    ImageTokens { found: usize, expected: usize },
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),
 }
@@ -85,6 +87,42 @@ struct Sequence {
 }
 
 impl Sequence {
+    /// This sequence's part of a step: its last sampled token, or a prompt chunk with the
+    /// vision features of the image tokens in it.
+    fn input(&mut self, chunk: Chunk, image_token: u32, wants_logits: bool) -> candle_core::Result<SequenceInput<'_>> {
+        if chunk.decode {
+            let last = self
+                .output
+                .last()
+                .expect("decoding follows a sampled token. This is a bug.");
+            let tokens = std::slice::from_ref(last);
+            return Ok(SequenceInput {
+                tokens,
+                image_features: None,
+                kv: &mut self.kv,
+                wants_logits,
+            });
+        }
+        let tokens = &self.request.prompt.token_ids[chunk.start..chunk.start + chunk.len];
+        let rows = tokens.iter().filter(|&&t| t == image_token).count();
+        let image_features = if rows == 0 {
+            None
+        } else {
+            let features = self
+                .image_features
+                .as_ref()
+                .expect("add() checked the prompt has images. This is a bug.");
+            Some(features.narrow(0, self.image_rows_used, rows)?)
+        };
+        self.image_rows_used += rows;
+        Ok(SequenceInput {
+            tokens,
+            image_features,
+            kv: &mut self.kv,
+            wants_logits,
+        })
+    }
+
     fn state(&self) -> SequenceState {
         SequenceState {
             prompt_len: self.request.prompt.token_ids.len(),
@@ -118,7 +156,21 @@ impl<'m> Generator<'m> {
         if prompt == 0 {
             return Err(GenerateError::EmptyPrompt);
         }
-        let limit = self.model.info().max_positions;
+        let info = self.model.info();
+        let image_tokens = request
+            .prompt
+            .token_ids
+            .iter()
+            .filter(|&&t| t == info.image_token_id)
+            .count();
+        let expected = request.prompt.tiles * info.image_seq_len;
+        if image_tokens != expected || (request.prompt.tiles > 0) != request.prompt.pixel_values.is_some() {
+            return Err(GenerateError::ImageTokens {
+                found: image_tokens,
+                expected,
+            });
+        }
+        let limit = info.max_positions;
         if prompt + request.max_tokens > limit {
             return Err(GenerateError::TooLong {
                 prompt,
@@ -182,46 +234,16 @@ impl<'m> Generator<'m> {
         for chunk in &plan {
             order[chunk.index] = Some(*chunk);
         }
+        let image_token = self.model.info().image_token_id;
         let mut logit_owners = Vec::new();
         let mut inputs = Vec::with_capacity(plan.len());
         for (index, seq) in self.seqs.iter_mut().enumerate() {
             let Some(chunk) = order[index] else { continue };
-            let (tokens, image_features): (&[u32], Option<Tensor>) = if chunk.decode {
-                (
-                    std::slice::from_ref(
-                        seq.output
-                            .last()
-                            .expect("decoding follows a sampled token. This is a bug."),
-                    ),
-                    None,
-                )
-            } else {
-                let tokens = &seq.request.prompt.token_ids[chunk.start..chunk.start + chunk.len];
-                let image_token = self.model.info().image_token_id;
-                let rows = tokens.iter().filter(|&&t| t == image_token).count();
-                let features = match (&seq.image_features, rows) {
-                    (_, 0) => None,
-                    (Some(f), rows) => Some(f.narrow(0, seq.image_rows_used, rows)?),
-                    (None, _) => {
-                        return Err(candle_core::Error::Msg(format!(
-                            "a prompt chunk has {rows} image tokens but the request has no images. This is a bug."
-                        ))
-                        .into());
-                    }
-                };
-                seq.image_rows_used += rows;
-                (tokens, features)
-            };
             let wants_logits = chunk.decode || chunk.start + chunk.len == seq.request.prompt.token_ids.len();
             if wants_logits {
                 logit_owners.push(index);
             }
-            inputs.push(SequenceInput {
-                tokens,
-                image_features,
-                kv: &mut seq.kv,
-                wants_logits,
-            });
+            inputs.push(seq.input(chunk, image_token, wants_logits)?);
         }
         let logits = self.model.forward(&mut inputs)?;
         drop(inputs);
