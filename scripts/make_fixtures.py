@@ -38,9 +38,9 @@ SHARED_REF = REPO.parent / "shared" / "reference" / "smolvlm-256m-instruct"
 FIXTURES = REPO / "tests" / "fixtures"
 GREEDY_TOKENS = 24
 SEED = 1234
-# Random weights give nearly flat logits; a larger head makes greedy choices decisive so
-# that parity does not hinge on near-ties between tokens.
-LM_HEAD_SCALE = 10.0
+# Tiny models' text weights: larger than a trained model's, which keeps greedy outputs
+# varied instead of collapsing into one repeated token. (Scaling lm_head, as sometimes
+# suggested, changes no argmax: it only multiplies logits and their rounding alike.)
 TINY_TEXT_STD = 0.2
 
 # The special tokens SmolVLM's processor and chat template rely on.
@@ -295,8 +295,7 @@ def record_processor(processor_dir: Path, images_root: Path, cases: dict, out: P
 
 
 def randomize(model, seed: int, text_std: float):
-    """Tiny models: weights drawn afresh; text weights larger than a trained model's keep
-    greedy outputs varied instead of collapsing into one repeated token."""
+    """Tiny models: all weights drawn afresh (see TINY_TEXT_STD)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -304,8 +303,6 @@ def randomize(model, seed: int, text_std: float):
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or "layer_norm" in name or name.endswith("norm.weight"):
                 p.add_(1.0)
-        if not model.config.tie_word_embeddings:
-            model.lm_head.weight.mul_(LM_HEAD_SCALE)
     return model.float()
 
 
@@ -402,7 +399,7 @@ def build_tiny_smolvlm2(dst: Path) -> None:
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
-def build_big(dst: Path, head_scale: float) -> None:
+def build_big(dst: Path) -> None:
     """SmolVLM-256M-Instruct's real config, tokenizer and processor files with random weights."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in SHARED_REF.iterdir():
@@ -410,11 +407,9 @@ def build_big(dst: Path, head_scale: float) -> None:
             shutil.copy(f, dst / f.name)
     cfg = Idefics3Config.from_pretrained(SHARED_REF)
     # transformers' own initialisation keeps 30 layers well conditioned (larger random
-    # weights amplify float rounding from layer to layer); the head is scaled as above.
+    # weights amplify float rounding from layer to layer).
     torch.manual_seed(SEED)
-    model = Idefics3ForConditionalGeneration(cfg).float()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
+    model = Idefics3ForConditionalGeneration(cfg)
     model.to(torch.bfloat16).save_pretrained(dst)
     hub_era_config(dst)
     # save_pretrained rewrote generation_config.json from the model config; restore the real one.
@@ -428,12 +423,6 @@ def main() -> None:
     sub.add_parser("tiny")
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
-    big.add_argument(
-        "--head-scale",
-        type=float,
-        default=LM_HEAD_SCALE,
-        help="multiplies lm_head: larger logits make greedy choices decisive, and scale f32 rounding with them",
-    )
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -457,7 +446,7 @@ def main() -> None:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"
         shutil.rmtree(model_dir, ignore_errors=True)
-        build_big(model_dir, args.head_scale)
+        build_big(model_dir)
         shutil.copytree(images, args.out / "images", dirs_exist_ok=True)
         (args.out / "reference").mkdir(exist_ok=True)
         print(f"smolvlm-256m-random: recording transformers {transformers.__version__}")
