@@ -93,16 +93,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             file: "model.safetensors (or model.safetensors.index.json)".into(),
         });
     }
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: std::collections::HashMap<String, String>,
-    }
-    let parsed: Index = read_json(&index)?;
-    let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
+    let shards = shard_names(&index)?;
     shards
         .into_iter()
         .map(|shard| {
-            let path = dir.join(shard);
+            let path = dir.join(&shard);
             if path.is_file() {
                 Ok(path)
             } else {
@@ -114,6 +109,15 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
             }
         })
         .collect()
+}
+
+/// The shard files `model.safetensors.index.json` names, each once.
+pub fn shard_names(index: &Path) -> Result<BTreeSet<String>, LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::HashMap<String, String>,
+    }
+    Ok(read_json::<Index>(index)?.weight_map.into_values().collect())
 }
 
 /// Reads and parses a JSON file; a parse error names the file and the path of the field

@@ -103,12 +103,7 @@ fn download(model: &str, cache: Cache) -> Result<PathBuf, LoadError> {
         let index = repo
             .get("model.safetensors.index.json")
             .map_err(|e| hub_error(format!("neither model.safetensors nor its index: {e}")))?;
-        #[derive(serde::Deserialize)]
-        struct Index {
-            weight_map: std::collections::HashMap<String, String>,
-        }
-        let parsed: Index = super::files::read_json(&index)?;
-        let shards: std::collections::BTreeSet<String> = parsed.weight_map.into_values().collect();
+        let shards = super::files::shard_names(&index)?;
         for shard in shards {
             repo.get(&shard).map_err(|e| hub_error(format!("{shard}: {e}")))?;
         }

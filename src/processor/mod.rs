@@ -161,7 +161,7 @@ impl Processor {
         let pixel_values = if processed.is_empty() {
             None
         } else {
-            Some(stack_tiles(&processed, self.images.tile_size())?)
+            Some(stack_tiles(&processed, self.images.tile_size()))
         };
         Ok(Prompt {
             token_ids,
@@ -217,12 +217,11 @@ impl Processor {
     }
 }
 
-fn stack_tiles(images: &[ProcessedImage], size: usize) -> Result<Tensor, ProcessorError> {
+fn stack_tiles(images: &[ProcessedImage], size: usize) -> Tensor {
     let tiles: usize = images.iter().map(|p| p.tiles).sum();
     let data: Vec<f32> = images.iter().flat_map(|p| p.pixel_values.iter().copied()).collect();
-    Tensor::from_vec(data, (tiles, 3, size, size), &Device::Cpu).map_err(|e| ProcessorError::Tokenizer {
-        message: format!("pixel tensor: {e}. This is a bug."),
-    })
+    Tensor::from_vec(data, (tiles, 3, size, size), &Device::Cpu)
+        .expect("every tile holds 3 * size * size values. This is a bug.")
 }
 
 /// A special token of tokenizer_config.json: a string, or an AddedToken object.
