@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use clap::ValueEnum;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ocellus::LoadedModel;
-use ocellus::kv::SequenceKv;
+use ocellus::kv::{KvPool, SequenceKv, blocks_for};
 use ocellus::model::{SequenceInput, WeightDType};
 use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Prompt, open_image};
 
@@ -73,8 +73,11 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("prefill");
     group.sample_size(10);
     group.throughput(Throughput::Elements(prompt.token_ids.len() as u64));
-    let mut kv = SequenceKv::new(&model.kv_spec(), prompt.token_ids.len()).unwrap();
-    group.bench_function(BenchmarkId::new("photo_prompt_tokens", prompt.token_ids.len()), |b| {
+    let n = prompt.token_ids.len();
+    let mut pool = KvPool::new(&model.kv_spec(), blocks_for(n) + 8 * blocks_for(DECODE_CONTEXT + 1)).unwrap();
+    let mut kv = SequenceKv::default();
+    assert!(pool.grow(&mut kv, n));
+    group.bench_function(BenchmarkId::new("photo_prompt_tokens", n), |b| {
         b.iter(|| {
             kv.truncate(0);
             let input = SequenceInput {
@@ -83,14 +86,16 @@ fn benches(c: &mut Criterion) {
                 kv: &mut kv,
                 wants_logits: true,
             };
-            model.forward(&mut [input]).unwrap()
+            model.forward(&mut [input], &mut pool).unwrap()
         })
     });
     group.finish();
 
     let mut group = c.benchmark_group("decode_step");
     for batch in [1usize, 8] {
-        let mut caches: Vec<SequenceKv> = (0..batch).map(|_| prefilled_cache(model, DECODE_CONTEXT)).collect();
+        let mut caches: Vec<SequenceKv> = (0..batch)
+            .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
+            .collect();
         let tokens: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new("batch", batch), |b| {
@@ -108,16 +113,20 @@ fn benches(c: &mut Criterion) {
                         }
                     })
                     .collect();
-                model.forward(&mut inputs).unwrap()
+                model.forward(&mut inputs, &mut pool).unwrap()
             })
         });
+        for mut kv in caches {
+            pool.release(&mut kv);
+        }
     }
     group.finish();
 }
 
 /// A cache holding `context` tokens of text, with room for one more.
-fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, context: usize) -> SequenceKv {
-    let mut kv = SequenceKv::new(&model.kv_spec(), context + 1).unwrap();
+fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, pool: &mut KvPool, context: usize) -> SequenceKv {
+    let mut kv = SequenceKv::default();
+    assert!(pool.grow(&mut kv, context + 1));
     let tokens: Vec<u32> = (0..context as u32).map(|i| 200 + i % 500).collect();
     let input = SequenceInput {
         tokens: &tokens,
@@ -125,7 +134,7 @@ fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, context: usi
         kv: &mut kv,
         wants_logits: false,
     };
-    let _: Tensor = model.forward(&mut [input]).unwrap();
+    let _: Tensor = model.forward(&mut [input], pool).unwrap();
     kv
 }
 

@@ -22,6 +22,24 @@ pub struct LoadedModel {
     pub processor: Processor,
 }
 
+impl LoadedModel {
+    /// An engine over this model with a KV pool of `kv_blocks` blocks; the processor stays
+    /// with the caller (it runs on the request side).
+    pub fn into_engine(
+        self,
+        config: engine::EngineConfig,
+        kv_blocks: usize,
+    ) -> candle_core::Result<(Processor, engine::EngineCore)> {
+        let pool = kv::KvPool::new(&self.model.kv_spec(), kv_blocks)?;
+        let tokenizer = self.processor.tokenizer().clone();
+        let eos = self.processor.eos_token_ids().to_vec();
+        Ok((
+            self.processor,
+            engine::EngineCore::new(self.model, pool, tokenizer, eos, config),
+        ))
+    }
+}
+
 /// Loads a model given as a local folder or a hub id (resolved through the Hugging Face
 /// cache, downloaded unless HF_HUB_OFFLINE is set).
 pub fn load_model(model: &str, dtype: WeightDType, device: &Device) -> Result<LoadedModel, LoadError> {

@@ -11,7 +11,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::Device;
 use clap::Parser;
 use ocellus::config::{Cli, Command, GenerateArgs};
-use ocellus::engine::{GenerationRequest, Generator, SamplingParams};
+use ocellus::engine::{EngineConfig, GenerationRequest, SamplingParams};
+use ocellus::kv::blocks_for;
 use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, open_image};
 
 fn main() -> ExitCode {
@@ -66,21 +67,18 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let request = GenerationRequest {
-        prompt,
         sampling,
-        max_tokens: args.max_tokens,
-        min_tokens: 0,
-        ignore_eos: false,
+        ..GenerationRequest::greedy(prompt, args.max_tokens)
     };
-    let mut generator = Generator::new(
-        loaded.model.as_ref(),
-        loaded.processor.eos_token_ids(),
-        args.max_batch_tokens,
-    );
-    generator.add(request)?;
-    let generation = generator.run()?.remove(0);
-    println!("{}", loaded.processor.decode(&generation.tokens)?);
-    let t = generation.timings;
+    let config = EngineConfig {
+        max_num_seqs: 1,
+        max_batch_tokens: args.max_batch_tokens,
+        max_model_len: loaded.model.info().max_positions,
+    };
+    let (_processor, mut engine) = loaded.into_engine(config, blocks_for(prompt_tokens + args.max_tokens))?;
+    let (mut generations, t) = ocellus::engine::generate(&mut engine, vec![request], |_| {})?;
+    let generation = generations.remove(0);
+    println!("{}", generation.text);
     let per_tile = if tiles > 0 {
         t.vision.as_secs_f64() * 1e3 / tiles as f64
     } else {
@@ -88,14 +86,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     eprintln!(
         "prompt {prompt_tokens} tokens, {tiles} image tiles | vision encode {:.3} s ({per_tile:.1} ms/tile) | \
-         prefill {:.3} s ({:.0} tokens/s) | decode {} tokens in {:.3} s ({:.1} tokens/s) | finish {:?}",
+         prefill {:.3} s ({:.0} tokens/s) | decode {} tokens in {:.3} s ({:.1} tokens/s) | finish {}",
         t.vision.as_secs_f64(),
         t.prefill.as_secs_f64(),
         prompt_tokens as f64 / t.prefill.as_secs_f64(),
         t.decode_steps,
         t.decode.as_secs_f64(),
         t.decode_steps as f64 / t.decode.as_secs_f64().max(1e-9),
-        generation.finish_reason,
+        generation.finish_reason.as_str(),
     );
     Ok(())
 }

@@ -1,72 +1,87 @@
 //! Batched equals unbatched: sequences decoded together in ragged batches (prefill chunks
-//! mixed with decode steps) produce exactly what each produces alone, and what
-//! transformers produced.
+//! mixed with decode steps, preemption when KV blocks run out) produce exactly what each
+//! produces alone, and what transformers produced.
 
 mod common;
 
 use common::*;
-use ocellus::engine::Generator;
+use ocellus::engine::{AddError, generate};
 
-#[test]
-fn ragged_batches_give_each_sequence_its_unbatched_greedy_tokens() {
+const CASES: [&str; 4] = ["wide", "rgba", "multi_turn", "text_only"];
+
+fn alone_and_reference() -> Vec<Vec<u32>> {
     let reference = Reference::load(&fixtures(), "tiny-idefics3");
-    let loaded = load_fixture_model("tiny-idefics3");
-    let eos = loaded.processor.eos_token_ids();
-    // Different images, tile counts and prompt lengths (187, 261, 303 and 25 tokens).
-    let names = ["wide", "rgba", "multi_turn", "text_only"];
-    let cases: Vec<_> = names.iter().map(|n| &reference.cases[*n]).collect();
-
-    let alone: Vec<Vec<u32>> = cases
+    let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), 4096, 256);
+    CASES
         .iter()
-        .map(|case| {
-            let mut generator = Generator::new(loaded.model.as_ref(), eos, 4096);
-            generator
-                .add(greedy(prompt_for(&loaded, &reference, case), case.greedy_tokens.len()))
-                .unwrap();
-            generator.run().unwrap().remove(0).tokens
+        .map(|name| {
+            let case = &reference.cases[*name];
+            let request = greedy(prompt_for(&processor, &reference, case), case.greedy_tokens.len());
+            let tokens = generate(&mut engine, vec![request], |_| {}).unwrap().0.remove(0).tokens;
+            assert_eq!(tokens, case.greedy_tokens, "{name}: alone differs from transformers");
+            tokens
+        })
+        .collect()
+}
+
+fn together(max_batch_tokens: usize, kv_blocks: usize) -> (Vec<Vec<u32>>, usize, usize) {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), max_batch_tokens, kv_blocks);
+    let requests = CASES
+        .iter()
+        .map(|name| {
+            let case = &reference.cases[*name];
+            greedy(prompt_for(&processor, &reference, case), case.greedy_tokens.len())
         })
         .collect();
-
-    // A 64-token budget splits every image prompt into chunks, and once the first prompt
-    // is in, later chunks share steps with its decodes.
-    let mut generator = Generator::new(loaded.model.as_ref(), eos, 64);
-    for case in &cases {
-        generator
-            .add(greedy(prompt_for(&loaded, &reference, case), case.greedy_tokens.len()))
-            .unwrap();
-    }
-    let mut mixed_steps = 0;
-    while let Some(step) = generator.step().unwrap() {
-        assert!(step.prefill_tokens + step.decode_tokens <= 64);
+    let (mut mixed_steps, mut preempted) = (0, 0);
+    let (generations, _) = generate(&mut engine, requests, |step| {
+        assert!(step.prefill_tokens + step.decode_tokens <= max_batch_tokens);
         if step.prefill_tokens > 0 && step.decode_tokens > 0 {
             mixed_steps += 1;
         }
-    }
-    let together: Vec<Vec<u32>> = generator.finish().into_iter().map(|g| g.tokens).collect();
+        preempted += step.preempted;
+    })
+    .unwrap();
+    assert_eq!(engine.pool().used_blocks(), 0, "finished sequences hold no blocks");
+    (
+        generations.into_iter().map(|g| g.tokens).collect(),
+        mixed_steps,
+        preempted,
+    )
+}
 
+#[test]
+fn ragged_batches_give_each_sequence_its_unbatched_greedy_tokens() {
+    let alone = alone_and_reference();
+    // A 64-token budget splits every image prompt into chunks, and once the first prompt
+    // is in, later chunks share steps with its decodes.
+    let (batched, mixed_steps, _) = together(64, 256);
     assert!(mixed_steps >= 3, "only {mixed_steps} steps mixed prefill and decode");
-    for (i, name) in names.iter().enumerate() {
-        assert_eq!(together[i], alone[i], "{name}: batched differs from alone");
-        assert_eq!(alone[i], cases[i].greedy_tokens, "{name}: differs from transformers");
-    }
+    assert_eq!(batched, alone);
+}
+
+#[test]
+fn preempted_sequences_are_recomputed_to_the_same_tokens() {
+    let alone = alone_and_reference();
+    // 50 blocks (800 tokens) cannot hold all four sequences (776 prompt tokens plus 96
+    // generated): the youngest is preempted and recomputed later.
+    let (batched, _, preempted) = together(512, 50);
+    assert!(preempted > 0, "the pool was large enough; nothing was preempted");
+    assert_eq!(batched, alone);
 }
 
 #[test]
 fn a_prompt_whose_image_tokens_do_not_match_its_images_is_refused() {
     let loaded = load_fixture_model("tiny-idefics3");
-    let mut generator = Generator::new(loaded.model.as_ref(), loaded.processor.eos_token_ids(), 64);
     let image_token = loaded.model.info().image_token_id;
+    let (_, mut engine) = engine(loaded, 64, 16);
     let prompt = ocellus::processor::Prompt {
         token_ids: vec![1, image_token, 2],
         pixel_values: None,
         tiles: 0,
     };
-    let err = generator.add(greedy(prompt, 4)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ocellus::engine::GenerateError::ImageTokens { found: 1, expected: 0 }
-        ),
-        "{err}"
-    );
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = engine.add(greedy(prompt, 4), 0, tx).unwrap_err();
+    assert_eq!(err, AddError::ImageTokens { found: 1, expected: 0 });
 }

@@ -42,7 +42,7 @@ fn generate_prints_the_greedy_answer_and_its_timings() {
         "vision encode",
         "prefill",
         "decode 7 tokens",
-        "finish Length",
+        "finish length",
     ] {
         assert!(stderr.contains(part), "{stderr:?} lacks {part:?}");
     }

@@ -213,23 +213,8 @@ fn reduced_precision_dtypes_load_and_stay_close_to_f32() {
     for (dtype, tolerance) in [(WeightDType::Bf16, 0.1), (WeightDType::F16, 0.02)] {
         let dir = fixtures().join("models").join("tiny-idefics3");
         let loaded = ocellus::load_folder(&dir, dtype, &Device::Cpu).unwrap();
-        let prompt = prompt_for(&loaded, &reference, case);
-        let model = loaded.model.as_ref();
-        let features = model.encode_images(prompt.pixel_values.as_ref().unwrap()).unwrap();
-        let mut kv = ocellus::kv::SequenceKv::new(&model.kv_spec(), prompt.token_ids.len()).unwrap();
-        let mut batch = [ocellus::model::SequenceInput {
-            tokens: &prompt.token_ids,
-            image_features: Some(features),
-            kv: &mut kv,
-            wants_logits: true,
-        }];
-        let logits: Vec<f32> = model
-            .forward(&mut batch)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let prompt = prompt_for(&loaded.processor, &reference, case);
+        let logits = first_step_logits(loaded.model.as_ref(), &prompt);
         let diff = max_abs_diff(&logits, &expected);
         assert!(
             diff < tolerance * scale,

@@ -6,8 +6,7 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use ocellus::engine::Generator;
-use ocellus::model::{SequenceInput, WeightDType};
+use ocellus::model::WeightDType;
 
 const PIXEL_TOLERANCE: f32 = 1e-5;
 const LOGIT_TOLERANCE: f32 = 1e-4;
@@ -15,14 +14,15 @@ const LOGIT_TOLERANCE: f32 = 1e-4;
 fn check_parity(root: &std::path::Path, model: &str) {
     let reference = Reference::load(root, model);
     let loaded = ocellus::load_folder(&Reference::model_dir(root, model), WeightDType::F32, &Device::Cpu).unwrap();
+    let (processor, mut engine) = engine(loaded, 4096, 512);
     let mut failures = Vec::new();
     for (name, case) in &reference.cases {
         let (messages, _) = reference.inputs(case);
-        let rendered = loaded.processor.render(&messages).unwrap();
+        let rendered = processor.render(&messages).unwrap();
         if rendered != case.prompt {
             failures.push(format!("{name}: rendered prompt {rendered:?} != {:?}", case.prompt));
         }
-        let prompt = prompt_for(&loaded, &reference, case);
+        let prompt = prompt_for(&processor, &reference, case);
         if prompt.token_ids != case.input_ids {
             failures.push(format!(
                 "{name}: input ids differ ({} vs {} tokens)",
@@ -45,7 +45,7 @@ fn check_parity(root: &std::path::Path, model: &str) {
                 failures.push(format!("{name}: pixel values differ by {diff}"));
             }
         }
-        let logits = first_step_logits(&loaded, &prompt);
+        let logits = first_step_logits(engine.model(), &prompt);
         let diff = max_abs_diff(&logits, &reference.logits(name));
         eprintln!(
             "{name}: {} prompt tokens, max logit difference {diff:.2e}",
@@ -54,9 +54,12 @@ fn check_parity(root: &std::path::Path, model: &str) {
         if diff > LOGIT_TOLERANCE {
             failures.push(format!("{name}: first-step logits differ by {diff}"));
         }
-        let mut generator = Generator::new(loaded.model.as_ref(), loaded.processor.eos_token_ids(), 4096);
-        generator.add(greedy(prompt, case.greedy_tokens.len())).unwrap();
-        let tokens = generator.run().unwrap().remove(0).tokens;
+        let request = greedy(prompt, case.greedy_tokens.len());
+        let tokens = ocellus::engine::generate(&mut engine, vec![request], |_| {})
+            .unwrap()
+            .0
+            .remove(0)
+            .tokens;
         if tokens != case.greedy_tokens {
             failures.push(format!("{name}: greedy tokens {tokens:?} != {:?}", case.greedy_tokens));
         }
@@ -68,25 +71,6 @@ fn check_parity(root: &std::path::Path, model: &str) {
         reference.cases.len(),
         failures.join("\n")
     );
-}
-
-fn first_step_logits(loaded: &ocellus::LoadedModel, prompt: &ocellus::processor::Prompt) -> Vec<f32> {
-    let model = loaded.model.as_ref();
-    let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
-    let mut kv = ocellus::kv::SequenceKv::new(&model.kv_spec(), prompt.token_ids.len()).unwrap();
-    let mut batch = [SequenceInput {
-        tokens: &prompt.token_ids,
-        image_features: features,
-        kv: &mut kv,
-        wants_logits: true,
-    }];
-    model
-        .forward(&mut batch)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 #[test]

@@ -1,9 +1,17 @@
-//! Turning prompts into tokens: scheduling steps over many sequences, sampling, and
-//! deciding when a sequence ends. The KV caches of running sequences live here.
+//! Turning prompts into tokens for many sequences at once: scheduling (continuous
+//! batching over a ragged batch), the KV blocks of running sequences, sampling,
+//! incremental detokenization, stop strings, and the engine thread that owns it all.
 
-pub mod generator;
+pub mod core;
+pub mod detokenizer;
+pub mod offline;
+pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod sequence;
+pub mod stop;
 
-pub use generator::{FinishReason, GenerateError, Generation, GenerationRequest, Generator, Timings};
-pub use sampling::{Sampler, SamplingParams};
+pub use core::{AddError, EngineConfig, EngineCore, StepReport};
+pub use offline::{Generation, Timings, generate};
+pub use request::{ChoiceEvent, EngineFailure, FinishReason, GenerationRequest, SequenceEvent, Usage};
+pub use sampling::{SamplingParams, TokenLogprobs};

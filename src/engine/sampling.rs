@@ -159,6 +159,35 @@ impl Sampler {
     }
 }
 
+/// The log-probability of the chosen token and of the `top` most likely ones, under the
+/// model's own distribution (raw logits, before penalties and temperature, as vLLM
+/// reports them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let logprob = |id: u32| logits[id as usize] - log_sum;
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(order.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        order.truncate(top);
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    }
+    TokenLogprobs {
+        token,
+        logprob: logprob(token),
+        top: order.into_iter().take(top).map(|id| (id, logprob(id))).collect(),
+    }
+}
+
 /// The first index of the largest value, as torch.argmax picks it.
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
@@ -176,6 +205,16 @@ mod tests {
 
     fn sampler(params: SamplingParams) -> Sampler {
         Sampler::new(params, 7)
+    }
+
+    #[test]
+    fn logprobs_are_a_normalised_log_softmax_with_the_top_tokens_first() {
+        let lp = logprobs(&[1.0, 3.0, 2.0, 0.0], 2, 2);
+        let total: f32 = [1.0f32, 3.0, 2.0, 0.0].iter().map(|l| l.exp()).sum();
+        assert!((lp.logprob - (2.0f32.exp() / total).ln()).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|&(id, _)| id).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((lp.top[1].1 - lp.logprob).abs() < 1e-7);
+        assert!(logprobs(&[1.0, 2.0], 0, 0).top.is_empty());
     }
 
     #[test]

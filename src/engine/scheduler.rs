@@ -1,55 +1,144 @@
-//! Which tokens of which sequences go into the next step. Pure state, no threads: the
-//! engine (and its tests) call `plan_step` directly.
+//! Which tokens of which sequences go into the next step, who joins, and who is preempted.
+//! Pure state in, plan out: the engine applies the plan, and the tests call `plan_step`
+//! directly.
+//!
+//! Every running sequence has pending tokens (its prompt, or after a decode the token it
+//! just sampled, or everything again after a preemption): a decode is simply one pending
+//! token. Decodes go first so running streams never wait behind a long prompt; prompt
+//! chunks take what is left of the token budget, oldest first; waiting requests join in
+//! arrival order (never overtaking one another) while sequences, budget and KV blocks
+//! allow. When a decode needs a block and none is free, the youngest running sequence is
+//! preempted: its blocks are freed and it is recomputed later.
 
-/// What the planner needs to know of a sequence.
+use crate::kv::blocks_for;
+
+/// A running sequence as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SequenceState {
-    pub prompt_len: usize,
-    /// Prompt tokens already in the KV cache.
-    pub prefilled: usize,
-    pub finished: bool,
+pub struct Running {
+    /// Tokens not yet in the KV cache (1 for a decode).
+    pub pending: usize,
+    /// Tokens in the KV cache.
+    pub kv_len: usize,
+    /// Blocks held.
+    pub blocks: usize,
 }
 
-/// One sequence's share of a step: prompt tokens `start..start + len`, or one decode token.
+/// A waiting request: all its tokens are pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    pub pending: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (decodes plus prompt chunks).
+    pub token_budget: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// Index into the running list.
+    Running(usize),
+    /// Index into the waiting list (the first `admit` of them join).
+    Admitted(usize),
+}
+
+/// One sequence's share of a step: its next `len` pending tokens, `blocks` more blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {
-    pub index: usize,
-    pub start: usize,
+    pub who: Who,
     pub len: usize,
-    pub decode: bool,
+    pub blocks: usize,
 }
 
-/// Every sequence whose prompt is in the cache decodes one token; what is left of
-/// `token_budget` goes to unfinished prompts in arrival order, the last one cut to fit.
-/// Decodes come first so that running streams never wait behind a long prompt.
-pub fn plan_step(seqs: &[SequenceState], token_budget: usize) -> Vec<Chunk> {
-    let mut plan: Vec<Chunk> = seqs
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.finished && s.prefilled == s.prompt_len)
-        .map(|(index, s)| Chunk {
-            index,
-            start: s.prefilled,
-            len: 1,
-            decode: true,
-        })
-        .collect();
-    let mut budget = token_budget.saturating_sub(plan.len());
-    for (index, s) in seqs.iter().enumerate() {
-        if budget == 0 {
-            break;
-        }
-        if s.finished || s.prefilled == s.prompt_len {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Running indices to preempt, youngest first.
+    pub preempt: Vec<usize>,
+    /// How many waiting requests join, from the front.
+    pub admit: usize,
+    pub chunks: Vec<Chunk>,
+}
+
+impl Plan {
+    pub fn tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.len).sum()
+    }
+}
+
+pub fn plan_step(running: &[Running], waiting: &[Waiting], free_blocks: usize, limits: Limits) -> Plan {
+    let mut plan = Plan::default();
+    let mut free = free_blocks;
+    let mut budget = limits.token_budget;
+    let mut alive = vec![true; running.len()];
+
+    for (i, seq) in running.iter().enumerate() {
+        if seq.pending != 1 || !alive[i] {
             continue;
         }
-        let len = (s.prompt_len - s.prefilled).min(budget);
-        plan.push(Chunk {
-            index,
-            start: s.prefilled,
-            len,
-            decode: false,
-        });
+        let need = blocks_for(seq.kv_len + 1).saturating_sub(seq.blocks);
+        while need > free {
+            let victim = alive
+                .iter()
+                .rposition(|&a| a)
+                .expect("sequence i itself is alive. This is a bug.");
+            alive[victim] = false;
+            free += running[victim].blocks;
+            plan.preempt.push(victim);
+            if victim == i {
+                break;
+            }
+        }
+        if alive[i] {
+            free -= need;
+            budget = budget.saturating_sub(1);
+            plan.chunks.push(Chunk {
+                who: Who::Running(i),
+                len: 1,
+                blocks: need,
+            });
+        }
+    }
+
+    for (i, seq) in running.iter().enumerate() {
+        if seq.pending <= 1 || !alive[i] || budget == 0 {
+            continue;
+        }
+        let fits = (seq.blocks + free) * crate::kv::BLOCK_TOKENS - seq.kv_len;
+        let len = seq.pending.min(budget).min(fits);
+        if len == 0 {
+            continue;
+        }
+        let need = blocks_for(seq.kv_len + len).saturating_sub(seq.blocks);
+        free -= need;
         budget -= len;
+        plan.chunks.push(Chunk {
+            who: Who::Running(i),
+            len,
+            blocks: need,
+        });
+    }
+
+    if plan.preempt.is_empty() {
+        let mut seqs = alive.iter().filter(|&&a| a).count();
+        for (j, seq) in waiting.iter().enumerate() {
+            // Admit only what can finish its prompt without evicting anyone.
+            if seqs >= limits.max_num_seqs || budget == 0 || blocks_for(seq.pending) > free {
+                break;
+            }
+            let len = seq.pending.min(budget);
+            let need = blocks_for(len);
+            free -= need;
+            budget -= len;
+            seqs += 1;
+            plan.admit += 1;
+            plan.chunks.push(Chunk {
+                who: Who::Admitted(j),
+                len,
+                blocks: need,
+            });
+        }
     }
     plan
 }
@@ -58,91 +147,149 @@ pub fn plan_step(seqs: &[SequenceState], token_budget: usize) -> Vec<Chunk> {
 mod tests {
     use super::*;
 
-    fn prefilling(prompt_len: usize, prefilled: usize) -> SequenceState {
-        SequenceState {
-            prompt_len,
-            prefilled,
-            finished: false,
+    const LIMITS: Limits = Limits {
+        max_num_seqs: 4,
+        token_budget: 32,
+    };
+
+    fn decoding(kv_len: usize) -> Running {
+        Running {
+            pending: 1,
+            kv_len,
+            blocks: blocks_for(kv_len + 1),
         }
     }
 
     #[test]
-    fn a_long_prompt_is_chunked_to_the_budget() {
-        let plan = plan_step(&[prefilling(100, 0)], 32);
+    fn a_long_prompt_is_chunked_to_the_budget_and_continues_next_step() {
+        let plan = plan_step(&[], &[Waiting { pending: 100 }], 100, LIMITS);
+        assert_eq!(plan.admit, 1);
         assert_eq!(
-            plan,
+            plan.chunks,
             vec![Chunk {
-                index: 0,
-                start: 0,
+                who: Who::Admitted(0),
                 len: 32,
-                decode: false
+                blocks: 2
             }]
         );
-        let plan = plan_step(&[prefilling(100, 96)], 32);
+        let running = [Running {
+            pending: 68,
+            kv_len: 32,
+            blocks: 2,
+        }];
+        let plan = plan_step(&running, &[], 100, LIMITS);
         assert_eq!(
-            plan,
+            plan.chunks,
             vec![Chunk {
-                index: 0,
-                start: 96,
-                len: 4,
-                decode: false
+                who: Who::Running(0),
+                len: 32,
+                blocks: 2
             }]
         );
     }
 
     #[test]
-    fn decodes_go_first_and_prefill_takes_what_is_left() {
-        let seqs = [
-            prefilling(10, 10),
-            prefilling(50, 0),
-            prefilling(5, 5),
-            prefilling(8, 0),
+    fn decodes_go_first_and_prompts_share_what_is_left() {
+        let running = [
+            decoding(40),
+            Running {
+                pending: 50,
+                kv_len: 0,
+                blocks: 0,
+            },
+            decoding(7),
         ];
-        let plan = plan_step(&seqs, 20);
+        let plan = plan_step(&running, &[Waiting { pending: 5 }], 100, LIMITS);
         assert_eq!(
-            plan,
+            plan.chunks,
             vec![
                 Chunk {
-                    index: 0,
-                    start: 10,
+                    who: Who::Running(0),
                     len: 1,
-                    decode: true
+                    blocks: 0
                 },
                 Chunk {
-                    index: 2,
-                    start: 5,
+                    who: Who::Running(2),
                     len: 1,
-                    decode: true
+                    blocks: 0
                 },
                 Chunk {
-                    index: 1,
-                    start: 0,
-                    len: 18,
-                    decode: false
+                    who: Who::Running(1),
+                    len: 30,
+                    blocks: 2
                 },
             ]
         );
+        assert_eq!(plan.admit, 0, "no budget left for the waiting request");
     }
 
     #[test]
-    fn finished_sequences_take_no_tokens() {
-        let seqs = [
-            SequenceState {
-                prompt_len: 4,
-                prefilled: 4,
-                finished: true,
+    fn admission_is_in_order_and_bounded_by_sequences_and_blocks() {
+        let waiting = [Waiting { pending: 3 }, Waiting { pending: 40 }, Waiting { pending: 2 }];
+        // 3 free blocks: the 40-token prompt needs 3 after the first's 1 -> it waits, and
+        // the small one behind it does not overtake it.
+        let plan = plan_step(&[], &waiting, 3, LIMITS);
+        assert_eq!(plan.admit, 1);
+        let many = [decoding(3), decoding(3), decoding(3), decoding(3)];
+        let plan = plan_step(&many, &waiting, 100, LIMITS);
+        assert_eq!(plan.admit, 0, "max_num_seqs reached");
+    }
+
+    #[test]
+    fn a_decode_that_needs_a_block_preempts_the_youngest() {
+        // Both sequences fill their blocks exactly; no block is free.
+        let running = [
+            Running {
+                pending: 1,
+                kv_len: 16,
+                blocks: 1,
             },
-            prefilling(3, 0),
+            Running {
+                pending: 1,
+                kv_len: 32,
+                blocks: 2,
+            },
         ];
+        let plan = plan_step(&running, &[Waiting { pending: 1 }], 0, LIMITS);
+        assert_eq!(plan.preempt, vec![1]);
         assert_eq!(
-            plan_step(&seqs, 8),
+            plan.chunks,
             vec![Chunk {
-                index: 1,
-                start: 0,
-                len: 3,
-                decode: false
+                who: Who::Running(0),
+                len: 1,
+                blocks: 1
             }]
         );
-        assert!(plan_step(&seqs[..1], 8).is_empty());
+        assert_eq!(plan.admit, 0, "no admission in a step that preempts");
+    }
+
+    #[test]
+    fn a_lone_sequence_without_room_preempts_itself() {
+        let running = [Running {
+            pending: 1,
+            kv_len: 16,
+            blocks: 1,
+        }];
+        let plan = plan_step(&running, &[], 0, LIMITS);
+        assert_eq!(plan.preempt, vec![0]);
+        assert!(plan.chunks.is_empty());
+    }
+
+    #[test]
+    fn a_prompt_chunk_is_cut_to_the_free_blocks() {
+        let running = [Running {
+            pending: 100,
+            kv_len: 10,
+            blocks: 1,
+        }];
+        let plan = plan_step(&running, &[], 1, LIMITS);
+        assert_eq!(
+            plan.chunks,
+            vec![Chunk {
+                who: Who::Running(0),
+                len: 22,
+                blocks: 1
+            }]
+        );
     }
 }

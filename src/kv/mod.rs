@@ -1,6 +1,8 @@
-//! KV storage of the text decoder. The engine owns it and lends one sequence's cache to
-//! the model for each step; the model never keeps state between calls. Capacity is counted
-//! in fixed-size blocks of tokens, so a memory budget translates into a block count.
+//! KV storage of the text decoder: one pool of fixed-size blocks per layer, allocated once
+//! from the configured memory budget and owned by the engine. A sequence holds a list of
+//! blocks (its block table); the model writes a step's keys and values into them and
+//! gathers them back for attention. Memory never grows past the budget: when blocks run
+//! out the scheduler waits or preempts.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -23,38 +25,25 @@ impl KvSpec {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 
-    pub fn blocks_for(tokens: usize) -> usize {
-        tokens.div_ceil(BLOCK_TOKENS)
+    pub fn bytes_per_block(&self) -> usize {
+        self.bytes_per_token() * BLOCK_TOKENS
     }
 }
 
-/// One sequence's keys and values, layer by layer, stored token-major
-/// (`[capacity, kv_heads, head_dim]`) so that appending a chunk is one contiguous copy.
-#[derive(Debug)]
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS)
+}
+
+/// One sequence's share of the pool: its blocks, in order, and how many tokens they hold.
+#[derive(Debug, Default)]
 pub struct SequenceKv {
-    spec: KvSpec,
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    blocks: Vec<u32>,
     len: usize,
-    capacity: usize,
+    /// The blocks as a tensor, for gathering; rebuilt when blocks change.
+    block_ids: Option<Tensor>,
 }
 
 impl SequenceKv {
-    /// A cache with room for `tokens` (rounded up to whole blocks).
-    pub fn new(spec: &KvSpec, tokens: usize) -> Result<Self> {
-        let capacity = KvSpec::blocks_for(tokens.max(1)) * BLOCK_TOKENS;
-        let alloc = || Tensor::zeros((capacity, spec.num_kv_heads, spec.head_dim), spec.dtype, &spec.device);
-        let keys = (0..spec.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
-        let values = (0..spec.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
-        Ok(Self {
-            spec: spec.clone(),
-            keys,
-            values,
-            len: 0,
-            capacity,
-        })
-    }
-
     /// Tokens whose keys and values are stored.
     pub fn len(&self) -> usize {
         self.len
@@ -64,60 +53,153 @@ impl SequenceKv {
         self.len == 0
     }
 
-    /// Blocks this sequence holds (its capacity, not its length).
     pub fn blocks(&self) -> usize {
-        self.capacity / BLOCK_TOKENS
+        self.blocks.len()
     }
 
-    /// Makes room for `additional` tokens past `len`, growing to whole blocks. Growing
-    /// copies the stored tokens: callers that know the final length reserve it up front.
-    pub fn reserve(&mut self, additional: usize) -> Result<()> {
-        let needed = self.len + additional;
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        let capacity = KvSpec::blocks_for(needed.max(2 * self.capacity)) * BLOCK_TOKENS;
-        let spec = &self.spec;
-        for buffer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let grown = Tensor::zeros((capacity, spec.num_kv_heads, spec.head_dim), spec.dtype, &spec.device)?;
-            if self.len > 0 {
-                grown.slice_set(&buffer.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
-            }
-            *buffer = grown;
-        }
-        self.capacity = capacity;
-        Ok(())
+    /// Tokens the held blocks can store.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * BLOCK_TOKENS
     }
 
-    /// Writes a chunk's keys and values (`[n, kv_heads, head_dim]`) for one layer after the
-    /// stored tokens and returns that layer's keys and values including the chunk
-    /// (`[len + n, kv_heads, head_dim]` views). `commit` makes the chunk part of `len`.
-    pub fn write(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let n = k.dim(0)?;
-        if self.len + n > self.capacity {
-            candle_core::bail!(
-                "kv write of {n} tokens past capacity {} (len {}). This is a bug.",
-                self.capacity,
-                self.len
-            )
-        }
-        self.keys[layer].slice_set(&k.contiguous()?, 0, self.len)?;
-        self.values[layer].slice_set(&v.contiguous()?, 0, self.len)?;
-        Ok((
-            self.keys[layer].narrow(0, 0, self.len + n)?,
-            self.values[layer].narrow(0, 0, self.len + n)?,
-        ))
+    /// More blocks needed to store `additional` tokens past `len`.
+    pub fn blocks_needed(&self, additional: usize) -> usize {
+        blocks_for(self.len + additional).saturating_sub(self.blocks.len())
     }
 
-    /// Forgets the tokens past `len` (their storage is kept and will be overwritten).
+    /// Counts `n` tokens written by the last forward pass as stored.
+    pub fn commit(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.len <= self.capacity());
+    }
+
+    /// Forgets the tokens past `len`; their blocks stay held.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
 
-    /// Counts the last written chunk of `n` tokens as stored.
-    pub fn commit(&mut self, n: usize) {
-        self.len += n;
-        debug_assert!(self.len <= self.capacity);
+    fn block_ids(&mut self, device: &Device) -> Result<Tensor> {
+        if self
+            .block_ids
+            .as_ref()
+            .is_none_or(|t| t.dim(0).ok() != Some(self.blocks.len()))
+        {
+            self.block_ids = Some(Tensor::new(self.blocks.as_slice(), device)?);
+        }
+        Ok(self.block_ids.clone().expect("set just above. This is a bug."))
+    }
+}
+
+/// Keys and values of every layer, `[blocks * BLOCK_TOKENS, kv_heads, head_dim]` each.
+pub struct KvPool {
+    spec: KvSpec,
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    free: Vec<u32>,
+    num_blocks: usize,
+}
+
+impl KvPool {
+    /// A pool of `num_blocks` blocks. The memory is reserved now; the OS backs it as it is
+    /// written.
+    pub fn new(spec: &KvSpec, num_blocks: usize) -> Result<Self> {
+        let rows = num_blocks * BLOCK_TOKENS;
+        let alloc = || Tensor::zeros((rows, spec.num_kv_heads, spec.head_dim), spec.dtype, &spec.device);
+        let keys = (0..spec.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
+        let values = (0..spec.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
+        // Hand out low block numbers first: easier to read in logs and tests.
+        let free = (0..num_blocks as u32).rev().collect();
+        Ok(Self {
+            spec: spec.clone(),
+            keys,
+            values,
+            free,
+            num_blocks,
+        })
+    }
+
+    /// As many blocks as fit in `bytes`.
+    pub fn with_memory(spec: &KvSpec, bytes: usize) -> Result<Self> {
+        Self::new(spec, bytes / spec.bytes_per_block())
+    }
+
+    pub fn spec(&self) -> &KvSpec {
+        &self.spec
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.num_blocks - self.free.len()
+    }
+
+    /// Tokens the whole pool can hold.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * BLOCK_TOKENS
+    }
+
+    /// Gives `seq` room for `additional` more tokens; false (and nothing taken) if the pool
+    /// has too few free blocks.
+    pub fn grow(&mut self, seq: &mut SequenceKv, additional: usize) -> bool {
+        let needed = seq.blocks_needed(additional);
+        if needed > self.free.len() {
+            return false;
+        }
+        let at = self.free.len() - needed;
+        seq.blocks.extend(self.free.drain(at..).rev());
+        true
+    }
+
+    /// Returns all of `seq`'s blocks to the pool and empties it.
+    pub fn release(&mut self, seq: &mut SequenceKv) {
+        self.free.extend(seq.blocks.drain(..).rev());
+        seq.len = 0;
+        seq.block_ids = None;
+    }
+
+    /// Writes a chunk's keys and values (`[n, kv_heads, head_dim]`) for one layer at the
+    /// sequence's positions `len..len + n`, which its blocks must already cover.
+    pub fn write(&mut self, layer: usize, seq: &SequenceKv, k: &Tensor, v: &Tensor) -> Result<()> {
+        let n = k.dim(0)?;
+        if seq.len + n > seq.capacity() {
+            candle_core::bail!(
+                "kv write of {n} tokens past capacity {} (len {}). This is a bug.",
+                seq.capacity(),
+                seq.len
+            )
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let mut written = 0;
+        while written < n {
+            let position = seq.len + written;
+            let slot = position % BLOCK_TOKENS;
+            let run = (BLOCK_TOKENS - slot).min(n - written);
+            let row = seq.blocks[position / BLOCK_TOKENS] as usize * BLOCK_TOKENS + slot;
+            self.keys[layer].slice_set(&k.narrow(0, written, run)?, 0, row)?;
+            self.values[layer].slice_set(&v.narrow(0, written, run)?, 0, row)?;
+            written += run;
+        }
+        Ok(())
+    }
+
+    /// One layer's keys and values of the first `len` tokens of `seq`, gathered into
+    /// `[len, kv_heads, head_dim]` tensors.
+    pub fn gather(&self, layer: usize, seq: &mut SequenceKv, len: usize) -> Result<(Tensor, Tensor)> {
+        let ids = seq.block_ids(&self.spec.device)?;
+        let (h, d) = (self.spec.num_kv_heads, self.spec.head_dim);
+        let gather = |pool: &Tensor| -> Result<Tensor> {
+            pool.reshape((self.num_blocks, BLOCK_TOKENS * h * d))?
+                .index_select(&ids, 0)?
+                .reshape((ids.dim(0)? * BLOCK_TOKENS, h, d))?
+                .narrow(0, 0, len)
+        };
+        Ok((gather(&self.keys[layer])?, gather(&self.values[layer])?))
     }
 }
 
@@ -135,31 +217,68 @@ mod tests {
         }
     }
 
+    fn rows(n: usize, first: f32) -> Tensor {
+        Tensor::arange(first, first + (n * 8) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((n, 2, 4))
+            .unwrap()
+    }
+
     #[test]
-    fn capacity_is_whole_blocks_and_growth_keeps_contents() -> Result<()> {
-        let mut kv = SequenceKv::new(&spec(), 5)?;
-        assert_eq!(kv.blocks(), 1);
-        let chunk = Tensor::arange(0f32, 3.0 * 8.0, &Device::Cpu)?.reshape((3, 2, 4))?;
-        kv.reserve(3)?;
-        for layer in 0..2 {
-            kv.write(layer, &chunk, &chunk)?;
-        }
-        kv.commit(3);
-        kv.reserve(BLOCK_TOKENS)?;
-        assert_eq!(kv.blocks(), 2);
-        let more = Tensor::ones((BLOCK_TOKENS, 2, 4), DType::F32, &Device::Cpu)?;
-        let (k, _) = kv.write(0, &more, &more)?;
-        assert_eq!(k.dims(), &[3 + BLOCK_TOKENS, 2, 4]);
+    fn blocks_are_taken_and_returned_whole() {
+        let mut pool = KvPool::new(&spec(), 4).unwrap();
+        let mut a = SequenceKv::default();
+        assert!(pool.grow(&mut a, 17));
+        assert_eq!((a.blocks(), pool.free_blocks()), (2, 2));
+        let mut b = SequenceKv::default();
+        assert!(!pool.grow(&mut b, 3 * BLOCK_TOKENS), "three blocks do not fit in two");
+        assert_eq!((b.blocks(), pool.free_blocks()), (0, 2));
+        pool.release(&mut a);
+        assert_eq!((a.blocks(), pool.free_blocks(), pool.used_blocks()), (0, 4, 0));
+    }
+
+    #[test]
+    fn writes_across_block_boundaries_gather_back_in_order() -> Result<()> {
+        let mut pool = KvPool::new(&spec(), 8)?;
+        // Interleave two sequences so that their blocks are not adjacent.
+        let (mut a, mut b) = (SequenceKv::default(), SequenceKv::default());
+        let chunk_a1 = rows(10, 0.0);
+        let chunk_b = rows(20, 1000.0);
+        let chunk_a2 = rows(13, 500.0);
+        let mut append = |seq: &mut SequenceKv, chunk: &Tensor| -> Result<()> {
+            let n = chunk.dim(0)?;
+            assert!(pool.grow(seq, n));
+            for layer in 0..2 {
+                pool.write(layer, seq, chunk, &(chunk + 1.0)?)?;
+            }
+            seq.commit(n);
+            Ok(())
+        };
+        append(&mut a, &chunk_a1)?;
+        append(&mut b, &chunk_b)?;
+        append(&mut a, &chunk_a2)?;
+        let (k, v) = pool.gather(1, &mut a, 23)?;
+        let expected = Tensor::cat(&[&chunk_a1, &chunk_a2], 0)?;
         assert_eq!(
-            k.narrow(0, 0, 3)?.flatten_all()?.to_vec1::<f32>()?,
-            chunk.flatten_all()?.to_vec1::<f32>()?
+            k.flatten_all()?.to_vec1::<f32>()?,
+            expected.flatten_all()?.to_vec1::<f32>()?
         );
-        assert_eq!(k.narrow(0, 3, 1)?.flatten_all()?.to_vec1::<f32>()?, vec![1.0; 8]);
+        assert_eq!(
+            v.flatten_all()?.to_vec1::<f32>()?,
+            (expected + 1.0)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        let (k, _) = pool.gather(0, &mut b, 20)?;
+        assert_eq!(
+            k.flatten_all()?.to_vec1::<f32>()?,
+            chunk_b.flatten_all()?.to_vec1::<f32>()?
+        );
         Ok(())
     }
 
     #[test]
-    fn bytes_per_token_counts_keys_and_values_of_every_layer() {
+    fn a_budget_in_bytes_becomes_whole_blocks() {
+        let pool = KvPool::with_memory(&spec(), 3 * spec().bytes_per_block() + 5).unwrap();
+        assert_eq!(pool.num_blocks(), 3);
         assert_eq!(spec().bytes_per_token(), 2 * 2 * 2 * 4 * 4);
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub use error::LoadError;
 pub use files::ModelFiles;
 
-use crate::kv::{KvSpec, SequenceKv};
+use crate::kv::{KvPool, KvSpec, SequenceKv};
 
 /// The dtype weights are loaded in (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,9 +68,10 @@ pub trait VisionLanguageModel: Send {
     /// Vision features of image tiles: `[tiles, 3, S, S]` -> `[tiles * image_seq_len, hidden]`.
     fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor>;
 
-    /// One step over a ragged batch. Returns f32 logits `[k, vocab]` for the `k` inputs
-    /// whose `wants_logits` is set, in batch order.
-    fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor>;
+    /// One step over a ragged batch. Each input's KV blocks (in `pool`) must already have
+    /// room for its tokens; they are written and committed. Returns f32 logits `[k, vocab]`
+    /// for the `k` inputs whose `wants_logits` is set, in batch order.
+    fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor>;
 
     fn device(&self) -> &Device;
 

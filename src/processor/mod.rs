@@ -8,6 +8,7 @@ pub mod resample;
 pub mod template;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use ::image::DynamicImage;
 use candle_core::{Device, Tensor};
@@ -41,7 +42,7 @@ pub struct ImageOptions {
 }
 
 pub struct Processor {
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     images: ImageProcessor,
     image_seq_len: usize,
@@ -103,7 +104,7 @@ impl Processor {
         }
         let eos_token_ids = eos_token_ids(files, &tokenizer, tokens.eos_token.as_deref())?;
         Ok(Self {
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             template,
             images,
             image_seq_len,
@@ -117,7 +118,8 @@ impl Processor {
         &self.eos_token_ids
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
+    /// Shared with the engine, which detokenizes as it generates.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
     }
 

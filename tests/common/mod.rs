@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use image::DynamicImage;
 use ocellus::LoadedModel;
-use ocellus::engine::{GenerationRequest, SamplingParams};
+use ocellus::engine::{EngineConfig, EngineCore, GenerationRequest};
+use ocellus::kv::{KvPool, SequenceKv, blocks_for};
 use ocellus::model::WeightDType;
-use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Prompt, open_image};
+use ocellus::model::{SequenceInput, VisionLanguageModel};
+use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Processor, Prompt, open_image};
 use serde::Deserialize;
 
 pub fn fixtures() -> PathBuf {
@@ -123,22 +125,52 @@ pub fn load_fixture_model(name: &str) -> LoadedModel {
     ocellus::load_folder(&fixtures().join("models").join(name), WeightDType::F32, &Device::Cpu).unwrap()
 }
 
-pub fn prompt_for(loaded: &LoadedModel, reference: &Reference, case: &Case) -> Prompt {
+pub fn prompt_for(processor: &Processor, reference: &Reference, case: &Case) -> Prompt {
     let (messages, images) = reference.inputs(case);
     let options = ImageOptions {
         split: Some(case.do_image_splitting),
     };
-    loaded.processor.process(&messages, &images, options).unwrap()
+    processor.process(&messages, &images, options).unwrap()
 }
 
+/// Greedy, exactly `tokens` tokens: the recorded references used min_new_tokens too.
 pub fn greedy(prompt: Prompt, tokens: usize) -> GenerationRequest {
     GenerationRequest {
-        prompt,
-        sampling: SamplingParams::default(),
-        max_tokens: tokens,
         min_tokens: tokens,
-        ignore_eos: false,
+        ..GenerationRequest::greedy(prompt, tokens)
     }
+}
+
+/// An engine over a loaded model with room for `kv_blocks` blocks.
+pub fn engine(loaded: LoadedModel, max_batch_tokens: usize, kv_blocks: usize) -> (Processor, EngineCore) {
+    let config = EngineConfig {
+        max_num_seqs: 64,
+        max_batch_tokens,
+        max_model_len: loaded.model.info().max_positions,
+    };
+    loaded.into_engine(config, kv_blocks).unwrap()
+}
+
+/// The logits after the whole prompt, straight from the model.
+pub fn first_step_logits(model: &dyn VisionLanguageModel, prompt: &ocellus::processor::Prompt) -> Vec<f32> {
+    let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
+    let n = prompt.token_ids.len();
+    let mut pool = KvPool::new(&model.kv_spec(), blocks_for(n)).unwrap();
+    let mut kv = SequenceKv::default();
+    assert!(pool.grow(&mut kv, n));
+    let mut batch = [SequenceInput {
+        tokens: &prompt.token_ids,
+        image_features: features,
+        kv: &mut kv,
+        wants_logits: true,
+    }];
+    model
+        .forward(&mut batch, &mut pool)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 pub use config::SmolVlmConfig;
 
-use crate::kv::KvSpec;
+use crate::kv::{KvPool, KvSpec};
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{LoadError, ModelFiles, ModelInfo, SequenceInput, VisionLanguageModel};
 use connector::Connector;
@@ -115,15 +115,15 @@ impl VisionLanguageModel for SmolVlm {
         self.connector.forward(&hidden)
     }
 
-    fn forward(&self, batch: &mut [SequenceInput<'_>]) -> Result<Tensor> {
+    fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut logit_rows = Vec::new();
         for input in batch.iter() {
             let start = input.kv.len();
             let n = input.tokens.len();
-            if n == 0 {
-                candle_core::bail!("a sequence in the batch has no tokens. This is a bug.")
+            if n == 0 || start + n > input.kv.capacity() {
+                candle_core::bail!("{n} tokens do not fit the sequence's KV blocks (len {start}). This is a bug.")
             }
             if start + n > self.info.max_positions {
                 candle_core::bail!(
@@ -162,7 +162,7 @@ impl VisionLanguageModel for SmolVlm {
                 }
             })
             .collect();
-        let hidden = self.text.forward(&embeds, &positions, &mut rows)?;
+        let hidden = self.text.forward(&embeds, &positions, &mut rows, pool)?;
         if logit_rows.is_empty() {
             return Tensor::zeros((0, self.info.vocab_size), DType::F32, &self.device);
         }

@@ -12,7 +12,7 @@ use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 use crate::model::norm::RmsNorm;
 
 use super::config::TextConfig;
-use crate::kv::SequenceKv;
+use crate::kv::{KvPool, SequenceKv};
 
 /// Where one sequence's rows lie in the stacked batch.
 pub struct SequenceRows<'a> {
@@ -109,14 +109,17 @@ impl TextModel {
     /// `positions`: `[tokens]` (u32), each sequence's rows numbered from its cache length.
     /// Returns the hidden states `[tokens, hidden]` before the final norm, which `logits`
     /// applies to the few rows that need it.
-    pub fn forward(&self, embeds: &Tensor, positions: &Tensor, seqs: &mut [SequenceRows<'_>]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        seqs: &mut [SequenceRows<'_>],
+        pool: &mut KvPool,
+    ) -> Result<Tensor> {
         let (cos, sin) = self.rope.select(positions)?;
-        for seq in seqs.iter_mut() {
-            seq.kv.reserve(seq.len)?;
-        }
         let mut xs = embeds.clone();
         for (index, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, index, &cos, &sin, seqs)?;
+            xs = layer.forward(&xs, index, &cos, &sin, seqs, pool)?;
         }
         for seq in seqs.iter_mut() {
             seq.kv.commit(seq.len);
@@ -164,6 +167,7 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         seqs: &mut [SequenceRows<'_>],
+        pool: &mut KvPool,
     ) -> Result<Tensor> {
         let tokens = xs.dim(0)?;
         let hs = self.input_layernorm.forward(xs)?;
@@ -181,7 +185,8 @@ impl DecoderLayer {
         for seq in seqs.iter_mut() {
             let rows = |t: &Tensor| t.narrow(0, seq.offset, seq.len);
             let start = seq.kv.len();
-            let (keys, values) = seq.kv.write(layer, &rows(&k)?, &rows(&v)?)?;
+            pool.write(layer, seq.kv, &rows(&k)?, &rows(&v)?)?;
+            let (keys, values) = pool.gather(layer, seq.kv, start + seq.len)?;
             outputs.push(self.attention(&rows(&q)?, &keys, &values, start)?);
         }
         let attn = Tensor::cat(&outputs, 0)?;
