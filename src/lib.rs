@@ -7,6 +7,8 @@
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod media;
+pub mod metrics;
 pub mod model;
 pub mod processor;
 

@@ -114,6 +114,10 @@ impl EngineCore {
         self.waiting.len()
     }
 
+    pub fn max_model_len(&self) -> usize {
+        self.config.max_model_len.min(self.pool.capacity_tokens())
+    }
+
     pub fn has_work(&self) -> bool {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
@@ -135,7 +139,7 @@ impl EngineCore {
         if found != expected || (request.prompt.tiles > 0) != request.prompt.pixel_values.is_some() {
             return Err(AddError::ImageTokens { found, expected });
         }
-        let limit = self.config.max_model_len.min(self.pool.capacity_tokens());
+        let limit = self.max_model_len();
         if prompt + request.max_tokens > limit {
             return Err(AddError::TooLong {
                 prompt,

@@ -4,6 +4,7 @@
 
 pub mod core;
 pub mod detokenizer;
+pub mod handle;
 pub mod offline;
 pub mod request;
 pub mod sampling;
@@ -12,6 +13,7 @@ pub mod sequence;
 pub mod stop;
 
 pub use core::{AddError, EngineConfig, EngineCore, StepReport};
+pub use handle::{EngineHandle, SubmitError};
 pub use offline::{Generation, Timings, generate};
 pub use request::{ChoiceEvent, EngineFailure, FinishReason, GenerationRequest, SequenceEvent, Usage};
 pub use sampling::{SamplingParams, TokenLogprobs};

@@ -1,0 +1,203 @@
+//! The engine thread and the handle the API holds. One thread owns the engine core (model,
+//! KV pool, sequences): commands come in over a channel, events go out per request. The
+//! handle bounds the waiting queue (a full queue is refused at once, for a 429) and
+//! publishes the engine's state for health checks and metrics.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::core::{AddError, EngineCore, StepReport};
+use super::request::{EngineFailure, EventReceiver, GenerationRequest, SequenceEvent};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server's queue is full ({limit} sequences waiting); retry later")]
+    QueueFull { limit: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Invalid(#[from] AddError),
+}
+
+enum Command {
+    /// The `n` choices of one request, sharing one event channel.
+    Submit {
+        choices: Vec<GenerationRequest>,
+        events: super::request::EventSender,
+    },
+    /// Finish accepted work until the deadline, then fail what is left and stop.
+    Shutdown { deadline: Instant },
+}
+
+/// State the engine thread publishes after every step.
+#[derive(Debug, Default)]
+struct Published {
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    used_blocks: AtomicUsize,
+    /// Sequences submitted but not yet taken in by the engine thread.
+    in_flight: AtomicUsize,
+    stopped: AtomicBool,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    published: Arc<Published>,
+    max_queue: usize,
+    total_blocks: usize,
+    max_model_len: usize,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. `max_queue`: most sequences waiting for admission.
+    pub fn spawn(core: EngineCore, max_queue: usize, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
+        let (commands, inbox) = mpsc::channel();
+        let published = Arc::new(Published::default());
+        let total_blocks = core.pool().num_blocks();
+        let max_model_len = core.max_model_len();
+        metrics.kv_cache_total_blocks.set(total_blocks as f64);
+        let thread_published = published.clone();
+        let thread = std::thread::Builder::new()
+            .name("ocellus-engine".into())
+            .spawn(move || run(core, inbox, thread_published, metrics))
+            .expect("the OS can start a thread at startup. This is a bug.");
+        (
+            Self {
+                commands,
+                published,
+                max_queue,
+                total_blocks,
+                max_model_len,
+            },
+            thread,
+        )
+    }
+
+    /// Queues a request's choices; their events arrive on the returned receiver. Dropping
+    /// the receiver cancels them at the next step.
+    pub fn submit(&self, choices: Vec<GenerationRequest>) -> Result<EventReceiver, SubmitError> {
+        if self.published.stopped.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        for choice in &choices {
+            let (prompt, max_tokens) = (choice.prompt.token_ids.len(), choice.max_tokens);
+            if prompt + max_tokens > self.max_model_len {
+                return Err(AddError::TooLong {
+                    prompt,
+                    max_tokens,
+                    limit: self.max_model_len,
+                }
+                .into());
+            }
+        }
+        let n = choices.len();
+        let queued = self.published.waiting.load(Ordering::Acquire) + self.published.in_flight.load(Ordering::Acquire);
+        if queued + n > self.max_queue {
+            return Err(SubmitError::QueueFull { limit: self.max_queue });
+        }
+        self.published.in_flight.fetch_add(n, Ordering::AcqRel);
+        let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+        if self.commands.send(Command::Submit { choices, events }).is_err() {
+            self.published.in_flight.fetch_sub(n, Ordering::AcqRel);
+            return Err(SubmitError::ShuttingDown);
+        }
+        Ok(receiver)
+    }
+
+    /// Asks the engine to finish accepted work by `deadline` and stop.
+    pub fn shutdown(&self, deadline: Instant) {
+        let _ = self.commands.send(Command::Shutdown { deadline });
+    }
+
+    /// Whether the engine thread has stopped (after a shutdown).
+    pub fn is_stopped(&self) -> bool {
+        self.published.stopped.load(Ordering::Acquire)
+    }
+
+    /// Sequences running or waiting, plus those on their way in.
+    pub fn active_sequences(&self) -> usize {
+        let p = &self.published;
+        p.running.load(Ordering::Acquire) + p.waiting.load(Ordering::Acquire) + p.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn kv_usage(&self) -> f64 {
+        self.published.used_blocks.load(Ordering::Acquire) as f64 / self.total_blocks.max(1) as f64
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+}
+
+fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, published: Arc<Published>, metrics: Arc<Metrics>) {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        // Block only when there is nothing to compute.
+        let first = if core.has_work() {
+            inbox.try_recv().ok()
+        } else if deadline.is_some() {
+            break;
+        } else {
+            match inbox.recv() {
+                Ok(command) => Some(command),
+                Err(_) => break, // every handle is gone
+            }
+        };
+        for command in first.into_iter().chain(std::iter::from_fn(|| inbox.try_recv().ok())) {
+            match command {
+                Command::Submit { choices, events } => {
+                    published.in_flight.fetch_sub(choices.len(), Ordering::AcqRel);
+                    for (index, request) in choices.into_iter().enumerate() {
+                        metrics.prompt_tokens.increment(request.prompt.token_ids.len() as u64);
+                        if let Err(err) = core.add(request, index, events.clone()) {
+                            // The handle validated this already; a refusal here is a bug.
+                            tracing::error!(%err, "the engine refused a submitted request");
+                            let failure = EngineFailure::Model(err.to_string());
+                            let _ = events.send(super::request::ChoiceEvent {
+                                choice: index,
+                                event: SequenceEvent::Failed(failure),
+                            });
+                        }
+                    }
+                }
+                Command::Shutdown { deadline: d } => deadline = Some(d),
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            core.abort_all(EngineFailure::Shutdown);
+        }
+        let report = core.step();
+        record(&core, &report, &published, &metrics);
+    }
+    published.stopped.store(true, Ordering::Release);
+    core.abort_all(EngineFailure::Shutdown);
+    record(&core, &StepReport::default(), &published, &metrics);
+    tracing::info!("engine stopped");
+}
+
+fn record(core: &EngineCore, report: &StepReport, published: &Published, metrics: &Metrics) {
+    let used = core.pool().used_blocks();
+    published.waiting.store(core.num_waiting(), Ordering::Release);
+    published.running.store(core.num_running(), Ordering::Release);
+    published.used_blocks.store(used, Ordering::Release);
+    metrics.running_sequences.set(core.num_running() as f64);
+    metrics.waiting_sequences.set(core.num_waiting() as f64);
+    metrics.kv_cache_used_blocks.set(used as f64);
+    metrics
+        .kv_cache_usage
+        .set(used as f64 / core.pool().num_blocks().max(1) as f64);
+    if report.did_work() {
+        metrics.batch_sequences.record(report.batch_sequences as f64);
+        metrics
+            .batch_tokens
+            .record((report.prefill_tokens + report.decode_tokens) as f64);
+    }
+    metrics.preemptions.increment(report.preempted as u64);
+    for wait in &report.queue_times {
+        Metrics::observe(&metrics.queue_time, *wait);
+    }
+}

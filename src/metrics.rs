@@ -1,0 +1,186 @@
+//! Metric names (constants, `ocellus_` prefix, unit suffixes), their buckets, and the
+//! handles the server updates. Each server owns its recorder rather than installing a
+//! global one, so that several servers in one process (tests) keep separate counts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+pub const REQUESTS_TOTAL: &str = "ocellus_requests_total";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "ocellus_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "ocellus_inter_token_latency_seconds";
+pub const REQUEST_DURATION_SECONDS: &str = "ocellus_request_duration_seconds";
+pub const QUEUE_TIME_SECONDS: &str = "ocellus_queue_time_seconds";
+pub const RUNNING_SEQUENCES: &str = "ocellus_running_sequences";
+pub const WAITING_SEQUENCES: &str = "ocellus_waiting_sequences";
+pub const KV_CACHE_USAGE_RATIO: &str = "ocellus_kv_cache_usage_ratio";
+pub const KV_CACHE_USED_BLOCKS: &str = "ocellus_kv_cache_used_blocks";
+pub const KV_CACHE_TOTAL_BLOCKS: &str = "ocellus_kv_cache_total_blocks";
+pub const PROMPT_TOKENS_TOTAL: &str = "ocellus_prompt_tokens_total";
+pub const GENERATION_TOKENS_TOTAL: &str = "ocellus_generation_tokens_total";
+pub const BATCH_SIZE_SEQUENCES: &str = "ocellus_batch_size_sequences";
+pub const BATCH_SIZE_TOKENS: &str = "ocellus_batch_size_tokens";
+pub const PREEMPTIONS_TOTAL: &str = "ocellus_preemptions_total";
+
+/// Latencies from a millisecond to ten minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const BATCH_SEQUENCE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const BATCH_TOKEN_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+
+/// How a request ended, for `ocellus_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    ClientError,
+    Rejected,
+    Timeout,
+    Cancelled,
+    ServerError,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::ClientError => "client_error",
+            Self::Rejected => "rejected",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::ServerError => "server_error",
+        }
+    }
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub request_duration: Histogram,
+    pub queue_time: Histogram,
+    pub running_sequences: Gauge,
+    pub waiting_sequences: Gauge,
+    pub kv_cache_usage: Gauge,
+    pub kv_cache_used_blocks: Gauge,
+    pub kv_cache_total_blocks: Gauge,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub batch_sequences: Histogram,
+    pub batch_tokens: Histogram,
+    pub preemptions: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut builder = PrometheusBuilder::new();
+        for (names, buckets) in [
+            (
+                &[
+                    TIME_TO_FIRST_TOKEN_SECONDS,
+                    INTER_TOKEN_LATENCY_SECONDS,
+                    REQUEST_DURATION_SECONDS,
+                    QUEUE_TIME_SECONDS,
+                ][..],
+                LATENCY_BUCKETS,
+            ),
+            (&[BATCH_SIZE_SEQUENCES][..], BATCH_SEQUENCE_BUCKETS),
+            (&[BATCH_SIZE_TOKENS][..], BATCH_TOKEN_BUCKETS),
+        ] {
+            for name in names {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+                    .expect("bucket lists are non-empty. This is a bug.");
+            }
+        }
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            recorder.describe_histogram(KeyName::from_const_str(name), unit, SharedString::const_str(help));
+        };
+        describe(REQUESTS_TOTAL, None, "Requests by route and outcome.");
+        describe(
+            TIME_TO_FIRST_TOKEN_SECONDS,
+            Some(Unit::Seconds),
+            "From arrival to the first generated token.",
+        );
+        describe(
+            INTER_TOKEN_LATENCY_SECONDS,
+            Some(Unit::Seconds),
+            "Between consecutive tokens of a sequence.",
+        );
+        describe(
+            REQUEST_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "From arrival to the last token.",
+        );
+        describe(
+            QUEUE_TIME_SECONDS,
+            Some(Unit::Seconds),
+            "From arrival to joining the running batch.",
+        );
+        describe(RUNNING_SEQUENCES, None, "Sequences in the running batch.");
+        describe(WAITING_SEQUENCES, None, "Sequences waiting to be admitted.");
+        describe(KV_CACHE_USAGE_RATIO, None, "Share of KV cache blocks in use.");
+        describe(KV_CACHE_USED_BLOCKS, None, "KV cache blocks in use.");
+        describe(KV_CACHE_TOTAL_BLOCKS, None, "KV cache blocks in the pool.");
+        describe(
+            PROMPT_TOKENS_TOTAL,
+            None,
+            "Prompt tokens of admitted requests, image tokens included.",
+        );
+        describe(GENERATION_TOKENS_TOTAL, None, "Generated tokens.");
+        describe(BATCH_SIZE_SEQUENCES, None, "Sequences per forward pass.");
+        describe(BATCH_SIZE_TOKENS, None, "Tokens per forward pass.");
+        describe(PREEMPTIONS_TOTAL, None, "Sequences preempted for lack of KV blocks.");
+        let histogram = |name: &'static str| recorder.register_histogram(&Key::from_static_name(name), &metadata());
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &metadata());
+        let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &metadata());
+        Arc::new(Self {
+            time_to_first_token: histogram(TIME_TO_FIRST_TOKEN_SECONDS),
+            inter_token_latency: histogram(INTER_TOKEN_LATENCY_SECONDS),
+            request_duration: histogram(REQUEST_DURATION_SECONDS),
+            queue_time: histogram(QUEUE_TIME_SECONDS),
+            running_sequences: gauge(RUNNING_SEQUENCES),
+            waiting_sequences: gauge(WAITING_SEQUENCES),
+            kv_cache_usage: gauge(KV_CACHE_USAGE_RATIO),
+            kv_cache_used_blocks: gauge(KV_CACHE_USED_BLOCKS),
+            kv_cache_total_blocks: gauge(KV_CACHE_TOTAL_BLOCKS),
+            prompt_tokens: counter(PROMPT_TOKENS_TOTAL),
+            generation_tokens: counter(GENERATION_TOKENS_TOTAL),
+            batch_sequences: histogram(BATCH_SIZE_SEQUENCES),
+            batch_tokens: histogram(BATCH_SIZE_TOKENS),
+            preemptions: counter(PREEMPTIONS_TOTAL),
+            recorder,
+            handle,
+        })
+    }
+
+    /// `ocellus_requests_total{route, outcome}` += 1.
+    pub fn count_request(&self, route: &'static str, outcome: Outcome) {
+        let labels = vec![
+            Label::from_static_parts("route", route),
+            Label::from_static_parts("outcome", outcome.as_str()),
+        ];
+        self.recorder
+            .register_counter(&Key::from_parts(REQUESTS_TOTAL, labels), &metadata())
+            .increment(1);
+    }
+
+    pub fn observe(histogram: &Histogram, duration: Duration) {
+        histogram.record(duration.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, None)
+}
