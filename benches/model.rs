@@ -16,7 +16,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use ocellus::LoadedModel;
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
 use ocellus::model::{SequenceInput, WeightDType};
-use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Prompt, open_image};
+use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Prompt, open_image};
 
 const DECODE_CONTEXT: usize = 512;
 /// Tiles encoded together per iteration (a 640x480 photo has 13 on SmolVLM-256M; 4 keeps
@@ -45,10 +45,7 @@ fn photo_prompt(loaded: &LoadedModel) -> Prompt {
             },
         ],
     }];
-    loaded
-        .processor
-        .process(&messages, &[photo], ImageOptions::default())
-        .unwrap()
+    loaded.processor.process(&messages, &[ImageInput::new(photo)]).unwrap()
 }
 
 fn benches(c: &mut Criterion) {

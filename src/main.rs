@@ -13,7 +13,7 @@ use clap::Parser;
 use ocellus::config::{Cli, Command, GenerateArgs};
 use ocellus::engine::{EngineConfig, GenerationRequest, SamplingParams};
 use ocellus::kv::blocks_for;
-use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, open_image};
+use ocellus::processor::{ChatMessage, ContentPart, ImageInput, open_image};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -52,10 +52,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         role: "user".into(),
         content,
     });
-    let options = ImageOptions {
-        split: args.no_split.then_some(false),
-    };
-    let prompt = loaded.processor.process(&messages, &images, options)?;
+    let split = args.no_split.then_some(false);
+    let images: Vec<ImageInput> = images.into_iter().map(|image| ImageInput { image, split }).collect();
+    let prompt = loaded.processor.process(&messages, &images)?;
     let (prompt_tokens, tiles) = (prompt.token_ids.len(), prompt.tiles);
     let sampling = SamplingParams {
         temperature: args.temperature,

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use ocellus::model::ModelFiles;
 use ocellus::model::smolvlm::SmolVlmConfig;
-use ocellus::processor::{ImageOptions, Processor};
+use ocellus::processor::{ImageInput, Processor};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -64,10 +64,13 @@ fn real_smolvlm_processor_matches_transformers() {
         let prompt = processor
             .process(
                 &messages,
-                &images,
-                ImageOptions {
-                    split: Some(case.do_image_splitting),
-                },
+                &images
+                    .into_iter()
+                    .map(|image| ImageInput {
+                        image,
+                        split: Some(case.do_image_splitting),
+                    })
+                    .collect::<Vec<_>>(),
             )
             .unwrap();
         if prompt.token_ids != case.input_ids {
@@ -95,7 +98,7 @@ fn a_640x480_photo_is_four_by_three_tiles_plus_a_global_view() {
         role: "user".into(),
         content: vec![ocellus::processor::ContentPart::Image],
     }];
-    let prompt = processor.process(&messages, &[photo], ImageOptions::default()).unwrap();
+    let prompt = processor.process(&messages, &[ImageInput::new(photo)]).unwrap();
     assert_eq!(prompt.tiles, 13);
     assert_eq!(prompt.token_ids.iter().filter(|&&t| t == 49190).count(), 832);
     // The newline after the last tile row and the one before the global view merge into
@@ -107,7 +110,7 @@ fn a_640x480_photo_is_four_by_three_tiles_plus_a_global_view() {
 fn text_typed_as_an_image_placeholder_is_refused() {
     let (_dir, processor) = real_processor();
     let messages = vec![ocellus::processor::ChatMessage::text("user", "what is <image> here?")];
-    let err = processor.process(&messages, &[], ImageOptions::default()).unwrap_err();
+    let err = processor.process(&messages, &[]).unwrap_err();
     assert!(
         matches!(
             err,

@@ -34,11 +34,19 @@ pub struct Prompt {
     pub tiles: usize,
 }
 
-/// Per-request choices about images.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ImageOptions {
-    /// Split into tiles (`None`: the model's default). `detail: "low"` sends `Some(false)`.
+/// An image of a request and how to present it to the model.
+#[derive(Debug, Clone)]
+pub struct ImageInput {
+    pub image: DynamicImage,
+    /// Split into tiles (`None`: the model's default). `detail: "low"` sends `Some(false)`:
+    /// one global view.
     pub split: Option<bool>,
+}
+
+impl ImageInput {
+    pub fn new(image: DynamicImage) -> Self {
+        Self { image, split: None }
+    }
 }
 
 pub struct Processor {
@@ -139,15 +147,16 @@ impl Processor {
     }
 
     /// The whole processor: template, images, placeholder expansion, tokenization.
-    pub fn process(
-        &self,
-        messages: &[ChatMessage],
-        images: &[DynamicImage],
-        options: ImageOptions,
-    ) -> Result<Prompt, ProcessorError> {
+    pub fn process(&self, messages: &[ChatMessage], images: &[ImageInput]) -> Result<Prompt, ProcessorError> {
         let text = self.render(messages)?;
-        let split = options.split.unwrap_or(self.images.splits_by_default());
-        let processed: Vec<ProcessedImage> = images.iter().map(|img| self.images.preprocess(img, split)).collect();
+        let default_split = self.images.splits_by_default();
+        let processed: Vec<ProcessedImage> = images
+            .iter()
+            .map(|input| {
+                self.images
+                    .preprocess(&input.image, input.split.unwrap_or(default_split))
+            })
+            .collect();
         let expanded = self.expand_image_placeholders(&text, &processed)?;
         let token_ids = self.tokenize(&expanded)?;
         let tiles: usize = processed.iter().map(|p| p.tiles).sum();

@@ -12,7 +12,7 @@ use ocellus::engine::{EngineConfig, EngineCore, GenerationRequest};
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
 use ocellus::model::WeightDType;
 use ocellus::model::{SequenceInput, VisionLanguageModel};
-use ocellus::processor::{ChatMessage, ContentPart, ImageOptions, Processor, Prompt, open_image};
+use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Processor, Prompt, open_image};
 use serde::Deserialize;
 
 pub fn fixtures() -> PathBuf {
@@ -127,10 +127,9 @@ pub fn load_fixture_model(name: &str) -> LoadedModel {
 
 pub fn prompt_for(processor: &Processor, reference: &Reference, case: &Case) -> Prompt {
     let (messages, images) = reference.inputs(case);
-    let options = ImageOptions {
-        split: Some(case.do_image_splitting),
-    };
-    processor.process(&messages, &images, options).unwrap()
+    let split = Some(case.do_image_splitting);
+    let images: Vec<ImageInput> = images.into_iter().map(|image| ImageInput { image, split }).collect();
+    processor.process(&messages, &images).unwrap()
 }
 
 /// Greedy, exactly `tokens` tokens: the recorded references used min_new_tokens too.
