@@ -2,7 +2,9 @@
 //! environment variable. The doc comments are the `--help` text.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::WeightDType;
@@ -19,8 +21,96 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
+    /// /health, /metrics).
+    Serve(ServeArgs),
     /// Answer one prompt about zero or more images, then print the timings.
     Generate(GenerateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "OCELLUS_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, env = "OCELLUS_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients give as `model`; defaults to the hub id, or a folder's name.
+    #[arg(long, env = "OCELLUS_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the /v1 routes.
+    #[arg(long, env = "OCELLUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most sequences running at once.
+    #[arg(long, env = "OCELLUS_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens in one step: every running sequence's decode token plus prompt chunks.
+    #[arg(long, env = "OCELLUS_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Most tokens a sequence may reach, prompt plus output; defaults to the model's.
+    #[arg(long, env = "OCELLUS_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Most sequences waiting to start; past it requests get 429.
+    #[arg(long, env = "OCELLUS_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Memory for the KV cache (e.g. 1GiB, 512MiB).
+    #[arg(long, env = "OCELLUS_KV_CACHE_MEMORY", default_value = "1GiB")]
+    pub kv_cache_memory: ByteSize,
+    /// Origins allowed by CORS (comma-separated; * for any). None: no CORS headers.
+    #[arg(long, env = "OCELLUS_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+    /// A request still running after this long fails with 504 (e.g. 600s, 10m).
+    #[arg(long, env = "OCELLUS_REQUEST_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// On SIGTERM or SIGINT, how long running requests may take to finish.
+    #[arg(long, env = "OCELLUS_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Bounds on what one request may send or ask for.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest request body (413 past it).
+    #[arg(long, env = "OCELLUS_MAX_BODY_SIZE", default_value = "32MiB")]
+    pub max_body_size: ByteSize,
+    #[arg(long, env = "OCELLUS_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
+    pub max_images_per_request: usize,
+    /// Most pixels (width x height) of one image, checked before decoding.
+    #[arg(long, env = "OCELLUS_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Most choices (`n`) per request.
+    #[arg(long, env = "OCELLUS_MAX_N", default_value_t = 8)]
+    pub max_n: usize,
+    #[arg(long, env = "OCELLUS_MAX_STOP_SEQUENCES", default_value_t = 16)]
+    pub max_stop_sequences: usize,
+    /// Most alternatives per token in `top_logprobs` (chat) or `logprobs` (completions).
+    #[arg(long, env = "OCELLUS_MAX_TOP_LOGPROBS", default_value_t = 20)]
+    pub max_top_logprobs: usize,
+}
+
+impl ServeArgs {
+    /// Defaults for a server on a free loopback port, as tests and benchmarks start it.
+    pub fn for_model(model: &str) -> Self {
+        let cli = Cli::parse_from([
+            "ocellus",
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]);
+        match cli.command {
+            Command::Serve(args) => args,
+            Command::Generate(_) => unreachable!("parsed a serve command. This is a bug."),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,6 +4,7 @@
 //! messages and images into token ids and pixel tensors, `engine` batches sequences and
 //! samples tokens, `model` runs the network, `kv` holds the decoder's keys and values.
 
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod kv;

@@ -10,7 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::Device;
 use clap::Parser;
-use ocellus::config::{Cli, Command, GenerateArgs};
+use ocellus::config::{Cli, Command, GenerateArgs, ServeArgs};
 use ocellus::engine::{EngineConfig, GenerationRequest, SamplingParams};
 use ocellus::kv::blocks_for;
 use ocellus::processor::{ChatMessage, ContentPart, ImageInput, open_image};
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
     };
     match result {
@@ -31,6 +32,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(ocellus::api::server::serve(args))
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -121,6 +121,10 @@ impl Processor {
         })
     }
 
+    pub fn image_token_id(&self) -> u32 {
+        self.image_token_id
+    }
+
     /// Tokens that end generation (generation_config.json's `eos_token_id`).
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids

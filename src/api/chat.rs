@@ -1,0 +1,84 @@
+//! POST /v1/chat/completions.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::respond::{Endpoint, Job, Observer, respond};
+use super::types::ChatCompletionRequest;
+use super::{AppState, generation_requests, parse_json, validate};
+use crate::media::load_image;
+use crate::processor::ImageInput;
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let arrived = Instant::now();
+    let mut observer = Observer::new(state.metrics.clone(), Endpoint::Chat.route(), arrived);
+    match prepare(&state, body, arrived).await {
+        Ok(job) => respond(job, observer).await,
+        Err(error) => {
+            observer.fail(&error);
+            error.into_response()
+        }
+    }
+}
+
+async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived: Instant) -> Result<Job, ApiError> {
+    let ready = state.accepting()?;
+    let settings = &state.settings;
+    let request: ChatCompletionRequest = parse_json(body, settings.max_body_bytes)?;
+    state.check_model(request.model.as_deref())?;
+    let logprobs = validate::chat_logprobs(request.logprobs, request.top_logprobs)?;
+    let max_tokens = request.max_completion_tokens.or(request.sampling.max_tokens);
+    let generation = validate::settings(
+        &request.sampling,
+        max_tokens,
+        logprobs,
+        &settings.limits,
+        ready.vocab_size,
+    )?;
+    let (messages, images) = validate::messages(&request.messages, &settings.limits)?;
+    // Decoding images, resizing them and running the tokenizer take milliseconds to
+    // seconds: off the async workers, so other requests' streams keep flowing.
+    let processor = ready.processor.clone();
+    let media = settings.media;
+    let prompt = tokio::task::spawn_blocking(move || {
+        let images = images
+            .into_iter()
+            .map(|image| {
+                let decoded = load_image(&image.url, &media).map_err(|e| ApiError::from(e).with_param(&image.param))?;
+                Ok(ImageInput {
+                    image: decoded,
+                    split: image.split,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        processor.process(&messages, &images).map_err(ApiError::from)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
+    let prompt_tokens = prompt.token_ids.len();
+    let choices = generation_requests(
+        prompt,
+        &generation,
+        ready.engine.max_model_len(),
+        settings.request_timeout,
+        arrived,
+    )?;
+    let events = ready.engine.submit(choices)?;
+    Ok(Job {
+        endpoint: Endpoint::Chat,
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        model: settings.served_model_name.clone(),
+        n: generation.n,
+        prompt_tokens,
+        events,
+        stream: generation.stream,
+        include_usage: generation.include_usage,
+        tokenizer: ready.processor.tokenizer().clone(),
+    })
+}

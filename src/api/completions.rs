@@ -1,0 +1,107 @@
+//! POST /v1/completions: a text prompt, tokenized as given (no chat template).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use super::respond::{Endpoint, Job, Observer, respond};
+use super::types::{CompletionRequest, PromptField};
+use super::{AppState, generation_requests, parse_json, validate};
+use crate::processor::Prompt;
+
+/// OpenAI's default for completions (chat has none).
+const DEFAULT_MAX_TOKENS: i64 = 16;
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let arrived = Instant::now();
+    let mut observer = Observer::new(state.metrics.clone(), Endpoint::Completions.route(), arrived);
+    match prepare(&state, body, arrived).await {
+        Ok(job) => respond(job, observer).await,
+        Err(error) => {
+            observer.fail(&error);
+            error.into_response()
+        }
+    }
+}
+
+async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived: Instant) -> Result<Job, ApiError> {
+    let ready = state.accepting()?;
+    let settings = &state.settings;
+    let request: CompletionRequest = parse_json(body, settings.max_body_bytes)?;
+    state.check_model(request.model.as_deref())?;
+    let text = match request.prompt {
+        PromptField::One(text) => text,
+        PromptField::Many(mut list) if list.len() == 1 => list.remove(0),
+        PromptField::Many(list) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("one prompt per request, got {}", list.len()),
+            ));
+        }
+    };
+    if text.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    if request.echo == Some(true) {
+        return Err(ApiError::invalid("echo", "`echo` is not supported"));
+    }
+    if request.suffix.is_some() {
+        return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+    }
+    let logprobs = match request.logprobs {
+        Some(k) if k < 0 => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be >= 0, got {k}"),
+            ));
+        }
+        k => k.map(|k| k as usize),
+    };
+    let max_tokens = Some(request.sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+    let generation = validate::settings(
+        &request.sampling,
+        max_tokens,
+        logprobs,
+        &settings.limits,
+        ready.vocab_size,
+    )?;
+    let processor = ready.processor.clone();
+    let token_ids = tokio::task::spawn_blocking(move || processor.tokenize(&text))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))??;
+    let image_token = ready.processor.image_token_id();
+    if token_ids.contains(&image_token) {
+        let message = "the prompt contains the image placeholder token, which needs an image; use /v1/chat/completions";
+        return Err(ApiError::invalid("prompt", message));
+    }
+    let prompt_tokens = token_ids.len();
+    let prompt = Prompt {
+        token_ids,
+        pixel_values: None,
+        tiles: 0,
+    };
+    let choices = generation_requests(
+        prompt,
+        &generation,
+        ready.engine.max_model_len(),
+        settings.request_timeout,
+        arrived,
+    )?;
+    let events = ready.engine.submit(choices)?;
+    Ok(Job {
+        endpoint: Endpoint::Completions,
+        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        model: settings.served_model_name.clone(),
+        n: generation.n,
+        prompt_tokens,
+        events,
+        stream: generation.stream,
+        include_usage: generation.include_usage,
+        tokenizer: ready.processor.tokenizer().clone(),
+    })
+}

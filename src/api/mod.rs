@@ -1,0 +1,213 @@
+//! The HTTP API: OpenAI's routes over the engine, plus health and metrics. Handlers parse,
+//! validate, hand the heavy work (images, chat template, tokenizer) to the blocking pool,
+//! submit to the engine, and turn its events into a JSON body or an SSE stream.
+
+pub mod auth;
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod respond;
+pub mod server;
+pub mod types;
+pub mod validate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+
+use crate::engine::{EngineHandle, GenerationRequest};
+use crate::media::MediaLimits;
+use crate::metrics::Metrics;
+use crate::processor::{Processor, Prompt};
+use error::ApiError;
+use validate::{RequestLimits, Settings};
+
+/// What handlers need to know of the server's configuration.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub served_model_name: String,
+    pub api_key: Option<String>,
+    pub limits: RequestLimits,
+    pub media: MediaLimits,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// The model, once loaded.
+pub struct Ready {
+    pub engine: EngineHandle,
+    pub processor: Arc<Processor>,
+    pub vocab_size: usize,
+}
+
+pub struct AppState {
+    pub settings: ApiSettings,
+    pub metrics: Arc<Metrics>,
+    pub ready: OnceLock<Ready>,
+    pub load_error: OnceLock<String>,
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(settings: ApiSettings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            settings,
+            metrics,
+            ready: OnceLock::new(),
+            load_error: OnceLock::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The loaded model, if the server takes requests now.
+    fn accepting(&self) -> Result<&Ready, ApiError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable("the server is shutting down".into()));
+        }
+        self.ready
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(name) if name != self.settings.served_model_name => Err(ApiError::ModelNotFound {
+                model: name.to_string(),
+                served: self.settings.served_model_name.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .with_state(state)
+}
+
+/// Parses a JSON body; an error names the field's path and what was wrong.
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+        _ => ApiError::InvalidJson {
+            message: rejection.body_text(),
+            param: None,
+        },
+    })?;
+    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let param = (path != "." && !inner.is_syntax() && !inner.is_eof()).then_some(path);
+        ApiError::InvalidJson {
+            message: inner.to_string(),
+            param,
+        }
+    })
+}
+
+/// The generation requests of a prompt's `n` choices, checked against the context length.
+fn generation_requests(
+    prompt: Prompt,
+    settings: &Settings,
+    max_model_len: usize,
+    timeout: Duration,
+    arrived: Instant,
+) -> Result<Vec<GenerationRequest>, ApiError> {
+    let prompt_len = prompt.token_ids.len();
+    if prompt_len >= max_model_len {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "the prompt is {prompt_len} tokens (images included), the maximum context length is {max_model_len}"
+            ),
+            param: Some("messages".into()),
+            code: "context_length_exceeded",
+        });
+    }
+    let max_tokens = settings.max_tokens.unwrap_or(max_model_len - prompt_len);
+    if prompt_len + max_tokens > max_model_len {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "the prompt ({prompt_len} tokens) plus `max_tokens` ({max_tokens}) exceeds the maximum context length {max_model_len}"
+            ),
+            param: Some("max_tokens".into()),
+            code: "context_length_exceeded",
+        });
+    }
+    let request = GenerationRequest {
+        prompt,
+        sampling: settings.sampling.clone(),
+        max_tokens,
+        min_tokens: settings.min_tokens,
+        ignore_eos: settings.ignore_eos,
+        stop: settings.stop.clone(),
+        stop_token_ids: settings.stop_token_ids.clone(),
+        logprobs: settings.logprobs,
+        arrived,
+        deadline: Some(arrived + timeout),
+    };
+    Ok(vec![request; settings.n])
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let (status, text) = if state.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if state.ready.get().is_some() {
+        (StatusCode::OK, "ready")
+    } else if state.load_error.get().is_some() {
+        (StatusCode::SERVICE_UNAVAILABLE, "failed")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading")
+    };
+    (status, axum::Json(serde_json::json!({ "status": text }))).into_response()
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let max_model_len = state.ready.get().map_or(0, |r| r.engine.max_model_len());
+    let card = types::ModelCard {
+        id: state.settings.served_model_name.clone(),
+        object: "model",
+        created: types::unix_now(),
+        owned_by: "ocellus",
+        max_model_len,
+    };
+    axum::Json(types::ModelList {
+        object: "list",
+        data: vec![card],
+    })
+    .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+    ([(header::CONTENT_TYPE, content_type)], state.metrics.render()).into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    ApiError::RouteNotFound {
+        path: uri.path().to_string(),
+    }
+    .into_response()
+}

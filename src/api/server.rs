@@ -1,0 +1,227 @@
+//! Starting and stopping the server. The socket is bound first and answers at once (health
+//! says "loading"); the model loads in the blocking pool and the engine thread starts.
+//! Shutdown drains: health turns 503 and new requests are refused while accepted ones
+//! finish (up to the shutdown timeout), then the listener closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use super::validate::RequestLimits;
+use super::{ApiSettings, AppState, Ready, router};
+use crate::config::ServeArgs;
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::kv::KvSpec;
+use crate::media::MediaLimits;
+use crate::metrics::Metrics;
+
+/// A running server.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Arc<Notify>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServerHandle {
+    /// Waits until the model is loaded; an error if loading failed.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        loop {
+            if self.state.ready.get().is_some() {
+                return Ok(());
+            }
+            if let Some(error) = self.state.load_error.get() {
+                anyhow::bail!("{error}");
+            }
+            // Loading takes from milliseconds to minutes; there is no event to wait on
+            // across the blocking pool, so look again shortly.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts draining (as SIGTERM does); `wait` returns once it is done.
+    pub fn shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("server task")?
+    }
+}
+
+/// Binds, starts loading the model, and serves until `shutdown`.
+pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let metrics = Metrics::new();
+    let state = Arc::new(AppState::new(api_settings(&args), metrics));
+    let loading = state.clone();
+    let load_args = args.clone();
+    tokio::task::spawn_blocking(move || match load(&load_args, &loading.metrics) {
+        Ok(ready) => {
+            let _ = loading.ready.set(ready);
+            tracing::info!(model = %load_args.model.model, "model loaded; ready");
+        }
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "model failed to load");
+            let _ = loading.load_error.set(format!("{err:#}"));
+        }
+    });
+    let app = router(state.clone())
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path())
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(cors(&args.cors_allow_origin));
+    let shutdown = Arc::new(Notify::new());
+    let drained = {
+        let (state, shutdown, timeout) = (state.clone(), shutdown.clone(), args.shutdown_timeout);
+        async move {
+            shutdown.notified().await;
+            drain(&state, timeout).await;
+        }
+    };
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(drained)
+            .await
+            .context("serving")
+    });
+    tracing::info!(%addr, "listening");
+    Ok(ServerHandle {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
+}
+
+/// `ocellus serve`: runs until SIGTERM or SIGINT, then drains and returns.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let server = start(args).await?;
+    tokio::select! {
+        result = server.ready() => result?,
+        _ = shutdown_signal() => {}
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining");
+    server.shutdown();
+    server.wait().await
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler can be installed. This is a bug.");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn drain(state: &AppState, timeout: Duration) {
+    state.draining.store(true, Ordering::Release);
+    let Some(ready) = state.ready.get() else { return };
+    let deadline = Instant::now() + timeout;
+    ready.engine.shutdown(deadline);
+    // The engine thread finishes accepted work, or fails it at the deadline, then stops.
+    while !ready.engine.is_stopped() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn api_settings(args: &ServeArgs) -> ApiSettings {
+    let limits = &args.limits;
+    ApiSettings {
+        served_model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| default_model_name(&args.model.model)),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        limits: RequestLimits {
+            max_n: limits.max_n,
+            max_stop_sequences: limits.max_stop_sequences,
+            max_top_logprobs: limits.max_top_logprobs,
+            max_images_per_request: limits.max_images_per_request,
+        },
+        media: MediaLimits {
+            max_image_pixels: limits.max_image_pixels,
+        },
+        max_body_bytes: limits.max_body_size.as_u64() as usize,
+        request_timeout: args.request_timeout,
+    }
+}
+
+/// A hub id as given; a local folder by its own name (`tiny-idefics3`, not its full path).
+fn default_model_name(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    match path.file_name() {
+        Some(name) if path.is_dir() => name.to_string_lossy().into_owned(),
+        _ => model.to_string(),
+    }
+}
+
+fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
+    anyhow::ensure!(
+        args.max_batch_tokens > args.max_num_seqs,
+        "--max-batch-tokens ({}) must exceed --max-num-seqs ({}): decodes take one token each and prompts need the rest",
+        args.max_batch_tokens,
+        args.max_num_seqs
+    );
+    let loaded = crate::load_model(&args.model.model, args.model.dtype, &Device::Cpu)?;
+    let info = loaded.model.info().clone();
+    let spec: KvSpec = loaded.model.kv_spec();
+    let max_model_len = args.max_model_len.unwrap_or(info.max_positions).min(info.max_positions);
+    let blocks = args.kv_cache_memory.as_u64() as usize / spec.bytes_per_block();
+    let capacity = blocks * crate::kv::BLOCK_TOKENS;
+    anyhow::ensure!(
+        capacity >= max_model_len,
+        "--kv-cache-memory {} holds {capacity} tokens ({} bytes each), fewer than the maximum context length \
+         {max_model_len}: raise --kv-cache-memory or lower --max-model-len",
+        args.kv_cache_memory,
+        spec.bytes_per_token()
+    );
+    let config = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_batch_tokens: args.max_batch_tokens,
+        max_model_len,
+    };
+    let (processor, core) = loaded.into_engine(config, blocks)?;
+    let (engine, _thread) = EngineHandle::spawn(core, args.max_queue, metrics.clone());
+    Ok(Ready {
+        engine,
+        processor: Arc::new(processor),
+        vocab_size: info.vocab_size,
+    })
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    if origins.iter().any(|o| o == "*") {
+        return layer.allow_origin(Any);
+    }
+    let list = origins.iter().filter_map(|o| o.parse().ok()).collect::<Vec<_>>();
+    layer.allow_origin(AllowOrigin::list(list))
+}
