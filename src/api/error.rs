@@ -26,6 +26,8 @@ pub enum ApiError {
     ModelNotFound { model: String, served: String },
     #[error("not found: {path}")]
     RouteNotFound { path: String },
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed { method: String },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -78,6 +80,7 @@ impl ApiError {
             Self::InvalidRequest { .. } | Self::InvalidJson { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +97,7 @@ impl ApiError {
             Self::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
+            Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
             Self::QueueFull(_) => ("rate_limit_error", Some("queue_full")),
             Self::Unavailable(_) => ("server_error", Some("service_unavailable")),
