@@ -41,22 +41,40 @@ async fn chat_answers_equal_the_greedy_reference_streamed_or_not() {
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
     assert_eq!(body["choices"][0]["message"]["content"], expected.as_str());
     assert_eq!(body["choices"][0]["finish_reason"], "length");
-    assert_eq!(body["usage"], json!({"prompt_tokens": 187, "completion_tokens": 24, "total_tokens": 211}));
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 187, "completion_tokens": 24, "total_tokens": 211})
+    );
 
-    let response = client.post(url(&server, "/v1/chat/completions")).json(&wide_request(true)).send().await.unwrap();
+    let response = client
+        .post(url(&server, "/v1/chat/completions"))
+        .json(&wide_request(true))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let events = sse(response).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     let (content, chunks) = stream_content(&events);
     assert_eq!(content, expected);
-    assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
     let finish = &chunks[chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 24);
-    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()), "usage is null until the last chunk");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(
+        chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()),
+        "usage is null until the last chunk"
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,13 +90,20 @@ async fn completions_n_choices_stop_strings_and_logprobs() {
     let logprobs = &choices[0]["logprobs"];
     assert_eq!(logprobs["tokens"].as_array().unwrap().len(), 12);
     assert_eq!(logprobs["top_logprobs"][0].as_object().unwrap().len(), 3);
-    assert!(logprobs["token_logprobs"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    assert!(
+        logprobs["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l.as_f64().unwrap() <= 0.0)
+    );
     assert_eq!(body["usage"]["completion_tokens"], 24);
 
     // A stop string taken from the middle of that answer cuts it there, unreturned.
     let text = choices[0]["text"].as_str().unwrap().to_string();
     let stop: String = text.chars().skip(text.chars().count() / 2).take(3).collect();
-    let request = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stop": stop});
+    let request =
+        json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "stop": stop});
     let (_, body) = post(&client, &url(&server, "/v1/completions"), &request).await;
     let cut = body["choices"][0]["text"].as_str().unwrap();
     assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
@@ -116,7 +141,13 @@ async fn thirty_two_streams_with_different_images_batch_and_all_finish() {
     let steps = metric(&text, "ocellus_batch_size_sequences_count").unwrap();
     let single = metric(&text, "ocellus_batch_size_sequences_bucket{le=\"1\"}").unwrap();
     assert!(steps > single, "every step ran one sequence ({steps} steps)");
-    assert_eq!(metric(&text, "ocellus_requests_total{route=\"chat_completions\",outcome=\"success\"}"), Some(32.0));
+    assert_eq!(
+        metric(
+            &text,
+            "ocellus_requests_total{route=\"chat_completions\",outcome=\"success\"}"
+        ),
+        Some(32.0)
+    );
     assert_eq!(metric(&text, "ocellus_generation_tokens_total"), Some(32.0 * 16.0));
 }
 
@@ -125,10 +156,18 @@ async fn a_client_that_leaves_frees_its_kv_blocks() {
     let server = server(|_| {}).await;
     let client = reqwest::Client::new();
     let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 4000, "ignore_eos": true, "stream": true});
-    let mut response = client.post(url(&server, "/v1/chat/completions")).json(&long).send().await.unwrap();
+    let mut response = client
+        .post(url(&server, "/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     let first = response.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("data: "));
-    wait_for_metrics(&client, &server, |m| metric(m, "ocellus_kv_cache_used_blocks").unwrap_or(0.0) > 0.0).await;
+    wait_for_metrics(&client, &server, |m| {
+        metric(m, "ocellus_kv_cache_used_blocks").unwrap_or(0.0) > 0.0
+    })
+    .await;
     drop(response);
     let text = wait_for_metrics(&client, &server, |m| {
         metric(m, "ocellus_kv_cache_used_blocks") == Some(0.0) && metric(m, "ocellus_running_sequences") == Some(0.0)
@@ -157,13 +196,26 @@ async fn a_full_queue_answers_429_with_retry_after() {
     .await;
     let client = reqwest::Client::new();
     let long = json!({"model": MODEL, "prompt": "Go", "max_tokens": 4000, "ignore_eos": true, "stream": true});
-    let mut running = client.post(url(&server, "/v1/completions")).json(&long).send().await.unwrap();
+    let mut running = client
+        .post(url(&server, "/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     running.chunk().await.unwrap();
     // The engine runs one sequence at a time: the second waits, the third finds the queue full.
     let waiting = client.post(url(&server, "/v1/completions")).json(&long).send();
     let waiting = tokio::spawn(waiting);
-    wait_for_metrics(&client, &server, |m| metric(m, "ocellus_waiting_sequences") == Some(1.0)).await;
-    let response = client.post(url(&server, "/v1/completions")).json(&long).send().await.unwrap();
+    wait_for_metrics(&client, &server, |m| {
+        metric(m, "ocellus_waiting_sequences") == Some(1.0)
+    })
+    .await;
+    let response = client
+        .post(url(&server, "/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
     let body: Value = response.json().await.unwrap();
@@ -171,8 +223,17 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(body["error"]["code"], "queue_full");
     drop(running);
     waiting.abort();
-    let text = wait_for_metrics(&client, &server, |m| metric(m, "ocellus_kv_cache_used_blocks") == Some(0.0)).await;
-    assert_eq!(metric(&text, "ocellus_requests_total{route=\"completions\",outcome=\"rejected\"}"), Some(1.0));
+    let text = wait_for_metrics(&client, &server, |m| {
+        metric(m, "ocellus_kv_cache_used_blocks") == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "ocellus_requests_total{route=\"completions\",outcome=\"rejected\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +241,12 @@ async fn shutdown_drains_running_streams_and_refuses_new_work() {
     let server = server(|_| {}).await;
     let client = reqwest::Client::new();
     let request = json!({"model": MODEL, "prompt": "Go", "max_tokens": 300, "ignore_eos": true, "stream": true});
-    let mut stream = client.post(url(&server, "/v1/completions")).json(&request).send().await.unwrap();
+    let mut stream = client
+        .post(url(&server, "/v1/completions"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
     stream.chunk().await.unwrap();
     server.shutdown();
     // Health turns 503 and new requests are refused while the stream finishes.
@@ -194,11 +260,17 @@ async fn shutdown_drains_running_streams_and_refuses_new_work() {
         assert!(std::time::Instant::now() < deadline, "health never turned 503");
     }
     let (status, body) = post(&client, &url(&server, "/v1/completions"), &json!({"prompt": "hi"})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("service_unavailable")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("service_unavailable"))
+    );
     let mut rest = String::new();
     while let Some(chunk) = stream.chunk().await.unwrap() {
         rest.push_str(&String::from_utf8_lossy(&chunk));
     }
-    assert!(rest.contains("\"finish_reason\":\"length\"") && rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+    assert!(
+        rest.contains("\"finish_reason\":\"length\"") && rest.trim_end().ends_with("data: [DONE]"),
+        "{rest}"
+    );
     server.wait().await.unwrap();
 }

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::respond::{Endpoint, Job, Observer, respond};
-use super::types::ChatCompletionRequest;
-use super::{AppState, generation_requests, parse_json, validate};
+use super::types::{ChatCompletionRequest, SamplingFields};
+use super::{AppState, from_json, generation_requests, parse_json, validate};
 use crate::media::load_image;
 use crate::processor::ImageInput;
 
@@ -30,17 +30,13 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<B
 async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived: Instant) -> Result<Job, ApiError> {
     let ready = state.accepting()?;
     let settings = &state.settings;
-    let request: ChatCompletionRequest = parse_json(body, settings.max_body_bytes)?;
+    let body = parse_json(body, settings.max_body_bytes)?;
+    let request: ChatCompletionRequest = from_json(&body)?;
+    let sampling: SamplingFields = from_json(&body)?;
     state.check_model(request.model.as_deref())?;
     let logprobs = validate::chat_logprobs(request.logprobs, request.top_logprobs)?;
-    let max_tokens = request.max_completion_tokens.or(request.sampling.max_tokens);
-    let generation = validate::settings(
-        &request.sampling,
-        max_tokens,
-        logprobs,
-        &settings.limits,
-        ready.vocab_size,
-    )?;
+    let max_tokens = request.max_completion_tokens.or(sampling.max_tokens);
+    let generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
     let (messages, images) = validate::messages(&request.messages, &settings.limits)?;
     // Decoding images, resizing them and running the tokenizer take milliseconds to
     // seconds: off the async workers, so other requests' streams keep flowing.

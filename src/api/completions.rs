@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::respond::{Endpoint, Job, Observer, respond};
-use super::types::{CompletionRequest, PromptField};
-use super::{AppState, generation_requests, parse_json, validate};
+use super::types::{CompletionRequest, PromptField, SamplingFields};
+use super::{AppState, from_json, generation_requests, parse_json, validate};
 use crate::processor::Prompt;
 
 /// OpenAI's default for completions (chat has none).
@@ -32,7 +32,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes,
 async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived: Instant) -> Result<Job, ApiError> {
     let ready = state.accepting()?;
     let settings = &state.settings;
-    let request: CompletionRequest = parse_json(body, settings.max_body_bytes)?;
+    let body = parse_json(body, settings.max_body_bytes)?;
+    let request: CompletionRequest = from_json(&body)?;
+    let sampling: SamplingFields = from_json(&body)?;
     state.check_model(request.model.as_deref())?;
     let text = match request.prompt {
         PromptField::One(text) => text,
@@ -62,14 +64,8 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived:
         }
         k => k.map(|k| k as usize),
     };
-    let max_tokens = Some(request.sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
-    let generation = validate::settings(
-        &request.sampling,
-        max_tokens,
-        logprobs,
-        &settings.limits,
-        ready.vocab_size,
-    )?;
+    let max_tokens = Some(sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+    let generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
     let processor = ready.processor.clone();
     let token_ids = tokio::task::spawn_blocking(move || processor.tokenize(&text))
         .await

@@ -108,8 +108,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Parses a JSON body; an error names the field's path and what was wrong.
-fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<T, ApiError> {
+/// Reads a JSON body (413 past the size limit, 400 for malformed JSON).
+fn parse_json(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<serde_json::Value, ApiError> {
     let bytes = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
         _ => ApiError::InvalidJson {
@@ -117,14 +117,20 @@ fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>, limit: u
             param: None,
         },
     })?;
-    let mut deserializer = serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson {
+        message: e.to_string(),
+        param: None,
+    })
+}
+
+/// Reads a request (or part of one) out of the body's JSON; an error names the field's
+/// path (`messages[0].content`) and what was wrong with it.
+fn from_json<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
-        let inner = err.into_inner();
-        let param = (path != "." && !inner.is_syntax() && !inner.is_eof()).then_some(path);
         ApiError::InvalidJson {
-            message: inner.to_string(),
-            param,
+            message: err.into_inner().to_string(),
+            param: (path != ".").then_some(path),
         }
     })
 }
@@ -207,7 +213,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn method_not_allowed(method: axum::http::Method) -> Response {
-    ApiError::MethodNotAllowed { method: method.to_string() }.into_response()
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+    }
+    .into_response()
 }
 
 async fn not_found(uri: Uri) -> Response {

@@ -9,8 +9,6 @@ use serde::{Deserialize, Serialize};
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessageIn>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -20,15 +18,15 @@ pub struct ChatCompletionRequest {
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: PromptField,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
     /// An integer here: how many top alternatives to report.
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
 }
 
-/// Fields chat completions and completions share, vLLM's extensions included.
+/// Fields chat completions and completions share, vLLM's extensions included. Read from
+/// the same JSON object as the endpoint's own fields (not flattened into them: serde's
+/// flatten would lose the path of a field in error messages).
 #[derive(Debug, Default, Deserialize)]
 pub struct SamplingFields {
     pub max_tokens: Option<i64>,

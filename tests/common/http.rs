@@ -25,18 +25,25 @@ pub fn url(server: &ServerHandle, path: &str) -> String {
 }
 
 pub fn data_uri(bytes: &[u8], mime: &str) -> String {
-    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
 }
 
 pub fn fixture_image_uri(name: &str) -> String {
-    data_uri(&std::fs::read(fixtures().join("images").join(format!("{name}.png"))).unwrap(), "image/png")
+    data_uri(
+        &std::fs::read(fixtures().join("images").join(format!("{name}.png"))).unwrap(),
+        "image/png",
+    )
 }
 
 /// A PNG of `width`x`height` filled with one colour.
 pub fn png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(width, height, image::Rgb(rgb));
     let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
@@ -51,13 +58,22 @@ pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Va
 pub async fn sse(response: reqwest::Response) -> Vec<String> {
     let body = response.text().await.unwrap();
     body.split("\n\n")
-        .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")).map(str::to_string))
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|line| line.strip_prefix("data: "))
+                .map(str::to_string)
+        })
         .collect()
 }
 
 /// Concatenated content of a chat stream's chunks, and its chunks as JSON.
 pub fn stream_content(events: &[String]) -> (String, Vec<Value>) {
-    let chunks: Vec<Value> = events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     let content = chunks
         .iter()
         .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
@@ -68,11 +84,19 @@ pub fn stream_content(events: &[String]) -> (String, Vec<Value>) {
 
 /// A sample's value in a Prometheus text exposition (`name{labels}` exactly as written).
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 pub async fn scrape(client: &reqwest::Client, server: &ServerHandle) -> String {
-    client.get(url(server, "/metrics")).send().await.unwrap().text().await.unwrap()
+    client
+        .get(url(server, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Polls `/metrics` until `done` holds (the engine works on its own thread; there is no
@@ -84,7 +108,10 @@ pub async fn wait_for_metrics(client: &reqwest::Client, server: &ServerHandle, d
         if done(&text) {
             return text;
         }
-        assert!(std::time::Instant::now() < deadline, "metrics never reached the expected state:\n{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never reached the expected state:\n{text}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
