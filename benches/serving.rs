@@ -1,0 +1,232 @@
+//! The serving load benchmark (like vLLM's benchmark_serving): a sweep of concurrency
+//! levels, each running a number of streaming requests with a fixed output length
+//! (`ignore_eos`), reporting requests/s, output tokens/s, TTFT and inter-token latency
+//! percentiles as JSON.
+//!
+//!   cargo bench --bench serving -- [--url http://host:port] [--model DIR] \
+//!       [--concurrency 1,4,16,64] [--requests N] [--prompt text|image] [--image FILE] \
+//!       [--detail low|auto] [--max-tokens 64] [--output FILE]
+//!
+//! Without --url it starts a server in this process on --model (default: the tiny fixture).
+//! Tokens are timed through their logprobs chunks, one per token, so that a token that
+//! adds no visible text (part of a character) is still counted and timed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// A running server; without it one is started in-process on --model.
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-idefics3"))]
+    model: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Requests per level (default: twice the concurrency, at least 4).
+    #[arg(long)]
+    requests: Option<usize>,
+    #[arg(long, default_value = "text")]
+    prompt: String,
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/photo.png"))]
+    image: PathBuf,
+    #[arg(long, default_value = "auto")]
+    detail: String,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// KV memory of the in-process server.
+    #[arg(long, default_value = "2GiB")]
+    kv_cache_memory: String,
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Default)]
+struct RequestTiming {
+    ttft: Duration,
+    gaps: Vec<Duration>,
+    tokens: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let (base, _server) = match &args.url {
+        Some(url) => (url.trim_end_matches('/').to_string(), None),
+        None => {
+            let mut serve = ocellus::config::ServeArgs::for_model(&args.model);
+            serve.kv_cache_memory = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
+            serve.max_queue = 4096;
+            let server = ocellus::api::server::start(serve).await?;
+            server.ready().await?;
+            (format!("http://{}", server.addr), Some(server))
+        }
+    };
+    let client = reqwest::Client::new();
+    let model: Value = client.get(format!("{base}/v1/models")).send().await?.json().await?;
+    let model = model["data"][0]["id"].as_str().unwrap_or_default().to_string();
+    let body = Arc::new(request_body(&args, &model)?);
+    let mut levels = Vec::new();
+    for &concurrency in &args.concurrency {
+        let requests = args.requests.unwrap_or((2 * concurrency).max(4));
+        let level = run_level(&client, &base, body.clone(), concurrency, requests, args.max_tokens).await?;
+        eprintln!("{}", serde_json::to_string(&level)?);
+        levels.push(level);
+    }
+    let report = json!({
+        "model": model,
+        "prompt": args.prompt,
+        "detail": args.detail,
+        "max_tokens": args.max_tokens,
+        "levels": levels,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = args.output {
+        std::fs::write(path, text)?;
+    }
+    Ok(())
+}
+
+fn request_body(args: &Args, model: &str) -> anyhow::Result<Value> {
+    let content = match args.prompt.as_str() {
+        "text" => json!("Write a long story about a lighthouse keeper and a storm."),
+        "image" => {
+            let bytes = std::fs::read(&args.image)?;
+            let url = format!(
+                "data:image/png;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            );
+            json!([
+                {"type": "image_url", "image_url": {"url": url, "detail": args.detail}},
+                {"type": "text", "text": "Can you describe this image?"}
+            ])
+        }
+        other => anyhow::bail!("--prompt must be text or image, got {other}"),
+    };
+    Ok(json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": args.max_tokens,
+        "ignore_eos": true,
+        "temperature": 0,
+        "stream": true,
+        "logprobs": true,
+    }))
+}
+
+async fn run_level(
+    client: &reqwest::Client,
+    base: &str,
+    body: Arc<Value>,
+    concurrency: usize,
+    requests: usize,
+    max_tokens: usize,
+) -> anyhow::Result<Value> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..requests)
+        .map(|_| {
+            let (client, url, body, permits) = (
+                client.clone(),
+                format!("{base}/v1/chat/completions"),
+                body.clone(),
+                permits.clone(),
+            );
+            tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await?;
+                one_request(&client, &url, &body).await
+            })
+        })
+        .collect();
+    let mut timings = Vec::with_capacity(requests);
+    for task in tasks {
+        timings.push(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let tokens: usize = timings.iter().map(|t| t.tokens).sum();
+    anyhow::ensure!(
+        timings.iter().all(|t| t.tokens == max_tokens),
+        "a request did not get {max_tokens} tokens"
+    );
+    let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64()).collect();
+    let mut itl: Vec<f64> = timings
+        .iter()
+        .flat_map(|t| t.gaps.iter().map(Duration::as_secs_f64))
+        .collect();
+    Ok(json!({
+        "concurrency": concurrency,
+        "requests": requests,
+        "duration_s": elapsed,
+        "requests_per_s": requests as f64 / elapsed,
+        "output_tokens_per_s": tokens as f64 / elapsed,
+        "ttft_p50_s": percentile(&mut ttft, 0.50),
+        "ttft_p99_s": percentile(&mut ttft, 0.99),
+        "itl_p50_s": percentile(&mut itl, 0.50),
+        "itl_p99_s": percentile(&mut itl, 0.99),
+    }))
+}
+
+async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<RequestTiming> {
+    let sent = Instant::now();
+    let response = client.post(url).json(body).send().await?;
+    anyhow::ensure!(response.status().is_success(), "status {}", response.status());
+    let mut timing = RequestTiming::default();
+    let mut last: Option<Instant> = None;
+    let mut buffer = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(bytes) = stream.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                return Ok(timing);
+            }
+            let chunk: Value = serde_json::from_str(data)?;
+            anyhow::ensure!(chunk.get("error").is_none(), "stream error: {data}");
+            let tokens = chunk["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map_or(0, Vec::len);
+            for _ in 0..tokens {
+                let now = Instant::now();
+                match last {
+                    None => timing.ttft = now - sent,
+                    Some(previous) => timing.gaps.push(now - previous),
+                }
+                last = Some(now);
+                timing.tokens += 1;
+            }
+        }
+    }
+    Ok(timing)
+}
+
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[((values.len() - 1) as f64 * q).round() as usize]
+}

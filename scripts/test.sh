@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test. Installs what the tests need besides Rust on first use: a Python
+# virtual environment with the official openai package (target/test-venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=target/test-venv
+if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
+  mkdir -p target
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/test-requirements.txt
+fi
+export OCELLUS_TEST_PYTHON="$PWD/$venv/bin/python"
+cargo test --all-targets "$@"
+# The serving load benchmark end to end, briefly, on the tiny fixture model.
+cargo bench --profile dev --bench serving -- --concurrency 1,4 --max-tokens 8 >/dev/null

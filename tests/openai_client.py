@@ -1,0 +1,82 @@
+"""The official `openai` Python package against a running Ocellus server, unchanged.
+
+    python tests/openai_client.py BASE_URL MODEL IMAGE_PNG API_KEY
+
+Run by tests/openai_client.rs, which starts the server; exits non-zero on any failure.
+"""
+
+import base64
+import sys
+
+import openai
+
+base_url, model, image_path, api_key = sys.argv[1:5]
+client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+image = "data:image/png;base64," + base64.b64encode(open(image_path, "rb").read()).decode()
+messages = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": image}},
+            {"type": "text", "text": "What is in this picture?"},
+        ],
+    }
+]
+
+# Models
+assert [m.id for m in client.models.list().data] == [model]
+
+# Chat, one answer
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+answer = chat.choices[0].message.content
+assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+assert answer, "empty answer"
+assert chat.choices[0].finish_reason in ("stop", "length")
+assert chat.usage.prompt_tokens == 187, chat.usage  # 9 tiles of 16 image tokens plus text
+assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+# Chat, streamed, with usage: the same greedy answer
+stream = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+)
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        finish = choice.finish_reason or finish
+assert "".join(pieces) == answer, ("".join(pieces), answer)
+assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+assert finish == chat.choices[0].finish_reason
+
+# Logprobs
+chat = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+)
+content = chat.choices[0].logprobs.content
+assert len(content) == 3 and len(content[0].top_logprobs) == 2 and content[0].logprob <= 0
+
+# Completions
+completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
+assert completion.object == "text_completion" and completion.usage.completion_tokens == 5
+
+# Errors arrive as the client's typed exceptions
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as err:
+    assert err.status_code == 404 and err.code == "model_not_found", err
+try:
+    client.chat.completions.create(model=model, messages=messages, temperature=5)
+    raise AssertionError("temperature 5 was accepted")
+except openai.BadRequestError as err:
+    assert err.status_code == 400 and err.param == "temperature", err
+try:
+    openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong API key was accepted")
+except openai.AuthenticationError as err:
+    assert err.status_code == 401, err
+
+print("openai", openai.__version__, "ok")
