@@ -274,3 +274,59 @@ async fn shutdown_drains_running_streams_and_refuses_new_work() {
     );
     server.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_timeout_gets_504_or_an_error_event() {
+    let server = server(|args| args.request_timeout = std::time::Duration::from_millis(200)).await;
+    let client = reqwest::Client::new();
+    let long = json!({"model": MODEL, "prompt": "Go", "max_tokens": 5000, "ignore_eos": true});
+    let (status, body) = post(&client, &url(&server, "/v1/completions"), &long).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("request_timeout")),
+        "{body}"
+    );
+
+    let streamed = json!({"model": MODEL, "prompt": "Go", "max_tokens": 5000, "ignore_eos": true, "stream": true});
+    let events = sse(client
+        .post(url(&server, "/v1/completions"))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap())
+    .await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["type"], "timeout_error", "{error}");
+    let text = wait_for_metrics(&client, &server, |m| {
+        metric(m, "ocellus_kv_cache_used_blocks") == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "ocellus_requests_total{route=\"completions\",outcome=\"timeout\"}"
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_allowed_origins_only() {
+    let server = server(|args| args.cors_allow_origin = vec!["https://app.example".into()]).await;
+    let client = reqwest::Client::new();
+    let allowed = client
+        .get(url(&server, "/v1/models"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.example");
+    let other = client
+        .get(url(&server, "/v1/models"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+}
