@@ -20,6 +20,8 @@ fn wide_request(stream: bool) -> Value {
         "min_tokens": 24,
         "stream": stream,
         "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
+        "user": "tester",
+        "an_unknown_field": {"is": "ignored, as OpenAI does"},
     })
 }
 
