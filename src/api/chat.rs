@@ -6,28 +6,24 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::error::ApiError;
-use super::respond::{Endpoint, Job, Observer, respond};
+use super::respond::Endpoint;
 use super::types::{ChatCompletionRequest, SamplingFields};
-use super::{AppState, from_json, generation_requests, parse_json, validate};
+use super::validate::Settings;
+use super::{AppState, answer, from_json, parse_json, validate};
 use crate::media::load_image;
-use crate::processor::ImageInput;
+use crate::processor::{ImageInput, Prompt};
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
-    let mut observer = Observer::new(state.metrics.clone(), Endpoint::Chat.route(), arrived);
-    match prepare(&state, body, arrived).await {
-        Ok(job) => respond(job, observer).await,
-        Err(error) => {
-            observer.fail(&error);
-            error.into_response()
-        }
-    }
+    let prepared = prepare(&state, body).await;
+    answer(&state, Endpoint::Chat, arrived, prepared).await
 }
 
-async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived: Instant) -> Result<Job, ApiError> {
+/// Validates the request and builds its prompt: template, images, tokens.
+async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(Prompt, Settings), ApiError> {
     let ready = state.accepting()?;
     let settings = &state.settings;
     let body = parse_json(body, settings.max_body_bytes)?;
@@ -57,24 +53,5 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived:
     })
     .await
     .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
-    let prompt_tokens = prompt.token_ids.len();
-    let choices = generation_requests(
-        prompt,
-        &generation,
-        ready.engine.max_model_len(),
-        settings.request_timeout,
-        arrived,
-    )?;
-    let events = ready.engine.submit(choices)?;
-    Ok(Job {
-        endpoint: Endpoint::Chat,
-        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
-        model: settings.served_model_name.clone(),
-        n: generation.n,
-        prompt_tokens,
-        events,
-        stream: generation.stream,
-        include_usage: generation.include_usage,
-        tokenizer: ready.processor.tokenizer().clone(),
-    })
+    Ok((prompt, generation))
 }

@@ -6,12 +6,13 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use super::error::ApiError;
-use super::respond::{Endpoint, Job, Observer, respond};
+use super::respond::Endpoint;
 use super::types::{CompletionRequest, PromptField, SamplingFields};
-use super::{AppState, from_json, generation_requests, parse_json, validate};
+use super::validate::Settings;
+use super::{AppState, answer, from_json, parse_json, validate};
 use crate::processor::Prompt;
 
 /// OpenAI's default for completions (chat has none).
@@ -19,17 +20,12 @@ const DEFAULT_MAX_TOKENS: i64 = 16;
 
 pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
-    let mut observer = Observer::new(state.metrics.clone(), Endpoint::Completions.route(), arrived);
-    match prepare(&state, body, arrived).await {
-        Ok(job) => respond(job, observer).await,
-        Err(error) => {
-            observer.fail(&error);
-            error.into_response()
-        }
-    }
+    let prepared = prepare(&state, body).await;
+    answer(&state, Endpoint::Completions, arrived, prepared).await
 }
 
-async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived: Instant) -> Result<Job, ApiError> {
+/// Validates the request and tokenizes its prompt.
+async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(Prompt, Settings), ApiError> {
     let ready = state.accepting()?;
     let settings = &state.settings;
     let body = parse_json(body, settings.max_body_bytes)?;
@@ -75,29 +71,12 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>, arrived:
         let message = "the prompt contains the image placeholder token, which needs an image; use /v1/chat/completions";
         return Err(ApiError::invalid("prompt", message));
     }
-    let prompt_tokens = token_ids.len();
-    let prompt = Prompt {
-        token_ids,
-        pixel_values: None,
-        tiles: 0,
-    };
-    let choices = generation_requests(
-        prompt,
-        &generation,
-        ready.engine.max_model_len(),
-        settings.request_timeout,
-        arrived,
-    )?;
-    let events = ready.engine.submit(choices)?;
-    Ok(Job {
-        endpoint: Endpoint::Completions,
-        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-        model: settings.served_model_name.clone(),
-        n: generation.n,
-        prompt_tokens,
-        events,
-        stream: generation.stream,
-        include_usage: generation.include_usage,
-        tokenizer: ready.processor.tokenizer().clone(),
-    })
+    Ok((
+        Prompt {
+            token_ids,
+            pixel_values: None,
+            tiles: 0,
+        },
+        generation,
+    ))
 }

@@ -29,6 +29,7 @@ use crate::media::MediaLimits;
 use crate::metrics::Metrics;
 use crate::processor::{Processor, Prompt};
 use error::ApiError;
+use respond::{Endpoint, Job, Observer, respond};
 use validate::{RequestLimits, Settings};
 
 /// What handlers need to know of the server's configuration.
@@ -132,6 +133,48 @@ fn from_json<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiErr
             message: err.into_inner().to_string(),
             param: (path != ".").then_some(path),
         }
+    })
+}
+
+/// Submits a prepared request and answers it (JSON or SSE), counting the outcome either way.
+async fn answer(
+    state: &AppState,
+    endpoint: Endpoint,
+    arrived: Instant,
+    prepared: Result<(Prompt, Settings), ApiError>,
+) -> Response {
+    let mut observer = Observer::new(state.metrics.clone(), endpoint.route(), arrived);
+    match prepared.and_then(|(prompt, settings)| submit(state, endpoint, prompt, &settings, arrived)) {
+        Ok(job) => respond(job, observer).await,
+        Err(error) => {
+            observer.fail(&error);
+            error.into_response()
+        }
+    }
+}
+
+fn submit(
+    state: &AppState,
+    endpoint: Endpoint,
+    prompt: Prompt,
+    settings: &Settings,
+    arrived: Instant,
+) -> Result<Job, ApiError> {
+    let ready = state.accepting()?;
+    let prompt_tokens = prompt.token_ids.len();
+    let max_model_len = ready.engine.max_model_len();
+    let choices = generation_requests(prompt, settings, max_model_len, state.settings.request_timeout, arrived)?;
+    let events = ready.engine.submit(choices)?;
+    Ok(Job {
+        endpoint,
+        id: format!("{}-{}", endpoint.id_prefix(), uuid::Uuid::new_v4().simple()),
+        model: state.settings.served_model_name.clone(),
+        n: settings.n,
+        prompt_tokens,
+        events,
+        stream: settings.stream,
+        include_usage: settings.include_usage,
+        tokenizer: ready.processor.tokenizer().clone(),
     })
 }
 

@@ -35,6 +35,13 @@ impl Endpoint {
         }
     }
 
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Chat => "chatcmpl",
+            Self::Completions => "cmpl",
+        }
+    }
+
     fn object(self, stream: bool) -> &'static str {
         match (self, stream) {
             (Self::Chat, false) => "chat.completion",
