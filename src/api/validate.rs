@@ -6,6 +6,10 @@ use super::types::{ChatMessageIn, ContentPartIn, MessageContent, SamplingFields,
 use crate::engine::SamplingParams;
 use crate::processor::{ChatMessage, ContentPart};
 
+/// Stop strings are matched against the tail of the output at every token; a bound keeps
+/// that cheap.
+const MAX_STOP_BYTES: usize = 1024;
+
 /// Bounds on what a request may ask for (server flags).
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits {
@@ -112,6 +116,13 @@ pub fn settings(
         Some(StopField::One(s)) => vec![s.clone()],
         Some(StopField::Many(list)) => list.clone(),
     };
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        let message = format!(
+            "each `stop` sequence may hold at most {MAX_STOP_BYTES} bytes, got {}",
+            long.len()
+        );
+        return Err(ApiError::invalid("stop", message));
+    }
     if stop.len() > limits.max_stop_sequences {
         let message = format!(
             "`stop` may hold at most {} sequences, got {}",
