@@ -242,7 +242,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
 async fn shutdown_drains_running_streams_and_refuses_new_work() {
     let server = server(|_| {}).await;
     let client = reqwest::Client::new();
-    let request = json!({"model": MODEL, "prompt": "Go", "max_tokens": 300, "ignore_eos": true, "stream": true});
+    let request = json!({"model": MODEL, "prompt": "Go", "max_tokens": 2000, "ignore_eos": true, "stream": true});
     let mut stream = client
         .post(url(&server, "/v1/completions"))
         .json(&request)
