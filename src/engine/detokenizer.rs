@@ -20,12 +20,13 @@ impl Detokenizer {
         self.ids.push(id);
         let prefix = decode(tokenizer, &self.ids[self.prefix_offset..self.read_offset]);
         let text = decode(tokenizer, &self.ids[self.prefix_offset..]);
-        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') {
-            if let Some(delta) = text.get(prefix.len()..) {
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-                return delta.to_string();
-            }
+        if text.len() > prefix.len()
+            && !text.ends_with('\u{FFFD}')
+            && let Some(delta) = text.get(prefix.len()..)
+        {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return delta.to_string();
         }
         String::new()
     }

@@ -121,17 +121,16 @@ pub fn plan_step(running: &[Running], waiting: &[Waiting], free_blocks: usize, l
     }
 
     if plan.preempt.is_empty() {
-        let mut seqs = alive.iter().filter(|&&a| a).count();
+        let running = alive.iter().filter(|&&a| a).count();
         for (j, seq) in waiting.iter().enumerate() {
             // Admit only what can finish its prompt without evicting anyone.
-            if seqs >= limits.max_num_seqs || budget == 0 || blocks_for(seq.pending) > free {
+            if running + plan.admit >= limits.max_num_seqs || budget == 0 || blocks_for(seq.pending) > free {
                 break;
             }
             let len = seq.pending.min(budget);
             let need = blocks_for(len);
             free -= need;
             budget -= len;
-            seqs += 1;
             plan.admit += 1;
             plan.chunks.push(Chunk {
                 who: Who::Admitted(j),

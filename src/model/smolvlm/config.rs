@@ -197,7 +197,7 @@ impl SmolVlmConfig {
                 format!("must be <= {MAX_POSITIONS}, got {}", t.max_position_embeddings),
             ),
             (
-                v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
+                v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
                 "vision_config.num_attention_heads",
                 format!(
                     "must divide hidden_size {}, got {}",
@@ -205,12 +205,12 @@ impl SmolVlmConfig {
                 ),
             ),
             (
-                v.patch_size > 0 && v.image_size % v.patch_size == 0,
+                v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
                 "vision_config.patch_size",
                 format!("must divide image_size {}, got {}", v.image_size, v.patch_size),
             ),
             (
-                self.scale_factor > 0 && (v.image_size / v.patch_size.max(1)) % self.scale_factor == 0,
+                self.scale_factor > 0 && (v.image_size / v.patch_size.max(1)).is_multiple_of(self.scale_factor),
                 "scale_factor",
                 format!(
                     "must divide the patches per side {}, got {}",
@@ -234,7 +234,9 @@ impl SmolVlmConfig {
                 format!("must be silu, got {}", t.hidden_act),
             ),
             (
-                t.num_attention_heads > 0 && t.num_kv_heads() > 0 && t.num_attention_heads % t.num_kv_heads() == 0,
+                t.num_attention_heads > 0
+                    && t.num_kv_heads() > 0
+                    && t.num_attention_heads.is_multiple_of(t.num_kv_heads()),
                 "text_config.num_key_value_heads",
                 format!(
                     "must divide num_attention_heads {}, got {}",
@@ -243,7 +245,7 @@ impl SmolVlmConfig {
                 ),
             ),
             (
-                t.head_dim() % 2 == 0 && t.head_dim() > 0,
+                t.head_dim().is_multiple_of(2) && t.head_dim() > 0,
                 "text_config.head_dim",
                 format!("must be even and positive, got {}", t.head_dim()),
             ),
