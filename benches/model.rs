@@ -59,7 +59,7 @@ fn benches(c: &mut Criterion) {
     let tile = pixels.narrow(0, 0, 1).unwrap();
     group.throughput(Throughput::Elements(1));
     group.bench_function("encode_1_tile", |b| b.iter(|| model.encode_images(&tile).unwrap()));
-    let tiles = pixels.narrow(0, 0, TILE_BATCH.min(prompt.tiles)).unwrap();
+    let tiles = pixels.narrow(0, 0, TILE_BATCH.min(prompt.tiles())).unwrap();
     group.throughput(Throughput::Elements(tiles.dim(0).unwrap() as u64));
     group.bench_function(BenchmarkId::new("encode_tiles", tiles.dim(0).unwrap()), |b| {
         b.iter(|| model.encode_images(&tiles).unwrap())

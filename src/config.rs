@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Memory for the KV cache (e.g. 1GiB, 512MiB).
     #[arg(long, env = "OCELLUS_KV_CACHE_MEMORY", default_value = "1GiB")]
     pub kv_cache_memory: ByteSize,
+    /// Memory for the vision features of recent images, reused when an image comes again
+    /// (0 disables the cache).
+    #[arg(long, env = "OCELLUS_VISION_CACHE_MEMORY", default_value = "256MiB")]
+    pub vision_cache_memory: ByteSize,
     /// Origins allowed by CORS (comma-separated; * for any). None: no CORS headers.
     #[arg(long, env = "OCELLUS_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,

@@ -61,7 +61,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let split = args.no_split.then_some(false);
     let images: Vec<ImageInput> = images.into_iter().map(|image| ImageInput { image, split }).collect();
     let prompt = loaded.processor.process(&messages, &images)?;
-    let (prompt_tokens, tiles) = (prompt.token_ids.len(), prompt.tiles);
+    let (prompt_tokens, tiles) = (prompt.token_ids.len(), prompt.tiles());
     let sampling = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -79,6 +79,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_num_seqs: 1,
         max_batch_tokens: args.max_batch_tokens,
         max_model_len: loaded.model.info().max_positions,
+        vision_cache_bytes: 0,
     };
     let (_processor, mut engine) = loaded.into_engine(config, blocks_for(prompt_tokens + args.max_tokens))?;
     let (mut generations, t) = ocellus::engine::generate(&mut engine, vec![request], |_| {})?;

@@ -23,6 +23,8 @@ pub const GENERATION_TOKENS_TOTAL: &str = "ocellus_generation_tokens_total";
 pub const BATCH_SIZE_SEQUENCES: &str = "ocellus_batch_size_sequences";
 pub const BATCH_SIZE_TOKENS: &str = "ocellus_batch_size_tokens";
 pub const PREEMPTIONS_TOTAL: &str = "ocellus_preemptions_total";
+pub const VISION_CACHE_HITS_TOTAL: &str = "ocellus_vision_cache_hits_total";
+pub const VISION_CACHE_MISSES_TOTAL: &str = "ocellus_vision_cache_misses_total";
 
 /// Latencies from a millisecond to ten minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -72,6 +74,8 @@ pub struct Metrics {
     pub batch_sequences: Histogram,
     pub batch_tokens: Histogram,
     pub preemptions: Counter,
+    pub vision_cache_hits: Counter,
+    pub vision_cache_misses: Counter,
 }
 
 impl Metrics {
@@ -136,6 +140,16 @@ impl Metrics {
         describe(BATCH_SIZE_SEQUENCES, None, "Sequences per forward pass.");
         describe(BATCH_SIZE_TOKENS, None, "Tokens per forward pass.");
         describe(PREEMPTIONS_TOTAL, None, "Sequences preempted for lack of KV blocks.");
+        describe(
+            VISION_CACHE_HITS_TOTAL,
+            None,
+            "Images whose vision features came from the cache.",
+        );
+        describe(
+            VISION_CACHE_MISSES_TOTAL,
+            None,
+            "Images run through the vision encoder.",
+        );
         let histogram = |name: &'static str| recorder.register_histogram(&Key::from_static_name(name), &metadata());
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &metadata());
         let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &metadata());
@@ -154,6 +168,8 @@ impl Metrics {
             batch_sequences: histogram(BATCH_SIZE_SEQUENCES),
             batch_tokens: histogram(BATCH_SIZE_TOKENS),
             preemptions: counter(PREEMPTIONS_TOTAL),
+            vision_cache_hits: counter(VISION_CACHE_HITS_TOTAL),
+            vision_cache_misses: counter(VISION_CACHE_MISSES_TOTAL),
             recorder,
             handle,
         })

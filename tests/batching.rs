@@ -76,12 +76,33 @@ fn a_prompt_whose_image_tokens_do_not_match_its_images_is_refused() {
     let loaded = load_fixture_model("tiny-idefics3");
     let image_token = loaded.model.info().image_token_id;
     let (_, mut engine) = engine(loaded, 64, 16);
-    let prompt = ocellus::processor::Prompt {
-        token_ids: vec![1, image_token, 2],
-        pixel_values: None,
-        tiles: 0,
-    };
+    let prompt = ocellus::processor::Prompt::text(vec![1, image_token, 2]);
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let err = engine.add(greedy(prompt, 4), 0, tx).unwrap_err();
     assert_eq!(err, AddError::ImageTokens { found: 1, expected: 0 });
+}
+
+#[test]
+fn a_repeated_image_reuses_its_vision_features_and_gives_the_same_tokens() {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), 4096, 256);
+    let mut hits_and_misses = Vec::new();
+    for name in ["wide", "wide", "multi_image", "gray"] {
+        let case = &reference.cases[name];
+        let request = greedy(prompt_for(&processor, &reference, case), case.greedy_tokens.len());
+        let (mut hits, mut misses) = (0, 0);
+        let tokens = generate(&mut engine, vec![request], |step| {
+            hits += step.vision_cache_hits;
+            misses += step.vision_cache_misses;
+        })
+        .unwrap()
+        .0
+        .remove(0)
+        .tokens;
+        assert_eq!(tokens, case.greedy_tokens, "{name}");
+        hits_and_misses.push((hits, misses));
+    }
+    // wide: encoded, then reused; multi_image (wide + gray): wide reused, gray encoded;
+    // gray alone: reused.
+    assert_eq!(hits_and_misses, vec![(0, 1), (1, 0), (1, 1), (1, 0)]);
 }

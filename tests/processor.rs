@@ -99,7 +99,7 @@ fn a_640x480_photo_is_four_by_three_tiles_plus_a_global_view() {
         content: vec![ocellus::processor::ContentPart::Image],
     }];
     let prompt = processor.process(&messages, &[ImageInput::new(photo)]).unwrap();
-    assert_eq!(prompt.tiles, 13);
+    assert_eq!(prompt.tiles(), 13);
     assert_eq!(prompt.token_ids.iter().filter(|&&t| t == 49190).count(), 832);
     // The newline after the last tile row and the one before the global view merge into
     // the single token "\n\n" (1116).

@@ -71,12 +71,5 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
         let message = "the prompt contains the image placeholder token, which needs an image; use /v1/chat/completions";
         return Err(ApiError::invalid("prompt", message));
     }
-    Ok((
-        Prompt {
-            token_ids,
-            pixel_values: None,
-            tiles: 0,
-        },
-        generation,
-    ))
+    Ok((Prompt::text(token_ids), generation))
 }

@@ -204,6 +204,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         max_num_seqs: args.max_num_seqs,
         max_batch_tokens: args.max_batch_tokens,
         max_model_len,
+        vision_cache_bytes: args.vision_cache_memory.as_u64() as usize,
     };
     let (processor, core) = loaded.into_engine(config, blocks)?;
     let (engine, _thread) = EngineHandle::spawn(core, args.max_queue, metrics.clone());

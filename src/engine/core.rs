@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 use super::request::{EngineFailure, EventSender, GenerationRequest, SequenceEvent};
 use super::scheduler::{Limits, Plan, Who, plan_step};
 use super::sequence::{SeqId, Sequence};
+use super::vision_cache::VisionCache;
 use crate::kv::KvPool;
 use crate::model::{SequenceInput, VisionLanguageModel};
 
@@ -24,6 +25,8 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most tokens a sequence may reach (prompt plus output).
     pub max_model_len: usize,
+    /// Memory for vision features of recent images (0: no cache).
+    pub vision_cache_bytes: usize,
 }
 
 /// Requests the engine refuses at the door.
@@ -56,6 +59,9 @@ pub struct StepReport {
     pub queue_times: Vec<Duration>,
     /// Vision encoding of prompts that started.
     pub vision: Duration,
+    /// Images whose features came from the cache, and images encoded.
+    pub vision_cache_hits: usize,
+    pub vision_cache_misses: usize,
     /// The forward pass (and sampling).
     pub forward: Duration,
 }
@@ -76,6 +82,7 @@ pub struct EngineCore {
     /// In admission order: the youngest is last.
     running: Vec<Sequence>,
     next_id: SeqId,
+    vision_cache: VisionCache,
 }
 
 impl EngineCore {
@@ -86,6 +93,7 @@ impl EngineCore {
         eos: Vec<u32>,
         config: EngineConfig,
     ) -> Self {
+        let vision_cache = VisionCache::new(config.vision_cache_bytes);
         Self {
             model,
             pool,
@@ -95,6 +103,7 @@ impl EngineCore {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_id: 0,
+            vision_cache,
         }
     }
 
@@ -135,8 +144,14 @@ impl EngineCore {
             .iter()
             .filter(|&&t| t == info.image_token_id)
             .count();
-        let expected = request.prompt.tiles * info.image_seq_len;
-        if found != expected || (request.prompt.tiles > 0) != request.prompt.pixel_values.is_some() {
+        let tiles = request.prompt.tiles();
+        let expected = tiles * info.image_seq_len;
+        let pixels = request
+            .prompt
+            .pixel_values
+            .as_ref()
+            .map_or(0, |p| p.dim(0).unwrap_or(usize::MAX));
+        if found != expected || pixels != tiles {
             return Err(AddError::ImageTokens { found, expected });
         }
         let limit = self.max_model_len();
@@ -188,7 +203,7 @@ impl EngineCore {
         }
         let started = Instant::now();
         for index in encoded {
-            if let Err(err) = self.encode_images(index) {
+            if let Err(err) = self.encode_images(index, &mut report) {
                 self.fail(&[index], &err.to_string(), &mut report);
                 return report;
             }
@@ -261,7 +276,9 @@ impl EngineCore {
             .collect()
     }
 
-    fn encode_images(&mut self, index: usize) -> candle_core::Result<()> {
+    /// The vision features of a prompt's images: cached ones reused, the rest encoded
+    /// together in one batch of tiles and cached.
+    fn encode_images(&mut self, index: usize, report: &mut StepReport) -> candle_core::Result<()> {
         let seq = &mut self.running[index];
         let pixels = seq
             .request
@@ -269,8 +286,51 @@ impl EngineCore {
             .pixel_values
             .take()
             .expect("checked by the caller. This is a bug.");
-        let features = self.model.encode_images(&pixels.to_device(self.model.device())?)?;
-        seq.image_features = Some(features);
+        let images = &seq.request.prompt.images;
+        let mut parts: Vec<Option<Tensor>> = images.iter().map(|image| self.vision_cache.get(&image.key)).collect();
+        // Tiles of images to encode, each key once.
+        let mut misses: Vec<(Tensor, usize)> = Vec::new();
+        let mut first_tile = 0;
+        for (i, image) in images.iter().enumerate() {
+            let repeat = images[..i].iter().any(|earlier| earlier.key == image.key);
+            if parts[i].is_none() && !repeat {
+                misses.push((pixels.narrow(0, first_tile, image.tiles)?, i));
+            }
+            first_tile += image.tiles;
+        }
+        report.vision_cache_hits += parts.iter().filter(|p| p.is_some()).count();
+        report.vision_cache_misses += misses.len();
+        if !misses.is_empty() {
+            let tiles: Vec<Tensor> = misses.iter().map(|(t, _)| t.clone()).collect();
+            let features = self
+                .model
+                .encode_images(&Tensor::cat(&tiles, 0)?.to_device(self.model.device())?)?;
+            let rows_per_tile = self.model.info().image_seq_len;
+            let mut row = 0;
+            for &(_, i) in &misses {
+                let rows = images[i].tiles * rows_per_tile;
+                // A copy, so the cached entry owns exactly its rows.
+                let own = if misses.len() == 1 {
+                    features.clone()
+                } else {
+                    features.narrow(0, row, rows)?.copy()?
+                };
+                self.vision_cache.insert(images[i].key, own.clone());
+                parts[i] = Some(own);
+                row += rows;
+            }
+        }
+        for i in 0..images.len() {
+            if parts[i].is_none() {
+                let earlier = images[..i].iter().position(|e| e.key == images[i].key);
+                parts[i] = earlier.and_then(|j| parts[j].clone());
+            }
+        }
+        let parts: Vec<Tensor> = parts
+            .into_iter()
+            .map(|p| p.expect("every image has features now. This is a bug."))
+            .collect();
+        seq.image_features = Some(Tensor::cat(&parts, 0)?);
         Ok(())
     }
 

@@ -197,6 +197,8 @@ fn record(core: &EngineCore, report: &StepReport, published: &Published, metrics
             .record((report.prefill_tokens + report.decode_tokens) as f64);
     }
     metrics.preemptions.increment(report.preempted as u64);
+    metrics.vision_cache_hits.increment(report.vision_cache_hits as u64);
+    metrics.vision_cache_misses.increment(report.vision_cache_misses as u64);
     for wait in &report.queue_times {
         Metrics::observe(&metrics.queue_time, *wait);
     }

@@ -75,6 +75,8 @@ pub struct ProcessedImage {
     /// 0 and 0 when the image is not split (one global view only).
     pub rows: usize,
     pub cols: usize,
+    /// blake3 of the pixel values' bytes.
+    pub key: super::ImageKey,
 }
 
 #[derive(Debug, Clone)]
@@ -146,11 +148,13 @@ impl ImageProcessor {
         for tile in &tiles {
             self.normalize_into(tile, &mut pixel_values);
         }
+        let key = *blake3::hash(bytes_of(&pixel_values)).as_bytes();
         ProcessedImage {
             pixel_values,
             tiles: tiles.len(),
             rows,
             cols,
+            key,
         }
     }
 
@@ -212,6 +216,12 @@ fn vision_encoder_size(height: usize, width: usize, tile: usize) -> (usize, usiz
         let w = (h as f64 * aspect) as usize;
         (h, up(w as f64))
     }
+}
+
+fn bytes_of(values: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the slice covers
+    // exactly the floats' memory.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 fn crop(img: &Image8, x: usize, y: usize, size: usize) -> Image8 {

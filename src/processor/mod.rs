@@ -31,7 +31,35 @@ pub struct Prompt {
     pub token_ids: Vec<u32>,
     /// All tiles of all images, in prompt order: `[tiles, 3, S, S]` (f32, CPU).
     pub pixel_values: Option<Tensor>,
+    /// The images, in prompt order: how many of the tiles each has, and its content key.
+    pub images: Vec<PromptImage>,
+}
+
+/// A hash of an image's preprocessed pixels: equal keys mean equal model inputs, so the
+/// vision features can be reused across requests. Keys are of content only, never of
+/// position or surrounding text.
+pub type ImageKey = [u8; 32];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptImage {
     pub tiles: usize,
+    pub key: ImageKey,
+}
+
+impl Prompt {
+    /// A prompt of text only.
+    pub fn text(token_ids: Vec<u32>) -> Self {
+        Self {
+            token_ids,
+            pixel_values: None,
+            images: Vec::new(),
+        }
+    }
+
+    /// Image tiles in all.
+    pub fn tiles(&self) -> usize {
+        self.images.iter().map(|i| i.tiles).sum()
+    }
 }
 
 /// An image of a request and how to present it to the model.
@@ -173,6 +201,13 @@ impl Processor {
                 ),
             });
         }
+        let images = processed
+            .iter()
+            .map(|p| PromptImage {
+                tiles: p.tiles,
+                key: p.key,
+            })
+            .collect();
         let pixel_values = if processed.is_empty() {
             None
         } else {
@@ -181,7 +216,7 @@ impl Processor {
         Ok(Prompt {
             token_ids,
             pixel_values,
-            tiles,
+            images,
         })
     }
 

@@ -146,6 +146,7 @@ pub fn engine(loaded: LoadedModel, max_batch_tokens: usize, kv_blocks: usize) ->
         max_num_seqs: 64,
         max_batch_tokens,
         max_model_len: loaded.model.info().max_positions,
+        vision_cache_bytes: 64 << 20,
     };
     loaded.into_engine(config, kv_blocks).unwrap()
 }

@@ -1,0 +1,91 @@
+//! Vision features of recent images, keyed by the hash of their preprocessed pixels and
+//! bounded in bytes, least recently used first out. A repeated image (the same photo asked
+//! about twice, a shared screenshot) skips the vision encoder, which dominates time to
+//! first token on a CPU. Keys are of content only: two requests share features exactly
+//! when their images are pixel for pixel the same.
+
+use candle_core::Tensor;
+use lru::LruCache;
+
+use crate::processor::ImageKey;
+
+pub struct VisionCache {
+    entries: LruCache<ImageKey, Tensor>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl VisionCache {
+    /// A cache holding at most `budget` bytes of features (0: never holds any).
+    pub fn new(budget: usize) -> Self {
+        Self {
+            entries: LruCache::unbounded(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    pub fn get(&mut self, key: &ImageKey) -> Option<Tensor> {
+        self.entries.get(key).cloned()
+    }
+
+    /// Keeps `features` (which must own their storage, not view a larger tensor, or the
+    /// byte count would be wrong), evicting the least recently used to make room.
+    pub fn insert(&mut self, key: ImageKey, features: Tensor) {
+        let size = size_of(&features);
+        if size > self.budget {
+            return;
+        }
+        if let Some(old) = self.entries.pop(&key) {
+            self.bytes -= size_of(&old);
+        }
+        while self.bytes + size > self.budget {
+            let (_, evicted) = self.entries.pop_lru().expect("bytes > 0 means entries. This is a bug.");
+            self.bytes -= size_of(&evicted);
+        }
+        self.bytes += size;
+        self.entries.put(key, features);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+fn size_of(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn features(rows: usize) -> Tensor {
+        Tensor::zeros((rows, 4), DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn the_least_recently_used_goes_first_and_bytes_stay_in_budget() {
+        let mut cache = VisionCache::new(3 * 64); // three entries of 4x4 f32
+        for k in 0..3u8 {
+            cache.insert([k; 32], features(4));
+        }
+        assert!(cache.get(&[0; 32]).is_some()); // 0 is now the most recent
+        cache.insert([3; 32], features(4));
+        assert!(cache.get(&[1; 32]).is_none(), "1 was the least recently used");
+        assert!(cache.get(&[0; 32]).is_some());
+        assert_eq!((cache.len(), cache.bytes()), (3, 192));
+        cache.insert([9; 32], features(100));
+        assert_eq!(cache.len(), 3, "an entry larger than the budget is not kept");
+        assert!(VisionCache::new(0).get(&[0; 32]).is_none());
+    }
+}
