@@ -74,6 +74,32 @@ pub struct ServeArgs {
     pub shutdown_timeout: Duration,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub media: MediaArgs,
+}
+
+/// Where media may come from, and the pool that decodes it.
+#[derive(Debug, Clone, Args)]
+pub struct MediaArgs {
+    /// The folder `file://` image URLs may read from (resolved, symlinks included); none:
+    /// local files are refused.
+    #[arg(long, env = "OCELLUS_ALLOWED_LOCAL_MEDIA_PATH")]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Hosts http(s) media URLs may name, with their subdomains (comma-separated); none: any
+    /// host. Checked on every redirect.
+    #[arg(long, env = "OCELLUS_ALLOWED_MEDIA_DOMAINS", value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
+    /// Fetching one media URL, connection to last byte.
+    #[arg(long, env = "OCELLUS_MEDIA_FETCH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub media_fetch_timeout: std::time::Duration,
+    #[arg(long, env = "OCELLUS_MAX_MEDIA_REDIRECTS", default_value_t = 3)]
+    pub max_media_redirects: usize,
+    /// Media decoding and preprocessing jobs at once (default: the CPU count).
+    #[arg(long, env = "OCELLUS_MEDIA_WORKERS")]
+    pub media_workers: Option<usize>,
+    /// Run media jobs on the async workers instead of the pool: only to measure the pool.
+    #[arg(long, env = "OCELLUS_MEDIA_INLINE", hide = true)]
+    pub media_inline: bool,
 }
 
 /// Bounds on what one request may send or ask for.
@@ -84,6 +110,13 @@ pub struct LimitArgs {
     pub max_body_size: ByteSize,
     #[arg(long, env = "OCELLUS_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
     pub max_images_per_request: usize,
+    /// Most image tokens (tiles x tokens per tile) one request may bring, checked from the
+    /// image headers before decoding.
+    #[arg(long, env = "OCELLUS_MAX_IMAGE_TOKENS_PER_REQUEST", default_value_t = 8192)]
+    pub max_image_tokens_per_request: usize,
+    /// Largest media file, however it arrives (data URI, URL, local file).
+    #[arg(long, env = "OCELLUS_MAX_MEDIA_SIZE", default_value = "20MiB")]
+    pub max_media_size: ByteSize,
     /// Most pixels (width x height) of one image, checked before decoding.
     #[arg(long, env = "OCELLUS_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,

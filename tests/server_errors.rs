@@ -124,8 +124,8 @@ fn cases() -> Vec<Case> {
             Some("messages[0].content[0].image_url"),
         ),
         c(
-            "http image URL",
-            chat(user_image("https://example.com/cat.png")),
+            "ftp image URL",
+            chat(user_image("ftp://example.com/cat.png")),
             400,
             "unsupported_image_url",
             Some("messages[0].content[0].image_url"),

@@ -13,7 +13,7 @@ use super::respond::Endpoint;
 use super::types::{ChatCompletionRequest, SamplingFields};
 use super::validate::Settings;
 use super::{AppState, answer, from_json, parse_json, validate};
-use crate::media::load_image;
+use crate::media::{decode_image, probe_image};
 use crate::processor::{ImageInput, Prompt};
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -34,24 +34,43 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     let max_tokens = request.max_completion_tokens.or(sampling.max_tokens);
     let generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
     let (messages, images) = validate::messages(&request.messages, &settings.limits)?;
-    // Decoding images, resizing them and running the tokenizer take milliseconds to
-    // seconds: off the async workers, so other requests' streams keep flowing.
+    let fetches = images.iter().map(|image| async {
+        state
+            .fetcher
+            .fetch(&image.url)
+            .await
+            .map_err(|e| ApiError::from(e).with_param(&image.param))
+    });
+    let fetched = futures::future::try_join_all(fetches).await?;
+    // Decoding, resizing and tokenizing take milliseconds to seconds: the bounded media
+    // pool runs them, off the async workers and the engine thread.
     let processor = ready.processor.clone();
-    let media = settings.media;
-    let prompt = tokio::task::spawn_blocking(move || {
-        let images = images
-            .into_iter()
-            .map(|image| {
-                let decoded = load_image(&image.url, &media).map_err(|e| ApiError::from(e).with_param(&image.param))?;
-                Ok(ImageInput {
-                    image: decoded,
-                    split: image.split,
+    let (media, max_image_tokens) = (settings.media, settings.max_image_tokens_per_request);
+    let prompt = state
+        .media_pool
+        .run(move || {
+            let mut headers = Vec::with_capacity(images.len());
+            let mut image_tokens = 0;
+            for (image, bytes) in images.iter().zip(&fetched) {
+                let header = probe_image(bytes, &media).map_err(|e| ApiError::from(e).with_param(&image.param))?;
+                image_tokens += processor.image_tokens(header.width, header.height, image.split);
+                if image_tokens > max_image_tokens {
+                    let message = format!("the images need {image_tokens} or more tokens, more than the limit of {max_image_tokens} per request");
+                    return Err(ApiError::InvalidRequest { message, param: Some(image.param.clone()), code: "image_tokens_exceeded" });
+                }
+                headers.push(header);
+            }
+            let inputs = images
+                .iter()
+                .zip(&fetched)
+                .zip(&headers)
+                .map(|((image, bytes), header)| {
+                    let decoded = decode_image(bytes, header).map_err(|e| ApiError::from(e).with_param(&image.param))?;
+                    Ok(ImageInput { image: decoded, split: image.split })
                 })
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
-        processor.process(&messages, &images).map_err(ApiError::from)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("preprocessing task: {e}")))??;
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            processor.process(&messages, &inputs).map_err(ApiError::from)
+        })
+        .await?;
     Ok((prompt, generation))
 }

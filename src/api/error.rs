@@ -162,9 +162,21 @@ impl From<ProcessorError> for ApiError {
 impl From<MediaError> for ApiError {
     fn from(err: MediaError) -> Self {
         let code = match err {
-            MediaError::TooManyPixels { .. } => "image_too_large",
             MediaError::UnsupportedUrl { .. } => "unsupported_image_url",
-            _ => "invalid_image",
+            MediaError::BadUrl(_)
+            | MediaError::MalformedDataUri(_)
+            | MediaError::Base64(_)
+            | MediaError::NotAnImage
+            | MediaError::Corrupt(_) => "invalid_image",
+            MediaError::FetchFailed(_) => "media_fetch_failed",
+            MediaError::Timeout => "media_timeout",
+            MediaError::TooManyRedirects { .. } => "too_many_redirects",
+            MediaError::TooLarge { .. } => "media_too_large",
+            MediaError::DomainNotAllowed(_) => "media_domain_not_allowed",
+            MediaError::LocalFilesDisabled | MediaError::PathNotAllowed(_) => "local_media_not_allowed",
+            MediaError::FileNotFound(_) => "media_not_found",
+            MediaError::ContentTypeMismatch { .. } => "content_type_mismatch",
+            MediaError::TooManyPixels { .. } => "image_too_large",
         };
         Self::InvalidRequest {
             message: err.to_string(),

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod pool;
 pub mod respond;
 pub mod server;
 pub mod types;
@@ -25,10 +26,11 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 
 use crate::engine::{EngineHandle, GenerationRequest};
-use crate::media::MediaLimits;
+use crate::media::{MediaFetcher, MediaLimits};
 use crate::metrics::Metrics;
 use crate::processor::{Processor, Prompt};
 use error::ApiError;
+use pool::MediaPool;
 use respond::{Endpoint, Job, Observer, respond};
 use validate::{RequestLimits, Settings};
 
@@ -40,6 +42,7 @@ pub struct ApiSettings {
     pub limits: RequestLimits,
     pub media: MediaLimits,
     pub max_body_bytes: usize,
+    pub max_image_tokens_per_request: usize,
     pub request_timeout: Duration,
 }
 
@@ -53,16 +56,20 @@ pub struct Ready {
 pub struct AppState {
     pub settings: ApiSettings,
     pub metrics: Arc<Metrics>,
+    pub fetcher: MediaFetcher,
+    pub media_pool: MediaPool,
     pub ready: OnceLock<Ready>,
     pub load_error: OnceLock<String>,
     pub draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(settings: ApiSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(settings: ApiSettings, metrics: Arc<Metrics>, fetcher: MediaFetcher, media_pool: MediaPool) -> Self {
         Self {
             settings,
             metrics,
+            fetcher,
+            media_pool,
             ready: OnceLock::new(),
             load_error: OnceLock::new(),
             draining: AtomicBool::new(false),

@@ -17,12 +17,13 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use super::pool::MediaPool;
 use super::validate::RequestLimits;
 use super::{ApiSettings, AppState, Ready, router};
 use crate::config::ServeArgs;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::kv::KvSpec;
-use crate::media::MediaLimits;
+use crate::media::{FetchConfig, MediaFetcher, MediaLimits};
 use crate::metrics::Metrics;
 
 /// A running server.
@@ -66,7 +67,13 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let metrics = Metrics::new();
-    let state = Arc::new(AppState::new(api_settings(&args), metrics));
+    let fetcher = MediaFetcher::new(fetch_config(&args)).map_err(anyhow::Error::msg)?;
+    let workers = args
+        .media
+        .media_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let pool = MediaPool::new(workers, args.media.media_inline);
+    let state = Arc::new(AppState::new(api_settings(&args), metrics, fetcher, pool));
     let loading = state.clone();
     let load_args = args.clone();
     tokio::task::spawn_blocking(move || match load(&load_args, &loading.metrics) {
@@ -167,7 +174,23 @@ fn api_settings(args: &ServeArgs) -> ApiSettings {
             max_image_pixels: limits.max_image_pixels,
         },
         max_body_bytes: limits.max_body_size.as_u64() as usize,
+        max_image_tokens_per_request: limits.max_image_tokens_per_request,
         request_timeout: args.request_timeout,
+    }
+}
+
+fn fetch_config(args: &ServeArgs) -> FetchConfig {
+    let media = &args.media;
+    FetchConfig {
+        timeout: media.media_fetch_timeout,
+        max_redirects: media.max_media_redirects,
+        max_bytes: args.limits.max_media_size.as_u64() as usize,
+        allowed_domains: media
+            .allowed_media_domains
+            .iter()
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect(),
+        allowed_local_path: media.allowed_local_media_path.clone(),
     }
 }
 

@@ -1,11 +1,15 @@
-//! Images from requests, decoded within bounds. Today: `data:` URIs (base64). The header is
-//! read before the pixels, so an image whose dimensions exceed the limit is refused before
-//! any decoding (a 50000x50000 PNG of a few kilobytes must not allocate gigabytes).
+//! Media from requests: fetched (`fetch`), then probed and decoded within bounds. The
+//! header is read before the pixels, so an image whose dimensions exceed the limit, or
+//! whose tokens would exceed the request's budget, is refused before any decoding (a
+//! 50000x50000 PNG of a few kilobytes must not allocate gigabytes).
+
+pub mod fetch;
 
 use std::io::Cursor;
 
-use base64::Engine;
-use image::{DynamicImage, ImageReader};
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+pub use fetch::{FetchConfig, Fetched, MediaFetcher};
 
 #[derive(Debug, Clone, Copy)]
 pub struct MediaLimits {
@@ -13,15 +17,35 @@ pub struct MediaLimits {
     pub max_image_pixels: u64,
 }
 
-/// Why an image was refused; every variant is the client's doing.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why media was refused; every variant is the client's doing.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum MediaError {
-    #[error("image URLs of this kind are not supported: {scheme}; send the image as a data: URI")]
+    #[error("URLs of this kind are not supported: `{scheme}:`; use data:, http(s): or (where allowed) file:")]
     UnsupportedUrl { scheme: String },
+    #[error("malformed URL: {0}")]
+    BadUrl(String),
     #[error("malformed data URI: {0}")]
     MalformedDataUri(String),
     #[error("the data URI's base64 payload is invalid: {0}")]
     Base64(String),
+    #[error("fetching the media failed: {0}")]
+    FetchFailed(String),
+    #[error("fetching the media took longer than the server's media timeout")]
+    Timeout,
+    #[error("the media URL redirected more than {limit} times")]
+    TooManyRedirects { limit: usize },
+    #[error("the media is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("media from `{0}` is not allowed on this server")]
+    DomainNotAllowed(String),
+    #[error("local files are not allowed on this server")]
+    LocalFilesDisabled,
+    #[error("the local file {0} is outside the folder this server allows")]
+    PathNotAllowed(String),
+    #[error("no such local file: {0}")]
+    FileNotFound(String),
+    #[error("the source says `{declared}` but the data is {actual}")]
+    ContentTypeMismatch { declared: String, actual: String },
     #[error("the data is not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF)")]
     NotAnImage,
     #[error("the image is {width}x{height} = {pixels} pixels, more than the limit of {limit}")]
@@ -35,40 +59,30 @@ pub enum MediaError {
     Corrupt(String),
 }
 
-/// Decodes the image an `image_url.url` names.
-pub fn load_image(url: &str, limits: &MediaLimits) -> Result<DynamicImage, MediaError> {
-    let Some(rest) = url.strip_prefix("data:") else {
-        let scheme = url
-            .split(':')
-            .next()
-            .filter(|s| s.len() < url.len())
-            .unwrap_or("(none)");
-        return Err(MediaError::UnsupportedUrl {
-            scheme: scheme.chars().take(16).collect(),
-        });
-    };
-    let (header, payload) = rest
-        .split_once(',')
-        .ok_or_else(|| MediaError::MalformedDataUri("no ',' before the payload".into()))?;
-    if !header.ends_with(";base64") {
-        return Err(MediaError::MalformedDataUri(
-            "only base64 payloads are supported".into(),
-        ));
-    }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
-        .map_err(|e| MediaError::Base64(e.to_string()))?;
-    decode_image(&bytes, limits)
+/// An image's format and size, read from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
 }
 
-/// Decodes image bytes, checking the dimensions from the header first.
-pub fn decode_image(bytes: &[u8], limits: &MediaLimits) -> Result<DynamicImage, MediaError> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| MediaError::NotAnImage)?;
-    if reader.format().is_none() {
-        return Err(MediaError::NotAnImage);
+/// Reads the format and dimensions, checks them against the declared content type and the
+/// pixel limit. Decodes nothing.
+pub fn probe_image(fetched: &Fetched, limits: &MediaLimits) -> Result<ImageHeader, MediaError> {
+    let bytes = &fetched.bytes;
+    let format = image::guess_format(bytes).map_err(|_| MediaError::NotAnImage)?;
+    if let Some(declared) = &fetched.declared_type {
+        let actual = format.to_mime_type();
+        let generic = declared == "application/octet-stream" || declared.is_empty();
+        if !generic && declared != actual && !(declared == "image/jpg" && actual == "image/jpeg") {
+            return Err(MediaError::ContentTypeMismatch {
+                declared: declared.clone(),
+                actual: actual.to_string(),
+            });
+        }
     }
+    let reader = ImageReader::with_format(Cursor::new(bytes), format);
     let (width, height) = reader
         .into_dimensions()
         .map_err(|e| MediaError::Corrupt(e.to_string()))?;
@@ -84,14 +98,16 @@ pub fn decode_image(bytes: &[u8], limits: &MediaLimits) -> Result<DynamicImage, 
     if pixels == 0 {
         return Err(MediaError::Corrupt("the image has no pixels".into()));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| MediaError::NotAnImage)?;
-    // The decoder's own allocation cap backs up the header check (formats whose frames can
-    // claim other sizes than the header).
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
-    reader.limits(decoder_limits);
+    Ok(ImageHeader { format, width, height })
+}
+
+/// Decodes a probed image; the decoder's allocation cap backs up the header check.
+pub fn decode_image(fetched: &Fetched, header: &ImageHeader) -> Result<DynamicImage, MediaError> {
+    let mut reader = ImageReader::with_format(Cursor::new(&fetched.bytes), header.format);
+    let pixels = header.width as u64 * header.height as u64;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    reader.limits(limits);
     reader.decode().map_err(|e| MediaError::Corrupt(e.to_string()))
 }
 
@@ -106,47 +122,43 @@ mod tests {
     fn png(width: u32, height: u32) -> Vec<u8> {
         let img = image::RgbImage::from_pixel(width, height, image::Rgb([10, 20, 30]));
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
-            .unwrap();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
         out
     }
 
-    fn data_uri(bytes: &[u8]) -> String {
-        format!(
-            "data:image/png;base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(bytes)
-        )
+    fn fetched(bytes: Vec<u8>, declared: Option<&str>) -> Fetched {
+        Fetched {
+            bytes,
+            declared_type: declared.map(str::to_string),
+        }
     }
 
     #[test]
-    fn a_data_uri_png_decodes() {
-        let img = load_image(&data_uri(&png(7, 3)), &LIMITS).unwrap();
+    fn a_png_probes_and_decodes() {
+        let f = fetched(png(7, 3), Some("image/png"));
+        let header = probe_image(&f, &LIMITS).unwrap();
+        assert_eq!((header.width, header.height), (7, 3));
+        let img = decode_image(&f, &header).unwrap();
         assert_eq!((img.width(), img.height()), (7, 3));
     }
 
     #[test]
-    fn bad_inputs_get_their_own_errors() {
-        assert!(matches!(
-            load_image("https://example.com/a.png", &LIMITS),
-            Err(MediaError::UnsupportedUrl { .. })
-        ));
-        assert!(matches!(
-            load_image("data:image/png;base64", &LIMITS),
-            Err(MediaError::MalformedDataUri(_))
-        ));
-        assert!(matches!(
-            load_image("data:image/png;base64,@@@", &LIMITS),
-            Err(MediaError::Base64(_))
-        ));
+    fn bad_bytes_and_lying_types_get_their_own_errors() {
         assert_eq!(
-            load_image(&data_uri(b"plain text, not an image"), &LIMITS).unwrap_err(),
+            probe_image(&fetched(b"plain text".to_vec(), None), &LIMITS).unwrap_err(),
             MediaError::NotAnImage
         );
-        let truncated = &png(40, 40)[..60];
-        assert!(matches!(
-            load_image(&data_uri(truncated), &LIMITS),
-            Err(MediaError::Corrupt(_))
-        ));
+        assert_eq!(
+            probe_image(&fetched(Vec::new(), None), &LIMITS).unwrap_err(),
+            MediaError::NotAnImage
+        );
+        let lying = probe_image(&fetched(png(4, 4), Some("image/jpeg")), &LIMITS).unwrap_err();
+        assert!(matches!(lying, MediaError::ContentTypeMismatch { .. }), "{lying}");
+        let generic = probe_image(&fetched(png(4, 4), Some("application/octet-stream")), &LIMITS);
+        assert!(generic.is_ok());
+        let truncated = fetched(png(40, 40)[..60].to_vec(), None);
+        let result = probe_image(&truncated, &LIMITS).and_then(|h| decode_image(&truncated, &h).map(|_| ()));
+        assert!(matches!(result, Err(MediaError::Corrupt(_))), "{result:?}");
     }
 
     #[test]
@@ -157,7 +169,7 @@ mod tests {
         bomb[20..24].copy_from_slice(&50000u32.to_be_bytes());
         let crc = crc32fast::hash(&bomb[12..29]); // IHDR's type and data
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-        let err = load_image(&data_uri(&bomb), &LIMITS).unwrap_err();
+        let err = probe_image(&fetched(bomb, None), &LIMITS).unwrap_err();
         assert!(
             matches!(
                 err,

@@ -115,6 +115,25 @@ impl ImageProcessor {
         self.config.do_image_splitting
     }
 
+    /// Tiles an image of this size becomes, without touching its pixels.
+    pub fn tiles_for(&self, width: usize, height: usize, split: bool) -> usize {
+        if !split {
+            return 1;
+        }
+        let (h, w) = if self.config.do_resize {
+            longest_edge_size(height, width, self.config.size.longest_edge)
+        } else {
+            (height, width)
+        };
+        let m = self.tile_size;
+        let (h, w) = vision_encoder_size(h, w, m);
+        if h > m || w > m {
+            ((h - m) / m + 1) * ((w - m) / m + 1) + 1
+        } else {
+            1
+        }
+    }
+
     pub fn preprocess(&self, image: &DynamicImage, split: bool) -> ProcessedImage {
         let c = &self.config;
         let mut img = if c.do_convert_rgb {
@@ -300,6 +319,32 @@ mod tests {
         assert_eq!(longest_edge_size(260, 70, 2048), (2048, 552));
         // an extreme panorama stays under 4096 on both sides
         assert_eq!(longest_edge_size(10, 5000, 8192), (8, 4096));
+    }
+
+    #[test]
+    fn tiles_for_predicts_what_preprocess_makes() {
+        let config: ImageProcessorConfig =
+            serde_json::from_str(r#"{"max_image_size": {"longest_edge": 64}, "size": {"longest_edge": 256}}"#).unwrap();
+        let processor = ImageProcessor::new(config, std::path::Path::new("x")).unwrap();
+        for (w, h) in [
+            (640, 480),
+            (300, 80),
+            (70, 260),
+            (40, 30),
+            (64, 64),
+            (1, 1),
+            (4000, 3000),
+        ] {
+            let image = DynamicImage::new_rgb8(w, h);
+            for split in [true, false] {
+                let made = processor.preprocess(&image, split).tiles;
+                assert_eq!(
+                    processor.tiles_for(w as usize, h as usize, split),
+                    made,
+                    "{w}x{h} split {split}"
+                );
+            }
+        }
     }
 
     #[test]

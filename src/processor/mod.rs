@@ -149,6 +149,12 @@ impl Processor {
         })
     }
 
+    /// Image tokens an image of this size becomes (its tiles times the tokens per tile).
+    pub fn image_tokens(&self, width: u32, height: u32, split: Option<bool>) -> usize {
+        let split = split.unwrap_or(self.images.splits_by_default());
+        self.images.tiles_for(width as usize, height as usize, split) * self.image_seq_len
+    }
+
     pub fn image_token_id(&self) -> u32 {
         self.image_token_id
     }
