@@ -48,6 +48,16 @@ struct Args {
     kv_cache_memory: String,
     #[arg(long)]
     output: Option<PathBuf>,
+    /// `sweep` (the concurrency levels) or `interference`: 8 text streams run while one
+    /// request with a large image (--big-image, default a generated 4000x3000 JPEG) arrives;
+    /// reports the streams' inter-token latency before and while it is handled.
+    #[arg(long, default_value = "sweep")]
+    scenario: String,
+    #[arg(long)]
+    big_image: Option<PathBuf>,
+    /// Extra flags for the in-process server, e.g. --server-flag=--media-inline.
+    #[arg(long = "server-flag", allow_hyphen_values = true)]
+    server_flags: Vec<String>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -73,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (base, _server) = match &args.url {
         Some(url) => (url.trim_end_matches('/').to_string(), None),
         None => {
-            let mut serve = ocellus::config::ServeArgs::for_model(&args.model);
+            let mut serve = server_args(&args.model, &args.server_flags);
             serve.kv_cache_memory = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
             serve.max_queue = 4096;
             let server = ocellus::api::server::start(serve).await?;
@@ -85,6 +95,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let model: Value = client.get(format!("{base}/v1/models")).send().await?.json().await?;
     let model = model["data"][0]["id"].as_str().unwrap_or_default().to_string();
     let body = Arc::new(request_body(&args, &model)?);
+    if args.scenario == "interference" {
+        let report = interference(&client, &base, &args, &model).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {
         let requests = args.requests.unwrap_or((2 * concurrency).max(4));
@@ -105,6 +120,123 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, text)?;
     }
     Ok(())
+}
+
+fn server_args(model: &str, extra: &[String]) -> ocellus::config::ServeArgs {
+    let mut argv = vec![
+        "ocellus",
+        "serve",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ];
+    argv.extend(extra.iter().map(String::as_str));
+    match ocellus::config::Cli::parse_from(argv).command {
+        ocellus::config::Command::Serve(args) => args,
+        _ => unreachable!("parsed a serve command"),
+    }
+}
+
+/// A 4000x3000 JPEG with photo-like gradients and noise.
+fn big_jpeg() -> Vec<u8> {
+    let mut state = 12345u32;
+    let img = image::RgbImage::from_fn(4000, 3000, |x, y| {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let noise = (state >> 27) as u8;
+        image::Rgb([(x / 16) as u8 ^ noise, (y / 12) as u8, ((x + y) / 28) as u8 ^ noise])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg)
+        .expect("JPEG encoding");
+    out
+}
+
+async fn interference(client: &reqwest::Client, base: &str, args: &Args, model: &str) -> anyhow::Result<Value> {
+    let url = format!("{base}/v1/chat/completions");
+    let text = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}],
+        "max_tokens": args.max_tokens, "ignore_eos": true, "temperature": 0, "stream": true, "logprobs": true,
+    });
+    let (bytes, mime) = match &args.big_image {
+        Some(path) => (std::fs::read(path)?, "image/png"),
+        None => (big_jpeg(), "image/jpeg"),
+    };
+    let image_url = format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&bytes)
+    );
+    let image = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url, "detail": args.detail}},
+            {"type": "text", "text": "Describe this image."}]}],
+        "max_tokens": 1, "temperature": 0, "stream": true, "logprobs": true,
+    });
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), text.clone());
+            tokio::spawn(async move { token_times(&client, &url, &body).await })
+        })
+        .collect();
+    // Let the streams settle into decoding, then send the image.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent = Instant::now();
+    let image_times = token_times(client, &url, &image).await?;
+    let answered = image_times.first().copied().unwrap_or(sent);
+    let (mut before, mut during) = (Vec::new(), Vec::new());
+    for stream in streams {
+        let times = stream.await??;
+        for pair in times.windows(2) {
+            let gap = (pair[1] - pair[0]).as_secs_f64();
+            if pair[1] < sent {
+                before.push(gap);
+            } else if pair[1] <= answered + Duration::from_millis(500) {
+                during.push(gap);
+            }
+        }
+    }
+    Ok(json!({
+        "model": model,
+        "image_bytes": bytes.len(),
+        "detail": args.detail,
+        "image_ttft_s": (answered - sent).as_secs_f64(),
+        "itl_before_p50_s": percentile(&mut before, 0.50),
+        "itl_before_p99_s": percentile(&mut before, 0.99),
+        "itl_during_p50_s": percentile(&mut during, 0.50),
+        "itl_during_p99_s": percentile(&mut during, 0.99),
+        "itl_during_max_s": during.iter().copied().fold(0.0, f64::max),
+    }))
+}
+
+/// When each token of a streamed request arrived.
+async fn token_times(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Vec<Instant>> {
+    let response = client.post(url).json(body).send().await?;
+    anyhow::ensure!(response.status().is_success(), "status {}", response.status());
+    let mut times = Vec::new();
+    let mut buffer = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(bytes) = stream.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&bytes?));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                return Ok(times);
+            }
+            let chunk: Value = serde_json::from_str(data)?;
+            let tokens = chunk["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map_or(0, Vec::len);
+            times.extend(std::iter::repeat_n(Instant::now(), tokens));
+        }
+    }
+    Ok(times)
 }
 
 fn request_body(args: &Args, model: &str) -> anyhow::Result<Value> {
@@ -168,7 +300,8 @@ async fn run_level(
         timings.iter().all(|t| t.tokens == max_tokens),
         "a request did not get {max_tokens} tokens"
     );
-    let mut ttft: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64()).collect();
+    let each: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64()).collect();
+    let mut ttft = each.clone();
     let mut itl: Vec<f64> = timings
         .iter()
         .flat_map(|t| t.gaps.iter().map(Duration::as_secs_f64))
@@ -181,6 +314,7 @@ async fn run_level(
         "output_tokens_per_s": tokens as f64 / elapsed,
         "ttft_p50_s": percentile(&mut ttft, 0.50),
         "ttft_p99_s": percentile(&mut ttft, 0.99),
+        "ttft_each_s": each,
         "itl_p50_s": percentile(&mut itl, 0.50),
         "itl_p99_s": percentile(&mut itl, 0.99),
     }))
