@@ -36,9 +36,10 @@ impl LoadedModel {
         let pool = kv::KvPool::new(&self.model.kv_spec(), kv_blocks)?;
         let tokenizer = self.processor.tokenizer().clone();
         let eos = self.processor.eos_token_ids().to_vec();
+        let model: std::sync::Arc<dyn VisionLanguageModel> = self.model.into();
         Ok((
             self.processor,
-            engine::EngineCore::new(self.model, pool, tokenizer, eos, config),
+            engine::EngineCore::new(model, pool, tokenizer, eos, config),
         ))
     }
 }

@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 use super::request::{EngineFailure, EventSender, GenerationRequest, SequenceEvent};
 use super::scheduler::{Limits, Plan, Who, plan_step};
 use super::sequence::{SeqId, Sequence};
+use super::vision::{self, VisionDone, VisionWorker};
 use super::vision_cache::VisionCache;
 use crate::kv::KvPool;
 use crate::model::{SequenceInput, VisionLanguageModel};
@@ -73,7 +74,7 @@ impl StepReport {
 }
 
 pub struct EngineCore {
-    model: Box<dyn VisionLanguageModel>,
+    model: Arc<dyn VisionLanguageModel>,
     pool: KvPool,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
@@ -83,17 +84,21 @@ pub struct EngineCore {
     running: Vec<Sequence>,
     next_id: SeqId,
     vision_cache: VisionCache,
+    vision: VisionWorker,
+    /// Vision work since the last report (cache lookups happen when requests arrive).
+    unreported: StepReport,
 }
 
 impl EngineCore {
     pub fn new(
-        model: Box<dyn VisionLanguageModel>,
+        model: Arc<dyn VisionLanguageModel>,
         pool: KvPool,
         tokenizer: Arc<Tokenizer>,
         eos: Vec<u32>,
         config: EngineConfig,
     ) -> Self {
         let vision_cache = VisionCache::new(config.vision_cache_bytes);
+        let vision = VisionWorker::spawn(model.clone());
         Self {
             model,
             pool,
@@ -104,6 +109,8 @@ impl EngineCore {
             running: Vec::new(),
             next_id: 0,
             vision_cache,
+            vision,
+            unreported: StepReport::default(),
         }
     }
 
@@ -129,6 +136,28 @@ impl EngineCore {
 
     pub fn has_work(&self) -> bool {
         !self.running.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Whether a step could compute something now (not only wait for the vision thread).
+    pub fn has_runnable_work(&self) -> bool {
+        !self.running.is_empty() || self.waiting.iter().any(|s| !s.vision_pending)
+    }
+
+    /// Images being encoded on the vision thread.
+    pub fn vision_in_flight(&self) -> usize {
+        self.vision.in_flight()
+    }
+
+    /// The vision thread's results, to wait on together with other channels.
+    pub fn vision_results(&self) -> &crossbeam_channel::Receiver<VisionDone> {
+        self.vision.results()
+    }
+
+    /// Blocks until the vision thread finishes a job (or `timeout`), and takes it in.
+    pub fn wait_for_vision(&mut self, timeout: Duration) {
+        if let Some(done) = self.vision.wait(timeout) {
+            self.take_vision(done);
+        }
     }
 
     /// Queues one choice of a request; its events go to `events`.
@@ -165,7 +194,18 @@ impl EngineCore {
         let id = self.next_id;
         self.next_id += 1;
         let seed = request.sampling.seed.map_or(id, |s| s.wrapping_add(choice as u64));
-        self.waiting.push_back(Sequence::new(id, choice, request, events, seed));
+        let mut seq = Sequence::new(id, choice, request, events, seed);
+        match vision::start(&mut seq, &mut self.vision_cache, &mut self.vision) {
+            Ok((hits, misses)) => {
+                self.unreported.vision_cache_hits += hits;
+                self.unreported.vision_cache_misses += misses;
+            }
+            Err(err) => {
+                seq.send(SequenceEvent::Failed(EngineFailure::Model(err.to_string())));
+                return Ok(id);
+            }
+        }
+        self.waiting.push_back(seq);
         Ok(id)
     }
 
@@ -178,10 +218,17 @@ impl EngineCore {
     }
 
     pub fn step(&mut self) -> StepReport {
-        let mut report = StepReport::default();
+        for done in self.vision.finished() {
+            self.take_vision(done);
+        }
+        let mut report = std::mem::take(&mut self.unreported);
         self.drop_gone(&mut report);
         let running: Vec<_> = self.running.iter().map(Sequence::as_running).collect();
-        let waiting: Vec<_> = self.waiting.iter().map(Sequence::as_waiting).collect();
+        // Requests whose images are still encoding wait outside the queue's order.
+        let ready: Vec<usize> = (0..self.waiting.len())
+            .filter(|&i| !self.waiting[i].vision_pending)
+            .collect();
+        let waiting: Vec<_> = ready.iter().map(|&i| self.waiting[i].as_waiting()).collect();
         let limits = Limits {
             max_num_seqs: self.config.max_num_seqs,
             token_budget: self.config.max_batch_tokens,
@@ -190,27 +237,33 @@ impl EngineCore {
         if plan.chunks.is_empty() && plan.preempt.is_empty() {
             return report;
         }
-        self.preempt_and_admit(&plan, &mut report);
+        self.preempt_and_admit(&plan, &ready[..plan.admit], &mut report);
         let chunks = self.resolve_chunks(&plan);
-        let mut encoded = Vec::new();
         for &(index, len) in &chunks {
-            let seq = &mut self.running[index];
-            let grown = self.pool.grow(&mut seq.kv, len);
+            let grown = self.pool.grow(&mut self.running[index].kv, len);
             debug_assert!(grown, "the plan counted these blocks. This is a bug.");
-            if seq.kv.is_empty() && seq.image_features.is_none() && seq.request.prompt.pixel_values.is_some() {
-                encoded.push(index);
-            }
         }
-        let started = Instant::now();
-        for index in encoded {
-            if let Err(err) = self.encode_images(index, &mut report) {
-                self.fail(&[index], &err.to_string(), &mut report);
-                return report;
-            }
-        }
-        report.vision = started.elapsed();
         self.forward(&chunks, &mut report);
         report
+    }
+
+    /// Attaches the vision thread's output to its sequence (if it is still waiting).
+    fn take_vision(&mut self, done: VisionDone) {
+        self.unreported.vision += done.took;
+        let Some(index) = self.waiting.iter().position(|s| s.id == done.seq) else {
+            return;
+        };
+        let rows_per_tile = self.model.info().image_seq_len;
+        let seq = &mut self.waiting[index];
+        let result = done
+            .features
+            .and_then(|f| vision::finish(seq, f, &mut self.vision_cache, rows_per_tile).map_err(|e| e.to_string()));
+        if let Err(message) = result {
+            tracing::error!(%message, "vision encoding failed");
+            let seq = self.waiting.remove(index).expect("index found above. This is a bug.");
+            seq.send(SequenceEvent::Failed(EngineFailure::Model(message)));
+            self.unreported.failed += 1;
+        }
     }
 
     fn drop_gone(&mut self, report: &mut StepReport) {
@@ -232,7 +285,7 @@ impl EngineCore {
         self.waiting.retain_mut(&mut keep);
     }
 
-    fn preempt_and_admit(&mut self, plan: &Plan, report: &mut StepReport) {
+    fn preempt_and_admit(&mut self, plan: &Plan, admitted: &[usize], report: &mut StepReport) {
         // Victims are the youngest alive sequences, which the plan lists youngest first:
         // the tail of `running`. They go back to the front of the queue, oldest first.
         if let Some(&oldest_victim) = plan.preempt.last() {
@@ -242,7 +295,15 @@ impl EngineCore {
                 self.waiting.push_front(seq);
             }
         }
-        for mut seq in self.waiting.drain(..plan.admit) {
+        // The plan admits only when nothing was preempted, so `admitted` still indexes the
+        // queue as it was planned. Taken from the back to keep earlier indices valid.
+        let mut joining: Vec<Sequence> = admitted
+            .iter()
+            .rev()
+            .map(|&i| self.waiting.remove(i).expect("planned from the queue. This is a bug."))
+            .collect();
+        joining.reverse();
+        for mut seq in joining {
             if !seq.admitted_once {
                 seq.admitted_once = true;
                 report.queue_times.push(seq.arrived.elapsed());
@@ -274,64 +335,6 @@ impl EngineCore {
                 (index, len)
             })
             .collect()
-    }
-
-    /// The vision features of a prompt's images: cached ones reused, the rest encoded
-    /// together in one batch of tiles and cached.
-    fn encode_images(&mut self, index: usize, report: &mut StepReport) -> candle_core::Result<()> {
-        let seq = &mut self.running[index];
-        let pixels = seq
-            .request
-            .prompt
-            .pixel_values
-            .take()
-            .expect("checked by the caller. This is a bug.");
-        let images = &seq.request.prompt.images;
-        let mut parts: Vec<Option<Tensor>> = images.iter().map(|image| self.vision_cache.get(&image.key)).collect();
-        // Tiles of images to encode, each key once.
-        let mut misses: Vec<(Tensor, usize)> = Vec::new();
-        let mut first_tile = 0;
-        for (i, image) in images.iter().enumerate() {
-            let repeat = images[..i].iter().any(|earlier| earlier.key == image.key);
-            if parts[i].is_none() && !repeat {
-                misses.push((pixels.narrow(0, first_tile, image.tiles)?, i));
-            }
-            first_tile += image.tiles;
-        }
-        report.vision_cache_hits += parts.iter().filter(|p| p.is_some()).count();
-        report.vision_cache_misses += misses.len();
-        if !misses.is_empty() {
-            let tiles: Vec<Tensor> = misses.iter().map(|(t, _)| t.clone()).collect();
-            let features = self
-                .model
-                .encode_images(&Tensor::cat(&tiles, 0)?.to_device(self.model.device())?)?;
-            let rows_per_tile = self.model.info().image_seq_len;
-            let mut row = 0;
-            for &(_, i) in &misses {
-                let rows = images[i].tiles * rows_per_tile;
-                // A copy, so the cached entry owns exactly its rows.
-                let own = if misses.len() == 1 {
-                    features.clone()
-                } else {
-                    features.narrow(0, row, rows)?.copy()?
-                };
-                self.vision_cache.insert(images[i].key, own.clone());
-                parts[i] = Some(own);
-                row += rows;
-            }
-        }
-        for i in 0..images.len() {
-            if parts[i].is_none() {
-                let earlier = images[..i].iter().position(|e| e.key == images[i].key);
-                parts[i] = earlier.and_then(|j| parts[j].clone());
-            }
-        }
-        let parts: Vec<Tensor> = parts
-            .into_iter()
-            .map(|p| p.expect("every image has features now. This is a bug."))
-            .collect();
-        seq.image_features = Some(Tensor::cat(&parts, 0)?);
-        Ok(())
     }
 
     fn forward(&mut self, chunks: &[(usize, usize)], report: &mut StepReport) {

@@ -3,8 +3,10 @@
 //! handle bounds the waiting queue (a full queue is refused at once, for a 429) and
 //! publishes the engine's state for health checks and metrics.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+
+use crossbeam_channel::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -45,7 +47,7 @@ struct Published {
 
 #[derive(Clone)]
 pub struct EngineHandle {
-    commands: mpsc::Sender<Command>,
+    commands: Sender<Command>,
     published: Arc<Published>,
     max_queue: usize,
     total_blocks: usize,
@@ -55,7 +57,7 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Starts the engine thread. `max_queue`: most sequences waiting for admission.
     pub fn spawn(core: EngineCore, max_queue: usize, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
-        let (commands, inbox) = mpsc::channel();
+        let (commands, inbox) = crossbeam_channel::unbounded();
         let published = Arc::new(Published::default());
         let total_blocks = core.pool().num_blocks();
         let max_model_len = core.max_model_len();
@@ -133,14 +135,27 @@ impl EngineHandle {
     }
 }
 
-fn run(mut core: EngineCore, inbox: mpsc::Receiver<Command>, published: Arc<Published>, metrics: Arc<Metrics>) {
+fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>, metrics: Arc<Metrics>) {
     let mut deadline: Option<Instant> = None;
     loop {
-        // Block only when there is nothing to compute.
-        let first = if core.has_work() {
+        // Block only when there is nothing to compute: for a command, or for the vision
+        // thread when all that is left waits on it.
+        let first = if core.has_runnable_work() {
             inbox.try_recv().ok()
+        } else if core.vision_in_flight() > 0 {
+            let mut select = crossbeam_channel::Select::new();
+            let commands = select.recv(&inbox);
+            select.recv(core.vision_results());
+            if select.ready() == commands {
+                inbox.try_recv().ok()
+            } else {
+                None
+            }
         } else if deadline.is_some() {
             break;
+        } else if core.has_work() {
+            // Waiting sequences no step can start yet: look for commands, then plan again.
+            inbox.try_recv().ok()
         } else {
             match inbox.recv() {
                 Ok(command) => Some(command),

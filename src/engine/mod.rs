@@ -11,6 +11,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod vision;
 pub mod vision_cache;
 
 pub use core::{AddError, EngineConfig, EngineCore, StepReport};

@@ -49,6 +49,9 @@ pub fn generate(
     }
     let mut timings = Timings::default();
     while core.has_work() {
+        if !core.has_runnable_work() && core.vision_in_flight() > 0 {
+            core.wait_for_vision(std::time::Duration::from_secs(3600));
+        }
         let report = core.step();
         timings.vision += report.vision;
         if report.prefill_tokens > 0 {

@@ -26,6 +26,10 @@ pub struct Sequence {
     /// Vision features of the prompt's image tokens; kept so a preempted sequence can be
     /// recomputed without the vision encoder.
     pub image_features: Option<Tensor>,
+    /// Per image, its features while they are being gathered (cache or encoder).
+    pub image_parts: Vec<Option<Tensor>>,
+    /// Waiting for the vision thread: not schedulable yet.
+    pub vision_pending: bool,
     pub kv: SequenceKv,
     pub arrived: Instant,
     pub admitted_once: bool,
@@ -46,6 +50,8 @@ impl Sequence {
             prompt_len: tokens.len(),
             tokens,
             image_features: None,
+            image_parts: Vec::new(),
+            vision_pending: false,
             kv: SequenceKv::default(),
             arrived: request.arrived,
             admitted_once: false,

@@ -60,7 +60,7 @@ pub struct SequenceInput<'a> {
 
 /// A vision-language model. It holds weights only: KV caches are owned by the caller and
 /// lent per step, so one instance serves any number of sequences.
-pub trait VisionLanguageModel: Send {
+pub trait VisionLanguageModel: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
     fn kv_spec(&self) -> KvSpec;
