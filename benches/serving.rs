@@ -83,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (base, _server) = match &args.url {
         Some(url) => (url.trim_end_matches('/').to_string(), None),
         None => {
-            let mut serve = server_args(&args.model, &args.server_flags);
+            let mut serve = ocellus::config::ServeArgs::for_model(&args.model, &args.server_flags);
             serve.kv_cache_memory = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
             serve.max_queue = 4096;
             let server = ocellus::api::server::start(serve).await?;
@@ -120,24 +120,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, text)?;
     }
     Ok(())
-}
-
-fn server_args(model: &str, extra: &[String]) -> ocellus::config::ServeArgs {
-    let mut argv = vec![
-        "ocellus",
-        "serve",
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ];
-    argv.extend(extra.iter().map(String::as_str));
-    match ocellus::config::Cli::parse_from(argv).command {
-        ocellus::config::Command::Serve(args) => args,
-        _ => unreachable!("parsed a serve command"),
-    }
 }
 
 /// A 4000x3000 JPEG with photo-like gradients and noise.
@@ -322,39 +304,14 @@ async fn run_level(
 
 async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<RequestTiming> {
     let sent = Instant::now();
-    let response = client.post(url).json(body).send().await?;
-    anyhow::ensure!(response.status().is_success(), "status {}", response.status());
-    let mut timing = RequestTiming::default();
-    let mut last: Option<Instant> = None;
-    let mut buffer = String::new();
-    let mut stream = response.bytes_stream();
-    while let Some(bytes) = stream.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&bytes?));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
-            };
-            if data == "[DONE]" {
-                return Ok(timing);
-            }
-            let chunk: Value = serde_json::from_str(data)?;
-            anyhow::ensure!(chunk.get("error").is_none(), "stream error: {data}");
-            let tokens = chunk["choices"][0]["logprobs"]["content"]
-                .as_array()
-                .map_or(0, Vec::len);
-            for _ in 0..tokens {
-                let now = Instant::now();
-                match last {
-                    None => timing.ttft = now - sent,
-                    Some(previous) => timing.gaps.push(now - previous),
-                }
-                last = Some(now);
-                timing.tokens += 1;
-            }
-        }
-    }
-    Ok(timing)
+    let times = token_times(client, url, body).await?;
+    let ttft = times.first().map_or(Duration::ZERO, |&t| t - sent);
+    let gaps = times.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    Ok(RequestTiming {
+        ttft,
+        gaps,
+        tokens: times.len(),
+    })
 }
 
 fn percentile(values: &mut [f64], q: f64) -> f64 {

@@ -133,9 +133,10 @@ pub struct LimitArgs {
 }
 
 impl ServeArgs {
-    /// Defaults for a server on a free loopback port, as tests and benchmarks start it.
-    pub fn for_model(model: &str) -> Self {
-        let cli = Cli::parse_from([
+    /// Defaults for a server on a free loopback port, as tests and benchmarks start it;
+    /// `extra` are more command-line flags.
+    pub fn for_model(model: &str, extra: &[String]) -> Self {
+        let mut argv = vec![
             "ocellus",
             "serve",
             "--model",
@@ -144,8 +145,9 @@ impl ServeArgs {
             "127.0.0.1",
             "--port",
             "0",
-        ]);
-        match cli.command {
+        ];
+        argv.extend(extra.iter().map(String::as_str));
+        match Cli::parse_from(argv).command {
             Command::Serve(args) => args,
             Command::Generate(_) => unreachable!("parsed a serve command. This is a bug."),
         }

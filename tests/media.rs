@@ -18,15 +18,6 @@ use serde_json::{Value, json};
 
 const MAX_MEDIA: usize = 200_000;
 
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = png(1, 1, [0, 0, 0]);
-    bytes[16..20].copy_from_slice(&width.to_be_bytes());
-    bytes[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32fast::hash(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    bytes
-}
-
 fn with_type(content_type: &'static str, bytes: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
 }

@@ -40,15 +40,6 @@ fn hi() -> Value {
     chat(json!([{"role": "user", "content": "hi"}]))
 }
 
-fn png_claiming(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = png(1, 1, [0, 0, 0]);
-    bytes[16..20].copy_from_slice(&width.to_be_bytes());
-    bytes[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32fast::hash(&bytes[12..29]);
-    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-    bytes
-}
-
 fn cases() -> Vec<Case> {
     let c = |name, body, status, code, param| Case {
         name,

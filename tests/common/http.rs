@@ -12,7 +12,7 @@ pub const MODEL: &str = "tiny-idefics3";
 /// A ready server on the tiny fixture; `configure` adjusts its flags.
 pub async fn server(configure: impl FnOnce(&mut ServeArgs)) -> ServerHandle {
     let path = fixtures().join("models").join(MODEL);
-    let mut args = ServeArgs::for_model(path.to_str().unwrap());
+    let mut args = ServeArgs::for_model(path.to_str().unwrap(), &[]);
     args.kv_cache_memory = "64MiB".parse().unwrap();
     configure(&mut args);
     let server = start(args).await.expect("the server starts");
@@ -45,6 +45,17 @@ pub fn png(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .unwrap();
     out
+}
+
+/// A 1x1 PNG whose header claims `width`x`height` (checksum fixed): a decompression bomb
+/// for anything that trusts the header.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = png(1, 1, [0, 0, 0]);
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32fast::hash(&bytes[12..29]); // IHDR's type and data
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
 }
 
 pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
