@@ -133,12 +133,72 @@ def make_images(dst: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Test videos: 3 s at 15 fps, 96x72, a ball crossing a gradient. clip.mp4 is lossless
+# (H.264 High 4:4:4 in RGB), so every decoder gives the same pixels and the video case can
+# be compared to the bit; the others (H.264 4:2:0, VP9 in WebM, an animated GIF) test
+# decoding only.
+# ---------------------------------------------------------------------------------------
+
+VIDEO_FPS = 15
+VIDEO_FRAMES = 45
+
+
+def video_frames(w=96, h=72, n=VIDEO_FRAMES):
+    y, x = np.mgrid[0:h, 0:w]
+    frames = []
+    for t in range(n):
+        base = np.stack([x * 255 / (w - 1), y * 255 / (h - 1), np.full_like(x, (t * 5) % 256)], -1)
+        img = Image.fromarray(base.astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        cx = 8 + t * (w - 16) // (n - 1)
+        draw.ellipse([cx - 8, h // 2 - 8, cx + 8, h // 2 + 8], fill=(250, 240, 20))
+        draw.rectangle([w - 20 - t // 3, 4, w - 4, 14], fill=(20, 40, 220))
+        frames.append(np.asarray(img))
+    return frames
+
+
+def encode_video(path: Path, frames, codec: str, pix_fmt: str, options: dict) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=VIDEO_FPS)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = pix_fmt
+        stream.options = options
+        stream.thread_count = 1  # deterministic output
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_videos(dst: Path) -> None:
+    import av
+
+    dst.mkdir(parents=True, exist_ok=True)
+    frames = video_frames()
+    encode_video(dst / "clip.mp4", frames, "libx264rgb", "rgb24", {"qp": "0", "preset": "veryslow"})
+    with av.open(str(dst / "clip.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(frames, decoded)) and len(decoded) == len(frames), "not lossless"
+    encode_video(dst / "clip-yuv420.mp4", frames, "libx264", "yuv420p", {"crf": "18"})
+    encode_video(dst / "clip.webm", frames, "libvpx-vp9", "yuv420p", {"crf": "20", "b": "0"})
+    gif = [Image.fromarray(f) for f in frames[::3]]
+    gif[0].save(dst / "clip.gif", save_all=True, append_images=gif[1:], duration=200, loop=0)
+
+
+# ---------------------------------------------------------------------------------------
 # Cases: OpenAI-style messages, mapped onto the HF chat-template shape here and in Ocellus.
 # ---------------------------------------------------------------------------------------
 
 
 def image_part(name):
     return {"type": "image_url", "image_url": {"url": f"images/{name}.png"}}
+
+
+def video_part(name, **sampling):
+    return {"type": "video_url", "video_url": dict(url=f"videos/{name}.mp4", **sampling)}
 
 
 def text_part(text):
@@ -180,6 +240,15 @@ CASES = {
 }
 
 
+# SmolVLM2 only: the model's sampling (1 fps: three frames), and a request's own
+# (`fps`/`max_frames` on the part: six frames).
+VIDEO_CASES = {
+    "video": dict(messages=[user(video_part("clip"), text_part("What happens in this video?"))]),
+    "video_dense": dict(
+        messages=[user(text_part("Watch:"), video_part("clip", fps=4, max_frames=6), text_part("Where does the ball go?"))]
+    ),
+}
+
 # The real SmolVLM-256M processor (no weights needed): token ids and pixel hashes, so CI
 # checks the real config and tokenizer too. A 640x480 photo is 4x3 tiles + 1 = 832 tokens.
 PROCESSOR_CASES = dict(CASES, photo=dict(messages=[user(image_part("photo"), text_part("Can you describe this image?"))]))
@@ -192,7 +261,8 @@ def to_hf_messages(messages):
         content = m["content"]
         if isinstance(content, str):
             content = [text_part(content)]
-        parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+        kinds = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
+        parts = [kinds.get(p["type"], p) for p in content]
         out.append({"role": m["role"], "content": parts})
     return out
 
@@ -205,6 +275,42 @@ def image_paths(messages):
         for p in m["content"]
         if p["type"] == "image_url"
     ]
+
+
+def video_paths(messages):
+    return [
+        (p["video_url"]["url"], {k: v for k, v in p["video_url"].items() if k != "url"})
+        for m in messages
+        if not isinstance(m["content"], str)
+        for p in m["content"]
+        if p["type"] == "video_url"
+    ]
+
+
+def load_videos(processor, root: Path, messages):
+    """Decodes each video as transformers' apply_chat_template does (SmolVLM's sampling at the
+    processor's fps and num_frames, or the part's), with its PyAV loader."""
+    from functools import partial
+
+    from transformers.video_utils import load_video
+
+    videos, metadata = [], []
+    vp = getattr(processor, "video_processor", None)
+    for path, sampling in video_paths(messages):
+        pick = partial(vp.sample_frames, num_frames=sampling.get("max_frames", vp.num_frames), fps=sampling.get("fps", vp.fps))
+        video, meta = load_video(str(root / path), backend="pyav", sample_indices_fn=pick)
+        videos.append(video)
+        metadata.append(meta)
+    return videos, metadata
+
+
+def pil_image_processor(processor, model_dir: Path):
+    """transformers 5 picks the torchvision image backend when torchvision is installed (it
+    is, for videos): the image references stay on the PIL backend, which Ocellus mirrors."""
+    from transformers import AutoImageProcessor
+
+    processor.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    return processor
 
 
 def pixel_levels(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -220,7 +326,7 @@ def pixel_levels(pixel_values: torch.Tensor) -> torch.Tensor:
 def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pixels: bool = True) -> None:
     """Runs transformers on every case and writes <out>.json (ids, tokens) and
     <out>.safetensors (pixel values, first-step logits)."""
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = pil_image_processor(AutoProcessor.from_pretrained(model_dir), model_dir)
     model_cls = {
         "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,
         "SmolVLMForConditionalGeneration": SmolVLMForConditionalGeneration,
@@ -234,6 +340,9 @@ def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pix
         kwargs = {}
         if "do_image_splitting" in case:
             kwargs["do_image_splitting"] = case["do_image_splitting"]
+        videos, video_meta = load_videos(processor, images_root, case["messages"])
+        if videos:
+            kwargs.update(videos=videos, video_metadata=video_meta, do_sample_frames=False)
         inputs = processor(text=prompt, images=[images] if images else None, return_tensors="pt", **kwargs)
         result = model.generate(
             **inputs,
@@ -256,6 +365,10 @@ def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pix
         tensors[f"{name}.logits"] = logits.contiguous()
         if images and store_pixels:
             tensors[f"{name}.pixel_levels"] = pixel_levels(inputs["pixel_values"][0])
+        if videos:
+            # Frames are normalised as (x - 127.5) / 127.5 in f32, not as images are: kept raw.
+            tensors[f"{name}.pixel_values"] = inputs["pixel_values"][0].float().contiguous()
+            results[name]["frame_indices"] = [[int(i) for i in m.frames_indices] for m in video_meta]
         print(f"  {name}: {len(results[name]['input_ids'])} prompt tokens, generated {generated.tolist()[:8]}...")
     meta = {"transformers": transformers.__version__, "torch": torch.__version__, "greedy_tokens": GREEDY_TOKENS}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cases": results}, indent=1))
@@ -266,7 +379,7 @@ def record_processor(processor_dir: Path, images_root: Path, cases: dict, out: P
     """Token ids and a sha256 of the f32 pixel values (little-endian) per case."""
     import hashlib
 
-    processor = AutoProcessor.from_pretrained(processor_dir)
+    processor = pil_image_processor(AutoProcessor.from_pretrained(processor_dir), processor_dir)
     results = {}
     for name, case in cases.items():
         prompt = processor.apply_chat_template(to_hf_messages(case["messages"]), add_generation_prompt=True)
@@ -384,8 +497,16 @@ def build_tiny_smolvlm2(dst: Path) -> None:
     tok = small_tokenizer(1024)
     dst.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer(dst, tok, TEMPLATE)
-    (dst / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    (dst / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": "Idefics3Processor"}))
+    # SmolVLM2's processor files: as the real ones, `size` (256 here, 2048 there) is also the
+    # size frames are resized to before they are squashed into a tile.
+    preprocessor = dict(
+        PREPROCESSOR,
+        image_processor_type="SmolVLMImageProcessor",
+        processor_class="SmolVLMProcessor",
+        video_sampling={"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 64}},
+    )
+    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (dst / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": "SmolVLMProcessor"}))
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
     processor = AutoProcessor.from_pretrained(dst)
     for f in ["preprocessor_config.json", "processor_config.json", "chat_template.json"]:
@@ -428,6 +549,7 @@ def main() -> None:
 
     images = FIXTURES / "images"
     make_images(images)
+    make_videos(FIXTURES / "videos")
     if args.what == "tiny":
         models = FIXTURES / "models"
         refs = FIXTURES / "reference"
@@ -435,7 +557,11 @@ def main() -> None:
             d.mkdir(parents=True, exist_ok=True)
         for name, build, cases in [
             ("tiny-idefics3", build_tiny_idefics3, CASES),
-            ("tiny-smolvlm2", build_tiny_smolvlm2, {k: CASES[k] for k in ["wide", "multi_image", "text_only"]}),
+            (
+                "tiny-smolvlm2",
+                build_tiny_smolvlm2,
+                dict({k: CASES[k] for k in ["wide", "multi_image", "text_only"]}, **VIDEO_CASES),
+            ),
         ]:
             shutil.rmtree(models / name, ignore_errors=True)
             build(models / name)

@@ -119,9 +119,18 @@ pub struct LimitArgs {
     /// Largest media file, however it arrives (data URI, URL, local file).
     #[arg(long, env = "OCELLUS_MAX_MEDIA_SIZE", default_value = "20MiB")]
     pub max_media_size: ByteSize,
-    /// Most pixels (width x height) of one image, checked before decoding.
+    /// Most pixels (width x height) of one image or video frame, checked before decoding.
     #[arg(long, env = "OCELLUS_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+    #[arg(long, env = "OCELLUS_MAX_VIDEOS_PER_REQUEST", default_value_t = 2)]
+    pub max_videos_per_request: usize,
+    /// Most frames sampled from one video; a request's `max_frames` may not exceed it (the
+    /// model's own `max_frames` is the default when it is lower).
+    #[arg(long, env = "OCELLUS_MAX_VIDEO_FRAMES", default_value_t = 64)]
+    pub max_video_frames: usize,
+    /// Longest video, in seconds, read from the container's header before decoding.
+    #[arg(long, env = "OCELLUS_MAX_VIDEO_SECONDS", default_value_t = 1800.0)]
+    pub max_video_seconds: f64,
     /// Most choices (`n`) per request.
     #[arg(long, env = "OCELLUS_MAX_N", default_value_t = 8)]
     pub max_n: usize,

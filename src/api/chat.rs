@@ -11,10 +11,11 @@ use axum::response::Response;
 use super::error::ApiError;
 use super::respond::Endpoint;
 use super::types::{ChatCompletionRequest, SamplingFields};
-use super::validate::Settings;
+use super::validate::{Settings, VideoRef};
 use super::{AppState, answer, from_json, parse_json, validate};
-use crate::media::{decode_image, probe_image};
-use crate::processor::{ImageInput, Prompt};
+use crate::media::{Fetched, MediaLimits, decode_image, decode_video, probe_image};
+use crate::processor::video::sample_frames;
+use crate::processor::{FrameSampling, ImageInput, Processor, ProcessorError, Prompt, VideoInput};
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
@@ -33,44 +34,84 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     let logprobs = validate::chat_logprobs(request.logprobs, request.top_logprobs)?;
     let max_tokens = request.max_completion_tokens.or(sampling.max_tokens);
     let generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
-    let (messages, images) = validate::messages(&request.messages, &settings.limits)?;
-    let fetches = images.iter().map(|image| async {
-        state
-            .fetcher
-            .fetch(&image.url)
-            .await
-            .map_err(|e| ApiError::from(e).with_param(&image.param))
-    });
-    let fetched = futures::future::try_join_all(fetches).await?;
+    let (messages, media) = validate::messages(&request.messages, &settings.limits)?;
+    let fetch = |url: &str, param: &str| {
+        let (url, param) = (url.to_string(), param.to_string());
+        async move {
+            state
+                .fetcher
+                .fetch(&url)
+                .await
+                .map_err(|e| ApiError::from(e).with_param(&param))
+        }
+    };
+    let image_bytes = futures::future::try_join_all(media.images.iter().map(|i| fetch(&i.url, &i.param)));
+    let video_bytes = futures::future::try_join_all(media.videos.iter().map(|v| fetch(&v.url, &v.param)));
+    let (image_bytes, video_bytes) = futures::future::try_join(image_bytes, video_bytes).await?;
     // Decoding, resizing and tokenizing take milliseconds to seconds: the bounded media
     // pool runs them, off the async workers and the engine thread.
     let processor = ready.processor.clone();
-    let (media, max_image_tokens) = (settings.media, settings.max_image_tokens_per_request);
+    let (limits, max_image_tokens) = (settings.media, settings.max_image_tokens_per_request);
+    let max_video_frames = settings.limits.max_video_frames;
     let prompt = state
         .media_pool
         .run(move || {
-            let mut headers = Vec::with_capacity(images.len());
             let mut image_tokens = 0;
-            for (image, bytes) in images.iter().zip(&fetched) {
-                let header = probe_image(bytes, &media).map_err(|e| ApiError::from(e).with_param(&image.param))?;
-                image_tokens += processor.image_tokens(header.width, header.height, image.split);
-                if image_tokens > max_image_tokens {
-                    let message = format!("the images need {image_tokens} or more tokens, more than the limit of {max_image_tokens} per request");
-                    return Err(ApiError::InvalidRequest { message, param: Some(image.param.clone()), code: "image_tokens_exceeded" });
+            let mut over_budget = |tokens: usize, param: &str| {
+                image_tokens += tokens;
+                if image_tokens <= max_image_tokens {
+                    return Ok(());
                 }
+                let message = format!(
+                    "the images and video frames need {image_tokens} or more tokens, more than the limit of {max_image_tokens} per request"
+                );
+                Err(ApiError::InvalidRequest { message, param: Some(param.to_string()), code: "image_tokens_exceeded" })
+            };
+            let mut headers = Vec::with_capacity(media.images.len());
+            for (image, bytes) in media.images.iter().zip(&image_bytes) {
+                let header = probe_image(bytes, &limits).map_err(|e| ApiError::from(e).with_param(&image.param))?;
+                over_budget(processor.image_tokens(header.width, header.height, image.split), &image.param)?;
                 headers.push(header);
             }
-            let inputs = images
+            let mut videos = Vec::with_capacity(media.videos.len());
+            for (video, bytes) in media.videos.iter().zip(&video_bytes) {
+                let decoded = decode_request_video(&processor, video, bytes, &limits, max_video_frames)?;
+                over_budget(decoded.frames.len() * processor.frame_tokens(), &video.param)?;
+                videos.push(decoded);
+            }
+            let inputs = media
+                .images
                 .iter()
-                .zip(&fetched)
+                .zip(&image_bytes)
                 .zip(&headers)
                 .map(|((image, bytes), header)| {
                     let decoded = decode_image(bytes, header).map_err(|e| ApiError::from(e).with_param(&image.param))?;
                     Ok(ImageInput { image: decoded, split: image.split })
                 })
                 .collect::<Result<Vec<_>, ApiError>>()?;
-            processor.process(&messages, &inputs).map_err(ApiError::from)
+            processor.process_media(&messages, &inputs, &videos).map_err(ApiError::from)
         })
         .await?;
     Ok((prompt, generation))
+}
+
+/// Decodes the frames SmolVLM2's sampling picks, at the request's rate and count or the
+/// model's, never more than the server allows.
+fn decode_request_video(
+    processor: &Processor,
+    video: &VideoRef,
+    bytes: &Fetched,
+    limits: &MediaLimits,
+    max_video_frames: usize,
+) -> Result<VideoInput, ApiError> {
+    let defaults = processor
+        .video_processor()
+        .ok_or_else(|| ApiError::from(ProcessorError::VideosNotSupported).with_param(&video.param))?
+        .default_sampling();
+    let sampling = FrameSampling {
+        fps: video.fps.unwrap_or(defaults.fps),
+        max_frames: video.max_frames.unwrap_or(defaults.max_frames.min(max_video_frames)),
+    };
+    decode_video(bytes, limits, |meta| sample_frames(meta, &sampling))
+        .map_err(|e| ApiError::from(e).with_param(&video.param))
 }

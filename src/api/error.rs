@@ -152,7 +152,14 @@ impl From<ProcessorError> for ApiError {
             ProcessorError::EmptyContent { index } => {
                 Self::invalid(&format!("messages[{index}].content"), err.to_string())
             }
-            ProcessorError::ImageCount { .. } => Self::invalid("messages", err.to_string()),
+            ProcessorError::ImageCount { .. } | ProcessorError::VideoCount { .. } => {
+                Self::invalid("messages", err.to_string())
+            }
+            ProcessorError::VideosNotSupported => Self::InvalidRequest {
+                message: err.to_string(),
+                param: Some("messages".into()),
+                code: "videos_not_supported",
+            },
             ProcessorError::Template { .. } => Self::invalid("messages", err.to_string()),
             ProcessorError::Tokenizer { .. } => Self::Internal(err.to_string()),
         }
@@ -177,6 +184,8 @@ impl From<MediaError> for ApiError {
             MediaError::FileNotFound(_) => "media_not_found",
             MediaError::ContentTypeMismatch { .. } => "content_type_mismatch",
             MediaError::TooManyPixels { .. } => "image_too_large",
+            MediaError::NotAVideo(_) => "invalid_video",
+            MediaError::VideoTooLong { .. } => "video_too_long",
         };
         Self::InvalidRequest {
             message: err.to_string(),

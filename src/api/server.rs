@@ -169,9 +169,12 @@ fn api_settings(args: &ServeArgs) -> ApiSettings {
             max_stop_sequences: limits.max_stop_sequences,
             max_top_logprobs: limits.max_top_logprobs,
             max_images_per_request: limits.max_images_per_request,
+            max_videos_per_request: limits.max_videos_per_request,
+            max_video_frames: limits.max_video_frames,
         },
         media: MediaLimits {
             max_image_pixels: limits.max_image_pixels,
+            max_video_seconds: limits.max_video_seconds,
         },
         max_body_bytes: limits.max_body_size.as_u64() as usize,
         max_image_tokens_per_request: limits.max_image_tokens_per_request,

@@ -85,8 +85,24 @@ pub enum MessageContent {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPartIn {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
+    Text {
+        text: String,
+    },
+    ImageUrl {
+        image_url: ImageUrl,
+    },
+    /// vLLM's convention for videos.
+    VideoUrl {
+        video_url: VideoUrl,
+    },
+}
+
+/// A video, and optionally how densely to sample it (within the server's limits).
+#[derive(Debug, Deserialize)]
+pub struct VideoUrl {
+    pub url: String,
+    pub fps: Option<f64>,
+    pub max_frames: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -17,6 +17,8 @@ pub struct RequestLimits {
     pub max_stop_sequences: usize,
     pub max_top_logprobs: usize,
     pub max_images_per_request: usize,
+    pub max_videos_per_request: usize,
+    pub max_video_frames: usize,
 }
 
 /// A request's generation settings, validated.
@@ -33,6 +35,23 @@ pub struct Settings {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+}
+
+/// A video part: where it is, the request's sampling overrides (checked against the
+/// limits), and its place in the request.
+#[derive(Debug, Clone)]
+pub struct VideoRef {
+    pub url: String,
+    pub fps: Option<f64>,
+    pub max_frames: Option<usize>,
+    pub param: String,
+}
+
+/// The media parts of a request's messages, in order of kind.
+#[derive(Debug, Clone, Default)]
+pub struct MediaRefs {
+    pub images: Vec<ImageRef>,
+    pub videos: Vec<VideoRef>,
 }
 
 /// An image part: where it is, how to present it, and its place in the request.
@@ -201,11 +220,8 @@ pub fn chat_logprobs(logprobs: Option<bool>, top_logprobs: Option<i64>) -> Resul
     }
 }
 
-/// OpenAI messages to the chat template's shape, and the image parts in order.
-pub fn messages(
-    input: &[ChatMessageIn],
-    limits: &RequestLimits,
-) -> Result<(Vec<ChatMessage>, Vec<ImageRef>), ApiError> {
+/// OpenAI messages to the chat template's shape, and the media parts in order.
+pub fn messages(input: &[ChatMessageIn], limits: &RequestLimits) -> Result<(Vec<ChatMessage>, MediaRefs), ApiError> {
     if input.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -213,6 +229,7 @@ pub fn messages(
         ));
     }
     let mut images = Vec::new();
+    let mut videos = Vec::new();
     let mut out = Vec::with_capacity(input.len());
     for (i, message) in input.iter().enumerate() {
         let role = match message.role.as_str() {
@@ -261,6 +278,15 @@ pub fn messages(
                             });
                             ContentPart::Image
                         }
+                        ContentPartIn::VideoUrl { video_url } => {
+                            let param = format!("{param}[{j}].video_url");
+                            if role != "user" {
+                                let message = format!("videos are only allowed in user messages (`{param}`)");
+                                return Err(ApiError::invalid(&param, message));
+                            }
+                            videos.push(video_ref(video_url, param, limits)?);
+                            ContentPart::Video
+                        }
                     });
                 }
                 content
@@ -283,7 +309,53 @@ pub fn messages(
             code: "too_many_images",
         });
     }
-    Ok((out, images))
+    if videos.len() > limits.max_videos_per_request {
+        let message = format!(
+            "at most {} videos per request, got {}",
+            limits.max_videos_per_request,
+            videos.len()
+        );
+        return Err(ApiError::InvalidRequest {
+            message,
+            param: Some("messages".into()),
+            code: "too_many_videos",
+        });
+    }
+    Ok((out, MediaRefs { images, videos }))
+}
+
+/// Highest sampling rate a request may ask for: beyond it frames are nearly identical.
+const MAX_VIDEO_FPS: f64 = 60.0;
+
+fn video_ref(video: &super::types::VideoUrl, param: String, limits: &RequestLimits) -> Result<VideoRef, ApiError> {
+    if let Some(fps) = video.fps {
+        range(&format!("{param}.fps"), fps, 0.0, MAX_VIDEO_FPS, false)?;
+    }
+    let max_frames = match video.max_frames {
+        None => None,
+        Some(n) if n < 1 => {
+            let message = format!("`{param}.max_frames` must be >= 1, got {n}");
+            return Err(ApiError::invalid(&format!("{param}.max_frames"), message));
+        }
+        Some(n) if n as u64 > limits.max_video_frames as u64 => {
+            let message = format!(
+                "`{param}.max_frames` may be at most {} on this server, got {n}",
+                limits.max_video_frames
+            );
+            return Err(ApiError::InvalidRequest {
+                message,
+                param: Some(format!("{param}.max_frames")),
+                code: "too_many_video_frames",
+            });
+        }
+        Some(n) => Some(n as usize),
+    };
+    Ok(VideoRef {
+        url: video.url.clone(),
+        fps: video.fps,
+        max_frames,
+        param,
+    })
 }
 
 #[cfg(test)]
@@ -295,6 +367,8 @@ mod tests {
         max_stop_sequences: 2,
         max_top_logprobs: 5,
         max_images_per_request: 1,
+        max_videos_per_request: 1,
+        max_video_frames: 8,
     };
 
     fn check(fields: SamplingFields) -> Result<Settings, ApiError> {
@@ -413,6 +487,33 @@ mod tests {
     }
 
     #[test]
+    fn video_parts_carry_their_sampling_within_the_limits() {
+        let parse = |part: serde_json::Value| {
+            let input: Vec<ChatMessageIn> =
+                serde_json::from_value(serde_json::json!([{"role": "user", "content": [part]}])).unwrap();
+            super::messages(&input, &LIMITS)
+        };
+        let (_, media) = parse(serde_json::json!(
+            {"type": "video_url", "video_url": {"url": "data:x", "fps": 2.0, "max_frames": 8}}
+        ))
+        .unwrap();
+        assert_eq!((media.videos[0].fps, media.videos[0].max_frames), (Some(2.0), Some(8)));
+        let too_many = parse(serde_json::json!({"type": "video_url", "video_url": {"url": "x", "max_frames": 9}}));
+        assert!(
+            matches!(
+                too_many,
+                Err(ApiError::InvalidRequest {
+                    code: "too_many_video_frames",
+                    ..
+                })
+            ),
+            "{too_many:?}"
+        );
+        let zero_fps = parse(serde_json::json!({"type": "video_url", "video_url": {"url": "x", "fps": 0}}));
+        assert_eq!(param_of(zero_fps.unwrap_err()), "messages[0].content[0].video_url.fps");
+    }
+
+    #[test]
     fn messages_map_roles_images_and_details() {
         let input: Vec<ChatMessageIn> = serde_json::from_value(serde_json::json!([
             {"role": "developer", "content": "Be brief."},
@@ -422,11 +523,11 @@ mod tests {
             ]}
         ]))
         .unwrap();
-        let (messages, images) = super::messages(&input, &LIMITS).unwrap();
+        let (messages, media) = super::messages(&input, &LIMITS).unwrap();
         assert_eq!(messages[0].role, "system");
-        assert_eq!(images.len(), 1);
-        assert_eq!(images[0].split, Some(false));
-        assert_eq!(images[0].param, "messages[1].content[1].image_url");
+        assert_eq!(media.images.len(), 1);
+        assert_eq!(media.images[0].split, Some(false));
+        assert_eq!(media.images[0].param, "messages[1].content[1].image_url");
         let bad: Vec<ChatMessageIn> =
             serde_json::from_value(serde_json::json!([{"role": "tool", "content": "x"}])).unwrap();
         assert_eq!(

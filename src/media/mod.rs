@@ -4,21 +4,25 @@
 //! 50000x50000 PNG of a few kilobytes must not allocate gigabytes).
 
 pub mod fetch;
+pub mod video;
 
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader};
 
 pub use fetch::{FetchConfig, Fetched, MediaFetcher};
+pub use video::decode_video;
 
 #[derive(Debug, Clone, Copy)]
 pub struct MediaLimits {
-    /// Most pixels (width x height) of one image.
+    /// Most pixels (width x height) of one image or video frame.
     pub max_image_pixels: u64,
+    /// Longest video, in seconds.
+    pub max_video_seconds: f64,
 }
 
 /// Why media was refused; every variant is the client's doing.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum MediaError {
     #[error("URLs of this kind are not supported: `{scheme}:`; use data:, http(s): or (where allowed) file:")]
     UnsupportedUrl { scheme: String },
@@ -55,8 +59,12 @@ pub enum MediaError {
         pixels: u64,
         limit: u64,
     },
-    #[error("the image could not be decoded: {0}")]
+    #[error("the media could not be decoded: {0}")]
     Corrupt(String),
+    #[error("the data is not a video in a supported format (MP4, WebM, MKV, MOV, AVI, animated GIF): {0}")]
+    NotAVideo(String),
+    #[error("the video lasts {seconds:.1} s, more than the limit of {limit} s")]
+    VideoTooLong { seconds: f64, limit: f64 },
 }
 
 /// An image's format and size, read from its header.
@@ -117,6 +125,7 @@ mod tests {
 
     const LIMITS: MediaLimits = MediaLimits {
         max_image_pixels: 1 << 20,
+        max_video_seconds: 60.0,
     };
 
     fn png(width: u32, height: u32) -> Vec<u8> {

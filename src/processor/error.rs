@@ -10,6 +10,10 @@ pub enum ProcessorError {
     Template { message: String },
     #[error("the prompt has {placeholders} image placeholders but the request has {images} images")]
     ImageCount { placeholders: usize, images: usize },
+    #[error("the prompt has {placeholders} video placeholders but the request has {videos} videos")]
+    VideoCount { placeholders: usize, videos: usize },
+    #[error("this model's processor takes no videos (its config has no `video_sampling`)")]
+    VideosNotSupported,
     #[error("tokenization failed: {message}")]
     Tokenizer { message: String },
 }

@@ -237,7 +237,7 @@ fn vision_encoder_size(height: usize, width: usize, tile: usize) -> (usize, usiz
     }
 }
 
-fn bytes_of(values: &[f32]) -> &[u8] {
+pub(super) fn bytes_of(values: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern is a valid u8; the slice covers
     // exactly the floats' memory.
     unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }

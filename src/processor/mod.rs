@@ -6,6 +6,7 @@ pub mod error;
 pub mod image;
 pub mod resample;
 pub mod template;
+pub mod video;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,11 +18,13 @@ use tokenizers::Tokenizer;
 pub use error::ProcessorError;
 pub use image::{ImageProcessor, ImageProcessorConfig, ProcessedImage};
 pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
+pub use video::{FrameSampling, VideoInput, VideoMeta, VideoProcessor, VideoProcessorConfig};
 
 use crate::model::files::read_json;
 use crate::model::{LoadError, ModelFiles, ModelInfo};
 
 const IMAGE_TOKEN: &str = "<image>";
+const VIDEO_TOKEN: &str = "<video>";
 const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
 const GLOBAL_IMAGE_TOKEN: &str = "<global-img>";
 
@@ -81,6 +84,7 @@ pub struct Processor {
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
     images: ImageProcessor,
+    videos: Option<VideoProcessor>,
     image_seq_len: usize,
     image_token_id: u32,
     eos_token_ids: Vec<u32>,
@@ -105,6 +109,18 @@ impl Processor {
         };
         let template = ChatTemplate::load(&files.chat_template, tokens.clone())?;
         let (images, image_file) = load_image_processor(files)?;
+        let videos = load_video_processor(files)?;
+        if let Some(v) = videos.as_ref().filter(|v| v.tile_size() != info.tile_size) {
+            return Err(LoadError::invalid(
+                &image_file,
+                "max_image_size.longest_edge",
+                format!(
+                    "the video frames' size {} must equal the vision encoder's image_size {}",
+                    v.tile_size(),
+                    info.tile_size
+                ),
+            ));
+        }
         let image_seq_len = load_image_seq_len(files, info)?;
         if images.tile_size() != info.tile_size {
             return Err(LoadError::invalid(
@@ -143,6 +159,7 @@ impl Processor {
             tokenizer: Arc::new(tokenizer),
             template,
             images,
+            videos,
             image_seq_len,
             image_token_id: info.image_token_id,
             eos_token_ids,
@@ -153,6 +170,16 @@ impl Processor {
     pub fn image_tokens(&self, width: u32, height: u32, split: Option<bool>) -> usize {
         let split = split.unwrap_or(self.images.splits_by_default());
         self.images.tiles_for(width as usize, height as usize, split) * self.image_seq_len
+    }
+
+    /// The video processor, if the model's processor takes videos (SmolVLM2).
+    pub fn video_processor(&self) -> Option<&VideoProcessor> {
+        self.videos.as_ref()
+    }
+
+    /// Tokens one video frame becomes.
+    pub fn frame_tokens(&self) -> usize {
+        self.image_seq_len
     }
 
     pub fn image_token_id(&self) -> u32 {
@@ -186,18 +213,64 @@ impl Processor {
 
     /// The whole processor: template, images, placeholder expansion, tokenization.
     pub fn process(&self, messages: &[ChatMessage], images: &[ImageInput]) -> Result<Prompt, ProcessorError> {
+        self.process_media(messages, images, &[])
+    }
+
+    /// `process` with videos too: each video becomes its frames, one tile each, introduced
+    /// and timestamped as SmolVLM2's processor does.
+    pub fn process_media(
+        &self,
+        messages: &[ChatMessage],
+        images: &[ImageInput],
+        videos: &[VideoInput],
+    ) -> Result<Prompt, ProcessorError> {
+        if !videos.is_empty() && self.videos.is_none() {
+            return Err(ProcessorError::VideosNotSupported);
+        }
         let text = self.render(messages)?;
         let default_split = self.images.splits_by_default();
-        let processed: Vec<ProcessedImage> = images
+        let mut processed: Vec<ProcessedImage> = images
             .iter()
             .map(|input| {
                 self.images
                     .preprocess(&input.image, input.split.unwrap_or(default_split))
             })
             .collect();
-        let expanded = self.expand_image_placeholders(&text, &processed)?;
+        let (expanded, order) = self.expand_placeholders(&text, &processed, videos)?;
         let token_ids = self.tokenize(&expanded)?;
-        let tiles: usize = processed.iter().map(|p| p.tiles).sum();
+        let frames: Vec<ProcessedImage> = match &self.videos {
+            Some(processor) => videos
+                .iter()
+                .flat_map(|v| &v.frames)
+                .map(|frame| {
+                    let pixel_values = processor.preprocess_frame(frame);
+                    let key = *blake3::hash(image::bytes_of(&pixel_values)).as_bytes();
+                    ProcessedImage {
+                        pixel_values,
+                        tiles: 1,
+                        rows: 0,
+                        cols: 0,
+                        key,
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        // Images and frames in the order the prompt holds them.
+        let mut frames = frames.into_iter();
+        let mut by_video = videos.iter().map(|v| v.frames.len());
+        let mut images = std::mem::take(&mut processed).into_iter();
+        let ordered: Vec<ProcessedImage> = order
+            .iter()
+            .flat_map(|kind| match kind {
+                Placeholder::Image => images.next().into_iter().collect::<Vec<_>>(),
+                Placeholder::Video => {
+                    let n = by_video.next().unwrap_or(0);
+                    frames.by_ref().take(n).collect()
+                }
+            })
+            .collect();
+        let tiles: usize = ordered.iter().map(|p| p.tiles).sum();
         let found = token_ids.iter().filter(|&&t| t == self.image_token_id).count();
         if found != tiles * self.image_seq_len {
             return Err(ProcessorError::Tokenizer {
@@ -207,22 +280,22 @@ impl Processor {
                 ),
             });
         }
-        let images = processed
+        let prompt_images = ordered
             .iter()
             .map(|p| PromptImage {
                 tiles: p.tiles,
                 key: p.key,
             })
             .collect();
-        let pixel_values = if processed.is_empty() {
+        let pixel_values = if ordered.is_empty() {
             None
         } else {
-            Some(stack_tiles(&processed, self.images.tile_size()))
+            Some(stack_tiles(&ordered, self.images.tile_size()))
         };
         Ok(Prompt {
             token_ids,
             pixel_values,
-            images,
+            images: prompt_images,
         })
     }
 
@@ -242,35 +315,83 @@ impl Processor {
 
     /// transformers' `Idefics3Processor`: each `<image>` in the rendered text becomes the
     /// tokens of its tiles (`<row_r_col_c>` + image tokens, a newline after each row) and
-    /// of its global view (`<global-img>`), framed by `<fake_token_around_image>`.
-    fn expand_image_placeholders(&self, text: &str, images: &[ProcessedImage]) -> Result<String, ProcessorError> {
-        let pieces: Vec<&str> = text.split(IMAGE_TOKEN).collect();
-        if pieces.len() - 1 != images.len() {
+    /// of its global view (`<global-img>`), framed by `<fake_token_around_image>`. Each
+    /// `<video>` becomes SmolVLM2's video text, one global view per frame. Returns the text
+    /// and which placeholder came in which order.
+    fn expand_placeholders(
+        &self,
+        text: &str,
+        images: &[ProcessedImage],
+        videos: &[VideoInput],
+    ) -> Result<(String, Vec<Placeholder>), ProcessorError> {
+        let mut order = Vec::new();
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        loop {
+            let image = rest
+                .find(IMAGE_TOKEN)
+                .map(|i| (i, Placeholder::Image, IMAGE_TOKEN.len()));
+            let video = rest
+                .find(VIDEO_TOKEN)
+                .map(|i| (i, Placeholder::Video, VIDEO_TOKEN.len()));
+            let next = match (image, video) {
+                (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            let Some((at, kind, len)) = next else { break };
+            pieces.push(&rest[..at]);
+            order.push(kind);
+            rest = &rest[at + len..];
+        }
+        pieces.push(rest);
+        let count = |kind| order.iter().filter(|&&k| k == kind).count();
+        if count(Placeholder::Image) != images.len() {
             return Err(ProcessorError::ImageCount {
-                placeholders: pieces.len() - 1,
+                placeholders: count(Placeholder::Image),
                 images: images.len(),
             });
         }
-        let image_tokens = IMAGE_TOKEN.repeat(self.image_seq_len);
-        let mut out = String::with_capacity(text.len() + images.len() * image_tokens.len() * 17);
-        for (i, piece) in pieces.iter().enumerate() {
-            out.push_str(piece);
-            let Some(image) = images.get(i) else { break };
-            for r in 1..=image.rows {
-                for c in 1..=image.cols {
-                    out.push_str(&format!("{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{image_tokens}"));
-                }
-                out.push('\n');
-            }
-            if image.rows > 0 {
-                out.push('\n');
-            }
-            out.push_str(&format!(
-                "{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TOKEN}{image_tokens}{FAKE_IMAGE_TOKEN}"
-            ));
+        if count(Placeholder::Video) != videos.len() {
+            return Err(ProcessorError::VideoCount {
+                placeholders: count(Placeholder::Video),
+                videos: videos.len(),
+            });
         }
-        Ok(out)
+        let image_tokens = IMAGE_TOKEN.repeat(self.image_seq_len);
+        let global = format!("{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TOKEN}{image_tokens}{FAKE_IMAGE_TOKEN}");
+        let (mut images, mut videos) = (images.iter(), videos.iter());
+        let mut out = String::with_capacity(text.len() + order.len() * image_tokens.len() * 17);
+        for (piece, kind) in pieces.iter().zip(order.iter().map(Some).chain([None])) {
+            out.push_str(piece);
+            match kind {
+                None => break,
+                Some(Placeholder::Video) => {
+                    let video = videos.next().expect("counted above");
+                    out.push_str(&video::video_prompt(video, &global));
+                }
+                Some(Placeholder::Image) => {
+                    let image = images.next().expect("counted above");
+                    for r in 1..=image.rows {
+                        for c in 1..=image.cols {
+                            out.push_str(&format!("{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{image_tokens}"));
+                        }
+                        out.push('\n');
+                    }
+                    if image.rows > 0 {
+                        out.push('\n');
+                    }
+                    out.push_str(&global);
+                }
+            }
+        }
+        Ok((out, order))
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placeholder {
+    Image,
+    Video,
 }
 
 fn stack_tiles(images: &[ProcessedImage], size: usize) -> Tensor {
@@ -308,6 +429,24 @@ fn load_image_processor(files: &ModelFiles) -> Result<(ImageProcessor, std::path
         dir: files.dir.clone(),
         file: "preprocessor_config.json (or processor_config.json with image_processor)".into(),
     })
+}
+
+/// The video processor: preprocessor_config.json's `video_sampling` (hub layout), or the
+/// `video_processor` that transformers 5 nests in processor_config.json.
+fn load_video_processor(files: &ModelFiles) -> Result<Option<VideoProcessor>, LoadError> {
+    if let Some(path) = &files.processor_config {
+        #[derive(serde::Deserialize)]
+        struct Nested {
+            video_processor: Option<VideoProcessorConfig>,
+        }
+        if let Some(config) = read_json::<Nested>(path)?.video_processor {
+            return VideoProcessor::new(config, path);
+        }
+    }
+    match &files.preprocessor_config {
+        Some(path) => VideoProcessor::new(read_json(path)?, path),
+        None => Ok(None),
+    }
 }
 
 /// processor_config.json's `image_seq_len`, which must agree with the model; when the file

@@ -1,9 +1,14 @@
 //! Pillow's convolution resampling (`Image.resize` for 8-bit images), reproduced to the
-//! bit: transformers resizes with Pillow, and a parity of 1e-5 in pixel values means every
-//! u8 must come out the same. The `image` crate's filters differ in coefficients and
+//! bit: transformers resizes images with Pillow, and a parity of 1e-5 in pixel values means
+//! every u8 must come out the same. The `image` crate's filters differ in coefficients and
 //! rounding, so this mirrors Pillow's libImaging/Resample.c: coefficients in f64,
 //! normalised to 22-bit fixed point, a horizontal pass over the needed rows, then a
 //! vertical pass.
+//!
+//! Video frames go through torchvision instead (`resize_like_torch`): PyTorch's antialiased
+//! uint8 kernels are Pillow-SIMD's, with the same filters but int16 weights at a precision
+//! chosen per axis, and always horizontal first. Their results differ from Pillow's by a
+//! level here and there, so both are kept.
 
 /// Pillow's resampling filters, by the numbers `resample` uses in preprocessor configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,25 @@ impl Filter {
             }
         }
     }
+
+    /// PyTorch's `aa_filter`s: the same functions, but its bicubic evaluates the outer
+    /// piece in another order (`cubic_convolution2`), which can move the last bit.
+    fn torch_weight(self, x: f64) -> f64 {
+        match self {
+            Self::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+                } else {
+                    0.0
+                }
+            }
+            _ => self.weight(x),
+        }
+    }
 }
 
 fn sinc(x: f64) -> f64 {
@@ -91,49 +115,84 @@ fn sinc(x: f64) -> f64 {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// Per output pixel: the first input index, how many inputs, and their fixed-point weights.
+/// Per output pixel: the first input index, how many inputs, and their fixed-point weights
+/// (`precision` fractional bits).
 struct Coefficients {
     ksize: usize,
     bounds: Vec<(usize, usize)>,
     weights: Vec<i32>,
+    precision: u32,
 }
 
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+/// Which implementation's coefficients: Pillow's or PyTorch's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavour {
+    Pillow,
+    Torch,
+}
+
+fn coefficients(in_size: usize, out_size: usize, filter: Filter, flavour: Flavour) -> Coefficients {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
+    let mut real = vec![0f64; out_size * ksize];
+    let mut wt_max = 0f64;
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero, as `as` does.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let xmax = (((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin).min(ksize);
+        let k = &mut real[xx * ksize..][..xmax];
         let mut ww = 0.0;
-        for (x, w) in k.iter_mut().enumerate().take(xmax) {
-            *w = filter.weight(((x + xmin) as f64 - center + 0.5) * ss);
+        for (x, w) in k.iter_mut().enumerate() {
+            let at = ((x + xmin) as f64 - center + 0.5) * ss;
+            *w = match flavour {
+                Flavour::Pillow => filter.weight(at),
+                Flavour::Torch => filter.torch_weight(at),
+            };
             ww += *w;
         }
-        for (x, w) in k.iter().enumerate().take(xmax) {
-            let w = if ww != 0.0 { w / ww } else { *w };
-            let fixed = w * (1i64 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if w < 0.0 {
-                (-0.5 + fixed) as i32
-            } else {
-                (0.5 + fixed) as i32
-            };
+        if ww != 0.0 {
+            for w in k.iter_mut() {
+                *w /= ww;
+                wt_max = wt_max.max(*w);
+            }
         }
         bounds.push((xmin, xmax));
     }
-    Coefficients { ksize, bounds, weights }
+    let precision = match flavour {
+        Flavour::Pillow => PRECISION_BITS,
+        // The most bits that keep the largest weight within int16 (`_compute_index_ranges_int16_weights`).
+        Flavour::Torch => (0..22)
+            .find(|p| (0.5 + wt_max * (1i64 << (p + 1)) as f64) as i64 >= 1 << 15)
+            .unwrap_or(22),
+    };
+    let scale = (1i64 << precision) as f64;
+    let weights = real
+        .iter()
+        .map(|&w| {
+            let fixed = w * scale;
+            if fixed < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            }
+        })
+        .collect();
+    Coefficients {
+        ksize,
+        bounds,
+        weights,
+        precision,
+    }
 }
 
 #[inline]
-fn clip8(acc: i32) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+fn clip8(acc: i32, precision: u32) -> u8 {
+    (acc >> precision).clamp(0, 255) as u8
 }
 
 /// An interleaved 8-bit image with `channels` samples per pixel.
@@ -150,26 +209,41 @@ pub struct Image8 {
 /// much as the width, which changes the rounding of the intermediate image).
 pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Image8 {
     let need_horizontal = width != src.width;
-    let need_vertical = height != src.height;
     let shrink_h = src.height as i64 - height as i64;
     let shrink_w = src.width as i64 - width as i64;
     let horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
-    let vertical = coefficients(src.height, height, filter);
+    let vertical = coefficients(src.height, height, filter, Flavour::Pillow);
     if !horizontal_first {
         let tall = vertical_pass(src, height, 0, &vertical);
         return if need_horizontal {
-            horizontal(&tall, width, 0, height, filter)
+            let coeffs = coefficients(src.width, width, filter, Flavour::Pillow);
+            horizontal(&tall, width, 0, height, &coeffs)
         } else {
             tall
         };
     }
+    separable(src, width, height, filter, Flavour::Pillow)
+}
+
+/// torchvision's `resize(..., antialias=True)` of a uint8 image on a CPU with AVX2
+/// (PyTorch's `upsample_avx_bilinear_bicubic_uint8` and its Lanczos sibling).
+pub fn resize_like_torch(src: &Image8, width: usize, height: usize, filter: Filter) -> Image8 {
+    separable(src, width, height, filter, Flavour::Torch)
+}
+
+/// Horizontal pass over the rows the vertical pass reads, then the vertical pass.
+fn separable(src: &Image8, width: usize, height: usize, filter: Filter, flavour: Flavour) -> Image8 {
+    let need_horizontal = width != src.width;
+    let need_vertical = height != src.height;
+    let vertical = coefficients(src.height, height, filter, flavour);
     let mut current = None;
     let mut row_offset = 0;
     if need_horizontal {
         // Only the rows the vertical pass reads are resampled horizontally.
         let first = vertical.bounds[0].0;
         let (last_min, last_len) = vertical.bounds[height - 1];
-        current = Some(horizontal(src, width, first, last_min + last_len - first, filter));
+        let coeffs = coefficients(src.width, width, filter, flavour);
+        current = Some(horizontal(src, width, first, last_min + last_len - first, &coeffs));
         row_offset = first;
     }
     if need_vertical {
@@ -179,9 +253,8 @@ pub fn resize(src: &Image8, width: usize, height: usize, filter: Filter) -> Imag
     current.unwrap_or_else(|| src.clone())
 }
 
-fn horizontal(src: &Image8, width: usize, first_row: usize, rows: usize, filter: Filter) -> Image8 {
+fn horizontal(src: &Image8, width: usize, first_row: usize, rows: usize, coeffs: &Coefficients) -> Image8 {
     let c = src.channels;
-    let coeffs = coefficients(src.width, width, filter);
     let mut data = vec![0u8; width * rows * c];
     let mut acc = vec![0i32; c];
     for y in 0..rows {
@@ -189,7 +262,7 @@ fn horizontal(src: &Image8, width: usize, first_row: usize, rows: usize, filter:
         let out_row = &mut data[y * width * c..][..width * c];
         for (xx, &(xmin, xmax)) in coeffs.bounds.iter().enumerate() {
             let k = &coeffs.weights[xx * coeffs.ksize..][..xmax];
-            acc.fill(1 << (PRECISION_BITS - 1));
+            acc.fill(1 << (coeffs.precision - 1));
             for (x, &w) in k.iter().enumerate() {
                 let px = &in_row[(x + xmin) * c..][..c];
                 for ch in 0..c {
@@ -197,7 +270,7 @@ fn horizontal(src: &Image8, width: usize, first_row: usize, rows: usize, filter:
                 }
             }
             for ch in 0..c {
-                out_row[xx * c + ch] = clip8(acc[ch]);
+                out_row[xx * c + ch] = clip8(acc[ch], coeffs.precision);
             }
         }
     }
@@ -216,7 +289,7 @@ fn vertical_pass(src: &Image8, height: usize, row_offset: usize, coeffs: &Coeffi
     let mut acc = vec![0i32; stride];
     for (yy, &(ymin, ymax)) in coeffs.bounds.iter().enumerate() {
         let k = &coeffs.weights[yy * coeffs.ksize..][..ymax];
-        acc.fill(1 << (PRECISION_BITS - 1));
+        acc.fill(1 << (coeffs.precision - 1));
         for (y, &w) in k.iter().enumerate() {
             let in_row = &src.data[(y + ymin - row_offset) * stride..][..stride];
             for (a, &p) in acc.iter_mut().zip(in_row) {
@@ -224,7 +297,7 @@ fn vertical_pass(src: &Image8, height: usize, row_offset: usize, coeffs: &Coeffi
             }
         }
         for (out, &a) in data[yy * stride..][..stride].iter_mut().zip(&acc) {
-            *out = clip8(a);
+            *out = clip8(a, coeffs.precision);
         }
     }
     Image8 {

@@ -27,6 +27,8 @@ pub enum ContentPart {
     },
     /// An image's place; the images themselves travel beside the messages, in order.
     Image,
+    /// A video's place, likewise.
+    Video,
 }
 
 impl ChatMessage {
@@ -46,6 +48,10 @@ pub struct TemplateTokens {
     pub pad_token: Option<String>,
     pub unk_token: Option<String>,
 }
+
+/// transformers' SmolVLMProcessor renders conversations that hold a video with this template
+/// instead of the model's (whose templates have no video branch).
+const VIDEO_TEMPLATE: &str = "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is string %}{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -77,14 +83,19 @@ impl ChatTemplate {
             file: file.to_path_buf(),
             message: e.to_string(),
         })?;
+        env.add_template("video", VIDEO_TEMPLATE)
+            .expect("the built-in video template parses. This is a bug.");
         Ok(Self { env, tokens })
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ProcessorError> {
+        let has_video = messages
+            .iter()
+            .any(|m| m.content.iter().any(|p| matches!(p, ContentPart::Video)));
         let template = self
             .env
-            .get_template("chat")
-            .expect("the chat template was added at load. This is a bug.");
+            .get_template(if has_video { "video" } else { "chat" })
+            .expect("both templates were added at load. This is a bug.");
         let ctx = minijinja::context! {
             messages => Value::from(Serde(messages)),
             add_generation_prompt => add_generation_prompt,

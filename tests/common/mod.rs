@@ -33,6 +33,9 @@ pub struct Case {
     pub prompt: String,
     pub input_ids: Vec<u32>,
     pub greedy_tokens: Vec<u32>,
+    /// Per video, the frames transformers sampled.
+    #[serde(default)]
+    pub frame_indices: Vec<Vec<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,8 +71,11 @@ impl Reference {
         root.join("models").join(model)
     }
 
-    /// Transformers' pixel values, decoded from their lossless u8 levels.
+    /// Transformers' pixel values: stored raw (video frames), or as their lossless u8 levels.
     pub fn pixel_values(&self, case: &str) -> Option<Vec<f32>> {
+        if let Some(raw) = self.tensors.get(&format!("{case}.pixel_values")) {
+            return Some(raw.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
         let levels = self.tensors.get(&format!("{case}.pixel_levels"))?;
         let levels = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
         Some(
@@ -90,8 +96,55 @@ impl Reference {
     }
 }
 
+/// A `video_url` part of a fixture case: the file and the part's sampling overrides.
+pub struct VideoPart {
+    pub path: PathBuf,
+    pub fps: Option<f64>,
+    pub max_frames: Option<usize>,
+}
+
+/// The `video_url` parts of OpenAI-style messages, files relative to `root`.
+pub fn video_parts(messages: &[serde_json::Value], root: &Path) -> Vec<VideoPart> {
+    messages
+        .iter()
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|p| p["type"] == "video_url")
+        .map(|p| VideoPart {
+            path: root.join(p["video_url"]["url"].as_str().unwrap()),
+            fps: p["video_url"]["fps"].as_f64(),
+            max_frames: p["video_url"]["max_frames"].as_u64().map(|n| n as usize),
+        })
+        .collect()
+}
+
+/// Decodes a video file and samples it as the server does (the part's overrides, else the
+/// model's defaults).
+pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> ocellus::processor::VideoInput {
+    let defaults = processor
+        .video_processor()
+        .expect("a SmolVLM2 processor")
+        .default_sampling();
+    let sampling = ocellus::processor::FrameSampling {
+        fps: part.fps.unwrap_or(defaults.fps),
+        max_frames: part.max_frames.unwrap_or(defaults.max_frames),
+    };
+    let fetched = ocellus::media::Fetched {
+        bytes: std::fs::read(&part.path).unwrap(),
+        declared_type: None,
+    };
+    let limits = ocellus::media::MediaLimits {
+        max_image_pixels: 1 << 24,
+        max_video_seconds: 3600.0,
+    };
+    ocellus::media::decode_video(&fetched, &limits, |meta| {
+        ocellus::processor::video::sample_frames(meta, &sampling)
+    })
+    .unwrap()
+}
+
 /// Maps OpenAI chat messages (content as a string or parts) onto the processor's types,
-/// opening `image_url` parts as files relative to `root`.
+/// opening `image_url` parts as files relative to `root` (videos: see `video_parts`).
 pub fn openai_messages(messages: &[serde_json::Value], root: &Path) -> (Vec<ChatMessage>, Vec<DynamicImage>) {
     let mut images = Vec::new();
     let messages = messages
@@ -110,6 +163,7 @@ pub fn openai_messages(messages: &[serde_json::Value], root: &Path) -> (Vec<Chat
                             images.push(open_image(&root.join(p["image_url"]["url"].as_str().unwrap())).unwrap());
                             ContentPart::Image
                         }
+                        "video_url" => ContentPart::Video,
                         other => panic!("unexpected part {other}"),
                     })
                     .collect(),
@@ -129,7 +183,13 @@ pub fn prompt_for(processor: &Processor, reference: &Reference, case: &Case) -> 
     let (messages, images) = reference.inputs(case);
     let split = Some(case.do_image_splitting);
     let images: Vec<ImageInput> = images.into_iter().map(|image| ImageInput { image, split }).collect();
-    processor.process(&messages, &images).unwrap()
+    let videos: Vec<_> = video_parts(&case.messages, &reference.root)
+        .iter()
+        .map(|part| decode_fixture_video(processor, part))
+        .collect();
+    let sampled: Vec<Vec<usize>> = videos.iter().map(|v| v.frame_indices.clone()).collect();
+    assert_eq!(sampled, case.frame_indices, "sampled frames differ from transformers'");
+    processor.process_media(&messages, &images, &videos).unwrap()
 }
 
 /// Greedy, exactly `tokens` tokens: the recorded references used min_new_tokens too.
