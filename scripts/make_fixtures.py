@@ -136,7 +136,7 @@ def make_images(dst: Path) -> None:
 # Test videos: 3 s at 15 fps, 96x72, a ball crossing a gradient. clip.mp4 is lossless
 # (H.264 High 4:4:4 in RGB), so every decoder gives the same pixels and the video case can
 # be compared to the bit; the others (H.264 4:2:0, VP9 in WebM, an animated GIF) test
-# decoding only.
+# decoding only (clip.ts also as the segment an HLS playlist would make FFmpeg fetch).
 # ---------------------------------------------------------------------------------------
 
 VIDEO_FPS = 15
@@ -184,6 +184,7 @@ def make_videos(dst: Path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(frames, decoded)) and len(decoded) == len(frames), "not lossless"
     encode_video(dst / "clip-yuv420.mp4", frames, "libx264", "yuv420p", {"crf": "18"})
     encode_video(dst / "clip.webm", frames, "libvpx-vp9", "yuv420p", {"crf": "20", "b": "0"})
+    encode_video(dst / "clip.ts", frames, "libx264", "yuv420p", {"crf": "18"})
     gif = [Image.fromarray(f) for f in frames[::3]]
     gif[0].save(dst / "clip.gif", save_all=True, append_images=gif[1:], duration=200, loop=0)
 

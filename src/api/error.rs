@@ -184,7 +184,7 @@ impl From<MediaError> for ApiError {
             MediaError::FileNotFound(_) => "media_not_found",
             MediaError::ContentTypeMismatch { .. } => "content_type_mismatch",
             MediaError::TooManyPixels { .. } => "image_too_large",
-            MediaError::NotAVideo(_) => "invalid_video",
+            MediaError::NotAVideo(_) | MediaError::CorruptVideo(_) => "invalid_video",
             MediaError::VideoTooLong { .. } => "video_too_long",
         };
         Self::InvalidRequest {

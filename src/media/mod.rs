@@ -59,8 +59,10 @@ pub enum MediaError {
         pixels: u64,
         limit: u64,
     },
-    #[error("the media could not be decoded: {0}")]
+    #[error("the image could not be decoded: {0}")]
     Corrupt(String),
+    #[error("the video could not be decoded: {0}")]
+    CorruptVideo(String),
     #[error("the data is not a video in a supported format (MP4, WebM, MKV, MOV, AVI, animated GIF): {0}")]
     NotAVideo(String),
     #[error("the video lasts {seconds:.1} s, more than the limit of {limit} s")]

@@ -51,7 +51,7 @@ fn check_declared_type(fetched: &Fetched) -> Result<(), MediaError> {
     }
     Err(MediaError::ContentTypeMismatch {
         declared: declared.to_string(),
-        actual: "expected a video".into(),
+        actual: "meant to be a video".into(),
     })
 }
 
@@ -67,7 +67,7 @@ fn init_ffmpeg() {
 fn open(bytes: &[u8]) -> Result<ffmpeg::format::context::Input, MediaError> {
     init_ffmpeg();
     let io = ffmpeg::format::context::StreamIo::from_read_seek(Cursor::new(bytes.to_vec()))
-        .map_err(|e| MediaError::Corrupt(e.to_string()))?;
+        .map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
     let mut options = ffmpeg::Dictionary::new();
     options.set("format_whitelist", FORMATS);
     options.set("protocol_whitelist", "none");
@@ -76,7 +76,7 @@ fn open(bytes: &[u8]) -> Result<ffmpeg::format::context::Input, MediaError> {
 }
 
 fn corrupt(e: ffmpeg::Error) -> MediaError {
-    MediaError::Corrupt(e.to_string())
+    MediaError::CorruptVideo(e.to_string())
 }
 
 fn decode_with_ffmpeg(
@@ -102,7 +102,7 @@ fn decode_with_ffmpeg(
     check_pixels(width, height, limits)?;
     let fps = f64::from(rate);
     if !(fps > 0.0 && fps.is_finite()) {
-        return Err(MediaError::Corrupt("the video stream has no frame rate".into()));
+        return Err(MediaError::CorruptVideo("the video stream has no frame rate".into()));
     }
     // As transformers' PyAV loader: the header's frame count; containers without one
     // (WebM) are counted packet by packet, without decoding.
@@ -145,7 +145,7 @@ fn decode_with_ffmpeg(
     }
     let frames = taker.frames;
     if frames.is_empty() {
-        return Err(MediaError::Corrupt("no frame could be decoded".into()));
+        return Err(MediaError::CorruptVideo("no frame could be decoded".into()));
     }
     // A header that promised more frames than the stream holds: keep those that exist.
     let mut frame_indices = wanted;
@@ -219,7 +219,7 @@ fn to_rgb(
 fn check_pixels(width: u32, height: u32, limits: &MediaLimits) -> Result<(), MediaError> {
     let pixels = width as u64 * height as u64;
     if pixels == 0 {
-        return Err(MediaError::Corrupt("the video has no pixels".into()));
+        return Err(MediaError::CorruptVideo("the video has no pixels".into()));
     }
     if pixels > limits.max_image_pixels {
         return Err(MediaError::TooManyPixels {
@@ -249,14 +249,15 @@ fn decode_gif(
     limits: &MediaLimits,
     pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
 ) -> Result<VideoInput, MediaError> {
-    let gif =
-        |bytes| image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(|e| MediaError::Corrupt(e.to_string()));
+    let gif = |bytes| {
+        image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(|e| MediaError::CorruptVideo(e.to_string()))
+    };
     let (width, height) = gif(bytes)?.dimensions();
     check_pixels(width, height, limits)?;
     let mut total_frames = 0usize;
     let mut total_ms = 0f64;
     for frame in gif(bytes)?.into_frames() {
-        let frame = frame.map_err(|e| MediaError::Corrupt(e.to_string()))?;
+        let frame = frame.map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
         let (num, den) = frame.delay().numer_denom_ms();
         total_ms += num as f64 / den.max(1) as f64;
         total_frames += 1;
@@ -277,7 +278,7 @@ fn decode_gif(
     let mut next = wanted.iter().peekable();
     for (i, frame) in gif(bytes)?.into_frames().enumerate() {
         let Some(&&want) = next.peek() else { break };
-        let frame = frame.map_err(|e| MediaError::Corrupt(e.to_string()))?;
+        let frame = frame.map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
         if i == want {
             next.next();
             let rgba = image::DynamicImage::ImageRgba8(frame.into_buffer());
