@@ -4,6 +4,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
 
   python scripts/make_fixtures.py tiny          # tests/fixtures: two tiny models + references (committed)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
+  python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
 
 Install (CPU is enough; PyPI's torch is a CUDA build that runs on CPU):
   python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt
@@ -168,6 +169,28 @@ def encode_video(path: Path, frames, codec: str, pix_fmt: str, options: dict) ->
         stream.thread_count = 1  # deterministic output
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_bench_video(path: Path, seconds: int = 60, w: int = 1280, h: int = 720, fps: int = 30) -> None:
+    """A long, large video: a gradient drifting under moving shapes, H.264 4:2:0 as phones
+    and screen recorders write it."""
+    import av
+
+    y, x = np.mgrid[0:h, 0:w]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "23", "preset": "veryfast"}
+        for t in range(seconds * fps):
+            base = np.stack([(x + 3 * t) % 256, (y + t) % 256, np.full_like(x, (t // fps * 40) % 256)], -1)
+            img = Image.fromarray(base.astype(np.uint8), "RGB")
+            draw = ImageDraw.Draw(img)
+            cx = (t * 7) % w
+            draw.ellipse([cx - 60, h // 2 - 60, cx + 60, h // 2 + 60], fill=(250, 240, 20))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -545,8 +568,12 @@ def main() -> None:
     sub.add_parser("tiny")
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
+    video = sub.add_parser("video")
+    video.add_argument("out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.what == "video":
+        return make_bench_video(args.out)
 
     images = FIXTURES / "images"
     make_images(images)

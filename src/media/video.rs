@@ -94,7 +94,12 @@ fn decode_with_ffmpeg(
     let header_frames = stream.frames();
     let mut decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
         .and_then(|mut ctx| {
-            ctx.set_threading(ffmpeg::codec::threading::Config::count(2));
+            // Frame threading on every core: decoding is most of a long video's cost.
+            ctx.set_threading(ffmpeg::codec::threading::Config {
+                kind: ffmpeg::codec::threading::Type::Frame,
+                count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ..Default::default()
+            });
             ctx.decoder().video()
         })
         .map_err(|e| MediaError::NotAVideo(format!("no decoder for this video ({e})")))?;

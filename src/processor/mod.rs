@@ -241,9 +241,8 @@ impl Processor {
         let frames: Vec<ProcessedImage> = match &self.videos {
             Some(processor) => videos
                 .iter()
-                .flat_map(|v| &v.frames)
-                .map(|frame| {
-                    let pixel_values = processor.preprocess_frame(frame);
+                .flat_map(|v| processor.preprocess_frames(&v.frames))
+                .map(|pixel_values| {
                     let key = *blake3::hash(image::bytes_of(&pixel_values)).as_bytes();
                     ProcessedImage {
                         pixel_values,

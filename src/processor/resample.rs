@@ -256,22 +256,15 @@ fn separable(src: &Image8, width: usize, height: usize, filter: Filter, flavour:
 fn horizontal(src: &Image8, width: usize, first_row: usize, rows: usize, coeffs: &Coefficients) -> Image8 {
     let c = src.channels;
     let mut data = vec![0u8; width * rows * c];
-    let mut acc = vec![0i32; c];
-    for y in 0..rows {
-        let in_row = &src.data[(y + first_row) * src.width * c..][..src.width * c];
-        let out_row = &mut data[y * width * c..][..width * c];
-        for (xx, &(xmin, xmax)) in coeffs.bounds.iter().enumerate() {
-            let k = &coeffs.weights[xx * coeffs.ksize..][..xmax];
-            acc.fill(1 << (coeffs.precision - 1));
-            for (x, &w) in k.iter().enumerate() {
-                let px = &in_row[(x + xmin) * c..][..c];
-                for ch in 0..c {
-                    acc[ch] += px[ch] as i32 * w;
-                }
-            }
-            for ch in 0..c {
-                out_row[xx * c + ch] = clip8(acc[ch], coeffs.precision);
-            }
+    let in_rows = src.data[first_row * src.width * c..].chunks_exact(src.width * c);
+    for (in_row, out_row) in in_rows.zip(data.chunks_exact_mut(width * c)) {
+        // RGB (every video frame, most images) with the channel count known to the compiler.
+        match c {
+            3 => horizontal_row::<3>(in_row, out_row, coeffs),
+            4 => horizontal_row::<4>(in_row, out_row, coeffs),
+            1 => horizontal_row::<1>(in_row, out_row, coeffs),
+            2 => horizontal_row::<2>(in_row, out_row, coeffs),
+            _ => unreachable!("images have 1 to 4 channels"),
         }
     }
     Image8 {
@@ -279,6 +272,21 @@ fn horizontal(src: &Image8, width: usize, first_row: usize, rows: usize, coeffs:
         height: rows,
         channels: c,
         data,
+    }
+}
+
+fn horizontal_row<const C: usize>(in_row: &[u8], out_row: &mut [u8], coeffs: &Coefficients) {
+    for (xx, (&(xmin, xmax), out)) in coeffs.bounds.iter().zip(out_row.chunks_exact_mut(C)).enumerate() {
+        let k = &coeffs.weights[xx * coeffs.ksize..][..xmax];
+        let mut acc = [1i32 << (coeffs.precision - 1); C];
+        for (px, &w) in in_row[xmin * C..].chunks_exact(C).zip(k) {
+            for ch in 0..C {
+                acc[ch] += px[ch] as i32 * w;
+            }
+        }
+        for ch in 0..C {
+            out[ch] = clip8(acc[ch], coeffs.precision);
+        }
     }
 }
 

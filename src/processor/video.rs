@@ -132,6 +132,25 @@ impl VideoProcessor {
         self.tile
     }
 
+    /// Every frame's tile, the frames spread over the cores (a minute of video is 60 frames,
+    /// each tens of milliseconds).
+    pub fn preprocess_frames(&self, frames: &[RgbImage]) -> Vec<Vec<f32>> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(frames.len().max(1));
+        let per_thread = frames.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = frames
+                .chunks(per_thread)
+                .map(|chunk| scope.spawn(move || chunk.iter().map(|f| self.preprocess_frame(f)).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("frame preprocessing does not panic"))
+                .collect()
+        })
+    }
+
     /// One frame's tile, channels first: resized to the frame edge, then to the square tile
     /// (frames are never split), rescaled and normalised.
     pub fn preprocess_frame(&self, frame: &RgbImage) -> Vec<f32> {

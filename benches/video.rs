@@ -1,0 +1,77 @@
+//! Time to turn a video into model inputs: decode and sample its frames (FFmpeg), then
+//! preprocess each into a tile (the real SmolVLM2 preprocessor config: frames resized to a
+//! 2048 edge, then to 512x512). Median of a few runs.
+//!
+//!   python scripts/make_fixtures.py video /tmp/bench720.mp4
+//!   cargo bench --bench video -- /tmp/bench720.mp4 [runs]
+//!
+//! Without arguments it runs once on the small fixture clip (a smoke test).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ocellus::media::{Fetched, MediaLimits, decode_video};
+use ocellus::processor::video::sample_frames;
+use ocellus::processor::{VideoProcessor, VideoProcessorConfig};
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let video = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("tests/fixtures/videos/clip-yuv420.mp4"));
+    let runs: usize = args
+        .get(1)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if args.is_empty() { 1 } else { 3 });
+    let config_file = root
+        .join("../shared/reference/smolvlm2-500m-video-instruct/inferred-not-directly-seen/preprocessor_config.json");
+    let config: VideoProcessorConfig = serde_json::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
+    let processor = VideoProcessor::new(config, &config_file)
+        .unwrap()
+        .expect("the SmolVLM2 config samples videos");
+    let sampling = processor.default_sampling();
+    let fetched = Fetched {
+        bytes: std::fs::read(&video).unwrap(),
+        declared_type: None,
+    };
+    let limits = MediaLimits {
+        max_image_pixels: 40_000_000,
+        max_video_seconds: 3600.0,
+    };
+
+    let (mut decode, mut preprocess) = (Vec::new(), Vec::new());
+    let mut summary = String::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let input = decode_video(&fetched, &limits, |meta| sample_frames(meta, &sampling)).unwrap();
+        decode.push(start.elapsed());
+        let start = Instant::now();
+        let tiles: usize = processor.preprocess_frames(&input.frames).iter().map(Vec::len).sum();
+        preprocess.push(start.elapsed());
+        let frame = &input.frames[0];
+        summary = format!(
+            "{}: {} frames of {}, {:.1} s at {:.2} fps; sampled {} frames of {}x{}, {} values",
+            video.display(),
+            input.meta.total_frames,
+            fetched.bytes.len(),
+            input.meta.duration,
+            input.meta.fps,
+            input.frames.len(),
+            frame.width(),
+            frame.height(),
+            tiles
+        );
+    }
+    let (decode, preprocess) = (median(decode), median(preprocess));
+    println!("{summary}");
+    println!("decode + sample: {:.3} s (median of {runs})", decode.as_secs_f64());
+    println!("preprocess:      {:.3} s", preprocess.as_secs_f64());
+    println!("total:           {:.3} s", (decode + preprocess).as_secs_f64());
+}
