@@ -13,7 +13,7 @@ use super::respond::Endpoint;
 use super::types::{ChatCompletionRequest, SamplingFields};
 use super::validate::{Settings, VideoRef};
 use super::{AppState, answer, from_json, parse_json, validate};
-use crate::media::{Fetched, MediaLimits, decode_image, decode_video, probe_image};
+use crate::media::{Fetched, MediaError, MediaLimits, decode_image, decode_video, probe_image};
 use crate::processor::video::sample_frames;
 use crate::processor::{FrameSampling, ImageInput, Processor, ProcessorError, Prompt, VideoInput};
 
@@ -76,7 +76,7 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
             let mut videos = Vec::with_capacity(media.videos.len());
             for (video, bytes) in media.videos.iter().zip(&video_bytes) {
                 let decoded = decode_request_video(&processor, video, bytes, &limits, max_video_frames)?;
-                over_budget(decoded.frames.len() * processor.frame_tokens(), &video.param)?;
+                over_budget(decoded.tiles.len() * processor.frame_tokens(), &video.param)?;
                 videos.push(decoded);
             }
             let inputs = media
@@ -89,14 +89,14 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
                     Ok(ImageInput { image: decoded, split: image.split })
                 })
                 .collect::<Result<Vec<_>, ApiError>>()?;
-            processor.process_media(&messages, &inputs, &videos).map_err(ApiError::from)
+            processor.process_media(&messages, &inputs, videos).map_err(ApiError::from)
         })
         .await?;
     Ok((prompt, generation))
 }
 
 /// Decodes the frames SmolVLM2's sampling picks, at the request's rate and count or the
-/// model's, never more than the server allows.
+/// model's, never more than the server allows, and preprocesses them as they come.
 fn decode_request_video(
     processor: &Processor,
     video: &VideoRef,
@@ -104,14 +104,18 @@ fn decode_request_video(
     limits: &MediaLimits,
     max_video_frames: usize,
 ) -> Result<VideoInput, ApiError> {
-    let defaults = processor
+    let videos = processor
         .video_processor()
-        .ok_or_else(|| ApiError::from(ProcessorError::VideosNotSupported).with_param(&video.param))?
-        .default_sampling();
+        .ok_or_else(|| ApiError::from(ProcessorError::VideosNotSupported).with_param(&video.param))?;
+    let defaults = videos.default_sampling();
     let sampling = FrameSampling {
         fps: video.fps.unwrap_or(defaults.fps),
         max_frames: video.max_frames.unwrap_or(defaults.max_frames.min(max_video_frames)),
     };
-    decode_video(bytes, limits, |meta| sample_frames(meta, &sampling))
-        .map_err(|e| ApiError::from(e).with_param(&video.param))
+    videos
+        .preprocess_streaming(|sink| {
+            let decoded = decode_video(bytes, limits, |meta| sample_frames(meta, &sampling), sink)?;
+            Ok((decoded.meta, decoded.frame_indices))
+        })
+        .map_err(|e: MediaError| ApiError::from(e).with_param(&video.param))
 }

@@ -14,28 +14,46 @@ use ffmpeg_next as ffmpeg;
 use image::{AnimationDecoder, ImageDecoder, RgbImage};
 
 use super::{Fetched, MediaError, MediaLimits};
-use crate::processor::{VideoInput, VideoMeta};
+use crate::processor::VideoMeta;
 
 /// Containers FFmpeg may open; none of them refers to other files.
 const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg";
 /// When a GIF's frames carry no delay, browsers play them at 10 frames a second.
 const GIF_DEFAULT_FPS: f64 = 10.0;
 
-/// Decodes the frames `pick` chooses from what the header says (frame count, rate).
+/// Where decoded frames go, one at a time, in order: a video's frames are never all held at
+/// full size (64 4K frames would be 1.6 GB).
+pub type FrameSink<'a> = &'a mut dyn FnMut(RgbImage) -> Result<(), MediaError>;
+
+/// What was decoded: the stream's metadata and the indices of the frames sent to the sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedVideo {
+    pub meta: VideoMeta,
+    pub frame_indices: Vec<usize>,
+}
+
+/// Decodes the frames `pick` chooses from what the header says (frame count, rate), and
+/// hands each to `sink`.
 pub fn decode_video(
     fetched: &Fetched,
     limits: &MediaLimits,
     pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-) -> Result<VideoInput, MediaError> {
+    sink: FrameSink,
+) -> Result<DecodedVideo, MediaError> {
     let bytes = &fetched.bytes;
     if bytes.is_empty() {
         return Err(MediaError::NotAVideo("the file is empty".into()));
     }
     check_declared_type(fetched)?;
-    if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
-        return decode_gif(bytes, limits, pick);
+    let decoded = if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        decode_gif(bytes, limits, pick, sink)?
+    } else {
+        decode_with_ffmpeg(bytes, limits, pick, sink)?
+    };
+    if decoded.frame_indices.is_empty() {
+        return Err(MediaError::CorruptVideo("no frame could be decoded".into()));
     }
-    decode_with_ffmpeg(bytes, limits, pick)
+    Ok(decoded)
 }
 
 fn check_declared_type(fetched: &Fetched) -> Result<(), MediaError> {
@@ -83,7 +101,8 @@ fn decode_with_ffmpeg(
     bytes: &[u8],
     limits: &MediaLimits,
     pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-) -> Result<VideoInput, MediaError> {
+    sink: FrameSink,
+) -> Result<DecodedVideo, MediaError> {
     let mut input = open(bytes)?;
     let stream = input
         .streams()
@@ -130,9 +149,10 @@ fn decode_with_ffmpeg(
 
     let mut taker = FrameTaker {
         wanted: &wanted,
-        frames: Vec::with_capacity(wanted.len()),
+        delivered: 0,
         seen: 0,
         scaler: None,
+        sink,
     };
     for (s, packet) in input.packets() {
         if s.index() != index {
@@ -148,36 +168,30 @@ fn decode_with_ffmpeg(
         decoder.send_eof().map_err(corrupt)?;
         taker.drain(&mut decoder, limits)?;
     }
-    let frames = taker.frames;
-    if frames.is_empty() {
-        return Err(MediaError::CorruptVideo("no frame could be decoded".into()));
-    }
     // A header that promised more frames than the stream holds: keep those that exist.
-    let mut frame_indices = wanted;
-    frame_indices.truncate(frames.len());
-    Ok(VideoInput {
-        frames,
-        frame_indices,
-        meta,
-    })
+    let mut frame_indices = wanted.clone();
+    frame_indices.truncate(taker.delivered);
+    Ok(DecodedVideo { meta, frame_indices })
 }
 
-/// Keeps the decoded frames whose indices were picked.
-struct FrameTaker<'a> {
+/// Passes on the decoded frames whose indices were picked.
+struct FrameTaker<'a, 's> {
     wanted: &'a [usize],
-    frames: Vec<RgbImage>,
+    /// Frames passed to the sink so far.
+    delivered: usize,
     /// Frames decoded so far.
     seen: usize,
     scaler: Option<scaling::Context>,
+    sink: FrameSink<'s>,
 }
 
-impl FrameTaker<'_> {
+impl FrameTaker<'_, '_> {
     fn drain(&mut self, decoder: &mut ffmpeg::decoder::Video, limits: &MediaLimits) -> Result<(), MediaError> {
         let mut decoded = ffmpeg::util::frame::Video::empty();
         while decoder.receive_frame(&mut decoded).is_ok() {
-            if self.wanted.get(self.frames.len()) == Some(&self.seen) {
-                let frame = to_rgb(&decoded, &mut self.scaler, limits)?;
-                self.frames.push(frame);
+            if self.wanted.get(self.delivered) == Some(&self.seen) {
+                (self.sink)(to_rgb(&decoded, &mut self.scaler, limits)?)?;
+                self.delivered += 1;
             }
             self.seen += 1;
         }
@@ -185,7 +199,7 @@ impl FrameTaker<'_> {
     }
 
     fn done(&self) -> bool {
-        self.frames.len() == self.wanted.len()
+        self.delivered == self.wanted.len()
     }
 }
 
@@ -253,7 +267,8 @@ fn decode_gif(
     bytes: &[u8],
     limits: &MediaLimits,
     pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-) -> Result<VideoInput, MediaError> {
+    sink: FrameSink,
+) -> Result<DecodedVideo, MediaError> {
     let gif = |bytes| {
         image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(|e| MediaError::CorruptVideo(e.to_string()))
     };
@@ -279,25 +294,16 @@ fn decode_gif(
     };
     check_duration(&meta, limits)?;
     let wanted = pick(&meta);
-    let mut frames = Vec::with_capacity(wanted.len());
-    let mut next = wanted.iter().peekable();
+    let mut delivered = 0;
     for (i, frame) in gif(bytes)?.into_frames().enumerate() {
-        let Some(&&want) = next.peek() else { break };
+        let Some(&want) = wanted.get(delivered) else { break };
         let frame = frame.map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
         if i == want {
-            next.next();
-            let rgba = image::DynamicImage::ImageRgba8(frame.into_buffer());
-            frames.push(rgba.to_rgb8());
+            sink(image::DynamicImage::ImageRgba8(frame.into_buffer()).to_rgb8())?;
+            delivered += 1;
         }
     }
-    if frames.is_empty() {
-        return Err(MediaError::NotAVideo("the GIF has no frames".into()));
-    }
     let mut frame_indices = wanted;
-    frame_indices.truncate(frames.len());
-    Ok(VideoInput {
-        frames,
-        frame_indices,
-        meta,
-    })
+    frame_indices.truncate(delivered);
+    Ok(DecodedVideo { meta, frame_indices })
 }

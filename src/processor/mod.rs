@@ -213,7 +213,7 @@ impl Processor {
 
     /// The whole processor: template, images, placeholder expansion, tokenization.
     pub fn process(&self, messages: &[ChatMessage], images: &[ImageInput]) -> Result<Prompt, ProcessorError> {
-        self.process_media(messages, images, &[])
+        self.process_media(messages, images, Vec::new())
     }
 
     /// `process` with videos too: each video becomes its frames, one tile each, introduced
@@ -222,7 +222,7 @@ impl Processor {
         &self,
         messages: &[ChatMessage],
         images: &[ImageInput],
-        videos: &[VideoInput],
+        videos: Vec<VideoInput>,
     ) -> Result<Prompt, ProcessorError> {
         if !videos.is_empty() && self.videos.is_none() {
             return Err(ProcessorError::VideosNotSupported);
@@ -236,28 +236,26 @@ impl Processor {
                     .preprocess(&input.image, input.split.unwrap_or(default_split))
             })
             .collect();
-        let (expanded, order) = self.expand_placeholders(&text, &processed, videos)?;
+        let (expanded, order) = self.expand_placeholders(&text, &processed, &videos)?;
         let token_ids = self.tokenize(&expanded)?;
-        let frames: Vec<ProcessedImage> = match &self.videos {
-            Some(processor) => videos
-                .iter()
-                .flat_map(|v| processor.preprocess_frames(&v.frames))
-                .map(|pixel_values| {
-                    let key = *blake3::hash(image::bytes_of(&pixel_values)).as_bytes();
-                    ProcessedImage {
-                        pixel_values,
-                        tiles: 1,
-                        rows: 0,
-                        cols: 0,
-                        key,
-                    }
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let by_video: Vec<usize> = videos.iter().map(|v| v.tiles.len()).collect();
+        let frames: Vec<ProcessedImage> = videos
+            .into_iter()
+            .flat_map(|v| v.tiles)
+            .map(|pixel_values| {
+                let key = *blake3::hash(image::bytes_of(&pixel_values)).as_bytes();
+                ProcessedImage {
+                    pixel_values,
+                    tiles: 1,
+                    rows: 0,
+                    cols: 0,
+                    key,
+                }
+            })
+            .collect();
         // Images and frames in the order the prompt holds them.
         let mut frames = frames.into_iter();
-        let mut by_video = videos.iter().map(|v| v.frames.len());
+        let mut by_video = by_video.into_iter();
         let mut images = std::mem::take(&mut processed).into_iter();
         let ordered: Vec<ProcessedImage> = order
             .iter()

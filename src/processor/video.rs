@@ -59,10 +59,11 @@ pub struct FrameSampling {
     pub max_frames: usize,
 }
 
-/// A decoded video: the sampled frames and where they were in it.
+/// A video ready for the prompt: its sampled frames as tiles (`3 x S x S` values each,
+/// channels first), and where they were in it.
 #[derive(Debug, Clone)]
 pub struct VideoInput {
-    pub frames: Vec<RgbImage>,
+    pub tiles: Vec<Vec<f32>>,
     pub frame_indices: Vec<usize>,
     pub meta: VideoMeta,
 }
@@ -132,22 +133,44 @@ impl VideoProcessor {
         self.tile
     }
 
-    /// Every frame's tile, the frames spread over the cores (a minute of video is 60 frames,
-    /// each tens of milliseconds).
-    pub fn preprocess_frames(&self, frames: &[RgbImage]) -> Vec<Vec<f32>> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(frames.len().max(1));
-        let per_thread = frames.len().div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = frames
-                .chunks(per_thread)
-                .map(|chunk| scope.spawn(move || chunk.iter().map(|f| self.preprocess_frame(f)).collect::<Vec<_>>()))
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("frame preprocessing does not panic"))
-                .collect()
+    /// Preprocesses frames while `decode` produces them, on every core, holding only a few
+    /// full-size frames at once (64 4K frames would be 1.6 GB). `decode` gets the sink to
+    /// feed, in order, and returns what else the video is made of.
+    pub fn preprocess_streaming<E>(
+        &self,
+        decode: impl FnOnce(&mut dyn FnMut(RgbImage) -> Result<(), E>) -> Result<(VideoMeta, Vec<usize>), E>,
+    ) -> Result<VideoInput, E> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (frames_in, frames_out) = crossbeam_channel::bounded::<(usize, RgbImage)>(threads);
+        let (tiles_in, tiles_out) = crossbeam_channel::unbounded::<(usize, Vec<f32>)>();
+        let (meta, frame_indices) = std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let (frames_out, tiles_in) = (frames_out.clone(), tiles_in.clone());
+                scope.spawn(move || {
+                    for (i, frame) in frames_out {
+                        // The receiver lives until the scope ends.
+                        let _ = tiles_in.send((i, self.preprocess_frame(&frame)));
+                    }
+                });
+            }
+            let mut sent = 0;
+            let decoded = decode(&mut |frame| {
+                frames_in
+                    .send((sent, frame))
+                    .expect("the workers run until the sender is dropped");
+                sent += 1;
+                Ok(())
+            });
+            drop(frames_in);
+            decoded
+        })?;
+        drop(tiles_in);
+        let mut tiles: Vec<(usize, Vec<f32>)> = tiles_out.into_iter().collect();
+        tiles.sort_by_key(|(i, _)| *i);
+        Ok(VideoInput {
+            tiles: tiles.into_iter().map(|(_, t)| t).collect(),
+            frame_indices,
+            meta,
         })
     }
 

@@ -137,10 +137,15 @@ pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> ocellus:
         max_image_pixels: 1 << 24,
         max_video_seconds: 3600.0,
     };
-    ocellus::media::decode_video(&fetched, &limits, |meta| {
-        ocellus::processor::video::sample_frames(meta, &sampling)
-    })
-    .unwrap()
+    processor
+        .video_processor()
+        .unwrap()
+        .preprocess_streaming(|sink| {
+            let pick = |meta: &_| ocellus::processor::video::sample_frames(meta, &sampling);
+            let decoded = ocellus::media::decode_video(&fetched, &limits, pick, sink)?;
+            Ok::<_, ocellus::media::MediaError>((decoded.meta, decoded.frame_indices))
+        })
+        .unwrap()
 }
 
 /// Maps OpenAI chat messages (content as a string or parts) onto the processor's types,
@@ -189,7 +194,7 @@ pub fn prompt_for(processor: &Processor, reference: &Reference, case: &Case) -> 
         .collect();
     let sampled: Vec<Vec<usize>> = videos.iter().map(|v| v.frame_indices.clone()).collect();
     assert_eq!(sampled, case.frame_indices, "sampled frames differ from transformers'");
-    processor.process_media(&messages, &images, &videos).unwrap()
+    processor.process_media(&messages, &images, videos).unwrap()
 }
 
 /// Greedy, exactly `tokens` tokens: the recorded references used min_new_tokens too.
