@@ -31,6 +31,7 @@ fn check_parity(root: &std::path::Path, model: &str) {
             ));
             continue;
         }
+        let mut pixel_note = String::new();
         if let Some(expected) = reference.pixel_values(name) {
             let ours = prompt
                 .pixel_values
@@ -41,6 +42,7 @@ fn check_parity(root: &std::path::Path, model: &str) {
                 .to_vec1::<f32>()
                 .unwrap();
             let diff = max_abs_diff(&ours, &expected);
+            pixel_note = format!(", max pixel difference {diff:.1e}");
             if diff > PIXEL_TOLERANCE {
                 failures.push(format!("{name}: pixel values differ by {diff}"));
             }
@@ -48,7 +50,7 @@ fn check_parity(root: &std::path::Path, model: &str) {
         let logits = first_step_logits(engine.model(), &prompt);
         let diff = max_abs_diff(&logits, &reference.logits(name));
         eprintln!(
-            "{name}: {} prompt tokens, max logit difference {diff:.2e}",
+            "{name}: {} prompt tokens, max logit difference {diff:.2e}{pixel_note}",
             case.input_ids.len()
         );
         if diff > LOGIT_TOLERANCE {
