@@ -11,7 +11,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageFormat, ImageReader};
 
 pub use fetch::{FetchConfig, Fetched, MediaFetcher};
-pub use video::decode_video;
+pub use video::{DecodedVideo, VideoMeta, decode_video};
 
 #[derive(Debug, Clone, Copy)]
 pub struct MediaLimits {

@@ -14,12 +14,20 @@ use ffmpeg_next as ffmpeg;
 use image::{AnimationDecoder, ImageDecoder, RgbImage};
 
 use super::{Fetched, MediaError, MediaLimits};
-use crate::processor::VideoMeta;
 
 /// Containers FFmpeg may open; none of them refers to other files.
 const FORMATS: &str = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg";
 /// When a GIF's frames carry no delay, browsers play them at 10 frames a second.
 const GIF_DEFAULT_FPS: f64 = 10.0;
+
+/// What a container says about a video stream, as transformers' PyAV loader reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VideoMeta {
+    pub total_frames: usize,
+    pub fps: f64,
+    /// `total_frames / fps`, in seconds.
+    pub duration: f64,
+}
 
 /// Where decoded frames go, one at a time, in order: a video's frames are never all held at
 /// full size (64 4K frames would be 1.6 GB).

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::image::LongestEdge;
 use super::resample::{Filter, Image8, resize_like_torch};
+pub use crate::media::VideoMeta;
 use crate::model::LoadError;
 
 /// transformers' `MAX_IMAGE_SIZE`: no frame is resized past a 4K edge.
@@ -41,15 +42,6 @@ pub struct VideoSamplingConfig {
     pub fps: f64,
     pub max_frames: usize,
     pub video_size: Option<LongestEdge>,
-}
-
-/// What a container says about a video stream, as transformers' PyAV loader reads it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct VideoMeta {
-    pub total_frames: usize,
-    pub fps: f64,
-    /// `total_frames / fps`, in seconds.
-    pub duration: f64,
 }
 
 /// Frames to sample: at most `max_frames`, about `fps` per second.
