@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need besides Rust on first use: FFmpeg's
-# libraries (scripts/system-deps.sh) and a Python virtual environment with the official
-# openai package (target/test-venv).
+# libraries and promtool (scripts/system-deps.sh) and a Python virtual environment with the
+# official openai package (target/test-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/system-deps.sh
+scripts/system-deps.sh --test
 
 venv=target/test-venv
 if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then

@@ -25,6 +25,13 @@ pub const BATCH_SIZE_TOKENS: &str = "ocellus_batch_size_tokens";
 pub const PREEMPTIONS_TOTAL: &str = "ocellus_preemptions_total";
 pub const VISION_CACHE_HITS_TOTAL: &str = "ocellus_vision_cache_hits_total";
 pub const VISION_CACHE_MISSES_TOTAL: &str = "ocellus_vision_cache_misses_total";
+pub const PREFILL_STEP_DURATION_SECONDS: &str = "ocellus_prefill_step_duration_seconds";
+pub const DECODE_STEP_DURATION_SECONDS: &str = "ocellus_decode_step_duration_seconds";
+pub const IMAGE_TOKENS_TOTAL: &str = "ocellus_image_tokens_total";
+pub const MEDIA_FETCH_DURATION_SECONDS: &str = "ocellus_media_fetch_duration_seconds";
+pub const MEDIA_PREPROCESS_DURATION_SECONDS: &str = "ocellus_media_preprocess_duration_seconds";
+pub const VISION_ENCODE_DURATION_SECONDS: &str = "ocellus_vision_encode_duration_seconds";
+pub const REJECTED_REQUESTS_TOTAL: &str = "ocellus_rejected_requests_total";
 
 /// Latencies from a millisecond to ten minutes.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -76,6 +83,12 @@ pub struct Metrics {
     pub preemptions: Counter,
     pub vision_cache_hits: Counter,
     pub vision_cache_misses: Counter,
+    pub prefill_step: Histogram,
+    pub decode_step: Histogram,
+    pub image_tokens: Counter,
+    pub media_fetch: Histogram,
+    pub media_preprocess: Histogram,
+    pub vision_encode: Histogram,
 }
 
 impl Metrics {
@@ -88,6 +101,11 @@ impl Metrics {
                     INTER_TOKEN_LATENCY_SECONDS,
                     REQUEST_DURATION_SECONDS,
                     QUEUE_TIME_SECONDS,
+                    PREFILL_STEP_DURATION_SECONDS,
+                    DECODE_STEP_DURATION_SECONDS,
+                    MEDIA_FETCH_DURATION_SECONDS,
+                    MEDIA_PREPROCESS_DURATION_SECONDS,
+                    VISION_ENCODE_DURATION_SECONDS,
                 ][..],
                 LATENCY_BUCKETS,
             ),
@@ -150,6 +168,41 @@ impl Metrics {
             None,
             "Images run through the vision encoder.",
         );
+        describe(
+            PREFILL_STEP_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Forward passes that prefill prompt tokens (decodes may ride along).",
+        );
+        describe(
+            DECODE_STEP_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Forward passes of decode tokens only.",
+        );
+        describe(
+            IMAGE_TOKENS_TOTAL,
+            None,
+            "Image tokens of admitted prompts (video frames included).",
+        );
+        describe(
+            MEDIA_FETCH_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Fetching one image or video (data URI, URL or file).",
+        );
+        describe(
+            MEDIA_PREPROCESS_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Decoding and preprocessing a request's media and tokenizing its prompt.",
+        );
+        describe(
+            VISION_ENCODE_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Encoding one prompt's images on the vision thread.",
+        );
+        describe(
+            REJECTED_REQUESTS_TOTAL,
+            None,
+            "Requests refused, by reason (the error code).",
+        );
         let histogram = |name: &'static str| recorder.register_histogram(&Key::from_static_name(name), &metadata());
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &metadata());
         let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &metadata());
@@ -170,6 +223,12 @@ impl Metrics {
             preemptions: counter(PREEMPTIONS_TOTAL),
             vision_cache_hits: counter(VISION_CACHE_HITS_TOTAL),
             vision_cache_misses: counter(VISION_CACHE_MISSES_TOTAL),
+            prefill_step: histogram(PREFILL_STEP_DURATION_SECONDS),
+            decode_step: histogram(DECODE_STEP_DURATION_SECONDS),
+            image_tokens: counter(IMAGE_TOKENS_TOTAL),
+            media_fetch: histogram(MEDIA_FETCH_DURATION_SECONDS),
+            media_preprocess: histogram(MEDIA_PREPROCESS_DURATION_SECONDS),
+            vision_encode: histogram(VISION_ENCODE_DURATION_SECONDS),
             recorder,
             handle,
         })
@@ -186,6 +245,22 @@ impl Metrics {
             .increment(1);
     }
 
+    /// `ocellus_rejected_requests_total{reason}` += 1; the reason is an error code, a fixed set.
+    pub fn count_rejection(&self, reason: &'static str) {
+        let labels = vec![Label::from_static_parts("reason", reason)];
+        self.recorder
+            .register_counter(&Key::from_parts(REJECTED_REQUESTS_TOTAL, labels), &metadata())
+            .increment(1);
+    }
+
+    /// Records the time until the returned guard drops into `histogram`.
+    pub fn time<'a>(&self, histogram: &'a Histogram) -> Timer<'a> {
+        Timer {
+            histogram,
+            started: std::time::Instant::now(),
+        }
+    }
+
     pub fn observe(histogram: &Histogram, duration: Duration) {
         histogram.record(duration.as_secs_f64());
     }
@@ -194,6 +269,18 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()
+    }
+}
+
+/// Observes its lifetime into a histogram when dropped, however the scope ends.
+pub struct Timer<'a> {
+    histogram: &'a Histogram,
+    started: std::time::Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        Metrics::observe(self.histogram, self.started.elapsed());
     }
 }
 

@@ -14,6 +14,7 @@ use super::types::{ChatCompletionRequest, SamplingFields};
 use super::validate::{Settings, VideoRef};
 use super::{AppState, answer, from_json, parse_json, validate};
 use crate::media::{Fetched, MediaError, MediaLimits, decode_image, decode_video, probe_image};
+use crate::metrics::Metrics;
 use crate::processor::video::sample_frames;
 use crate::processor::{FrameSampling, ImageInput, Processor, ProcessorError, Prompt, VideoInput};
 
@@ -38,11 +39,10 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     let fetch = |url: &str, param: &str| {
         let (url, param) = (url.to_string(), param.to_string());
         async move {
-            state
-                .fetcher
-                .fetch(&url)
-                .await
-                .map_err(|e| ApiError::from(e).with_param(&param))
+            let started = Instant::now();
+            let fetched = state.fetcher.fetch(&url).await;
+            Metrics::observe(&state.metrics.media_fetch, started.elapsed());
+            fetched.map_err(|e| ApiError::from(e).with_param(&param))
         }
     };
     let image_bytes = futures::future::try_join_all(media.images.iter().map(|i| fetch(&i.url, &i.param)));
@@ -53,9 +53,11 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     let processor = ready.processor.clone();
     let (limits, max_image_tokens) = (settings.media, settings.max_image_tokens_per_request);
     let max_video_frames = settings.limits.max_video_frames;
+    let metrics = state.metrics.clone();
     let prompt = state
         .media_pool
         .run(move || {
+            let _timer = metrics.time(&metrics.media_preprocess);
             let mut image_tokens = 0;
             let mut over_budget = |tokens: usize, param: &str| {
                 image_tokens += tokens;

@@ -89,8 +89,16 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's `code` string (every error has one).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest { code, .. } => code,
+            other => other.kind_and_code().1.unwrap_or("unknown"),
+        }
+    }
+
     /// OpenAI's `type` and `code` strings.
-    fn kind_and_code(&self) -> (&'static str, Option<&str>) {
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
             Self::InvalidRequest { code, .. } => ("invalid_request_error", Some(code)),
             Self::InvalidJson { .. } => ("invalid_request_error", Some("invalid_json")),

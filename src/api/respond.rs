@@ -118,6 +118,9 @@ impl Observer {
             e if e.is_client_error() => Outcome::ClientError,
             _ => Outcome::ServerError,
         };
+        if matches!(outcome, Outcome::Rejected | Outcome::ClientError) || matches!(error, ApiError::Unavailable(_)) {
+            self.metrics.count_rejection(error.code());
+        }
         self.finish(outcome);
     }
 }

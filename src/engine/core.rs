@@ -58,8 +58,9 @@ pub struct StepReport {
     pub failed: usize,
     /// Time each newly admitted request waited.
     pub queue_times: Vec<Duration>,
-    /// Vision encoding of prompts that started.
+    /// Vision encoding of prompts that started, in all and per prompt.
     pub vision: Duration,
+    pub vision_encodes: Vec<Duration>,
     /// Images whose features came from the cache, and images encoded.
     pub vision_cache_hits: usize,
     pub vision_cache_misses: usize,
@@ -250,6 +251,7 @@ impl EngineCore {
     /// Attaches the vision thread's output to its sequence (if it is still waiting).
     fn take_vision(&mut self, done: VisionDone) {
         self.unreported.vision += done.took;
+        self.unreported.vision_encodes.push(done.took);
         let Some(index) = self.waiting.iter().position(|s| s.id == done.seq) else {
             return;
         };

@@ -168,6 +168,10 @@ fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>
                     published.in_flight.fetch_sub(choices.len(), Ordering::AcqRel);
                     for (index, request) in choices.into_iter().enumerate() {
                         metrics.prompt_tokens.increment(request.prompt.token_ids.len() as u64);
+                        let tokens_per_tile = core.model().info().image_seq_len;
+                        metrics
+                            .image_tokens
+                            .increment((request.prompt.tiles() * tokens_per_tile) as u64);
                         if let Err(err) = core.add(request, index, events.clone()) {
                             // The handle validated this already; a refusal here is a bug.
                             tracing::error!(%err, "the engine refused a submitted request");
@@ -206,6 +210,12 @@ fn record(core: &EngineCore, report: &StepReport, published: &Published, metrics
         .kv_cache_usage
         .set(used as f64 / core.pool().num_blocks().max(1) as f64);
     if report.did_work() {
+        let step = if report.prefill_tokens > 0 {
+            &metrics.prefill_step
+        } else {
+            &metrics.decode_step
+        };
+        Metrics::observe(step, report.forward);
         metrics.batch_sequences.record(report.batch_sequences as f64);
         metrics
             .batch_tokens
@@ -214,6 +224,9 @@ fn record(core: &EngineCore, report: &StepReport, published: &Published, metrics
     metrics.preemptions.increment(report.preempted as u64);
     metrics.vision_cache_hits.increment(report.vision_cache_hits as u64);
     metrics.vision_cache_misses.increment(report.vision_cache_misses as u64);
+    for took in &report.vision_encodes {
+        Metrics::observe(&metrics.vision_encode, *took);
+    }
     for wait in &report.queue_times {
         Metrics::observe(&metrics.queue_time, *wait);
     }
