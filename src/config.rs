@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port).
     #[arg(long, env = "OCELLUS_PORT", default_value_t = 8000)]
     pub port: u16,
+    /// Port of the gRPC API (`ocellus.v1`, health, reflection) on the same host; none: no
+    /// gRPC (0: any free port).
+    #[arg(long, env = "OCELLUS_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
     /// The name clients give as `model`; defaults to the hub id, or a folder's name.
     #[arg(long, env = "OCELLUS_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,

@@ -20,17 +20,20 @@ use crate::processor::{FrameSampling, ImageInput, Processor, ProcessorError, Pro
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
-    let prepared = prepare(&state, body).await;
+    let prepared = match parse_json(body, state.settings.max_body_bytes) {
+        Ok(body) => prepare(&state, &body).await,
+        Err(error) => Err(error),
+    };
     answer(&state, Endpoint::Chat, arrived, prepared).await
 }
 
-/// Validates the request and builds its prompt: template, images, tokens.
-async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<(Prompt, Settings), ApiError> {
+/// Validates a chat request (OpenAI's JSON; gRPC requests are mapped onto it) and builds its
+/// prompt: template, images, videos, tokens.
+pub(super) async fn prepare(state: &AppState, body: &serde_json::Value) -> Result<(Prompt, Settings), ApiError> {
     let ready = state.accepting()?;
     let settings = &state.settings;
-    let body = parse_json(body, settings.max_body_bytes)?;
-    let request: ChatCompletionRequest = from_json(&body)?;
-    let sampling: SamplingFields = from_json(&body)?;
+    let request: ChatCompletionRequest = from_json(body)?;
+    let sampling: SamplingFields = from_json(body)?;
     state.check_model(request.model.as_deref())?;
     let logprobs = validate::chat_logprobs(request.logprobs, request.top_logprobs)?;
     let max_tokens = request.max_completion_tokens.or(sampling.max_tokens);

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod grpc;
 pub mod pool;
 pub mod respond;
 pub mod server;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub ready: OnceLock<Ready>,
     pub load_error: OnceLock<String>,
     pub draining: AtomicBool,
+    /// grpc.health.v1's statuses (SERVING once ready, NOT_SERVING while draining).
+    pub grpc_health: tonic_health::server::HealthReporter,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             ready: OnceLock::new(),
             load_error: OnceLock::new(),
             draining: AtomicBool::new(false),
+            grpc_health: tonic_health::server::HealthReporter::new(),
         }
     }
 
@@ -160,7 +164,7 @@ async fn answer(
     }
 }
 
-fn submit(
+pub(crate) fn submit(
     state: &AppState,
     endpoint: Endpoint,
     prompt: Prompt,

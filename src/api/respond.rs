@@ -86,7 +86,7 @@ impl Observer {
         }
     }
 
-    fn token(&mut self, choice: usize) {
+    pub(super) fn token(&mut self, choice: usize) {
         let now = Instant::now();
         if !self.first_token {
             self.first_token = true;
@@ -101,7 +101,7 @@ impl Observer {
         self.metrics.generation_tokens.increment(1);
     }
 
-    fn finish(&mut self, outcome: Outcome) {
+    pub(super) fn finish(&mut self, outcome: Outcome) {
         if !self.done {
             self.done = true;
             if outcome == Outcome::Success {

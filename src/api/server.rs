@@ -29,9 +29,12 @@ use crate::metrics::Metrics;
 /// A running server.
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    /// The gRPC API's address, when `--grpc-port` is set.
+    pub grpc_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: Arc<Notify>,
     task: JoinHandle<anyhow::Result<()>>,
+    grpc_task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl ServerHandle {
@@ -56,7 +59,11 @@ impl ServerHandle {
     }
 
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("server task")?
+        self.task.await.context("server task")??;
+        if let Some(grpc) = self.grpc_task {
+            grpc.await.context("gRPC server task")??;
+        }
+        Ok(())
     }
 }
 
@@ -74,16 +81,25 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let pool = MediaPool::new(workers, args.media.media_inline);
     let state = Arc::new(AppState::new(api_settings(&args), metrics, fetcher, pool));
+    set_grpc_health(&state, false).await;
     let loading = state.clone();
     let load_args = args.clone();
-    tokio::task::spawn_blocking(move || match load(&load_args, &loading.metrics) {
-        Ok(ready) => {
-            let _ = loading.ready.set(ready);
-            tracing::info!(model = %load_args.model.model, "model loaded; ready");
-        }
-        Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "model failed to load");
-            let _ = loading.load_error.set(format!("{err:#}"));
+    tokio::spawn(async move {
+        let metrics = loading.metrics.clone();
+        let model = load_args.model.model.clone();
+        let loaded = tokio::task::spawn_blocking(move || load(&load_args, &metrics)).await;
+        match loaded.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(ready) => {
+                let _ = loading.ready.set(ready);
+                if !loading.draining.load(Ordering::Acquire) {
+                    set_grpc_health(&loading, true).await;
+                }
+                tracing::info!(%model, "model loaded; ready");
+            }
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "model failed to load");
+                let _ = loading.load_error.set(format!("{err:#}"));
+            }
         }
     });
     let app = router(state.clone())
@@ -95,12 +111,21 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(cors(&args.cors_allow_origin));
     let shutdown = Arc::new(Notify::new());
+    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
     let drained = {
         let (state, shutdown, timeout) = (state.clone(), shutdown.clone(), args.shutdown_timeout);
         async move {
             shutdown.notified().await;
             drain(&state, timeout).await;
+            let _ = drained_tx.send(true);
         }
+    };
+    let (grpc_addr, grpc_task) = match args.grpc_port {
+        Some(port) => {
+            let (addr, task) = start_grpc(&args.host, port, state.clone(), drained_rx).await?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
     };
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -111,20 +136,76 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
     tracing::info!(%addr, "listening");
     Ok(ServerHandle {
         addr,
+        grpc_addr,
         state,
         shutdown,
         task,
+        grpc_task,
     })
+}
+
+/// The gRPC server: the Ocellus service, grpc.health.v1 and reflection. It stops once the
+/// HTTP side has drained (the engine is shared, and so is the drain).
+async fn start_grpc(
+    host: &str,
+    port: u16,
+    state: Arc<AppState>,
+    mut drained: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
+    let listener = TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("listening for gRPC on {host}:{port}"))?;
+    let addr = listener.local_addr()?;
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(state.grpc_health.clone()),
+    );
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(super::grpc::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(super::grpc::service(state))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = drained.wait_for(|done| *done).await;
+            })
+            .await
+            .context("serving gRPC")
+    });
+    tracing::info!(%addr, "gRPC listening");
+    Ok((addr, task))
+}
+
+/// grpc.health.v1: the whole server ("") and the Ocellus service alike.
+async fn set_grpc_health(state: &AppState, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in ["", "ocellus.v1.Ocellus"] {
+        state.grpc_health.set_service_status(service, status).await;
+    }
 }
 
 /// `ocellus serve`: runs until SIGTERM or SIGINT, then drains and returns.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = start(args).await?;
-    tokio::select! {
-        result = server.ready() => result?,
-        _ = shutdown_signal() => {}
+    let signalled = tokio::select! {
+        result = server.ready() => {
+            result?;
+            false
+        }
+        _ = shutdown_signal() => true,
+    };
+    if !signalled {
+        shutdown_signal().await;
     }
-    shutdown_signal().await;
     tracing::info!("shutting down: draining");
     server.shutdown();
     server.wait().await
@@ -147,6 +228,7 @@ async fn shutdown_signal() {
 
 async fn drain(state: &AppState, timeout: Duration) {
     state.draining.store(true, Ordering::Release);
+    set_grpc_health(state, false).await;
     let Some(ready) = state.ready.get() else { return };
     let deadline = Instant::now() + timeout;
     ready.engine.shutdown(deadline);

@@ -1,0 +1,300 @@
+//! The gRPC API (proto/ocellus/v1/ocellus.proto): requests are mapped onto the chat API's
+//! JSON, so they get the same validation, limits, media handling and engine; errors map to
+//! gRPC status codes. Health (grpc.health.v1) and server reflection ride on the same port.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use super::error::ApiError;
+use super::respond::{Endpoint, Job, Observer};
+use super::{AppState, chat, submit};
+use crate::engine::SequenceEvent;
+use crate::engine::request::ChoiceEvent;
+use crate::metrics::Outcome;
+
+pub mod pb {
+    tonic::include_proto!("ocellus.v1");
+}
+
+/// The encoded descriptors of proto/, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ocellus_descriptor.bin"));
+
+use pb::content_part::Part;
+use pb::ocellus_server::{Ocellus, OcellusServer};
+
+pub struct GrpcApi {
+    state: Arc<AppState>,
+}
+
+/// The Ocellus service, behind the API key when one is set (`authorization: Bearer KEY`).
+pub fn service(
+    state: Arc<AppState>,
+) -> tonic::service::interceptor::InterceptedService<OcellusServer<GrpcApi>, impl tonic::service::Interceptor + Clone> {
+    let key = state.settings.api_key.clone();
+    let check = move |request: Request<()>| -> Result<Request<()>, Status> {
+        let Some(expected) = &key else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(ApiError::Unauthorized.to_string()))
+        }
+    };
+    OcellusServer::with_interceptor(GrpcApi { state }, check)
+}
+
+/// The gRPC status of an API error; the message carries the OpenAI code and field.
+pub fn status(error: &ApiError) -> Status {
+    let message = match error {
+        ApiError::InvalidRequest { param: Some(p), .. } | ApiError::InvalidJson { param: Some(p), .. } => {
+            format!("{error} (code {}, param {p})", error.code())
+        }
+        _ => format!("{error} (code {})", error.code()),
+    };
+    let code = match error {
+        ApiError::InvalidRequest { .. } | ApiError::InvalidJson { .. } | ApiError::PayloadTooLarge { .. } => {
+            tonic::Code::InvalidArgument
+        }
+        ApiError::Unauthorized => tonic::Code::Unauthenticated,
+        ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => tonic::Code::NotFound,
+        ApiError::MethodNotAllowed { .. } => tonic::Code::Unimplemented,
+        ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
+        ApiError::Unavailable(_) => tonic::Code::Unavailable,
+        ApiError::Timeout => tonic::Code::DeadlineExceeded,
+        ApiError::Internal(_) => tonic::Code::Internal,
+    };
+    Status::new(code, message)
+}
+
+/// A gRPC request as the chat API's JSON body.
+fn to_openai(request: &pb::GenerateRequest) -> Value {
+    let part = |p: &pb::ContentPart| match &p.part {
+        Some(Part::Text(text)) => json!({"type": "text", "text": text}),
+        Some(Part::ImageUrl(image)) => {
+            let detail = (!image.detail.is_empty()).then_some(&image.detail);
+            json!({"type": "image_url", "image_url": {"url": image.url, "detail": detail}})
+        }
+        Some(Part::VideoUrl(video)) => json!({"type": "video_url", "video_url": {
+            "url": video.url, "fps": video.fps, "max_frames": video.max_frames,
+        }}),
+        None => json!({"type": "unset"}),
+    };
+    let messages: Vec<Value> = request
+        .messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content.iter().map(part).collect::<Vec<_>>()}))
+        .collect();
+    let mut body = json!({"messages": messages});
+    if !request.model.is_empty() {
+        body["model"] = json!(request.model);
+    }
+    if let Some(s) = &request.sampling {
+        let fields = [
+            ("max_tokens", json!(s.max_tokens)),
+            ("temperature", json!(s.temperature)),
+            ("top_p", json!(s.top_p)),
+            ("top_k", json!(s.top_k)),
+            ("min_p", json!(s.min_p)),
+            ("presence_penalty", json!(s.presence_penalty)),
+            ("frequency_penalty", json!(s.frequency_penalty)),
+            ("repetition_penalty", json!(s.repetition_penalty)),
+            ("seed", json!(s.seed)),
+            ("ignore_eos", json!(s.ignore_eos)),
+            ("min_tokens", json!(s.min_tokens)),
+            ("n", json!(s.n)),
+        ];
+        for (name, value) in fields {
+            if !value.is_null() {
+                body[name] = value;
+            }
+        }
+        if !s.stop.is_empty() {
+            body["stop"] = json!(s.stop);
+        }
+        if !s.stop_token_ids.is_empty() {
+            body["stop_token_ids"] = json!(s.stop_token_ids);
+        }
+    }
+    body
+}
+
+impl GrpcApi {
+    /// Validates, prepares and submits, as POST /v1/chat/completions does.
+    async fn start(&self, request: &pb::GenerateRequest, observer: &mut Observer) -> Result<Job, Status> {
+        let arrived = Instant::now();
+        let submitted = match chat::prepare(&self.state, &to_openai(request)).await {
+            Ok((prompt, settings)) => submit(&self.state, Endpoint::Chat, prompt, &settings, arrived),
+            Err(error) => Err(error),
+        };
+        submitted.map_err(|error| {
+            observer.fail(&error);
+            status(&error)
+        })
+    }
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: prompt_tokens as u32,
+        completion_tokens: completion_tokens as u32,
+        total_tokens: (prompt_tokens + completion_tokens) as u32,
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ocellus for GrpcApi {
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let mut observer = Observer::new(self.state.metrics.clone(), "grpc_generate", Instant::now());
+        let mut job = self.start(request.get_ref(), &mut observer).await?;
+        let mut choices: Vec<pb::Choice> = (0..job.n)
+            .map(|i| pb::Choice {
+                index: i as u32,
+                ..Default::default()
+            })
+            .collect();
+        let (mut done, mut completion_tokens) = (0, 0);
+        while done < job.n {
+            let Some(ChoiceEvent { choice, event }) = job.events.recv().await else {
+                let error = ApiError::Internal("the engine stopped before the answer was complete".into());
+                observer.fail(&error);
+                return Err(status(&error));
+            };
+            match event {
+                SequenceEvent::Token { text, .. } => {
+                    observer.token(choice);
+                    choices[choice].text.push_str(&text);
+                }
+                SequenceEvent::Finished { text, reason, usage } => {
+                    choices[choice].text.push_str(&text);
+                    choices[choice].finish_reason = reason.as_str().to_string();
+                    completion_tokens += usage.completion_tokens;
+                    done += 1;
+                }
+                SequenceEvent::Failed(failure) => {
+                    let error = ApiError::from(failure);
+                    observer.fail(&error);
+                    return Err(status(&error));
+                }
+            }
+        }
+        observer.finish(Outcome::Success);
+        Ok(Response::new(pb::GenerateResponse {
+            id: job.id,
+            model: job.model,
+            choices,
+            usage: Some(usage(job.prompt_tokens, completion_tokens)),
+        }))
+    }
+
+    type GenerateStreamStream = ResponseStream;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let mut observer = Observer::new(self.state.metrics.clone(), "grpc_generate_stream", Instant::now());
+        let job = self.start(request.get_ref(), &mut observer).await?;
+        // Dropped by a client that leaves: the events' receiver goes with it (the engine
+        // cancels the sequence) and the observer counts a cancellation.
+        struct Progress {
+            job: Job,
+            observer: Observer,
+            done: usize,
+            completion_tokens: usize,
+            ended: bool,
+        }
+        let progress = Progress {
+            job,
+            observer,
+            done: 0,
+            completion_tokens: 0,
+            ended: false,
+        };
+        let stream = futures::stream::unfold(progress, |mut p| async move {
+            if p.ended {
+                return None;
+            }
+            let id = p.job.id.clone();
+            if p.done == p.job.n {
+                p.ended = true;
+                p.observer.finish(Outcome::Success);
+                let usage = Some(usage(p.job.prompt_tokens, p.completion_tokens));
+                return Some((
+                    Ok(pb::GenerateStreamResponse {
+                        id,
+                        usage,
+                        ..Default::default()
+                    }),
+                    p,
+                ));
+            }
+            let Some(ChoiceEvent { choice, event }) = p.job.events.recv().await else {
+                p.ended = true;
+                let error = ApiError::Internal("the engine stopped before the answer was complete".into());
+                p.observer.fail(&error);
+                return Some((Err(status(&error)), p));
+            };
+            let index = choice as u32;
+            let message = match event {
+                SequenceEvent::Token { text, .. } => {
+                    p.observer.token(choice);
+                    Ok(pb::GenerateStreamResponse {
+                        id,
+                        index,
+                        text,
+                        ..Default::default()
+                    })
+                }
+                SequenceEvent::Finished { text, reason, usage } => {
+                    p.done += 1;
+                    p.completion_tokens += usage.completion_tokens;
+                    let finish_reason = reason.as_str().to_string();
+                    Ok(pb::GenerateStreamResponse {
+                        id,
+                        index,
+                        text,
+                        finish_reason,
+                        usage: None,
+                    })
+                }
+                SequenceEvent::Failed(failure) => {
+                    p.ended = true;
+                    let error = ApiError::from(failure);
+                    p.observer.fail(&error);
+                    Err(status(&error))
+                }
+            };
+            Some((message, p))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let max_model_len = self.state.ready.get().map_or(0, |r| r.engine.max_model_len());
+        Ok(Response::new(pb::ListModelsResponse {
+            models: vec![pb::Model {
+                id: self.state.settings.served_model_name.clone(),
+                max_model_len: max_model_len as u32,
+                owned_by: "ocellus".into(),
+            }],
+        }))
+    }
+}
