@@ -16,9 +16,13 @@ use ocellus::kv::blocks_for;
 use ocellus::processor::{ChatMessage, ContentPart, ImageInput, open_image};
 
 fn main() -> ExitCode {
+    // Our own progress (listening, model loaded, draining) at info; dependencies' at warn.
+    // RUST_LOG overrides.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ocellus=info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
