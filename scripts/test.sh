@@ -15,5 +15,8 @@ if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
 fi
 export OCELLUS_TEST_PYTHON="$PWD/$venv/bin/python"
 cargo test --all-targets "$@"
+# The Dockerfile, Kubernetes manifests, compose file, Prometheus config and dashboard.
+scripts/check-deploy.sh
 # The serving load benchmark end to end, briefly, on the tiny fixture model.
 cargo bench --profile dev --bench serving -- --concurrency 1,4 --max-tokens 8 >/dev/null
+cargo bench --profile dev --bench video >/dev/null

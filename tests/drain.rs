@@ -1,5 +1,6 @@
 //! SIGTERM to a real `ocellus serve` process while 8 streams run: all 8 finish, new requests
-//! are refused with 503, /health says 503, and the process exits 0 before its deadline.
+//! are refused with 503, /health says 503 (/livez stays 200), and the process exits 0 before
+//! its deadline.
 
 mod common;
 
@@ -86,10 +87,7 @@ async fn sigterm_drains_running_streams_then_exits_zero() {
     }
 
     let signalled = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(status.success());
 
     // The signal is handled asynchronously: poll health until it turns (bounded).
@@ -103,6 +101,9 @@ async fn sigterm_drains_running_streams_then_exits_zero() {
         assert!(signalled.elapsed() < Duration::from_secs(5), "health never turned 503");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Liveness stays up: a restart must not cut the drain short.
+    let live = client.get(format!("{base}/livez")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
     let refused = client
         .post(format!("{base}/v1/chat/completions"))
         .json(&body)
@@ -117,12 +118,17 @@ async fn sigterm_drains_running_streams_then_exits_zero() {
         while let Some(chunk) = chunks.next().await {
             text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
         }
-        assert!(text.contains("\"finish_reason\":\"length\""), "a stream was cut: {text}");
+        assert!(
+            text.contains("\"finish_reason\":\"length\""),
+            "a stream was cut: {text}"
+        );
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     }
 
     let mut process = child.0.take().unwrap();
-    let exit = tokio::task::spawn_blocking(move || process.wait().unwrap()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || process.wait().unwrap())
+        .await
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert!(
         signalled.elapsed() < Duration::from_secs(SHUTDOWN_TIMEOUT_SECS),

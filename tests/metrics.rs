@@ -108,6 +108,25 @@ async fn a_known_set_of_requests_leaves_exact_counts() {
     assert!(wrong.is_empty(), "{}\n\n{text}", wrong.join("\n"));
     assert!(value(&text, "ocellus_kv_cache_total_blocks") > 0.0);
 
+    // Every series the Grafana dashboard and the autoscaler read is one the server exports.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for file in [
+        "grafana/dashboards/ocellus.json",
+        "kubernetes/hpa.yaml",
+        "kubernetes/prometheus-adapter.yaml",
+    ] {
+        let config = std::fs::read_to_string(root.join(file)).unwrap();
+        let names = config
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("ocellus_"));
+        for name in names {
+            let exported = text
+                .lines()
+                .any(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])));
+            assert!(exported, "{file} reads `{name}`, which the scrape lacks");
+        }
+    }
+
     let promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

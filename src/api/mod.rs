@@ -113,6 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(api)
         .route("/health", get(health))
+        .route("/livez", get(live))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -241,6 +242,20 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "failed")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading")
+    };
+    (status, axum::Json(serde_json::json!({ "status": text }))).into_response()
+}
+
+/// Liveness, for orchestrators: 200 while the process can make progress (loading and
+/// draining included, so a drain is never cut short by a restart); 503 once the engine
+/// thread has stopped while the server still takes requests, which only a bug causes.
+async fn live(State(state): State<Arc<AppState>>) -> Response {
+    let engine_dead =
+        !state.draining.load(Ordering::Acquire) && state.ready.get().is_some_and(|ready| ready.engine.is_stopped());
+    let (status, text) = if engine_dead {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine stopped")
+    } else {
+        (StatusCode::OK, "alive")
     };
     (status, axum::Json(serde_json::json!({ "status": text }))).into_response()
 }
