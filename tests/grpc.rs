@@ -148,3 +148,37 @@ async fn grpc_answers_as_http_does_and_reports_health() {
     assert!(tokens > 0);
     server.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requires_the_api_key_when_one_is_set() {
+    let server = server(|args| {
+        args.grpc_port = Some(0);
+        args.api_key = Some("sesame".into());
+    })
+    .await;
+    let endpoint = format!("http://{}", server.grpc_addr.unwrap());
+    let channel = tonic::transport::Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = OcellusClient::new(channel);
+    let err = client.list_models(pb::ListModelsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let mut request = tonic::Request::new(pb::ListModelsRequest {});
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(
+        client.list_models(request).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut request = tonic::Request::new(pb::ListModelsRequest {});
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer sesame".parse().unwrap());
+    assert_eq!(
+        client.list_models(request).await.unwrap().into_inner().models[0].id,
+        MODEL
+    );
+}

@@ -28,6 +28,7 @@ pub async fn require_api_key(State(state): State<Arc<AppState>>, request: Reques
         state
             .metrics
             .count_request("auth", crate::metrics::Outcome::ClientError);
+        state.metrics.count_rejection(ApiError::Unauthorized.code());
         ApiError::Unauthorized.into_response()
     }
 }
