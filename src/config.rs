@@ -176,6 +176,22 @@ pub struct ModelArgs {
     /// Weight and activation dtype.
     #[arg(long, env = "OCELLUS_DTYPE", value_enum, default_value = "f32")]
     pub dtype: WeightDType,
+    /// Store the text model's linear layers quantized (`q8_0`: int8 blocks): faster decode,
+    /// answers close to but not always equal to unquantized ones.
+    #[arg(long, env = "OCELLUS_QUANTIZE", value_enum)]
+    pub quantize: Option<crate::model::Quantization>,
+}
+
+impl ModelArgs {
+    /// Loads the model and applies `--quantize`.
+    pub fn load(&self, device: &candle_core::Device) -> anyhow::Result<crate::LoadedModel> {
+        let mut loaded = crate::load_model(&self.model, self.dtype, device)?;
+        if let Some(quantization) = self.quantize {
+            let layers = loaded.model.quantize_text(quantization)?;
+            tracing::info!(layers, ?quantization, "quantized the text model");
+        }
+        Ok(loaded)
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -44,7 +44,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = ocellus::load_model(&args.model.model, args.model.dtype, &Device::Cpu)?;
+    let loaded = args.model.load(&Device::Cpu)?;
     let images = args
         .images
         .iter()

@@ -295,7 +295,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         args.max_batch_tokens,
         args.max_num_seqs
     );
-    let loaded = crate::load_model(&args.model.model, args.model.dtype, &Device::Cpu)?;
+    let loaded = args.model.load(&Device::Cpu)?;
     let info = loaded.model.info().clone();
     let spec: KvSpec = loaded.model.kv_spec();
     let max_model_len = args.max_model_len.unwrap_or(info.max_positions).min(info.max_positions);

@@ -177,4 +177,10 @@ impl VisionLanguageModel for SmolVlm {
     fn dtype(&self) -> DType {
         self.dtype
     }
+
+    fn quantize_text(&mut self, quantization: crate::model::Quantization) -> Result<usize> {
+        match quantization {
+            crate::model::Quantization::Q8_0 => self.text.quantize_q8_0(),
+        }
+    }
 }

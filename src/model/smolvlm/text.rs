@@ -6,6 +6,7 @@
 //! linear layers (nearly all the FLOPs) run once for the whole step. Attention alone runs
 //! per sequence, against that sequence's own KV cache, with no padding and no cross-masks.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
@@ -25,20 +26,20 @@ pub struct TextModel {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     rope: RotaryTable,
 }
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     post_attention_layernorm: RmsNorm,
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -84,11 +85,11 @@ impl TextModel {
     pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, vb: VarBuilder) -> Result<Self> {
         let text = vb.pp("model.text_model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, text.pp("embed_tokens"))?;
-        let lm_head = if tie_word_embeddings {
+        let lm_head = Proj::Dense(if tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
             linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
-        };
+        });
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, text.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
@@ -127,6 +128,25 @@ impl TextModel {
         Ok(xs)
     }
 
+    /// Quantizes every projection and the head to Q8_0 (see `VisionLanguageModel::quantize_text`).
+    pub fn quantize_q8_0(&mut self) -> Result<usize> {
+        let mut done = usize::from(self.lm_head.quantize_q8_0()?);
+        for layer in &mut self.layers {
+            for proj in [
+                &mut layer.q_proj,
+                &mut layer.k_proj,
+                &mut layer.v_proj,
+                &mut layer.o_proj,
+                &mut layer.gate_proj,
+                &mut layer.up_proj,
+                &mut layer.down_proj,
+            ] {
+                done += usize::from(proj.quantize_q8_0()?);
+            }
+        }
+        Ok(done)
+    }
+
     /// Next-token logits (f32) for rows of `forward`'s output.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(&self.norm.forward(hidden)?)?.to_dtype(DType::F32)
@@ -139,9 +159,9 @@ impl DecoderLayer {
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let lin = |i, o, name: &str, bias: bool| {
             if bias {
-                candle_nn::linear(i, o, vb.pp(name))
+                candle_nn::linear(i, o, vb.pp(name)).map(Proj::Dense)
             } else {
-                linear_no_bias(i, o, vb.pp(name))
+                linear_no_bias(i, o, vb.pp(name)).map(Proj::Dense)
             }
         };
         Ok(Self {
@@ -257,5 +277,51 @@ mod tests {
         assert!((cos[1] - expected).abs() < 1e-4, "{} vs {expected}", cos[1]);
         assert_eq!(cos.len(), 8);
         Ok(())
+    }
+}
+
+/// A linear layer, dense or quantized.
+enum Proj {
+    Dense(Linear),
+    /// Weights in Q8_0 blocks; candle's kernel quantizes the activations to 8 bits too and
+    /// multiplies in integers.
+    Q8_0 {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Proj {
+    /// Whether it was quantized (a layer whose input width is not a multiple of the block
+    /// stays dense).
+    fn quantize_q8_0(&mut self) -> Result<bool> {
+        let Self::Dense(linear) = self else {
+            return Ok(false);
+        };
+        let weight = linear.weight();
+        if weight.dim(1)? % GgmlDType::Q8_0.block_size() != 0 {
+            return Ok(false);
+        }
+        let quantized = QTensor::quantize(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+        *self = Self::Q8_0 {
+            weight: QMatMul::from_qtensor(quantized)?,
+            bias: linear.bias().cloned(),
+        };
+        Ok(true)
+    }
+}
+
+impl Module for Proj {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(linear) => linear.forward(xs),
+            Self::Q8_0 { weight, bias } => {
+                let ys = weight.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())?;
+                match bias {
+                    Some(bias) => ys.broadcast_add(bias),
+                    None => Ok(ys),
+                }
+            }
+        }
     }
 }
