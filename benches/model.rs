@@ -1,8 +1,9 @@
 //! Model micro-benchmarks: vision encode per tile, prefill, and one decode step at batch 1
 //! and 8. The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
 //! (e.g. the SmolVLM-256M-shaped model from `scripts/make_fixtures.py big`); the dtype is
-//! OCELLUS_BENCH_DTYPE (f32). Threads: RAYON_NUM_THREADS. scripts/bench_model.sh runs these
-//! next to transformers on the same model.
+//! OCELLUS_BENCH_DTYPE (f32); OCELLUS_BENCH_QUANTIZE=q8_0 quantizes the text model.
+//! Threads: RAYON_NUM_THREADS. scripts/bench_model.sh runs these next to transformers on the
+//! same model.
 
 use std::path::PathBuf;
 
@@ -30,7 +31,12 @@ fn load() -> LoadedModel {
         .unwrap_or_else(|_| root.join("tests/fixtures/models/tiny-idefics3"));
     let dtype = std::env::var("OCELLUS_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
     let dtype = WeightDType::from_str(&dtype, true).expect("OCELLUS_BENCH_DTYPE is f32, bf16 or f16");
-    ocellus::load_folder(&dir, dtype, &Device::Cpu).expect("bench model loads")
+    let mut loaded = ocellus::load_folder(&dir, dtype, &Device::Cpu).expect("bench model loads");
+    if let Ok(q) = std::env::var("OCELLUS_BENCH_QUANTIZE") {
+        let q = ocellus::model::Quantization::from_str(&q, true).expect("OCELLUS_BENCH_QUANTIZE is q8_0");
+        loaded.model.quantize_text(q).expect("the text model quantizes");
+    }
+    loaded
 }
 
 /// One 640x480 photo and a question: 13 tiles on SmolVLM-256M.
