@@ -32,7 +32,7 @@ fn load() -> LoadedModel {
     let dtype = std::env::var("OCELLUS_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
     let dtype = WeightDType::from_str(&dtype, true).expect("OCELLUS_BENCH_DTYPE is f32, bf16 or f16");
     let mut loaded = ocellus::load_folder(&dir, dtype, &Device::Cpu).expect("bench model loads");
-    if let Ok(q) = std::env::var("OCELLUS_BENCH_QUANTIZE") {
+    if let Some(q) = std::env::var("OCELLUS_BENCH_QUANTIZE").ok().filter(|q| !q.is_empty()) {
         let q = ocellus::model::Quantization::from_str(&q, true).expect("OCELLUS_BENCH_QUANTIZE is q8_0");
         loaded.model.quantize_text(q).expect("the text model quantizes");
     }
