@@ -68,10 +68,7 @@ fn check_closeness(root: &std::path::Path, model: &str, loaded: ocellus::LoadedM
     }
     eprintln!("q8_0 vs f32: {agreeing} of {total} greedy tokens agree (prefix), lowest logit correlation {worst:.4}");
     assert!(worst > 0.99, "q8_0 logits drifted: correlation {worst}");
-    assert!(
-        agreeing * 2 > total,
-        "fewer than half the greedy tokens agree: {agreeing} of {total}"
-    );
+    (agreeing, total)
 }
 
 fn pearson(a: &[f32], b: &[f32]) -> f32 {
