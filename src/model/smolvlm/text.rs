@@ -252,34 +252,6 @@ fn causal_mask(n: usize, start: usize, total: usize, device: &Device) -> Result<
     Tensor::from_vec(mask, (n, total), device)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn causal_mask_lets_a_chunk_see_the_cached_prefix() -> Result<()> {
-        let mask = causal_mask(2, 3, 5, &Device::Cpu)?.to_vec2::<f32>()?;
-        let inf = f32::NEG_INFINITY;
-        assert_eq!(mask, vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0; 5]]);
-        Ok(())
-    }
-
-    #[test]
-    fn rotary_table_matches_transformers_at_a_far_position() -> Result<()> {
-        let cfg: TextConfig = serde_json::from_str(
-            r#"{"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 100000, "max_position_embeddings": 1024}"#,
-        )
-        .unwrap();
-        let table = RotaryTable::new(&cfg, DType::F32, &Device::Cpu)?;
-        let cos = table.cos.get(1000)?.to_vec1::<f32>()?;
-        // torch: inv_freq = 1 / 100000 ** (arange(0, 16, 2) / 16); cos(1000 * inv_freq)[1]
-        let expected = (1000f64 / 100000f64.powf(2.0 / 16.0)).cos() as f32;
-        assert!((cos[1] - expected).abs() < 1e-4, "{} vs {expected}", cos[1]);
-        assert_eq!(cos.len(), 8);
-        Ok(())
-    }
-}
-
 /// A linear layer, dense or quantized.
 enum Proj {
     Dense(Linear),
@@ -323,5 +295,33 @@ impl Module for Proj {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_lets_a_chunk_see_the_cached_prefix() -> Result<()> {
+        let mask = causal_mask(2, 3, 5, &Device::Cpu)?.to_vec2::<f32>()?;
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(mask, vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0; 5]]);
+        Ok(())
+    }
+
+    #[test]
+    fn rotary_table_matches_transformers_at_a_far_position() -> Result<()> {
+        let cfg: TextConfig = serde_json::from_str(
+            r#"{"hidden_size": 64, "num_attention_heads": 4, "rope_theta": 100000, "max_position_embeddings": 1024}"#,
+        )
+        .unwrap();
+        let table = RotaryTable::new(&cfg, DType::F32, &Device::Cpu)?;
+        let cos = table.cos.get(1000)?.to_vec1::<f32>()?;
+        // torch: inv_freq = 1 / 100000 ** (arange(0, 16, 2) / 16); cos(1000 * inv_freq)[1]
+        let expected = (1000f64 / 100000f64.powf(2.0 / 16.0)).cos() as f32;
+        assert!((cos[1] - expected).abs() < 1e-4, "{} vs {expected}", cos[1]);
+        assert_eq!(cos.len(), 8);
+        Ok(())
     }
 }
