@@ -61,3 +61,38 @@ fn a_missing_image_or_model_is_an_error_naming_it() {
         "{stderr}"
     );
 }
+
+#[test]
+fn generate_with_q8_0_quantizes_and_answers() {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let loaded = load_fixture_model("tiny-idefics3");
+    let image = fixtures().join("images").join("wide.png");
+    let model = fixtures().join("models").join("tiny-idefics3");
+    let out = ocellus(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--quantize",
+        "q8_0",
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        "What is in this picture?",
+        "--max-tokens",
+        "8",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("quantized the text model") && stderr.contains("layers=15"),
+        "{stderr}"
+    );
+    // This prompt's q8_0 answer agrees with f32's for its first 14 tokens (tests/quantized.rs).
+    let expected = loaded
+        .processor
+        .decode(&reference.cases["wide"].greedy_tokens[..8])
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), expected);
+    let bad = ocellus(&["generate", "--quantize", "q4_k", "--prompt", "hi"]);
+    assert_eq!(bad.status.code(), Some(2), "clap refuses an unknown quantization");
+}
