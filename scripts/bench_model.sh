@@ -1,33 +1,69 @@
 #!/usr/bin/env bash
-# Runs benches/model.rs (Ocellus) and scripts/bench_transformers.py on the same model, one
-# after the other on this machine, with the same thread count, and prints both with ratios.
+# The peer benchmark: on one machine, one after the other, with the same thread count and
+# the same model: benches/model.rs (Ocellus, f32 and --quantize q8_0), transformers
+# (scripts/bench_transformers.py, which also measures the machine's f32 GEMM roofline with
+# torch) and mistral.rs (scripts/bench_mistralrs.py, PyPI `mistralrs`); prints ratios.
 #   scripts/bench_model.sh MODEL_DIR [THREADS]
 #   (MODEL_DIR: e.g. the folder `python scripts/make_fixtures.py big OUT` wrote, OUT/models/smolvlm-256m-random)
+# PYTHON: a venv with scripts/requirements.txt and `mistralrs` (without it, mistral.rs is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?usage: scripts/bench_model.sh MODEL_DIR [THREADS]}
 threads=${2:-2}
 python=${PYTHON:-.venv/bin/python}
+mkdir -p target/peers
+
+criterion_median() {  # group bench -> seconds
+  python3 - "$1" "$2" <<'PY'
+import json, pathlib, sys
+[path] = list(pathlib.Path("target/criterion", sys.argv[1]).glob(f"{sys.argv[2]}*/**/new/estimates.json"))
+print(json.loads(path.read_text())["median"]["point_estimate"] / 1e9)
+PY
+}
 
 RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot
-$python scripts/bench_transformers.py "$model" --threads "$threads" > target/transformers-bench.json
-$python - "$threads" <<'PY'
+{
+  echo "{\"vision_s\": $(criterion_median vision encode_tiles), \"prefill_s\": $(criterion_median prefill photo_prompt_tokens),"
+  echo " \"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8)}"
+} > target/peers/ocellus.json
+RAYON_NUM_THREADS=$threads OCELLUS_BENCH_QUANTIZE=q8_0 OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot decode_step
+{
+  echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8)}"
+} > target/peers/ocellus-q8_0.json
+$python scripts/bench_transformers.py "$model" --threads "$threads" > target/peers/transformers.json
+if $python -c "import mistralrs" 2>/dev/null; then
+  # mistral.rs logs to stdout; the JSON is the last line.
+  RAYON_NUM_THREADS=$threads $python scripts/bench_mistralrs.py "$model" 2>/dev/null | tail -n 1 > target/peers/mistralrs.json
+else
+  echo '{}' > target/peers/mistralrs.json
+fi
+
+python3 - "$threads" <<'PY'
 import json, pathlib, sys
-root = pathlib.Path("target/criterion")
-def ours(group, bench):
-    [path] = list((root / group).glob(f"{bench}*/**/new/estimates.json"))
-    return json.loads(path.read_text())["median"]["point_estimate"] / 1e9
-t = json.loads(pathlib.Path("target/transformers-bench.json").read_text())
+load = lambda name: json.loads(pathlib.Path(f"target/peers/{name}.json").read_text())
+o, q, t, m = load("ocellus"), load("ocellus-q8_0"), load("transformers"), load("mistralrs")
 tiles = t["tiles"]
+vision_s = o["vision_s"] / tiles
+tile_gflop = 2 * t["vision_params"] * t["patches_per_tile"] / 1e9
+print(f"\n{sys.argv[1]} threads; machine f32 GEMM (torch, 2048^3): {t['gemm_gflops']:.0f} GFLOP/s")
+print(f"vision: {tile_gflop:.0f} GFLOP per tile (2 x params x patches): ocellus {tile_gflop / vision_s:.0f} GFLOP/s"
+      f" = {100 * tile_gflop / vision_s / t['gemm_gflops']:.0f}% of the roofline; transformers"
+      f" {100 * tile_gflop / t['vision_per_tile_s'] / t['gemm_gflops']:.0f}%")
 rows = [
-    ("vision encode, s per tile", ours("vision", "encode_tiles") / tiles, t["vision_per_tile_s"], False),
-    ("prefill, tokens/s", t["prompt_tokens"] / ours("prefill", "photo_prompt_tokens"), t["prefill_tokens_per_s"], True),
-    ("decode batch 1, tokens/s", 1 / ours("decode_step", "batch/1"), t["decode_tokens_per_s_batch1"], True),
-    ("decode batch 8, tokens/s", 8 / ours("decode_step", "batch/8"), t["decode_tokens_per_s_batch8"], True),
+    ("vision encode, s per tile", vision_s, t["vision_per_tile_s"], None, False),
+    ("prefill, tokens/s", t["prompt_tokens"] / o["prefill_s"], t["prefill_tokens_per_s"], None, True),
+    ("decode batch 1, tokens/s", 1 / o["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
+    ("decode batch 1 q8_0, tokens/s", 1 / q["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
+    ("decode batch 8, tokens/s", 8 / o["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
+    ("decode batch 8 q8_0, tokens/s", 8 / q["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
 ]
-print(f"\n{sys.argv[1]} threads, {tiles} tiles per encode, {t['prompt_tokens']}-token photo prompt, 512-token decode context")
-print(f"{'':28} {'ocellus':>10} {'transformers':>13} {'ocellus advantage':>18}")
-for name, o, r, higher_better in rows:
-    adv = o / r if higher_better else r / o
-    print(f"{name:28} {o:10.3f} {r:13.3f} {adv:17.2f}x")
+print(f"{'':32} {'ocellus':>9} {'transformers':>13} {'mistral.rs':>11} {'vs transformers':>16} {'vs mistral.rs':>14}")
+for name, ours, tr, mr, higher in rows:
+    ratio = lambda theirs: (ours / theirs if higher else theirs / ours) if theirs else None
+    fmt = lambda x: f"{x:.3f}" if x is not None else "-"
+    rt, rm = ratio(tr), ratio(mr)
+    print(f"{name:32} {ours:9.3f} {tr:13.3f} {fmt(mr):>11} {fmt(rt) + 'x':>16} {(fmt(rm) + 'x') if rm else '-':>14}")
+if "ttft_photo_s" in m:
+    print(f"mistral.rs time to first token, 640x480 photo: {m['ttft_photo_s']:.1f} s (ocellus: benches/serving.rs --prompt image)")
+print("(ratios are speed: above 1 is Ocellus faster)")
 PY

@@ -62,6 +62,14 @@ def main():
 
     prefill_s = median_time(prefill, args.repeats)
 
+    # The machine's f32 GEMM roofline, as torch (MKL) reaches it at this thread count.
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    gemm_s = median_time(lambda: a @ b, args.repeats)
+    vision_cfg = model.config.vision_config
+    patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    vision_params = sum(p.numel() for p in model.model.vision_model.parameters())
+
     decode = {}
     for batch in (1, 8):
         context = (torch.arange(DECODE_CONTEXT) % 500 + 200).repeat(batch, 1)
@@ -82,6 +90,9 @@ def main():
         json.dumps(
             {
                 "tiles": tiles,
+                "gemm_gflops": 2 * n**3 / gemm_s / 1e9,
+                "vision_params": vision_params,
+                "patches_per_tile": patches,
                 "prompt_tokens": inputs["input_ids"].shape[1],
                 "vision_one_tile_s": one_tile,
                 "vision_all_tiles_s": all_tiles,
