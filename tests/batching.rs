@@ -106,3 +106,26 @@ fn a_repeated_image_reuses_its_vision_features_and_gives_the_same_tokens() {
     // gray alone: reused.
     assert_eq!(hits_and_misses, vec![(0, 1), (1, 0), (1, 1), (1, 0)]);
 }
+
+#[test]
+fn the_same_image_arriving_together_is_encoded_once() {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), 4096, 256);
+    // Three requests with the same image join before any step: the first sends it to the
+    // vision thread, the other two wait for its features instead of encoding it again.
+    let case = &reference.cases["wide"];
+    let requests: Vec<_> = (0..3)
+        .map(|_| greedy(prompt_for(&processor, &reference, case), case.greedy_tokens.len()))
+        .collect();
+    let (mut hits, mut misses, mut encodes) = (0, 0, 0);
+    let (results, _) = generate(&mut engine, requests, |step| {
+        hits += step.vision_cache_hits;
+        misses += step.vision_cache_misses;
+        encodes += step.vision_encodes.len();
+    })
+    .unwrap();
+    for result in results {
+        assert_eq!(result.tokens, case.greedy_tokens);
+    }
+    assert_eq!((misses, hits, encodes), (1, 2, 1));
+}

@@ -86,6 +86,8 @@ pub struct EngineCore {
     next_id: SeqId,
     vision_cache: VisionCache,
     vision: VisionWorker,
+    /// The images each sequence has on the vision thread now.
+    encoding: std::collections::HashMap<SeqId, Vec<crate::processor::ImageKey>>,
     /// Vision work since the last report (cache lookups happen when requests arrive).
     unreported: StepReport,
 }
@@ -110,6 +112,7 @@ impl EngineCore {
             running: Vec::new(),
             next_id: 0,
             vision_cache,
+            encoding: std::collections::HashMap::new(),
             vision,
             unreported: StepReport::default(),
         }
@@ -196,18 +199,52 @@ impl EngineCore {
         self.next_id += 1;
         let seed = request.sampling.seed.map_or(id, |s| s.wrapping_add(choice as u64));
         let mut seq = Sequence::new(id, choice, request, events, seed);
-        match vision::start(&mut seq, &mut self.vision_cache, &mut self.vision) {
-            Ok((hits, misses)) => {
-                self.unreported.vision_cache_hits += hits;
-                self.unreported.vision_cache_misses += misses;
-            }
-            Err(err) => {
-                seq.send(SequenceEvent::Failed(EngineFailure::Model(err.to_string())));
-                return Ok(id);
-            }
+        if vision::waits_on(&seq, &self.vision_cache, &self.encoding) {
+            seq.vision_pending = true;
+            seq.vision_deferred = true;
+        } else if let Err(err) = self.start_vision(&mut seq) {
+            seq.send(SequenceEvent::Failed(EngineFailure::Model(err.to_string())));
+            return Ok(id);
         }
         self.waiting.push_back(seq);
         Ok(id)
+    }
+
+    /// Starts a sequence's vision work (cache hits now, the rest to the vision thread).
+    fn start_vision(&mut self, seq: &mut Sequence) -> candle_core::Result<()> {
+        let started = vision::start(seq, &mut self.vision_cache, &mut self.vision)?;
+        self.unreported.vision_cache_hits += started.hits;
+        self.unreported.vision_cache_misses += started.encoding.len();
+        if !started.encoding.is_empty() {
+            self.encoding.insert(seq.id, started.encoding);
+        }
+        Ok(())
+    }
+
+    /// Starts the deferred sequences whose images are no longer being encoded elsewhere
+    /// (now cached, or the other sequence is gone and they must encode them themselves).
+    fn start_deferred(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let seq = &self.waiting[i];
+            if !seq.vision_deferred || vision::waits_on(seq, &self.vision_cache, &self.encoding) {
+                i += 1;
+                continue;
+            }
+            let mut seq = self.waiting.remove(i).expect("i < len. This is a bug.");
+            seq.vision_deferred = false;
+            seq.vision_pending = false;
+            match self.start_vision(&mut seq) {
+                Ok(()) => {
+                    self.waiting.insert(i, seq);
+                    i += 1;
+                }
+                Err(err) => {
+                    seq.send(SequenceEvent::Failed(EngineFailure::Model(err.to_string())));
+                    self.unreported.failed += 1;
+                }
+            }
+        }
     }
 
     /// Fails every sequence (shutdown past its deadline).
@@ -222,6 +259,7 @@ impl EngineCore {
         for done in self.vision.finished() {
             self.take_vision(done);
         }
+        self.start_deferred();
         let mut report = std::mem::take(&mut self.unreported);
         self.drop_gone(&mut report);
         let running: Vec<_> = self.running.iter().map(Sequence::as_running).collect();
@@ -250,6 +288,7 @@ impl EngineCore {
 
     /// Attaches the vision thread's output to its sequence (if it is still waiting).
     fn take_vision(&mut self, done: VisionDone) {
+        self.encoding.remove(&done.seq);
         self.unreported.vision += done.took;
         self.unreported.vision_encodes.push(done.took);
         let Some(index) = self.waiting.iter().position(|s| s.id == done.seq) else {

@@ -30,6 +30,9 @@ pub struct Sequence {
     pub image_parts: Vec<Option<Tensor>>,
     /// Waiting for the vision thread: not schedulable yet.
     pub vision_pending: bool,
+    /// Waiting for another sequence's encoding of the same image, to take it from the cache
+    /// instead of encoding it again; its own vision work has not started.
+    pub vision_deferred: bool,
     pub kv: SequenceKv,
     pub arrived: Instant,
     pub admitted_once: bool,
@@ -52,6 +55,7 @@ impl Sequence {
             image_features: None,
             image_parts: Vec::new(),
             vision_pending: false,
+            vision_deferred: false,
             kv: SequenceKv::default(),
             arrived: request.arrived,
             admitted_once: false,

@@ -4,6 +4,7 @@
 //! joins the batch once its features come back. Both threads share the CPU's cores
 //! (candle's thread pool), so decoding slows down while an image encodes but never stops.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::sequence::{SeqId, Sequence};
 use super::vision_cache::VisionCache;
 use crate::model::VisionLanguageModel;
+use crate::processor::ImageKey;
 
 pub struct VisionJob {
     pub seq: SeqId,
@@ -99,29 +101,35 @@ impl VisionWorker {
     }
 }
 
+/// What `start` did: images taken from the cache, and the keys of those sent to encode.
+pub struct Started {
+    pub hits: usize,
+    pub encoding: Vec<ImageKey>,
+}
+
 /// Starts getting a sequence's image features: cached images are taken now, the others go
-/// to the worker (each distinct image once). Returns (cache hits, images to encode).
-pub fn start(
-    seq: &mut Sequence,
-    cache: &mut VisionCache,
-    worker: &mut VisionWorker,
-) -> candle_core::Result<(usize, usize)> {
+/// to the worker (each distinct image once).
+pub fn start(seq: &mut Sequence, cache: &mut VisionCache, worker: &mut VisionWorker) -> candle_core::Result<Started> {
     let Some(pixels) = seq.request.prompt.pixel_values.take() else {
-        return Ok((0, 0));
+        return Ok(Started {
+            hits: 0,
+            encoding: Vec::new(),
+        });
     };
     let images = &seq.request.prompt.images;
     seq.image_parts = images.iter().map(|image| cache.get(&image.key)).collect();
     let hits = seq.image_parts.iter().filter(|p| p.is_some()).count();
     let mut tiles = Vec::new();
+    let mut encoding = Vec::new();
     let mut first_tile = 0;
     for (i, image) in images.iter().enumerate() {
         if to_encode(seq, i) {
             tiles.push(pixels.narrow(0, first_tile, image.tiles)?);
+            encoding.push(image.key);
         }
         first_tile += image.tiles;
     }
-    let misses = tiles.len();
-    if misses == 0 {
+    if tiles.is_empty() {
         assemble(seq)?;
     } else {
         seq.vision_pending = true;
@@ -130,7 +138,19 @@ pub fn start(
             pixels: Tensor::cat(&tiles, 0)?,
         });
     }
-    Ok((hits, misses))
+    Ok(Started { hits, encoding })
+}
+
+/// Whether a sequence needs an image that another sequence is encoding right now (and that
+/// is not cached): it waits for that instead of encoding the same pixels again.
+pub fn waits_on(seq: &Sequence, cache: &VisionCache, encoding: &HashMap<SeqId, Vec<ImageKey>>) -> bool {
+    seq.request.prompt.pixel_values.is_some()
+        && seq
+            .request
+            .prompt
+            .images
+            .iter()
+            .any(|image| !cache.contains(&image.key) && encoding.values().flatten().any(|key| *key == image.key))
 }
 
 /// Completes a sequence's features with the worker's output (the encoded images' rows, in

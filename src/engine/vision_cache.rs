@@ -25,6 +25,11 @@ impl VisionCache {
         }
     }
 
+    /// Whether `key` is cached, without making it recently used.
+    pub fn contains(&self, key: &ImageKey) -> bool {
+        self.entries.contains(key)
+    }
+
     pub fn get(&mut self, key: &ImageKey) -> Option<Tensor> {
         self.entries.get(key).cloned()
     }
