@@ -61,10 +61,7 @@ fn main() {
         decode.push(start.elapsed());
         let start = Instant::now();
         let input = processor
-            .preprocess_streaming(|sink| {
-                let decoded = decode_video(&fetched, &limits, |meta| sample_frames(meta, &sampling), sink)?;
-                Ok::<_, ocellus::media::MediaError>((decoded.meta, decoded.frame_indices))
-            })
+            .preprocess_streaming(|sink| decode_video(&fetched, &limits, |meta| sample_frames(meta, &sampling), sink))
             .unwrap();
         total.push(start.elapsed());
         summary = format!(

@@ -13,7 +13,7 @@ use super::respond::Endpoint;
 use super::types::{ChatCompletionRequest, SamplingFields};
 use super::validate::{Settings, VideoRef};
 use super::{AppState, answer, from_json, parse_json, validate};
-use crate::media::{Fetched, MediaError, MediaLimits, decode_image, decode_video, probe_image};
+use crate::media::{Fetched, MediaLimits, decode_image, decode_video, probe_image};
 use crate::metrics::Metrics;
 use crate::processor::video::sample_frames;
 use crate::processor::{FrameSampling, ImageInput, Processor, ProcessorError, Prompt, VideoInput};
@@ -118,9 +118,6 @@ fn decode_request_video(
         max_frames: video.max_frames.unwrap_or(defaults.max_frames.min(max_video_frames)),
     };
     videos
-        .preprocess_streaming(|sink| {
-            let decoded = decode_video(bytes, limits, |meta| sample_frames(meta, &sampling), sink)?;
-            Ok((decoded.meta, decoded.frame_indices))
-        })
-        .map_err(|e: MediaError| ApiError::from(e).with_param(&video.param))
+        .preprocess_streaming(|sink| decode_video(bytes, limits, |meta| sample_frames(meta, &sampling), sink))
+        .map_err(|e| ApiError::from(e).with_param(&video.param))
 }

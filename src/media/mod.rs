@@ -96,6 +96,15 @@ pub fn probe_image(fetched: &Fetched, limits: &MediaLimits) -> Result<ImageHeade
     let (width, height) = reader
         .into_dimensions()
         .map_err(|e| MediaError::Corrupt(e.to_string()))?;
+    check_pixel_limit(width, height, limits)?;
+    if width == 0 || height == 0 {
+        return Err(MediaError::Corrupt("the image has no pixels".into()));
+    }
+    Ok(ImageHeader { format, width, height })
+}
+
+/// The pixel bound of one image or video frame, read from a header before decoding.
+fn check_pixel_limit(width: u32, height: u32, limits: &MediaLimits) -> Result<(), MediaError> {
     let pixels = width as u64 * height as u64;
     if pixels > limits.max_image_pixels {
         return Err(MediaError::TooManyPixels {
@@ -105,10 +114,7 @@ pub fn probe_image(fetched: &Fetched, limits: &MediaLimits) -> Result<ImageHeade
             limit: limits.max_image_pixels,
         });
     }
-    if pixels == 0 {
-        return Err(MediaError::Corrupt("the image has no pixels".into()));
-    }
-    Ok(ImageHeader { format, width, height })
+    Ok(())
 }
 
 /// Decodes a probed image; the decoder's allocation cap backs up the header check.

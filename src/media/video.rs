@@ -144,13 +144,7 @@ fn decode_with_ffmpeg(
         let mut counting = open(bytes)?;
         counting.packets().filter(|(s, _)| s.index() == index).count()
     };
-    let meta = VideoMeta {
-        total_frames,
-        fps,
-        duration: total_frames as f64 / fps,
-    };
-    check_duration(&meta, limits)?;
-    let wanted = pick(&meta);
+    let (meta, wanted) = plan(total_frames, fps, limits, pick)?;
     let Some(&last) = wanted.last() else {
         return Err(MediaError::NotAVideo("the video has no frames".into()));
     };
@@ -248,25 +242,28 @@ fn check_pixels(width: u32, height: u32, limits: &MediaLimits) -> Result<(), Med
     if pixels == 0 {
         return Err(MediaError::CorruptVideo("the video has no pixels".into()));
     }
-    if pixels > limits.max_image_pixels {
-        return Err(MediaError::TooManyPixels {
-            width,
-            height,
-            pixels,
-            limit: limits.max_image_pixels,
-        });
-    }
-    Ok(())
+    super::check_pixel_limit(width, height, limits)
 }
 
-fn check_duration(meta: &VideoMeta, limits: &MediaLimits) -> Result<(), MediaError> {
+/// The stream's metadata, checked against the duration limit, and the frames to take.
+fn plan(
+    total_frames: usize,
+    fps: f64,
+    limits: &MediaLimits,
+    pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
+) -> Result<(VideoMeta, Vec<usize>), MediaError> {
+    let meta = VideoMeta {
+        total_frames,
+        fps,
+        duration: total_frames as f64 / fps,
+    };
     if meta.duration > limits.max_video_seconds {
         return Err(MediaError::VideoTooLong {
             seconds: meta.duration,
             limit: limits.max_video_seconds,
         });
     }
-    Ok(())
+    Ok((meta, pick(&meta)))
 }
 
 /// An animated GIF: its frames composited as browsers show them, the frame rate from the
@@ -295,13 +292,7 @@ fn decode_gif(
     } else {
         GIF_DEFAULT_FPS
     };
-    let meta = VideoMeta {
-        total_frames,
-        fps,
-        duration: total_frames as f64 / fps,
-    };
-    check_duration(&meta, limits)?;
-    let wanted = pick(&meta);
+    let (meta, wanted) = plan(total_frames, fps, limits, pick)?;
     let mut delivered = 0;
     for (i, frame) in gif(bytes)?.into_frames().enumerate() {
         let Some(&want) = wanted.get(delivered) else { break };

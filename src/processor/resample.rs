@@ -64,17 +64,7 @@ impl Filter {
                     x.sin() / x * (0.54f32 as f64 + 0.46f32 as f64 * x.cos())
                 }
             }
-            Self::Bicubic => {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                } else {
-                    0.0
-                }
-            }
+            Self::Bicubic => bicubic(x, |x| (((x - 5.0) * x + 8.0) * x - 4.0) * BICUBIC_A),
             Self::Lanczos => {
                 if (-3.0..3.0).contains(&x) {
                     sinc(x) * sinc(x / 3.0)
@@ -88,20 +78,28 @@ impl Filter {
     /// PyTorch's `aa_filter`s: the same functions, but its bicubic evaluates the outer
     /// piece in another order (`cubic_convolution2`), which can move the last bit.
     fn torch_weight(self, x: f64) -> f64 {
+        const A: f64 = BICUBIC_A;
         match self {
-            Self::Bicubic => {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
-                } else {
-                    0.0
-                }
-            }
+            Self::Bicubic => bicubic(x, |x| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A),
             _ => self.weight(x),
         }
+    }
+}
+
+/// Keys' cubic constant, as Pillow and PyTorch's antialiased kernels use it.
+const BICUBIC_A: f64 = -0.5;
+
+/// Keys' cubic; `outer` evaluates the piece for 1 <= |x| < 2, whose operation order is where
+/// Pillow and PyTorch differ.
+fn bicubic(x: f64, outer: impl Fn(f64) -> f64) -> f64 {
+    const A: f64 = BICUBIC_A;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        outer(x)
+    } else {
+        0.0
     }
 }
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::image::LongestEdge;
 use super::resample::{Filter, Image8, resize_like_torch};
 pub use crate::media::VideoMeta;
+use crate::media::{DecodedVideo, MediaError, video::FrameSink};
 use crate::model::LoadError;
 
 /// transformers' `MAX_IMAGE_SIZE`: no frame is resized past a 4K edge.
@@ -125,17 +126,16 @@ impl VideoProcessor {
         self.tile
     }
 
-    /// Preprocesses frames while `decode` produces them, on every core, holding only a few
-    /// full-size frames at once (64 4K frames would be 1.6 GB). `decode` gets the sink to
-    /// feed, in order, and returns what else the video is made of.
-    pub fn preprocess_streaming<E>(
+    /// Preprocesses frames while `decode` (media's `decode_video`) produces them, on every
+    /// core, holding only a few full-size frames at once (64 4K frames would be 1.6 GB).
+    pub fn preprocess_streaming(
         &self,
-        decode: impl FnOnce(&mut dyn FnMut(RgbImage) -> Result<(), E>) -> Result<(VideoMeta, Vec<usize>), E>,
-    ) -> Result<VideoInput, E> {
+        decode: impl FnOnce(FrameSink) -> Result<DecodedVideo, MediaError>,
+    ) -> Result<VideoInput, MediaError> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (frames_in, frames_out) = crossbeam_channel::bounded::<(usize, RgbImage)>(threads);
         let (tiles_in, tiles_out) = crossbeam_channel::unbounded::<(usize, Vec<f32>)>();
-        let (meta, frame_indices) = std::thread::scope(|scope| {
+        let DecodedVideo { meta, frame_indices } = std::thread::scope(|scope| {
             for _ in 0..threads {
                 let (frames_out, tiles_in) = (frames_out.clone(), tiles_in.clone());
                 scope.spawn(move || {

@@ -142,8 +142,7 @@ pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> ocellus:
         .unwrap()
         .preprocess_streaming(|sink| {
             let pick = |meta: &_| ocellus::processor::video::sample_frames(meta, &sampling);
-            let decoded = ocellus::media::decode_video(&fetched, &limits, pick, sink)?;
-            Ok::<_, ocellus::media::MediaError>((decoded.meta, decoded.frame_indices))
+            ocellus::media::decode_video(&fetched, &limits, pick, sink)
         })
         .unwrap()
 }
