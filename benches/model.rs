@@ -54,6 +54,21 @@ fn photo_prompt(loaded: &LoadedModel) -> Prompt {
     loaded.processor.process(&messages, &[ImageInput::new(photo)]).unwrap()
 }
 
+/// The machine's f32 GEMM roofline as candle reaches it (2048³, as the peer script measures
+/// torch): the higher of the two is the hardware's figure.
+fn gemm(c: &mut Criterion) {
+    const N: usize = 2048;
+    let a = Tensor::randn(0f32, 1.0, (N, N), &Device::Cpu).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (N, N), &Device::Cpu).unwrap();
+    let mut group = c.benchmark_group("gemm");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((2 * N * N * N) as u64));
+    group.bench_function(BenchmarkId::new("f32", N), |bench| {
+        bench.iter(|| ocellus::model::on_compute_pool(|| a.matmul(&b).unwrap()))
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let loaded = load();
     let model = loaded.model.as_ref();
@@ -141,5 +156,5 @@ fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, pool: &mut K
     kv
 }
 
-criterion_group!(model_benches, benches);
+criterion_group!(model_benches, gemm, benches);
 criterion_main!(model_benches);

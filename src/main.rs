@@ -84,6 +84,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_model_len: loaded.model.info().max_positions,
         vision_cache_bytes: 0,
+        prefix_caching: false,
     };
     let (_processor, mut engine) = loaded.into_engine(config, blocks_for(prompt_tokens + args.max_tokens))?;
     let (mut generations, t) = ocellus::engine::generate(&mut engine, vec![request], |_| {})?;

@@ -25,6 +25,8 @@ pub const BATCH_SIZE_TOKENS: &str = "ocellus_batch_size_tokens";
 pub const PREEMPTIONS_TOTAL: &str = "ocellus_preemptions_total";
 pub const VISION_CACHE_HITS_TOTAL: &str = "ocellus_vision_cache_hits_total";
 pub const VISION_CACHE_MISSES_TOTAL: &str = "ocellus_vision_cache_misses_total";
+pub const PREFIX_CACHE_QUERIED_TOKENS_TOTAL: &str = "ocellus_prefix_cache_queried_tokens_total";
+pub const PREFIX_CACHE_HIT_TOKENS_TOTAL: &str = "ocellus_prefix_cache_hit_tokens_total";
 pub const PREFILL_STEP_DURATION_SECONDS: &str = "ocellus_prefill_step_duration_seconds";
 pub const DECODE_STEP_DURATION_SECONDS: &str = "ocellus_decode_step_duration_seconds";
 pub const IMAGE_TOKENS_TOTAL: &str = "ocellus_image_tokens_total";
@@ -83,6 +85,8 @@ pub struct Metrics {
     pub preemptions: Counter,
     pub vision_cache_hits: Counter,
     pub vision_cache_misses: Counter,
+    pub prefix_cache_queried_tokens: Counter,
+    pub prefix_cache_hit_tokens: Counter,
     pub prefill_step: Histogram,
     pub decode_step: Histogram,
     pub image_tokens: Counter,
@@ -169,6 +173,16 @@ impl Metrics {
             "Images run through the vision encoder.",
         );
         describe(
+            PREFIX_CACHE_QUERIED_TOKENS_TOTAL,
+            None,
+            "Prompt tokens of admitted requests looked up in the prefix cache.",
+        );
+        describe(
+            PREFIX_CACHE_HIT_TOKENS_TOTAL,
+            None,
+            "Prompt tokens whose KV blocks came from the prefix cache.",
+        );
+        describe(
             PREFILL_STEP_DURATION_SECONDS,
             Some(Unit::Seconds),
             "Forward passes that prefill prompt tokens (decodes may ride along).",
@@ -223,6 +237,8 @@ impl Metrics {
             preemptions: counter(PREEMPTIONS_TOTAL),
             vision_cache_hits: counter(VISION_CACHE_HITS_TOTAL),
             vision_cache_misses: counter(VISION_CACHE_MISSES_TOTAL),
+            prefix_cache_queried_tokens: counter(PREFIX_CACHE_QUERIED_TOKENS_TOTAL),
+            prefix_cache_hit_tokens: counter(PREFIX_CACHE_HIT_TOKENS_TOTAL),
             prefill_step: histogram(PREFILL_STEP_DURATION_SECONDS),
             decode_step: histogram(DECODE_STEP_DURATION_SECONDS),
             image_tokens: counter(IMAGE_TOKENS_TOTAL),

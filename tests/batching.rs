@@ -24,31 +24,40 @@ fn alone_and_reference() -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn together(max_batch_tokens: usize, kv_blocks: usize) -> (Vec<Vec<u32>>, usize, usize) {
+/// The four cases at once: (tokens, steps mixing prefill and decode, preemptions, prefix
+/// cache hits in tokens).
+fn together(max_batch_tokens: usize, kv_blocks: usize, prefix_caching: bool) -> (Vec<Vec<u32>>, usize, usize, usize) {
     let reference = Reference::load(&fixtures(), "tiny-idefics3");
-    let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), max_batch_tokens, kv_blocks);
-    let requests = CASES
-        .iter()
-        .map(|name| {
-            let case = &reference.cases[*name];
-            greedy(prompt_for(&processor, &reference, case), case.greedy_tokens.len())
-        })
-        .collect();
-    let (mut mixed_steps, mut preempted) = (0, 0);
-    let (generations, _) = generate(&mut engine, requests, |step| {
+    let loaded = load_fixture_model("tiny-idefics3");
+    let (processor, mut engine) = engine_with(loaded, max_batch_tokens, kv_blocks, prefix_caching);
+    let requests = |tokens: Option<usize>| {
+        CASES
+            .iter()
+            .map(|name| {
+                let case = &reference.cases[*name];
+                let tokens = tokens.unwrap_or(case.greedy_tokens.len());
+                greedy(prompt_for(&processor, &reference, case), tokens)
+            })
+            .collect()
+    };
+    // One request at a time first, to fill the vision cache: then all four are ready at the
+    // first step, and which steps they share does not depend on the vision thread's timing.
+    for request in requests(Some(1)) {
+        generate(&mut engine, vec![request], |_| {}).unwrap();
+    }
+    let (mut mixed_steps, mut preempted, mut hits) = (0, 0, 0);
+    let (generations, _) = generate(&mut engine, requests(None), |step| {
         assert!(step.prefill_tokens + step.decode_tokens <= max_batch_tokens);
         if step.prefill_tokens > 0 && step.decode_tokens > 0 {
             mixed_steps += 1;
         }
         preempted += step.preempted;
+        hits += step.prefix_hit_tokens;
     })
     .unwrap();
     assert_eq!(engine.pool().used_blocks(), 0, "finished sequences hold no blocks");
-    (
-        generations.into_iter().map(|g| g.tokens).collect(),
-        mixed_steps,
-        preempted,
-    )
+    let tokens = generations.into_iter().map(|g| g.tokens).collect();
+    (tokens, mixed_steps, preempted, hits)
 }
 
 #[test]
@@ -56,7 +65,7 @@ fn ragged_batches_give_each_sequence_its_unbatched_greedy_tokens() {
     let alone = alone_and_reference();
     // A 64-token budget splits every image prompt into chunks, and once the first prompt
     // is in, later chunks share steps with its decodes.
-    let (batched, mixed_steps, _) = together(64, 256);
+    let (batched, mixed_steps, _, _) = together(64, 256, false);
     assert!(mixed_steps >= 3, "only {mixed_steps} steps mixed prefill and decode");
     assert_eq!(batched, alone);
 }
@@ -65,10 +74,14 @@ fn ragged_batches_give_each_sequence_its_unbatched_greedy_tokens() {
 fn preempted_sequences_are_recomputed_to_the_same_tokens() {
     let alone = alone_and_reference();
     // 50 blocks (800 tokens) cannot hold all four sequences (776 prompt tokens plus 96
-    // generated): the youngest is preempted and recomputed later.
-    let (batched, _, preempted) = together(512, 50);
-    assert!(preempted > 0, "the pool was large enough; nothing was preempted");
-    assert_eq!(batched, alone);
+    // generated): the youngest is preempted and recomputed later, without prefix caching
+    // entirely, with it from the prompt blocks cached before (the warm-up's and its own).
+    for prefix_caching in [false, true] {
+        let (batched, _, preempted, hits) = together(512, 50, prefix_caching);
+        assert!(preempted > 0, "the pool was large enough; nothing was preempted");
+        assert_eq!(hits > 0, prefix_caching);
+        assert_eq!(batched, alone, "prefix caching {prefix_caching}");
+    }
 }
 
 #[test]
@@ -128,4 +141,43 @@ fn the_same_image_arriving_together_is_encoded_once() {
         assert_eq!(result.tokens, case.greedy_tokens);
     }
     assert_eq!((misses, hits, encodes), (1, 2, 1));
+}
+
+#[test]
+fn a_repeated_prefix_is_prefilled_once_and_gives_the_same_tokens() {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let loaded = load_fixture_model("tiny-idefics3");
+    let image_token = loaded.model.info().image_token_id;
+    let (processor, mut engine) = engine(loaded, 4096, 256);
+    let prompt = |name: &str| prompt_for(&processor, &reference, &reference.cases[name]);
+    let (wide, gray) = (prompt("wide").token_ids, prompt("gray").token_ids);
+    let mut run = |name: &str| {
+        let case = &reference.cases[name];
+        let request = greedy(prompt(name), case.greedy_tokens.len());
+        let (mut prefilled, mut hit) = (0, 0);
+        let tokens = generate(&mut engine, vec![request], |step| {
+            prefilled += step.prefill_tokens;
+            hit += step.prefix_hit_tokens;
+        })
+        .unwrap()
+        .0
+        .remove(0)
+        .tokens;
+        assert_eq!(tokens, case.greedy_tokens, "{name}");
+        (prefilled, hit)
+    };
+    assert_eq!(run("wide"), (wide.len(), 0));
+    // Again: every full block before the last token comes from the cache.
+    let cached = (wide.len() - 1) / 16 * 16;
+    assert!(cached >= 64, "the prompt spans several blocks");
+    assert_eq!(run("wide"), (wide.len() - cached, cached));
+    // Another image: only the blocks before the first image slot (or the first different
+    // token) are shared, whatever the token ids after it.
+    let parted = (0..wide.len().min(gray.len()))
+        .find(|&i| wide[i] != gray[i] || wide[i] == image_token)
+        .unwrap();
+    let shared = (parted / 16 * 16).min((gray.len() - 1) / 16 * 16);
+    assert_eq!(run("gray"), (gray.len() - shared, shared));
+    assert_eq!(engine.pool().used_blocks(), 0);
+    assert!(engine.pool().cached_blocks() > 0, "finished prompts stay cached");
 }

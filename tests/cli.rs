@@ -84,7 +84,7 @@ fn generate_with_q8_0_quantizes_and_answers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("quantized the text model") && stderr.contains("layers=15"),
+        stderr.contains("quantized the text model") && stderr.contains("layers=9"),
         "{stderr}"
     );
     // This prompt's q8_0 answer agrees with f32's for its first 14 tokens (tests/quantized.rs).

@@ -313,6 +313,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         max_batch_tokens: args.max_batch_tokens,
         max_model_len,
         vision_cache_bytes: args.vision_cache_memory.as_u64() as usize,
+        prefix_caching: !args.no_prefix_caching,
     };
     let (processor, core) = loaded.into_engine(config, blocks)?;
     let (engine, _thread) = EngineHandle::spawn(core, args.max_queue, metrics.clone());

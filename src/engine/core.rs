@@ -12,11 +12,11 @@ use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use super::request::{EngineFailure, EventSender, GenerationRequest, SequenceEvent};
-use super::scheduler::{Limits, Plan, Who, plan_step};
+use super::scheduler::{Limits, Plan, Waiting, Who, plan_step};
 use super::sequence::{SeqId, Sequence};
 use super::vision::{self, VisionDone, VisionWorker};
 use super::vision_cache::VisionCache;
-use crate::kv::KvPool;
+use crate::kv::{BLOCK_TOKENS, ImageSlots, KvPool, block_hashes};
 use crate::model::{SequenceInput, VisionLanguageModel};
 
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +28,8 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Memory for vision features of recent images (0: no cache).
     pub vision_cache_bytes: usize,
+    /// Reuse the KV blocks of prompts' common prefixes (see `kv`).
+    pub prefix_caching: bool,
 }
 
 /// Requests the engine refuses at the door.
@@ -64,6 +66,9 @@ pub struct StepReport {
     /// Images whose features came from the cache, and images encoded.
     pub vision_cache_hits: usize,
     pub vision_cache_misses: usize,
+    /// Tokens of newly admitted prompts, and how many of them came from cached KV blocks.
+    pub prefix_queried_tokens: usize,
+    pub prefix_hit_tokens: usize,
     /// The forward pass (and sampling).
     pub forward: Duration,
 }
@@ -198,7 +203,20 @@ impl EngineCore {
         let id = self.next_id;
         self.next_id += 1;
         let seed = request.sampling.seed.map_or(id, |s| s.wrapping_add(choice as u64));
+        let hashes = if self.config.prefix_caching {
+            let images: Vec<(usize, [u8; 32])> = (request.prompt.images.iter())
+                .map(|image| (image.tiles * info.image_seq_len, image.key))
+                .collect();
+            let slots = ImageSlots {
+                token: info.image_token_id,
+                images: &images,
+            };
+            block_hashes(&request.prompt.token_ids, &slots)
+        } else {
+            Vec::new()
+        };
         let mut seq = Sequence::new(id, choice, request, events, seed);
+        seq.block_hashes = hashes;
         if vision::waits_on(&seq, &self.vision_cache, &self.encoding) {
             seq.vision_pending = true;
             seq.vision_deferred = true;
@@ -267,7 +285,7 @@ impl EngineCore {
         let ready: Vec<usize> = (0..self.waiting.len())
             .filter(|&i| !self.waiting[i].vision_pending)
             .collect();
-        let waiting: Vec<_> = ready.iter().map(|&i| self.waiting[i].as_waiting()).collect();
+        let waiting: Vec<_> = ready.iter().map(|&i| self.plan_prefix(i)).collect();
         let limits = Limits {
             max_num_seqs: self.config.max_num_seqs,
             token_budget: self.config.max_batch_tokens,
@@ -284,6 +302,22 @@ impl EngineCore {
         }
         self.forward(&chunks, &mut report);
         report
+    }
+
+    /// A ready waiting sequence as the planner sees it, after looking up its cached prefix
+    /// (shared on admission; nothing changes the cache in between, as the plan admits only
+    /// when it preempts nobody).
+    fn plan_prefix(&mut self, index: usize) -> Waiting {
+        let seq = &mut self.waiting[index];
+        seq.prefix_blocks = 0;
+        let mut waiting = seq.as_waiting();
+        if seq.kv.is_empty() && !seq.block_hashes.is_empty() {
+            let (blocks, reclaims) = self.pool.peek_prefix(seq.reusable_hashes());
+            seq.prefix_blocks = blocks;
+            waiting.pending -= blocks * BLOCK_TOKENS;
+            waiting.reclaims = reclaims;
+        }
+        waiting
     }
 
     /// Attaches the vision thread's output to its sequence (if it is still waiting).
@@ -348,6 +382,12 @@ impl EngineCore {
             if !seq.admitted_once {
                 seq.admitted_once = true;
                 report.queue_times.push(seq.arrived.elapsed());
+                report.prefix_queried_tokens += seq.prompt_len;
+            }
+            if seq.prefix_blocks > 0 {
+                let hashes = &seq.block_hashes[..seq.prefix_blocks];
+                let hit = self.pool.share_prefix(&mut seq.kv, hashes);
+                report.prefix_hit_tokens += hit;
             }
             self.running.push(seq);
         }
@@ -367,11 +407,12 @@ impl EngineCore {
                 };
                 let seq = &self.running[index];
                 let start = seq.kv.len();
-                let crosses = start < seq.prompt_len && start + c.len > seq.prompt_len;
+                let len = c.len.min(seq.pending());
+                let crosses = start < seq.prompt_len && start + len > seq.prompt_len;
                 let len = if crosses && seq.image_features.is_some() {
                     seq.prompt_len - start
                 } else {
-                    c.len
+                    len
                 };
                 (index, len)
             })
@@ -422,6 +463,12 @@ impl EngineCore {
                 return;
             }
         };
+        for &(index, len) in chunks {
+            let seq = &self.running[index];
+            if seq.kv.len() - len < seq.prompt_len && !seq.block_hashes.is_empty() {
+                self.pool.register(&seq.kv, &seq.block_hashes);
+            }
+        }
         let mut finished = Vec::new();
         for (row, index) in logit_owners.into_iter().enumerate() {
             let seq = &mut self.running[index];

@@ -224,6 +224,12 @@ fn record(core: &EngineCore, report: &StepReport, published: &Published, metrics
     metrics.preemptions.increment(report.preempted as u64);
     metrics.vision_cache_hits.increment(report.vision_cache_hits as u64);
     metrics.vision_cache_misses.increment(report.vision_cache_misses as u64);
+    metrics
+        .prefix_cache_queried_tokens
+        .increment(report.prefix_queried_tokens as u64);
+    metrics
+        .prefix_cache_hit_tokens
+        .increment(report.prefix_hit_tokens as u64);
     for took in &report.vision_encodes {
         Metrics::observe(&metrics.vision_encode, *took);
     }

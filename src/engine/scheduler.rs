@@ -23,10 +23,18 @@ pub struct Running {
     pub blocks: usize,
 }
 
-/// A waiting request: all its tokens are pending.
+/// A waiting request: its tokens past a cached prefix are pending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiting {
     pub pending: usize,
+    /// Blocks of its cached prefix that nobody holds: counted free now, taken on admission.
+    pub reclaims: usize,
+}
+
+impl Waiting {
+    pub fn new(pending: usize) -> Self {
+        Self { pending, reclaims: 0 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,11 +132,13 @@ pub fn plan_step(running: &[Running], waiting: &[Waiting], free_blocks: usize, l
         let running = alive.iter().filter(|&&a| a).count();
         for (j, seq) in waiting.iter().enumerate() {
             // Admit only what can finish its prompt without evicting anyone.
-            if running + plan.admit >= limits.max_num_seqs || budget == 0 || blocks_for(seq.pending) > free {
+            // A cached prefix is whole blocks: the rest starts on a fresh block.
+            let whole = blocks_for(seq.pending) + seq.reclaims;
+            if running + plan.admit >= limits.max_num_seqs || budget == 0 || whole > free {
                 break;
             }
             let len = seq.pending.min(budget);
-            let need = blocks_for(len);
+            let need = blocks_for(len) + seq.reclaims;
             free -= need;
             budget -= len;
             plan.admit += 1;
@@ -161,7 +171,7 @@ mod tests {
 
     #[test]
     fn a_long_prompt_is_chunked_to_the_budget_and_continues_next_step() {
-        let plan = plan_step(&[], &[Waiting { pending: 100 }], 100, LIMITS);
+        let plan = plan_step(&[], &[Waiting::new(100)], 100, LIMITS);
         assert_eq!(plan.admit, 1);
         assert_eq!(
             plan.chunks,
@@ -198,7 +208,7 @@ mod tests {
             },
             decoding(7),
         ];
-        let plan = plan_step(&running, &[Waiting { pending: 5 }], 100, LIMITS);
+        let plan = plan_step(&running, &[Waiting::new(5)], 100, LIMITS);
         assert_eq!(
             plan.chunks,
             vec![
@@ -224,7 +234,7 @@ mod tests {
 
     #[test]
     fn admission_is_in_order_and_bounded_by_sequences_and_blocks() {
-        let waiting = [Waiting { pending: 3 }, Waiting { pending: 40 }, Waiting { pending: 2 }];
+        let waiting = [Waiting::new(3), Waiting::new(40), Waiting::new(2)];
         // 3 free blocks: the 40-token prompt needs 3 after the first's 1 -> it waits, and
         // the small one behind it does not overtake it.
         let plan = plan_step(&[], &waiting, 3, LIMITS);
@@ -232,6 +242,19 @@ mod tests {
         let many = [decoding(3), decoding(3), decoding(3), decoding(3)];
         let plan = plan_step(&many, &waiting, 100, LIMITS);
         assert_eq!(plan.admit, 0, "max_num_seqs reached");
+    }
+
+    #[test]
+    fn a_cached_prefix_nobody_holds_counts_against_free_blocks() {
+        // 20 tokens left after a cached prefix of 2 unheld blocks: 2 blocks + the 2 reclaimed.
+        let prefixed = Waiting {
+            pending: 20,
+            reclaims: 2,
+        };
+        assert_eq!(plan_step(&[], &[prefixed], 3, LIMITS).admit, 0);
+        let plan = plan_step(&[], &[prefixed, Waiting::new(17)], 5, LIMITS);
+        assert_eq!(plan.admit, 1, "the second needs a block the first took");
+        assert_eq!(plan.chunks[0].blocks, 4);
     }
 
     #[test]
@@ -249,7 +272,7 @@ mod tests {
                 blocks: 2,
             },
         ];
-        let plan = plan_step(&running, &[Waiting { pending: 1 }], 0, LIMITS);
+        let plan = plan_step(&running, &[Waiting::new(1)], 0, LIMITS);
         assert_eq!(plan.preempt, vec![1]);
         assert_eq!(
             plan.chunks,

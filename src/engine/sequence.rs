@@ -11,7 +11,7 @@ use super::request::{ChoiceEvent, EventSender, FinishReason, GenerationRequest, 
 use super::sampling::{Sampler, logprobs};
 use super::scheduler::{Running, Waiting};
 use super::stop::{StopCheck, StopStrings};
-use crate::kv::SequenceKv;
+use crate::kv::{BlockHash, SequenceKv};
 
 pub type SeqId = u64;
 
@@ -34,6 +34,10 @@ pub struct Sequence {
     /// instead of encoding it again; its own vision work has not started.
     pub vision_deferred: bool,
     pub kv: SequenceKv,
+    /// Content hashes of the prompt's full KV blocks (empty without prefix caching).
+    pub block_hashes: Vec<BlockHash>,
+    /// Cached blocks found for its prompt when the step was planned, shared on admission.
+    pub prefix_blocks: usize,
     pub arrived: Instant,
     pub admitted_once: bool,
     sampler: Sampler,
@@ -57,6 +61,8 @@ impl Sequence {
             vision_pending: false,
             vision_deferred: false,
             kv: SequenceKv::default(),
+            block_hashes: Vec::new(),
+            prefix_blocks: 0,
             arrived: request.arrived,
             admitted_once: false,
             sampler,
@@ -84,9 +90,14 @@ impl Sequence {
     }
 
     pub fn as_waiting(&self) -> Waiting {
-        Waiting {
-            pending: self.pending(),
-        }
+        Waiting::new(self.pending())
+    }
+
+    /// Its blocks that a cached prefix may supply: full blocks before the last token, which
+    /// must be computed for its logits.
+    pub fn reusable_hashes(&self) -> &[BlockHash] {
+        let blocks = (self.tokens.len() - 1) / crate::kv::BLOCK_TOKENS;
+        &self.block_hashes[..blocks.min(self.block_hashes.len())]
     }
 
     pub fn is_cancelled(&self) -> bool {

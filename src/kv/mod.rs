@@ -3,8 +3,21 @@
 //! blocks (its block table); the model writes a step's keys and values into them and
 //! gathers them back for attention. Memory never grows past the budget: when blocks run
 //! out the scheduler waits or preempts.
+//!
+//! Prefix caching: a full block of a prompt is registered under its content hash
+//! (`prefix::block_hashes`) once written. A later prompt that starts with the same blocks
+//! takes them (a block may have many holders) and prefills only the rest. A block nobody
+//! holds keeps its contents while it waits, least recently released first, to be taken over
+//! when the free list runs out.
+
+mod prefix;
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Tensor};
+use lru::LruCache;
+
+pub use prefix::{BlockHash, ImageSlots, block_hashes};
 
 /// Tokens per block: the unit of KV accounting.
 pub const BLOCK_TOKENS: usize = 16;
@@ -95,8 +108,16 @@ pub struct KvPool {
     spec: KvSpec,
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
+    /// Blocks with no holder and no cached contents.
     free: Vec<u32>,
     num_blocks: usize,
+    /// Holders of each block.
+    refs: Vec<u32>,
+    /// The content hash a block is registered under.
+    hashes: Vec<Option<BlockHash>>,
+    cached: HashMap<BlockHash, u32>,
+    /// Registered blocks with no holder, least recently released first.
+    evictable: LruCache<u32, ()>,
 }
 
 impl KvPool {
@@ -115,6 +136,10 @@ impl KvPool {
             values,
             free,
             num_blocks,
+            refs: vec![0; num_blocks],
+            hashes: vec![None; num_blocks],
+            cached: HashMap::new(),
+            evictable: LruCache::unbounded(),
         })
     }
 
@@ -131,12 +156,18 @@ impl KvPool {
         self.num_blocks
     }
 
+    /// Blocks a sequence can take: free ones and cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.evictable.len()
+    }
+
+    /// Blocks nobody holds whose contents are kept for prefix hits.
+    pub fn cached_blocks(&self) -> usize {
+        self.evictable.len()
     }
 
     pub fn used_blocks(&self) -> usize {
-        self.num_blocks - self.free.len()
+        self.num_blocks - self.free_blocks()
     }
 
     /// Tokens the whole pool can hold.
@@ -148,19 +179,97 @@ impl KvPool {
     /// has too few free blocks.
     pub fn grow(&mut self, seq: &mut SequenceKv, additional: usize) -> bool {
         let needed = seq.blocks_needed(additional);
-        if needed > self.free.len() {
+        if needed > self.free_blocks() {
             return false;
         }
-        let at = self.free.len() - needed;
-        seq.blocks.extend(self.free.drain(at..).rev());
+        for _ in 0..needed {
+            let block = match self.free.pop() {
+                Some(block) => block,
+                None => self.evict(),
+            };
+            self.refs[block as usize] = 1;
+            seq.blocks.push(block);
+        }
         true
     }
 
-    /// Returns all of `seq`'s blocks to the pool and empties it.
+    /// Takes back the least recently released cached block.
+    fn evict(&mut self) -> u32 {
+        let (block, ()) = self
+            .evictable
+            .pop_lru()
+            .expect("grow counted the evictable blocks. This is a bug.");
+        if let Some(hash) = self.hashes[block as usize].take() {
+            self.cached.remove(&hash);
+        }
+        block
+    }
+
+    /// Returns all of `seq`'s blocks to the pool and empties it. Registered blocks keep
+    /// their contents; the last ones go first to be evicted, so that shared prefixes last.
     pub fn release(&mut self, seq: &mut SequenceKv) {
-        self.free.extend(seq.blocks.drain(..).rev());
+        for block in seq.blocks.drain(..).rev() {
+            let refs = &mut self.refs[block as usize];
+            *refs -= 1;
+            if *refs > 0 {
+                continue;
+            }
+            if self.hashes[block as usize].is_some() {
+                self.evictable.put(block, ());
+            } else {
+                self.free.push(block);
+            }
+        }
         seq.len = 0;
         seq.block_ids = None;
+    }
+
+    /// How many of the blocks `hashes` begin with are cached, and how many of those nobody
+    /// holds (sharing them takes them off the free count).
+    pub fn peek_prefix(&self, hashes: &[BlockHash]) -> (usize, usize) {
+        let mut found = 0;
+        let mut unheld = 0;
+        for hash in hashes {
+            let Some(&block) = self.cached.get(hash) else {
+                break;
+            };
+            found += 1;
+            unheld += usize::from(self.refs[block as usize] == 0);
+        }
+        (found, unheld)
+    }
+
+    /// Gives an empty `seq` the cached blocks that begin with `hashes` (a prompt's full
+    /// blocks, as many as may be reused) and counts their tokens as stored. Returns the
+    /// number of tokens reused.
+    pub fn share_prefix(&mut self, seq: &mut SequenceKv, hashes: &[BlockHash]) -> usize {
+        debug_assert!(seq.blocks.is_empty(), "prefixes are shared into empty sequences");
+        for hash in hashes {
+            let Some(&block) = self.cached.get(hash) else {
+                break;
+            };
+            if self.refs[block as usize] == 0 {
+                self.evictable.pop(&block);
+            }
+            self.refs[block as usize] += 1;
+            seq.blocks.push(block);
+        }
+        seq.len = seq.blocks.len() * BLOCK_TOKENS;
+        seq.block_ids = None;
+        seq.len
+    }
+
+    /// Registers `seq`'s stored full blocks under `hashes` (its prompt's), for later
+    /// prompts to share. A hash already registered to another block (two prompts computed
+    /// the same prefix at once) keeps that block.
+    pub fn register(&mut self, seq: &SequenceKv, hashes: &[BlockHash]) {
+        let full = seq.len / BLOCK_TOKENS;
+        for (&block, hash) in seq.blocks.iter().zip(hashes).take(full) {
+            if self.hashes[block as usize].is_none() && !self.cached.contains_key(hash) {
+                self.hashes[block as usize] = Some(*hash);
+                self.cached.insert(*hash, block);
+            }
+        }
     }
 
     /// Writes a chunk's keys and values (`[n, kv_heads, head_dim]`) for one layer at the
@@ -272,6 +381,55 @@ mod tests {
             k.flatten_all()?.to_vec1::<f32>()?,
             chunk_b.flatten_all()?.to_vec1::<f32>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_registered_prefix_is_shared_then_kept_until_its_blocks_are_needed() -> Result<()> {
+        let mut pool = KvPool::new(&spec(), 4)?;
+        let hashes = [[1u8; 32], [2u8; 32]];
+        let mut a = SequenceKv::default();
+        assert!(pool.grow(&mut a, 40));
+        let chunk = rows(40, 0.0);
+        for layer in 0..2 {
+            pool.write(layer, &a, &chunk, &chunk)?;
+        }
+        a.commit(40);
+        pool.register(&a, &hashes);
+        pool.release(&mut a);
+        // Its two full blocks keep their contents; the partial one is simply free.
+        assert_eq!(
+            (pool.free_blocks(), pool.cached_blocks(), pool.used_blocks()),
+            (4, 2, 0)
+        );
+
+        let (mut b, mut c) = (SequenceKv::default(), SequenceKv::default());
+        assert_eq!(pool.peek_prefix(&[hashes[0], [3u8; 32], hashes[1]]), (1, 1));
+        assert_eq!(pool.share_prefix(&mut b, &[hashes[0], hashes[1], [3u8; 32]]), 32);
+        assert_eq!(pool.peek_prefix(&hashes), (2, 0), "now held");
+        assert_eq!(pool.share_prefix(&mut c, &hashes[..1]), 16);
+        assert_eq!((pool.free_blocks(), pool.used_blocks()), (2, 2));
+        let (k, _) = pool.gather(1, &mut b, 32)?;
+        assert_eq!(
+            k.flatten_all()?.to_vec1::<f32>()?,
+            chunk.narrow(0, 0, 32)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        // b grows past the shared blocks into a block of its own.
+        assert!(pool.grow(&mut b, 1));
+        pool.release(&mut b);
+        assert_eq!(
+            (pool.cached_blocks(), pool.used_blocks()),
+            (1, 1),
+            "c still holds the first block"
+        );
+        pool.release(&mut c);
+
+        // A sequence that needs every block takes the cached ones over.
+        let mut d = SequenceKv::default();
+        assert!(pool.grow(&mut d, 4 * BLOCK_TOKENS));
+        assert_eq!((pool.free_blocks(), pool.cached_blocks()), (0, 0));
+        pool.release(&mut d);
+        assert_eq!(pool.share_prefix(&mut SequenceKv::default(), &hashes), 0, "evicted");
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod files;
 pub mod hub;
+pub mod kernels;
 pub mod norm;
 pub mod smolvlm;
 pub mod weights;
@@ -101,4 +102,13 @@ pub fn load(
     let config = smolvlm::SmolVlmConfig::load(&files.config)?;
     let model = smolvlm::SmolVlm::load(config, files, dtype.into(), device)?;
     Ok(Box::new(model))
+}
+
+/// Runs `f` on a worker of rayon's global pool, where candle's CPU backend and gemm
+/// parallelise. Called from any other thread, each parallel op is injected into the pool
+/// while the caller sleeps on a latch: hundreds of futex round trips per decode step. From a
+/// worker, they are plain work-stealing jobs: decode at batch 1 went from 18.0 to 14.9 ms a
+/// step, at batch 8 from 64 to 47 ms (SmolVLM-256M shapes, 2 threads).
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }

@@ -6,6 +6,8 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::kernels;
+
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -25,6 +27,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if kernels::applies(xs) && xs.is_contiguous() {
+            return kernels::layer_norm(xs, &self.weight, &self.bias, self.eps);
+        }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(if dtype == DType::F64 { DType::F64 } else { DType::F32 })?;
         let centered = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
@@ -52,6 +57,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if kernels::applies(xs) && xs.is_contiguous() {
+            return kernels::rms_norm(xs, &self.weight, self.eps);
+        }
         let dtype = xs.dtype();
         let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let xs = xs.to_dtype(wide)?;

@@ -204,13 +204,23 @@ pub fn greedy(prompt: Prompt, tokens: usize) -> GenerationRequest {
     }
 }
 
-/// An engine over a loaded model with room for `kv_blocks` blocks.
+/// An engine over a loaded model with room for `kv_blocks` blocks, prefix caching on.
 pub fn engine(loaded: LoadedModel, max_batch_tokens: usize, kv_blocks: usize) -> (Processor, EngineCore) {
+    engine_with(loaded, max_batch_tokens, kv_blocks, true)
+}
+
+pub fn engine_with(
+    loaded: LoadedModel,
+    max_batch_tokens: usize,
+    kv_blocks: usize,
+    prefix_caching: bool,
+) -> (Processor, EngineCore) {
     let config = EngineConfig {
         max_num_seqs: 64,
         max_batch_tokens,
         max_model_len: loaded.model.info().max_positions,
         vision_cache_bytes: 64 << 20,
+        prefix_caching,
     };
     loaded.into_engine(config, kv_blocks).unwrap()
 }

@@ -14,7 +14,7 @@ pub use config::SmolVlmConfig;
 
 use crate::kv::{KvPool, KvSpec};
 use crate::model::weights::SafetensorsWeights;
-use crate::model::{LoadError, ModelFiles, ModelInfo, SequenceInput, VisionLanguageModel};
+use crate::model::{LoadError, ModelFiles, ModelInfo, SequenceInput, VisionLanguageModel, on_compute_pool};
 use connector::Connector;
 use text::{SequenceRows, TextModel};
 use vision::VisionTransformer;
@@ -111,11 +111,32 @@ impl VisionLanguageModel for SmolVlm {
     }
 
     fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let hidden = self.vision.forward(&pixel_values.to_dtype(self.dtype)?)?;
-        self.connector.forward(&hidden)
+        on_compute_pool(|| {
+            let hidden = self.vision.forward(&pixel_values.to_dtype(self.dtype)?)?;
+            self.connector.forward(&hidden)
+        })
     }
 
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
+        on_compute_pool(|| self.forward_batch(batch, pool))
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn quantize_text(&mut self, quantization: crate::model::Quantization) -> Result<usize> {
+        match quantization {
+            crate::model::Quantization::Q8_0 => self.text.quantize_q8_0(),
+        }
+    }
+}
+
+impl SmolVlm {
+    fn forward_batch(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut logit_rows = Vec::new();
@@ -168,19 +189,5 @@ impl VisionLanguageModel for SmolVlm {
         }
         let last = hidden.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?;
         self.text.logits(&last)
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    fn quantize_text(&mut self, quantization: crate::model::Quantization) -> Result<usize> {
-        match quantization {
-            crate::model::Quantization::Q8_0 => self.text.quantize_q8_0(),
-        }
     }
 }

@@ -9,6 +9,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
+use crate::model::kernels;
 use crate::model::norm::LayerNorm;
 
 use super::config::VisionConfig;
@@ -124,7 +125,13 @@ impl EncoderLayer {
         let hs = (self.attention(&hs, tiles)? + residual)?;
         let residual = &hs;
         let mlp = self.fc1.forward(&self.layer_norm2.forward(&hs)?)?;
-        let mlp = if self.exact_gelu { mlp.gelu_erf()? } else { mlp.gelu()? };
+        let mlp = if self.exact_gelu {
+            mlp.gelu_erf()?
+        } else if kernels::applies(&mlp) {
+            kernels::gelu_tanh(&mlp)?
+        } else {
+            mlp.gelu()?
+        };
         self.fc2.forward(&mlp)? + residual
     }
 
