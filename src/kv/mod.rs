@@ -70,6 +70,11 @@ impl SequenceKv {
         self.blocks.len()
     }
 
+    /// Its blocks, in order.
+    pub fn block_table(&self) -> &[u32] {
+        &self.blocks
+    }
+
     /// Tokens the held blocks can store.
     pub fn capacity(&self) -> usize {
         self.blocks.len() * BLOCK_TOKENS
@@ -295,6 +300,12 @@ impl KvPool {
             written += run;
         }
         Ok(())
+    }
+
+    /// One layer's whole key and value pools, `[blocks * BLOCK_TOKENS, kv_heads, head_dim]`,
+    /// for kernels that read a sequence's blocks in place.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
     }
 
     /// One layer's keys and values of the first `len` tokens of `seq`, gathered into

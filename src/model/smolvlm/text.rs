@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 use rayon::prelude::*;
 
+use crate::model::kernels;
 use crate::model::norm::RmsNorm;
 
 use super::config::TextConfig;
@@ -208,14 +209,37 @@ impl DecoderLayer {
             self.num_kv_heads,
             self.head_dim,
         ))?;
+        // Decode tokens (one per sequence) attend in one kernel call from the pool's blocks;
+        // prompt chunks gather their blocks and attend per sequence.
+        let paged = kernels::applies(&q);
         let mut outputs = Vec::with_capacity(seqs.len());
-        for seq in seqs.iter_mut() {
+        let mut decodes = Vec::new();
+        for (i, seq) in seqs.iter_mut().enumerate() {
             let rows = |t: &Tensor| t.narrow(0, seq.offset, seq.len);
             let start = seq.kv.len();
             pool.write(layer, seq.kv, &rows(&k)?, &rows(&v)?)?;
+            if paged && seq.len == 1 {
+                decodes.push(i);
+                outputs.push(None);
+                continue;
+            }
             let (keys, values) = pool.gather(layer, seq.kv, start + seq.len)?;
-            outputs.push(self.attention(&rows(&q)?, &keys, &values, start)?);
+            outputs.push(Some(self.attention(&rows(&q)?, &keys, &values, start)?));
         }
+        if !decodes.is_empty() {
+            let rows: Vec<u32> = decodes.iter().map(|&i| seqs[i].offset as u32).collect();
+            let q = q.index_select(&Tensor::new(rows, q.device())?, 0)?;
+            let tables: Vec<(&[u32], usize)> = (decodes.iter())
+                .map(|&i| (seqs[i].kv.block_table(), seqs[i].kv.len() + 1))
+                .collect();
+            let (keys, values) = pool.layer(layer);
+            let scale = (self.head_dim as f32).powf(-0.5);
+            let attended = kernels::decode_attention(&q, keys, values, &tables, scale)?;
+            for (row, &i) in decodes.iter().enumerate() {
+                outputs[i] = Some(attended.narrow(0, row, 1)?);
+            }
+        }
+        let outputs: Vec<Tensor> = outputs.into_iter().flatten().collect();
         let attn = Tensor::cat(&outputs, 0)?;
         let xs = (self.o_proj.forward(&attn)? + xs)?;
         let hs = self.post_attention_layernorm.forward(&xs)?;
@@ -244,7 +268,12 @@ impl DecoderLayer {
                 .broadcast_add(&mask)?;
             scores = scores.reshape((self.num_kv_heads, group * n, total))?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = if kernels::applies(&scores) {
+            kernels::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = probs.to_dtype(v.dtype())?;
         probs
             .matmul(&v)?
             .reshape((self.num_heads, n, self.head_dim))?

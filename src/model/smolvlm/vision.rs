@@ -140,19 +140,25 @@ impl EncoderLayer {
         let patches = rows / tiles;
         let head_dim = d / self.num_heads;
         let scale = (head_dim as f64).powf(-0.5);
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((tiles, patches, self.num_heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let q = (self.q_proj.forward(xs)? * scale)?;
+        let k = self.k_proj.forward(xs)?;
+        let v = self.v_proj.forward(xs)?;
+        // One tile's heads as `[heads, patches, head_dim]` views of the projections, rows
+        // `d` apart: the matmul reads them strided, so no head is copied out.
+        let heads = |t: &Tensor, tile: usize| -> Result<Tensor> {
+            t.narrow(0, tile * patches, patches)?
+                .reshape((patches, self.num_heads, head_dim))?
+                .transpose(0, 1)
         };
-        let q = heads((self.q_proj.forward(xs)? * scale)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
         let mut outputs = Vec::with_capacity(tiles);
         for tile in 0..tiles {
-            let (q, k, v) = (q.get(tile)?, k.get(tile)?, v.get(tile)?);
+            let (q, k, v) = (heads(&q, tile)?, heads(&k, tile)?, heads(&v, tile)?);
             let scores = q.matmul(&k.t()?)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            let probs = if kernels::applies(&scores) {
+                kernels::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+            };
             outputs.push(probs.matmul(&v)?);
         }
         let out = Tensor::stack(&outputs, 0)?.transpose(1, 2)?.reshape((rows, d))?;
