@@ -12,8 +12,6 @@ model=${1:?usage: scripts/bench_model.sh MODEL_DIR [THREADS]}
 threads=${2:-2}
 python=${PYTHON:-.venv/bin/python}
 mkdir -p target/peers
-# As the server sets it (src/main.rs): candle's element-wise pool does not spin when idle.
-export CANDLE_BARRIER_POOL_SPIN_LIMIT=${CANDLE_BARRIER_POOL_SPIN_LIMIT:-0}
 
 criterion_median() {  # group bench -> seconds
   python3 - "$1" "$2" <<'PY'

@@ -15,18 +15,7 @@ use ocellus::engine::{EngineConfig, GenerationRequest, SamplingParams};
 use ocellus::kv::blocks_for;
 use ocellus::processor::{ChatMessage, ContentPart, ImageInput, open_image};
 
-/// candle runs element-wise ops on a second pool of threads besides rayon's, whose idle
-/// workers spin 25,000 rounds before sleeping. With as many threads as cores, that spinning
-/// takes the cycles of the rayon workers running the next matmul: after other work, a
-/// decode step at batch 1 took 15.4 ms with the default and 12.8 ms with no spinning
-/// (SmolVLM-256M shapes, 2 threads). An operator's own setting wins.
-const CANDLE_SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-
 fn main() -> ExitCode {
-    if std::env::var_os(CANDLE_SPIN).is_none() {
-        // SAFETY: no other thread exists yet to read the environment concurrently.
-        unsafe { std::env::set_var(CANDLE_SPIN, "0") };
-    }
     // Our own progress (listening, model loaded, draining) at info; dependencies' at warn.
     // RUST_LOG overrides.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ocellus=info".into());
