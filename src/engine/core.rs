@@ -285,7 +285,12 @@ impl EngineCore {
         let ready: Vec<usize> = (0..self.waiting.len())
             .filter(|&i| !self.waiting[i].vision_pending)
             .collect();
-        let waiting: Vec<_> = ready.iter().map(|&i| self.plan_prefix(i)).collect();
+        // Only the first few can join this step (max_num_seqs): the prefix cache is looked up
+        // for those, not for the whole queue on every step.
+        let can_join = self.config.max_num_seqs.saturating_sub(self.running.len());
+        let waiting: Vec<_> = (ready.iter().enumerate())
+            .map(|(k, &i)| self.plan_prefix(i, k < can_join))
+            .collect();
         let limits = Limits {
             max_num_seqs: self.config.max_num_seqs,
             token_budget: self.config.max_batch_tokens,
@@ -307,11 +312,11 @@ impl EngineCore {
     /// A ready waiting sequence as the planner sees it, after looking up its cached prefix
     /// (shared on admission; nothing changes the cache in between, as the plan admits only
     /// when it preempts nobody).
-    fn plan_prefix(&mut self, index: usize) -> Waiting {
+    fn plan_prefix(&mut self, index: usize, look_up: bool) -> Waiting {
         let seq = &mut self.waiting[index];
         seq.prefix_blocks = 0;
         let mut waiting = seq.as_waiting();
-        if seq.kv.is_empty() && !seq.block_hashes.is_empty() {
+        if look_up && seq.kv.is_empty() && !seq.block_hashes.is_empty() {
             let (blocks, reclaims) = self.pool.peek_prefix(seq.reusable_hashes());
             seq.prefix_blocks = blocks;
             waiting.pending -= blocks * BLOCK_TOKENS;
