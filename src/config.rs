@@ -184,12 +184,49 @@ pub struct ModelArgs {
     /// answers close to but not always equal to unquantized ones.
     #[arg(long, env = "OCELLUS_QUANTIZE", value_enum)]
     pub quantize: Option<crate::model::Quantization>,
+    /// Where weights, KV cache and vision encoding live: `cpu`, or `cuda:N` (`cuda` is
+    /// `cuda:0`) in a build with `--features cuda` (scripts/build-cuda.sh).
+    #[arg(long, env = "OCELLUS_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
+}
+
+/// A parsed `--device`; the device itself is opened at load time (a CUDA context is not
+/// something to create while parsing flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(value: &str) -> Result<DeviceArg, String> {
+    match value {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        _ => value
+            .strip_prefix("cuda:")
+            .and_then(|ordinal| ordinal.parse().ok())
+            .map(DeviceArg::Cuda)
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N, got {value:?}")),
+    }
+}
+
+impl DeviceArg {
+    pub fn open(self) -> anyhow::Result<candle_core::Device> {
+        match self {
+            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceArg::Cuda(ordinal) => candle_core::Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!("cannot open cuda:{ordinal} ({e}); CUDA needs a build with --features cuda")
+            }),
+        }
+    }
 }
 
 impl ModelArgs {
-    /// Loads the model and applies `--quantize`.
-    pub fn load(&self, device: &candle_core::Device) -> anyhow::Result<crate::LoadedModel> {
-        let mut loaded = crate::load_model(&self.model, self.dtype, device)?;
+    /// Opens `--device`, loads the model onto it and applies `--quantize`.
+    pub fn load(&self) -> anyhow::Result<crate::LoadedModel> {
+        let device = self.device.open()?;
+        tracing::info!(?device, "loading the model");
+        let mut loaded = crate::load_model(&self.model, self.dtype, &device)?;
         if let Some(quantization) = self.quantize {
             let layers = loaded.model.quantize_text(quantization)?;
             tracing::info!(layers, ?quantization, "quantized the text model");

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use candle_core::Device;
 use clap::Parser;
 use ocellus::config::{Cli, Command, GenerateArgs, ServeArgs};
 use ocellus::engine::{EngineConfig, GenerationRequest, SamplingParams};
@@ -44,7 +43,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load(&Device::Cpu)?;
+    let loaded = args.model.load()?;
     let images = args
         .images
         .iter()

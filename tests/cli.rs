@@ -96,3 +96,35 @@ fn generate_with_q8_0_quantizes_and_answers() {
     let bad = ocellus(&["generate", "--quantize", "q4_k", "--prompt", "hi"]);
     assert_eq!(bad.status.code(), Some(2), "clap refuses an unknown quantization");
 }
+
+#[test]
+fn a_device_this_build_cannot_open_is_a_clear_error() {
+    let model = fixtures().join("models").join("tiny-idefics3");
+    let model = model.to_str().unwrap();
+    let bad = ocellus(&["generate", "--model", model, "--device", "gpu", "--prompt", "hi"]);
+    assert_eq!(bad.status.code(), Some(2), "clap refuses a malformed device");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cuda:N"));
+    let cpu = ocellus(&[
+        "generate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+    ]);
+    assert!(cpu.status.success(), "{}", String::from_utf8_lossy(&cpu.stderr));
+    if cfg!(feature = "cuda") {
+        return; // whether cuda:0 opens depends on the machine's GPU
+    }
+    let out = ocellus(&["generate", "--model", model, "--device", "cuda:0", "--prompt", "hi"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cuda:0") && stderr.contains("--features cuda"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

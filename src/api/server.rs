@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::Device;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -295,7 +294,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         args.max_batch_tokens,
         args.max_num_seqs
     );
-    let loaded = args.model.load(&Device::Cpu)?;
+    let loaded = args.model.load()?;
     let info = loaded.model.info().clone();
     let spec: KvSpec = loaded.model.kv_spec();
     let max_model_len = args.max_model_len.unwrap_or(info.max_positions).min(info.max_positions);
