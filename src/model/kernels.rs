@@ -110,7 +110,7 @@ impl CustomOp1 for Softmax {
 /// function built for AVX-512, AVX2+FMA or SSE, whichever the CPU has. Everything `run`
 /// calls must be `#[inline(always)]` (a closure cannot be relied on to be), or it is compiled
 /// for the baseline and called.
-trait Kernel {
+pub(super) trait Kernel {
     type Output;
     fn run(self) -> Self::Output;
 }
@@ -126,7 +126,7 @@ impl<K: Kernel> pulp::WithSimd for Vectorized<K> {
     }
 }
 
-fn vectorized<K: Kernel>(kernel: K) -> K::Output {
+pub(super) fn vectorized<K: Kernel>(kernel: K) -> K::Output {
     pulp::Arch::new().dispatch(Vectorized(kernel))
 }
 
@@ -209,7 +209,7 @@ impl Kernel for AttendGroup<'_> {
 
 /// Lanes of the partial maxima and sums: written as arrays so that the compiler turns them
 /// into vector registers (a plain fold is sequential under IEEE rules).
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 #[inline(always)]
 fn softmax_row(row: &[f32], out: &mut [f32]) {
@@ -250,6 +250,7 @@ fn softmax_row(row: &[f32], out: &mut [f32]) {
 /// it returns e^-87.3 instead of a subnormal (about 1e-38, nothing next to a softmax's
 /// sum of at least 1).
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' coefficients, as published
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
@@ -299,9 +300,9 @@ pub fn decode_attention(
     let (k_storage, k_layout) = keys.storage_and_layout();
     let (v_storage, v_layout) = values.storage_and_layout();
     let (q, k, v) = (
-        cpu_slice(&q_storage, q_layout)?,
-        cpu_slice(&k_storage, k_layout)?,
-        cpu_slice(&v_storage, v_layout)?,
+        cpu_f32(&q_storage, q_layout, "decode attention")?,
+        cpu_f32(&k_storage, k_layout, "decode attention")?,
+        cpu_f32(&v_storage, v_layout, "decode attention")?,
     );
     let group = heads / kv_heads;
     // Where each sequence's token t has its row (for KV head 0) in the pools.
@@ -335,10 +336,11 @@ pub fn decode_attention(
     Tensor::from_vec(out, (seqs, heads * head_dim), &Device::Cpu)
 }
 
-fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
+/// The contiguous f32 data of a CPU tensor's storage, for kernels called outside a CustomOp.
+pub(super) fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     match storage {
-        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, layout, "decode attention"),
-        _ => bail!("decode attention: CPU tensors only"),
+        candle_core::Storage::Cpu(cpu) => contiguous_f32(cpu, layout, op),
+        _ => bail!("{op}: CPU tensors only"),
     }
 }
 

@@ -2,6 +2,7 @@
 //! folder or hub id, safetensors in one file or shards, a chosen dtype and device.
 
 pub mod error;
+pub mod few_rows;
 pub mod files;
 pub mod hub;
 pub mod kernels;

@@ -9,10 +9,9 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
-use rayon::prelude::*;
 
-use crate::model::kernels;
 use crate::model::norm::RmsNorm;
+use crate::model::{few_rows, kernels};
 
 use super::config::TextConfig;
 use crate::kv::{KvPool, SequenceKv};
@@ -344,14 +343,15 @@ impl Module for Proj {
     }
 }
 
-/// `xs · Wᵀ (+ b)`, shaped for gemm (candle's CPU matmul), which is weakest on few rows:
-/// - one row is a matrix-vector product, which gemm runs on one thread, though it is bound
-///   by memory bandwidth (28 GB/s from one core of this 2-core machine, 41 GB/s from both):
-///   the weight's rows are split across rayon's threads, one product each;
-/// - on a few rows against a tall weight gemm is slow ([8, 1536] x [1536, 576] took 1.19 ms,
-///   the same product as (W · xsᵀ)ᵀ 0.25 ms: it vectorises along the rows), so for 2..=64
-///   rows the product is computed the other way round (equal or faster in 22 of 24 shapes of
-///   SmolVLM's layers, AVX-512, 2 threads).
+/// `xs · Wᵀ (+ b)`. gemm (candle's CPU matmul) is weakest on few rows:
+/// - up to `FEW_ROWS` rows (decode at small batches) `few_rows::linear` reads each weight
+///   once, straight from its layout: a matrix-vector product is bound by memory bandwidth,
+///   which gemm's single-threaded GEMV left a third short of (28 GB/s from one core of this
+///   2-core machine, 41 GB/s from both);
+/// - on a few more rows against a tall weight gemm is slow ([8, 1536] x [1536, 576] took
+///   1.19 ms, the same product as (W · xsᵀ)ᵀ 0.25 ms: it vectorises along the rows), so up
+///   to 64 rows the product is computed the other way round (equal or faster in 22 of 24
+///   shapes of SmolVLM's layers, AVX-512, 2 threads).
 fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     let rows = xs.dims().iter().rev().skip(1).product::<usize>();
     if rows > 64 || !xs.device().is_cpu() {
@@ -360,19 +360,8 @@ fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     let (weight, width) = (linear.weight(), xs.dim(candle_core::D::Minus1)?);
     let out = weight.dim(0)?;
     let flat = xs.reshape((rows, width))?;
-    let threads = rayon::current_num_threads();
-    let ys = if rows == 1 && threads > 1 && out >= 256 * threads {
-        let part = out.div_ceil(threads).next_multiple_of(16);
-        let parts = (0..out.div_ceil(part))
-            .into_par_iter()
-            .map(|i| {
-                let w = weight.narrow(0, i * part, part.min(out - i * part))?;
-                flat.matmul(&w.t()?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 1)?
-    } else if rows == 1 {
-        flat.matmul(&weight.t()?)?
+    let ys = if rows <= FEW_ROWS && few_rows::applies(&flat, weight) {
+        few_rows::linear(&flat, weight)?
     } else {
         weight.matmul(&flat.t()?)?.t()?.contiguous()?
     };
@@ -384,6 +373,11 @@ fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     *dims.last_mut().expect("rank >= 1") = out;
     ys.reshape(dims)
 }
+
+/// Up to this many rows `few_rows::linear` was faster than gemm on SmolVLM-256M's layers
+/// (AVX-512, 2 threads; `examples`-style probe in the commit message); beyond, they are
+/// even and gemm's (W · xsᵀ)ᵀ is kept.
+const FEW_ROWS: usize = 4;
 
 #[cfg(test)]
 mod tests {
