@@ -11,6 +11,7 @@
 //! FMA units' throughput with 8 loads per 16 FMAs. The output columns are split across
 //! rayon's threads.
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
@@ -33,23 +34,139 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if width != weight_width {
         bail!("few-row linear: [{rows}, {width}] times [{out}, {weight_width}]ᵀ")
     }
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let w = cpu_f32(&w_storage, w_layout, "few-row linear")?;
+    multiply::<F32>(xs, w, width, out)
+}
+
+/// `xs · weightᵀ` with `weight` `[out, in]` in Q8_0 blocks (GGML's: per 32 weights an f16
+/// scale and 32 `i8`s) and `xs` f32 on the CPU: each block is expanded to f32 in L1 (exactly:
+/// an f16 times an i8 fits f32's mantissa) and multiplied with the unquantized activations.
+/// candle's Q8_0 matmul quantizes the activations to 8 bits as well and multiplies in
+/// integers; this reads the same 8.5 bits per weight, keeps the activations' precision, and
+/// runs in the FMA units.
+pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
+    let (rows, width) = xs.dims2()?;
+    let (out, weight_width) = weight.shape().dims2()?;
+    if weight.dtype() != GgmlDType::Q8_0 || width != weight_width || width % Q8_0_WEIGHTS != 0 {
+        bail!(
+            "few-row Q8_0 linear: [{rows}, {width}] times {:?} [{out}, {weight_width}]ᵀ",
+            weight.dtype()
+        )
+    }
+    let data = weight.data()?;
+    if data.len() != out * width / Q8_0_WEIGHTS * Q8_0_BYTES {
+        bail!("few-row Q8_0 linear: {} bytes for [{out}, {width}]", data.len())
+    }
+    #[cfg(target_arch = "x86_64")]
+    if rows == 1 && avx512::available() {
+        let xs = xs.contiguous()?;
+        let (x_storage, x_layout) = xs.storage_and_layout();
+        let x = cpu_f32(&x_storage, x_layout, "few-row Q8_0 linear")?;
+        let row_len = Q8_0::row_len(width);
+        let mut ys = vec![0f32; out];
+        ys.par_chunks_mut(ROWS_PER_TASK)
+            .zip(data.par_chunks(ROWS_PER_TASK * row_len))
+            // SAFETY: `available()` checked the CPU's features.
+            .for_each(|(ys, w)| unsafe { avx512::q8_0_gemv(x, w, ys) });
+        return Tensor::from_vec(ys, (1, out), &Device::Cpu);
+    }
+    multiply::<Q8_0>(xs, &data, width, out)
+}
+
+/// Whether `linear_q8_0` takes `rows` rows of `xs` and is faster there than candle's Q8_0
+/// matmul: from 2 to 16 rows, and on one row with AVX-512 (the portable kernel expands each
+/// block to f32 first, which costs more than the one FMA per weight it feeds on one row).
+pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let one_row = avx512::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let one_row = false;
+    super::kernels::applies(xs)
+        && weight.device().is_cpu()
+        && weight.dtype() == GgmlDType::Q8_0
+        && (2..=16).contains(&rows) | (rows == 1 && one_row)
+}
+
+/// A matrix-vector product with Q8_0 weights in AVX-512, for decode at batch 1: per block,
+/// the 32 `i8`s are widened to f32 in registers (two instructions per 16), dotted with the
+/// activations and scaled once. About 11 instructions per 32 weights, so the two cores keep
+/// up with the memory stream of 8.5 bits per weight.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Q8_0_BYTES, Q8_0_WEIGHTS};
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c")
+    }
+
+    /// `out[c] = x · w_c` for each weight row of `w` (Q8_0 blocks of `x.len()` weights).
+    #[target_feature(enable = "avx512f,f16c")]
+    pub fn q8_0_gemv(x: &[f32], w: &[u8], out: &mut [f32]) {
+        let blocks = x.len() / Q8_0_WEIGHTS;
+        let row_bytes = blocks * Q8_0_BYTES;
+        for (c, o) in out.iter_mut().enumerate() {
+            let row = &w[c * row_bytes..(c + 1) * row_bytes];
+            let mut sum = _mm512_setzero_ps();
+            for (block, x) in row.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(Q8_0_WEIGHTS)) {
+                let scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    u16::from_le_bytes([block[0], block[1]]) as i32,
+                )));
+                let q: &[u8; 32] = block[2..].try_into().expect("a Q8_0 block has 32 weights");
+                let x: &[f32; 32] = x.try_into().expect("32 activations per block");
+                // SAFETY: each load reads 16 bytes or 16 f32s inside the arrays above.
+                let (q0, q1, x0, x1) = unsafe {
+                    (
+                        _mm_loadu_si128(q.as_ptr().cast()),
+                        _mm_loadu_si128(q.as_ptr().add(16).cast()),
+                        _mm512_loadu_ps(x.as_ptr()),
+                        _mm512_loadu_ps(x.as_ptr().add(16)),
+                    )
+                };
+                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), x0);
+                let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), x1, t);
+                sum = _mm512_fmadd_ps(_mm512_set1_ps(scale), t, sum);
+            }
+            *o = _mm512_reduce_add_ps(sum);
+        }
+    }
+}
+
+const Q8_0_WEIGHTS: usize = 32;
+const Q8_0_BYTES: usize = 34;
+
+/// A weight layout: how one weight row is stored, and how blocks of weight rows are dotted
+/// with input rows.
+trait Format {
+    type Elem: Sync;
+    /// Stored elements per weight row of `width` weights.
+    fn row_len(width: usize) -> usize;
+    fn dots<S: pulp::Simd, const W: usize, const X: usize>(
+        simd: S,
+        w: [&[Self::Elem]; W],
+        x: [&[f32]; X],
+    ) -> [[f32; X]; W];
+}
+
+fn multiply<F: Format>(xs: &Tensor, w: &[F::Elem], width: usize, out: usize) -> Result<Tensor> {
+    let rows = xs.dim(0)?;
     let xs = xs.contiguous()?;
     let (x_storage, x_layout) = xs.storage_and_layout();
-    let (w_storage, w_layout) = weight.storage_and_layout();
-    let (x, w) = (
-        cpu_f32(&x_storage, x_layout, "few-row linear")?,
-        cpu_f32(&w_storage, w_layout, "few-row linear")?,
-    );
+    let x = cpu_f32(&x_storage, x_layout, "few-row linear")?;
+    let row_len = F::row_len(width);
     // Each task owns a range of output columns, computed as [rows, columns] and copied into
     // place (the output is a few rows: the copy is negligible next to the weights' traffic).
     let parts: Vec<Vec<f32>> = w
-        .par_chunks(ROWS_PER_TASK * width)
+        .par_chunks(ROWS_PER_TASK * row_len)
         .map(|w| {
-            let mut part = vec![0f32; rows * (w.len() / width)];
-            pulp::Arch::new().dispatch(Block {
+            let mut part = vec![0f32; rows * (w.len() / row_len)];
+            pulp::Arch::new().dispatch(Block::<F> {
                 x,
                 w,
                 width,
+                row_len,
                 out: &mut part,
             });
             part
@@ -68,44 +185,42 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `out[r][c] = x_r · w_c` for every input row r and weight row c of one task.
-struct Block<'a> {
+struct Block<'a, F: Format> {
     x: &'a [f32],
-    w: &'a [f32],
+    w: &'a [F::Elem],
     width: usize,
+    row_len: usize,
     /// `[rows, w rows]`.
     out: &'a mut [f32],
 }
 
-impl pulp::WithSimd for Block<'_> {
+impl<F: Format> pulp::WithSimd for Block<'_, F> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let width = self.width;
+        let (width, row_len) = (self.width, self.row_len);
         let rows = self.x.len() / width;
-        let columns = self.w.len() / width;
+        let columns = self.w.len() / row_len;
         let (x, w) = (self.x, self.w);
         let mut c = 0;
         while c < columns {
             let mut r = 0;
             if c + 4 <= columns {
                 let w = [
-                    row(w, c, width),
-                    row(w, c + 1, width),
-                    row(w, c + 2, width),
-                    row(w, c + 3, width),
+                    row(w, c, row_len),
+                    row(w, c + 1, row_len),
+                    row(w, c + 2, row_len),
+                    row(w, c + 3, row_len),
                 ];
                 while r + 4 <= rows {
-                    let dots = dots::<S, 4, 4>(
-                        simd,
-                        w,
-                        [
-                            row(x, r, width),
-                            row(x, r + 1, width),
-                            row(x, r + 2, width),
-                            row(x, r + 3, width),
-                        ],
-                    );
+                    let x = [
+                        row(x, r, width),
+                        row(x, r + 1, width),
+                        row(x, r + 2, width),
+                        row(x, r + 3, width),
+                    ];
+                    let dots = F::dots::<S, 4, 4>(simd, w, x);
                     for (i, dots) in dots.iter().enumerate() {
                         for (j, &d) in dots.iter().enumerate() {
                             self.out[(r + j) * columns + c + i] = d;
@@ -114,7 +229,7 @@ impl pulp::WithSimd for Block<'_> {
                     r += 4;
                 }
                 while r < rows {
-                    let dots = dots::<S, 4, 1>(simd, w, [row(x, r, width)]);
+                    let dots = F::dots::<S, 4, 1>(simd, w, [row(x, r, width)]);
                     for (i, dots) in dots.iter().enumerate() {
                         self.out[r * columns + c + i] = dots[0];
                     }
@@ -123,7 +238,8 @@ impl pulp::WithSimd for Block<'_> {
                 c += 4;
             } else {
                 while r < rows {
-                    self.out[r * columns + c] = dots::<S, 1, 1>(simd, [row(w, c, width)], [row(x, r, width)])[0][0];
+                    self.out[r * columns + c] =
+                        F::dots::<S, 1, 1>(simd, [row(w, c, row_len)], [row(x, r, width)])[0][0];
                     r += 1;
                 }
                 c += 1;
@@ -133,49 +249,106 @@ impl pulp::WithSimd for Block<'_> {
 }
 
 #[inline(always)]
-fn row(data: &[f32], index: usize, width: usize) -> &[f32] {
-    &data[index * width..(index + 1) * width]
+fn row<T>(data: &[T], index: usize, len: usize) -> &[T] {
+    &data[index * len..(index + 1) * len]
 }
 
-/// The W·X dot products of `W` weight rows with `X` input rows, one vector accumulator
-/// each, reduced at the end. Written with pulp's vector types: the same loops on arrays were
-/// left scalar by LLVM (accumulators in memory).
+/// Reduces each vector accumulator to its sum.
 #[inline(always)]
-fn dots<S: pulp::Simd, const W: usize, const X: usize>(simd: S, w: [&[f32]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
-    let mut w_vectors = [&[][..]; W];
-    let mut w_tails = [&[][..]; W];
-    for i in 0..W {
-        (w_vectors[i], w_tails[i]) = S::as_simd_f32s(w[i]);
-    }
-    let mut x_vectors = [&[][..]; X];
-    let mut x_tails = [&[][..]; X];
-    for j in 0..X {
-        (x_vectors[j], x_tails[j]) = S::as_simd_f32s(x[j]);
-    }
-    let mut sums = [[simd.splat_f32s(0.0); X]; W];
-    for v in 0..w_vectors[0].len() {
-        let mut xv = [simd.splat_f32s(0.0); X];
-        for j in 0..X {
-            xv[j] = x_vectors[j][v];
-        }
-        for i in 0..W {
-            let wv = w_vectors[i][v];
-            for j in 0..X {
-                sums[i][j] = simd.mul_add_f32s(wv, xv[j], sums[i][j]);
-            }
-        }
-    }
+fn reduce<S: pulp::Simd, const W: usize, const X: usize>(simd: S, sums: [[S::f32s; X]; W]) -> [[f32; X]; W] {
     let mut dots = [[0f32; X]; W];
     for i in 0..W {
         for j in 0..X {
-            let mut total = simd.reduce_sum_f32s(sums[i][j]);
-            for (a, b) in w_tails[i].iter().zip(x_tails[j]) {
-                total = a.mul_add(*b, total);
-            }
-            dots[i][j] = total;
+            dots[i][j] = simd.reduce_sum_f32s(sums[i][j]);
         }
     }
     dots
+}
+
+struct F32;
+
+impl Format for F32 {
+    type Elem = f32;
+
+    fn row_len(width: usize) -> usize {
+        width
+    }
+
+    /// One vector accumulator per dot product, reduced at the end. Written with pulp's
+    /// vector types: the same loops on arrays were left scalar by LLVM (accumulators in
+    /// memory). No closures: they would not be inlined into the vectorised caller.
+    #[inline(always)]
+    fn dots<S: pulp::Simd, const W: usize, const X: usize>(simd: S, w: [&[f32]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
+        let mut w_vectors = [&[][..]; W];
+        let mut w_tails = [&[][..]; W];
+        for i in 0..W {
+            (w_vectors[i], w_tails[i]) = S::as_simd_f32s(w[i]);
+        }
+        let mut x_vectors = [&[][..]; X];
+        let mut x_tails = [&[][..]; X];
+        for j in 0..X {
+            (x_vectors[j], x_tails[j]) = S::as_simd_f32s(x[j]);
+        }
+        let mut sums = [[simd.splat_f32s(0.0); X]; W];
+        for v in 0..w_vectors[0].len() {
+            let mut xv = [simd.splat_f32s(0.0); X];
+            for j in 0..X {
+                xv[j] = x_vectors[j][v];
+            }
+            for i in 0..W {
+                let wv = w_vectors[i][v];
+                for j in 0..X {
+                    sums[i][j] = simd.mul_add_f32s(wv, xv[j], sums[i][j]);
+                }
+            }
+        }
+        let mut dots = reduce(simd, sums);
+        for i in 0..W {
+            for j in 0..X {
+                for (a, b) in w_tails[i].iter().zip(x_tails[j]) {
+                    dots[i][j] = a.mul_add(*b, dots[i][j]);
+                }
+            }
+        }
+        dots
+    }
+}
+
+struct Q8_0;
+
+impl Format for Q8_0 {
+    type Elem = u8;
+
+    fn row_len(width: usize) -> usize {
+        width / Q8_0_WEIGHTS * Q8_0_BYTES
+    }
+
+    /// Each weight row's block is expanded to 32 f32s (scale times integer) in a buffer the
+    /// compiler keeps in L1, then dotted like `F32`'s.
+    #[inline(always)]
+    fn dots<S: pulp::Simd, const W: usize, const X: usize>(simd: S, w: [&[u8]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
+        let mut sums = [[simd.splat_f32s(0.0); X]; W];
+        let mut expanded = [[0f32; Q8_0_WEIGHTS]; W];
+        for b in 0..w[0].len() / Q8_0_BYTES {
+            for i in 0..W {
+                let block = &w[i][b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
+                let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                for l in 0..Q8_0_WEIGHTS {
+                    expanded[i][l] = f32::from(block[2 + l] as i8) * scale;
+                }
+            }
+            for j in 0..X {
+                let (xv, _) = S::as_simd_f32s(&x[j][b * Q8_0_WEIGHTS..(b + 1) * Q8_0_WEIGHTS]);
+                for i in 0..W {
+                    let (wv, _) = S::as_simd_f32s(&expanded[i]);
+                    for v in 0..wv.len() {
+                        sums[i][j] = simd.mul_add_f32s(wv[v], xv[v], sums[i][j]);
+                    }
+                }
+            }
+        }
+        reduce(simd, sums)
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +381,33 @@ mod tests {
             let tolerance = 1e-5 * width as f32;
             assert!(max_difference(&got, &expected) < tolerance, "{rows}x{out}x{width}");
         }
+    }
+
+    #[test]
+    fn q8_0_equals_the_dequantized_weights_times_the_activations() {
+        for (rows, out, width) in [(1, 133, 64), (5, 67, 96), (16, 576, 576)] {
+            let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (out, width), &Device::Cpu).unwrap();
+            let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
+            let expected = xs.matmul(&dequantized.t().unwrap()).unwrap();
+            assert!(applies_q8_0(&xs, &quantized, rows));
+            let got = linear_q8_0(&xs, &quantized).unwrap();
+            assert_eq!(got.dims(), &[rows, out]);
+            assert!(
+                max_difference(&got, &expected) < 1e-5 * width as f32,
+                "{rows}x{out}x{width}"
+            );
+            // and not the unquantized product: the weights really are the blocks'
+            assert!(max_difference(&got, &xs.matmul(&w.t().unwrap()).unwrap()) > 1e-4);
+        }
+        let other = QTensor::quantize(
+            &Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q4_0,
+        )
+        .unwrap();
+        let xs = Tensor::zeros((1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(!applies_q8_0(&xs, &other, 1) && linear_q8_0(&xs, &other).is_err());
     }
 
     #[test]

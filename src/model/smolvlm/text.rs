@@ -6,6 +6,8 @@
 //! linear layers (nearly all the FLOPs) run once for the whole step. Attention alone runs
 //! per sequence, against that sequence's own KV cache, with no padding and no cross-masks.
 
+use std::sync::Arc;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
@@ -296,6 +298,8 @@ enum Proj {
     /// multiplies in integers.
     Q8_0 {
         weight: QMatMul,
+        /// The same blocks, for `few_rows::linear_q8_0`.
+        blocks: Arc<QTensor>,
         bias: Option<Tensor>,
     },
 }
@@ -319,9 +323,10 @@ impl Proj {
         if weight.dim(1)? % GgmlDType::Q8_0.block_size() != 0 {
             return Ok(false);
         }
-        let quantized = QTensor::quantize(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+        let blocks = Arc::new(QTensor::quantize(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0)?);
         *self = Self::Q8_0 {
-            weight: QMatMul::from_qtensor(quantized)?,
+            weight: QMatMul::from_arc(blocks.clone())?,
+            blocks,
             bias: linear.bias().cloned(),
         };
         Ok(true)
@@ -332,8 +337,19 @@ impl Module for Proj {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(linear) => dense_forward(linear, xs),
-            Self::Q8_0 { weight, bias } => {
-                let ys = weight.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())?;
+            Self::Q8_0 { weight, blocks, bias } => {
+                let rows = xs.dims().iter().rev().skip(1).product::<usize>();
+                let flat = xs.to_dtype(DType::F32)?;
+                let ys = if few_rows::applies_q8_0(&flat, blocks, rows) {
+                    let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
+                    let ys = few_rows::linear_q8_0(&flat, blocks)?;
+                    let mut dims = xs.dims().to_vec();
+                    *dims.last_mut().expect("rank >= 1") = ys.dim(1)?;
+                    ys.reshape(dims)?
+                } else {
+                    weight.forward(&flat)?
+                };
+                let ys = ys.to_dtype(xs.dtype())?;
                 match bias {
                     Some(bias) => ys.broadcast_add(bias),
                     None => Ok(ys),
