@@ -1,5 +1,5 @@
-//! Model micro-benchmarks: vision encode per tile, prefill, and one decode step at batch 1
-//! and 8. The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
+//! Model micro-benchmarks: vision encode per tile, prefill, and one decode step at batch 1,
+//! 8 and 16. The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
 //! (e.g. the SmolVLM-256M-shaped model from `scripts/make_fixtures.py big`); the dtype is
 //! OCELLUS_BENCH_DTYPE (f32); OCELLUS_BENCH_QUANTIZE=q8_0 quantizes the text model.
 //! Threads: RAYON_NUM_THREADS. scripts/bench_model.sh runs these next to transformers on the
@@ -92,7 +92,7 @@ fn benches(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(prompt.token_ids.len() as u64));
     let n = prompt.token_ids.len();
-    let mut pool = KvPool::new(&model.kv_spec(), blocks_for(n) + 8 * blocks_for(DECODE_CONTEXT + 1)).unwrap();
+    let mut pool = KvPool::new(&model.kv_spec(), blocks_for(n) + 16 * blocks_for(DECODE_CONTEXT + 1)).unwrap();
     let mut kv = SequenceKv::default();
     assert!(pool.grow(&mut kv, n));
     group.bench_function(BenchmarkId::new("photo_prompt_tokens", n), |b| {
@@ -110,7 +110,7 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("decode_step");
-    for batch in [1usize, 8] {
+    for batch in [1usize, 8, 16] {
         let mut caches: Vec<SequenceKv> = (0..batch)
             .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
             .collect();

@@ -16,7 +16,10 @@ mkdir -p target/peers
 criterion_median() {  # group bench -> seconds
   python3 - "$1" "$2" <<'PY'
 import json, pathlib, sys
-[path] = list(pathlib.Path("target/criterion", sys.argv[1]).glob(f"{sys.argv[2]}*/**/new/estimates.json"))
+group, name = pathlib.Path("target/criterion", sys.argv[1]), sys.argv[2]
+# The benchmark `name`, or `name/PARAMETER` (batch/1 is not batch/16).
+[path] = [p for p in group.glob("**/new/estimates.json")
+          if (id := p.parent.parent.relative_to(group).as_posix()) == name or id.startswith(name + "/")]
 print(json.loads(path.read_text())["median"]["point_estimate"] / 1e9)
 PY
 }
@@ -24,11 +27,13 @@ PY
 RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot
 {
   echo "{\"gemm_s\": $(criterion_median gemm f32), \"vision_s\": $(criterion_median vision encode_tiles), \"prefill_s\": $(criterion_median prefill photo_prompt_tokens),"
-  echo " \"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8)}"
+  echo " \"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
+  echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
 } > target/peers/ocellus.json
 RAYON_NUM_THREADS=$threads OCELLUS_BENCH_QUANTIZE=q8_0 OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot decode_step
 {
-  echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8)}"
+  echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
+  echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
 } > target/peers/ocellus-q8_0.json
 # Serving: time to first token of the photo (cold, then the same request again: vision
 # cache and prefix cache), and output tokens/s at concurrency 16 (detail low, 64 tokens).
@@ -77,6 +82,8 @@ for name, ours, tr, mr, higher in rows:
     fmt = lambda x: f"{x:.3f}" if x is not None else "-"
     rt, rm = ratio(tr), ratio(mr)
     print(f"{name:32} {ours:9.3f} {tr:13.3f} {fmt(mr):>11} {fmt(rt) + 'x':>16} {(fmt(rm) + 'x') if rm else '-':>14}")
+print(f"decode batch 16 (Ocellus only), tokens/s: f32 {16 / o['decode16_s']:.1f}, q8_0 {16 / q['decode16_s']:.1f}")
+print(f"q8_0 vs f32 decode: batch 1 {o['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {o['decode8_s'] / q['decode8_s']:.2f}x")
 print(f"the same photo request again: TTFT {ttft[1]:.3f} s, {ttft[0] / ttft[1]:.0f}x lower than the first")
 print(f"concurrency 16 (detail low, 64 tokens): TTFT p50 {c16['ttft_p50_s']:.2f} s, p99 {c16['ttft_p99_s']:.2f} s;"
       " compared with transformers' batch-8 decode aggregate")
