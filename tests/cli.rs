@@ -89,7 +89,10 @@ fn generate_with_q8_0_quantizes_and_answers() {
     );
     // The engine's own q8_0 answer to the same prompt (q8_0 is not f32: tests/quantized.rs).
     let mut quantized = load_fixture_model("tiny-idefics3");
-    quantized.model.quantize_text(ocellus::model::Quantization::Q8_0).unwrap();
+    quantized
+        .model
+        .quantize_text(ocellus::model::Quantization::Q8_0)
+        .unwrap();
     let (processor, mut engine) = engine(quantized, 4096, 512);
     let prompt = prompt_for(&processor, &reference, &reference.cases["wide"]);
     let tokens = ocellus::engine::generate(&mut engine, vec![greedy(prompt, 8)], |_| {})

@@ -360,14 +360,13 @@ impl Module for Proj {
 }
 
 /// `xs · Wᵀ (+ b)`. gemm (candle's CPU matmul) is weakest on few rows:
-/// - up to `FEW_ROWS` rows (decode at small batches) `few_rows::linear` reads each weight
-///   once, straight from its layout: a matrix-vector product is bound by memory bandwidth,
-///   which gemm's single-threaded GEMV left a third short of (28 GB/s from one core of this
-///   2-core machine, 41 GB/s from both);
+/// - up to `FEW_ROWS` rows (decode) `few_rows::linear` reads each weight once, straight from
+///   its layout, where gemm packs it first: a matrix-vector product is bound by memory
+///   bandwidth, which gemm's single-threaded GEMV left a third short of (28 GB/s from one
+///   core of this 2-core machine, 41 GB/s from both);
 /// - on a few more rows against a tall weight gemm is slow ([8, 1536] x [1536, 576] took
 ///   1.19 ms, the same product as (W · xsᵀ)ᵀ 0.25 ms: it vectorises along the rows), so up
-///   to 64 rows the product is computed the other way round (equal or faster in 22 of 24
-///   shapes of SmolVLM's layers, AVX-512, 2 threads).
+///   to 64 rows the product is computed the other way round.
 fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     let rows = xs.dims().iter().rev().skip(1).product::<usize>();
     if rows > 64 || !xs.device().is_cpu() {
@@ -390,10 +389,11 @@ fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     ys.reshape(dims)
 }
 
-/// Up to this many rows `few_rows::linear` was faster than gemm on SmolVLM-256M's layers
-/// (AVX-512, 2 threads; `examples`-style probe in the commit message); beyond, they are
-/// even and gemm's (W · xsᵀ)ᵀ is kept.
-const FEW_ROWS: usize = 4;
+/// Up to this many rows `few_rows::linear` is used: decode_step at batch 8 31.7 ms against
+/// 36.0 ms through gemm's (W · xsᵀ)ᵀ, at batch 16 47.8 against 50.4 ms (SmolVLM-256M
+/// shapes, AVX-512, 2 threads). Beyond, the activations no longer sit in L1 next to a block
+/// of weights, and gemm's packing pays for itself.
+const FEW_ROWS: usize = 16;
 
 #[cfg(test)]
 mod tests {
