@@ -144,6 +144,35 @@ fn the_same_image_arriving_together_is_encoded_once() {
 }
 
 #[test]
+fn a_burst_of_the_same_prompt_prefills_its_shared_blocks_once() {
+    let reference = Reference::load(&fixtures(), "tiny-idefics3");
+    let loaded = load_fixture_model("tiny-idefics3");
+    let (processor, mut engine) = engine(loaded, 4096, 256);
+    let case = &reference.cases["wide"];
+    let n = case.input_ids.len();
+    let cached = (n - 1) / 16 * 16;
+    // Four at once, their image encoded once (the others wait for it in flight), so all four
+    // are ready at the same step: the first prefills everything, the other three sit that
+    // step out and then compute only what follows the cached blocks.
+    let requests = (0..4)
+        .map(|_| greedy(prompt_for(&processor, &reference, case), case.greedy_tokens.len()))
+        .collect();
+    let (mut prefilled, mut hit, mut deferred) = (0, 0, 0);
+    let (generations, _) = generate(&mut engine, requests, |step| {
+        prefilled += step.prefill_tokens;
+        hit += step.prefix_hit_tokens;
+        deferred += step.prefix_deferred;
+    })
+    .unwrap();
+    for generation in generations {
+        assert_eq!(generation.tokens, case.greedy_tokens);
+    }
+    assert_eq!((prefilled, hit), (n + 3 * (n - cached), 3 * cached));
+    assert!(deferred >= 3, "{deferred} deferrals");
+    assert_eq!(engine.pool().used_blocks(), 0);
+}
+
+#[test]
 fn a_repeated_prefix_is_prefilled_once_and_gives_the_same_tokens() {
     let reference = Reference::load(&fixtures(), "tiny-idefics3");
     let loaded = load_fixture_model("tiny-idefics3");

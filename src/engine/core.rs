@@ -4,7 +4,7 @@
 //! forward pass over the ragged batch, samples, and sends each sequence's events. The
 //! engine thread calls it in a loop; the CLI, tests and benchmarks call it directly.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use super::scheduler::{Limits, Plan, Waiting, Who, plan_step};
 use super::sequence::{SeqId, Sequence};
 use super::vision::{self, VisionDone, VisionWorker};
 use super::vision_cache::VisionCache;
-use crate::kv::{BLOCK_TOKENS, ImageSlots, KvPool, block_hashes};
+use crate::kv::{BLOCK_TOKENS, BlockHash, ImageSlots, KvPool, block_hashes};
 use crate::model::{SequenceInput, VisionLanguageModel};
 
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +69,9 @@ pub struct StepReport {
     /// Tokens of newly admitted prompts, and how many of them came from cached KV blocks.
     pub prefix_queried_tokens: usize,
     pub prefix_hit_tokens: usize,
+    /// Ready requests that sat this step out because another sequence computes their next
+    /// prompt block in it.
+    pub prefix_deferred: usize,
     /// The forward pass (and sampling).
     pub forward: Duration,
 }
@@ -288,9 +291,24 @@ impl EngineCore {
         // Only the first few can join this step (max_num_seqs): the prefix cache is looked up
         // for those, not for the whole queue on every step.
         let can_join = self.config.max_num_seqs.saturating_sub(self.running.len());
-        let waiting: Vec<_> = (ready.iter().enumerate())
-            .map(|(k, &i)| self.plan_prefix(i, k < can_join))
+        // A request whose next uncached prompt block another sequence computes in this step
+        // sits the step out and takes that block from the cache in the next: a burst of
+        // requests with the same image or system prompt prefills it once, not once each.
+        let mut computing: HashSet<BlockHash> = (self.running.iter())
+            .filter_map(Sequence::next_uncached_block)
             .collect();
+        let (mut waiting, mut ready_now) = (Vec::new(), Vec::new());
+        for (k, &i) in ready.iter().enumerate() {
+            let planned = self.plan_prefix(i, k < can_join);
+            let next = self.waiting[i].next_uncached_block();
+            if next.is_some_and(|hash| !computing.insert(hash)) {
+                report.prefix_deferred += 1;
+                continue;
+            }
+            waiting.push(planned);
+            ready_now.push(i);
+        }
+        let ready = ready_now;
         let limits = Limits {
             max_num_seqs: self.config.max_num_seqs,
             token_budget: self.config.max_batch_tokens,

@@ -100,6 +100,20 @@ impl Sequence {
         &self.block_hashes[..blocks.min(self.block_hashes.len())]
     }
 
+    /// The hash of the first prompt block it would compute that a cache could have supplied:
+    /// for a waiting sequence, the first reusable block past its cached prefix; for one
+    /// still prefilling, the block its next chunk starts in. None when there is none left.
+    pub fn next_uncached_block(&self) -> Option<BlockHash> {
+        let next = if self.kv.is_empty() {
+            self.prefix_blocks
+        } else if self.kv.len() < self.prompt_len {
+            self.kv.len() / crate::kv::BLOCK_TOKENS
+        } else {
+            return None;
+        };
+        self.reusable_hashes().get(next).copied()
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed()
     }
