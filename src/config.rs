@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// (0 disables the cache).
     #[arg(long, env = "OCELLUS_VISION_CACHE_MEMORY", default_value = "256MiB")]
     pub vision_cache_memory: ByteSize,
+    /// Memory for recent images' preprocessed pixels, so that an image sent again is not
+    /// resized again (0 disables the cache).
+    #[arg(long, env = "OCELLUS_PREPROCESS_CACHE_MEMORY", default_value = "128MiB")]
+    pub preprocess_cache_memory: ByteSize,
     /// Turns off prefix caching (on by default: a prompt that begins with the same tokens
     /// and images as an earlier one reuses their KV blocks instead of prefilling them).
     #[arg(long, env = "OCELLUS_NO_PREFIX_CACHING")]

@@ -54,9 +54,14 @@ fn real_smolvlm_processor_matches_transformers() {
     let path = fixtures().join("reference").join("smolvlm-256m-processor.json");
     let reference: ProcessorReference = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let (_dir, processor) = real_processor();
+    // Twice over: the second time every image comes from the preprocessing cache, and must
+    // still be transformers' pixels.
+    processor.set_preprocess_cache_bytes(1 << 30);
     let mut failures = Vec::new();
-    for (name, case) in &reference.cases {
+    let mut images_sent = 0;
+    for (name, case) in reference.cases.iter().chain(&reference.cases) {
         let (messages, images) = openai_messages(&case.messages, &fixtures());
+        images_sent += images.len() as u64;
         let rendered = processor.render(&messages).unwrap();
         if rendered != case.prompt {
             failures.push(format!("{name}: rendered {rendered:?}, expected {:?}", case.prompt));
@@ -88,6 +93,11 @@ fn real_smolvlm_processor_matches_transformers() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let (hits, misses) = processor.preprocess_cache_stats();
+    assert!(
+        hits >= images_sent / 2 && hits + misses == images_sent,
+        "{hits} hits, {misses} misses"
+    );
 }
 
 #[test]

@@ -315,6 +315,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         prefix_caching: !args.no_prefix_caching,
     };
     let (processor, mut core) = loaded.into_engine(config, blocks)?;
+    processor.set_preprocess_cache_bytes(args.preprocess_cache_memory.as_u64() as usize);
     if let Err(e) = warm_up(&processor, &mut core) {
         tracing::warn!(error = %e, "the warm-up request failed; serving anyway");
     }

@@ -2,6 +2,7 @@
 //! processor, the expansion of each image placeholder into its tile tokens, tokenization.
 //! Identical to transformers' SmolVLM processor, so the token ids and pixel values match.
 
+pub mod cache;
 pub mod error;
 pub mod image;
 pub mod resample;
@@ -88,6 +89,8 @@ pub struct Processor {
     image_seq_len: usize,
     image_token_id: u32,
     eos_token_ids: Vec<u32>,
+    /// Off (0 bytes) until `set_preprocess_cache_bytes`.
+    preprocessed: cache::PreprocessCache,
 }
 
 impl Processor {
@@ -163,7 +166,18 @@ impl Processor {
             image_seq_len,
             image_token_id: info.image_token_id,
             eos_token_ids,
+            preprocessed: cache::PreprocessCache::new(0),
         })
+    }
+
+    /// Keep up to `bytes` of preprocessed images for requests that send them again.
+    pub fn set_preprocess_cache_bytes(&self, bytes: usize) {
+        self.preprocessed.set_capacity(bytes);
+    }
+
+    /// The preprocessing cache's (hits, misses).
+    pub fn preprocess_cache_stats(&self) -> (u64, u64) {
+        self.preprocessed.stats()
     }
 
     /// Image tokens an image of this size becomes (its tiles times the tokens per tile).
@@ -232,8 +246,8 @@ impl Processor {
         let mut processed: Vec<ProcessedImage> = images
             .iter()
             .map(|input| {
-                self.images
-                    .preprocess(&input.image, input.split.unwrap_or(default_split))
+                let split = input.split.unwrap_or(default_split);
+                (self.preprocessed).get_or_insert(&input.image, split, || self.images.preprocess(&input.image, split))
             })
             .collect();
         let (expanded, order) = self.expand_placeholders(&text, &processed, &videos)?;
