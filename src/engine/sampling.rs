@@ -171,12 +171,12 @@ pub struct TokenLogprobs {
 }
 
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let log_sum = crate::model::kernels::log_sum_exp(logits);
     let logprob = |id: u32| logits[id as usize] - log_sum;
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    let top = top.min(order.len());
+    let top = top.min(logits.len());
+    let mut order: Vec<u32> = Vec::new();
     if top > 0 {
+        order = (0..logits.len() as u32).collect();
         order.select_nth_unstable_by(top - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         order.truncate(top);
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
