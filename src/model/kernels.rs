@@ -28,6 +28,13 @@ pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
     xs.apply_op1_no_bwd(&GeluTanh)
 }
 
+/// Llama's gated MLP activation on stacked `[gate | up]` rows: `silu(gate) · up`, with
+/// `silu(x) = x / (1 + e^(-x))`. candle's SiLU called `expf` per element and the product
+/// was another pass over two copied halves: 7% of a batch-16 decode step.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up.apply_op1_no_bwd(&SiluMul)
+}
+
 /// Softmax over the last dimension, each row shifted by its maximum as PyTorch does.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     xs.apply_op1_no_bwd(&Softmax)
@@ -88,6 +95,56 @@ impl CustomOp1 for GeluTanh {
             vectorized(Gelu { input: inp, out })
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+struct SiluMul;
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul-f32"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(storage, layout, self.name())?;
+        let mut dims = layout.shape().dims().to_vec();
+        let Some(width) = dims.last_mut().filter(|w| **w % 2 == 0) else {
+            bail!(
+                "{}: needs [.., 2 * intermediate], got {:?}",
+                self.name(),
+                layout.shape()
+            )
+        };
+        *width /= 2;
+        let half = (*width).max(1);
+        let rows = MIN_ELEMENTS_PER_TASK.div_ceil(half);
+        let mut out = vec![0f32; input.len() / 2];
+        out.par_chunks_mut(rows * half)
+            .zip(input.par_chunks(rows * 2 * half))
+            .for_each(|(out, input)| {
+                for (out, row) in out.chunks_exact_mut(half).zip(input.chunks_exact(2 * half)) {
+                    let (gate, up) = row.split_at(half);
+                    vectorized(SiluTimes { gate, up, out })
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+struct SiluTimes<'a> {
+    gate: &'a [f32],
+    up: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl Kernel for SiluTimes<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for ((o, &g), &u) in self.out.iter_mut().zip(self.gate).zip(self.up) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
     }
 }
 
@@ -470,6 +527,27 @@ impl CustomOp2 for RmsNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silu_mul_matches_candles_silu_times_up() {
+        let xs = Tensor::randn(0f32, 3.0, (5, 2 * 37), &Device::Cpu).unwrap();
+        let expected =
+            (candle_nn::ops::silu(&xs.narrow(1, 0, 37).unwrap()).unwrap() * xs.narrow(1, 37, 37).unwrap()).unwrap();
+        let got = silu_mul(&xs).unwrap();
+        assert_eq!(got.dims(), &[5, 37]);
+        let diff: f32 = (got - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        assert!(silu_mul(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).is_err());
+    }
 
     #[test]
     fn log_sum_exp_matches_f64() {

@@ -245,8 +245,12 @@ impl DecoderLayer {
         let xs = (self.o_proj.forward(&attn)? + xs)?;
         let hs = self.post_attention_layernorm.forward(&xs)?;
         let gate_up = self.gate_up_proj.forward(&hs)?;
-        let inter = gate_up.dim(1)? / 2;
-        let mlp = (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)? * gate_up.narrow(1, inter, inter)?)?;
+        let mlp = if kernels::applies(&gate_up) {
+            kernels::silu_mul(&gate_up)?
+        } else {
+            let inter = gate_up.dim(1)? / 2;
+            (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)? * gate_up.narrow(1, inter, inter)?)?
+        };
         self.down_proj.forward(&mlp)? + xs
     }
 
