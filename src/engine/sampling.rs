@@ -166,40 +166,24 @@ fn likelier(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
 }
 
 /// The candidate at which `target` runs out, walking them from the likeliest down: what
-/// sorting them and walking picks, found by partitioning around the median instead (linear
-/// time on average). None when `target` outlasts them all (rounding), as a sorted walk would.
-fn walk(mut candidates: &mut [(u32, f64)], mut target: f64) -> Option<u32> {
-    const SORT_BELOW: usize = 64;
-    loop {
-        if candidates.len() <= SORT_BELOW {
-            candidates.sort_unstable_by(likelier);
-            for &(id, p) in candidates.iter() {
-                target -= p;
-                if target < 0.0 {
-                    return Some(id);
-                }
-            }
-            return candidates.last().map(|&(id, _)| id);
-        }
-        let middle = candidates.len() / 2;
-        let (likelier_half, &mut (pivot, p), rest) = candidates.select_nth_unstable_by(middle, likelier);
-        let mass: f64 = likelier_half.iter().map(|&(_, q)| q).sum();
-        if target < mass {
-            candidates = likelier_half;
-            continue;
-        }
-        target -= mass + p;
-        if target < 0.0 {
-            return Some(pivot);
-        }
-        candidates = rest;
-    }
+/// sorting them and walking picks. The last one when `target` outlasts them all (rounding),
+/// as a sorted walk would; None when there are none.
+fn walk(candidates: &mut [(u32, f64)], target: f64) -> Option<u32> {
+    let spent = likeliest_spending(candidates, target, |left| left < 0.0);
+    spent.checked_sub(1).map(|last| candidates[last].0)
 }
 
 /// Rearranges `candidates` so that the fewest likeliest whose probabilities reach `mass`
-/// come first, and returns how many they are (top-p's nucleus), by the same partitioning
-/// as `walk`.
-fn nucleus(candidates: &mut [(u32, f64)], mut mass: f64) -> usize {
+/// come first, and returns how many they are (top-p's nucleus).
+fn nucleus(candidates: &mut [(u32, f64)], mass: f64) -> usize {
+    likeliest_spending(candidates, mass, |left| left <= 0.0)
+}
+
+/// Spends `budget` on the candidates from the likeliest down until `spent(what is left)`;
+/// rearranges them so that those come first, the last of them being where it ran out, and
+/// returns how many (all when the budget outlasts them). Found by partitioning around the
+/// median (linear time on average) rather than by sorting every candidate.
+fn likeliest_spending(candidates: &mut [(u32, f64)], mut budget: f64, spent: impl Fn(f64) -> bool) -> usize {
     const SORT_BELOW: usize = 64;
     let (mut lo, mut hi) = (0, candidates.len());
     loop {
@@ -207,8 +191,8 @@ fn nucleus(candidates: &mut [(u32, f64)], mut mass: f64) -> usize {
         if part.len() <= SORT_BELOW {
             part.sort_unstable_by(likelier);
             for (i, &(_, p)) in part.iter().enumerate() {
-                mass -= p;
-                if mass <= 0.0 {
+                budget -= p;
+                if spent(budget) {
                     return lo + i + 1;
                 }
             }
@@ -217,12 +201,12 @@ fn nucleus(candidates: &mut [(u32, f64)], mut mass: f64) -> usize {
         let middle = part.len() / 2;
         let (likelier_half, &mut (_, p), _) = part.select_nth_unstable_by(middle, likelier);
         let half_mass: f64 = likelier_half.iter().map(|&(_, q)| q).sum();
-        if half_mass >= mass {
+        if spent(budget - half_mass) {
             hi = lo + middle;
             continue;
         }
-        mass -= half_mass + p;
-        if mass <= 0.0 {
+        budget -= half_mass + p;
+        if spent(budget) {
             return lo + middle + 1;
         }
         lo += middle + 1;

@@ -85,7 +85,7 @@ pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
     super::kernels::applies(xs)
         && weight.device().is_cpu()
         && weight.dtype() == GgmlDType::Q8_0
-        && (2..=16).contains(&rows) | (rows == 1 && one_row)
+        && ((2..=16).contains(&rows) || (rows == 1 && one_row))
 }
 
 /// A matrix-vector product with Q8_0 weights in AVX-512, for decode at batch 1: per block,
