@@ -1,7 +1,8 @@
 //! Model micro-benchmarks: vision encode per tile, prefill, and one decode step at batch 1,
 //! 8 and 16. The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
 //! (e.g. the SmolVLM-256M-shaped model from `scripts/make_fixtures.py big`); the dtype is
-//! OCELLUS_BENCH_DTYPE (f32); OCELLUS_BENCH_QUANTIZE=q8_0 quantizes the text model.
+//! OCELLUS_BENCH_DTYPE (f32); OCELLUS_BENCH_QUANTIZE=q8_0 quantizes the text model;
+//! OCELLUS_BENCH_STORAGE=as-loaded keeps f32 weights in f32 even where they are exactly bf16.
 //! Threads: RAYON_NUM_THREADS. scripts/bench_model.sh runs these next to transformers on the
 //! same model.
 
@@ -31,7 +32,14 @@ fn load() -> LoadedModel {
         .unwrap_or_else(|_| root.join("tests/fixtures/models/tiny-idefics3"));
     let dtype = std::env::var("OCELLUS_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
     let dtype = WeightDType::from_str(&dtype, true).expect("OCELLUS_BENCH_DTYPE is f32, bf16 or f16");
-    let mut loaded = ocellus::load_folder(&dir, dtype, &Device::Cpu).expect("bench model loads");
+    // OCELLUS_BENCH_STORAGE=as-loaded: every weight in f32, even those that are exactly bf16.
+    let as_loaded = std::env::var("OCELLUS_BENCH_STORAGE").is_ok_and(|s| s == "as-loaded");
+    let load = if as_loaded {
+        ocellus::load_folder_as_stored
+    } else {
+        ocellus::load_folder
+    };
+    let mut loaded = load(&dir, dtype, &Device::Cpu).expect("bench model loads");
     if let Some(q) = std::env::var("OCELLUS_BENCH_QUANTIZE").ok().filter(|q| !q.is_empty()) {
         let q = ocellus::model::Quantization::from_str(&q, true).expect("OCELLUS_BENCH_QUANTIZE is q8_0");
         loaded.model.quantize_text(q).expect("the text model quantizes");

@@ -51,8 +51,27 @@ pub fn load_model(model: &str, dtype: WeightDType, device: &Device) -> Result<Lo
     load_folder(&dir, dtype, device)
 }
 
-/// Loads a model from a local folder in the Hugging Face layout.
+/// Loads a model from a local folder in the Hugging Face layout. f32 text layers whose
+/// weights are all bf16 values (a bf16 checkpoint at `--dtype f32`) are kept in bf16 and
+/// widened exactly as read (`VisionLanguageModel::compact_text`): the same outputs.
 pub fn load_folder(dir: &std::path::Path, dtype: WeightDType, device: &Device) -> Result<LoadedModel, LoadError> {
+    let mut loaded = load_folder_as_stored(dir, dtype, device)?;
+    let layers = (loaded.model.compact_text()).map_err(|e| LoadError::Tensor { message: e.to_string() })?;
+    if layers > 0 {
+        tracing::info!(
+            layers,
+            "f32 text layers whose weights are all bf16 values are kept in bf16"
+        );
+    }
+    Ok(loaded)
+}
+
+/// `load_folder` with every weight held in `dtype` (for comparisons with the compact form).
+pub fn load_folder_as_stored(
+    dir: &std::path::Path,
+    dtype: WeightDType,
+    device: &Device,
+) -> Result<LoadedModel, LoadError> {
     let files = ModelFiles::locate(dir)?;
     let model = model::load(&files, dtype, device)?;
     let processor = Processor::load(&files, model.info())?;

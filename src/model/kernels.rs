@@ -441,6 +441,17 @@ pub(super) fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout, op
     }
 }
 
+/// A contiguous bf16 CPU tensor's values.
+pub(super) fn cpu_bf16<'a>(storage: &'a candle_core::Storage, layout: &Layout, op: &str) -> Result<&'a [half::bf16]> {
+    let candle_core::Storage::Cpu(CpuStorage::BF16(data)) = storage else {
+        bail!("{op}: bf16 CPU tensors only")
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: needs a contiguous input"),
+    }
+}
+
 /// A dot product in `LANES` partial sums (vectorisable, unlike a plain fold).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -133,6 +133,10 @@ impl VisionLanguageModel for SmolVlm {
             crate::model::Quantization::Q8_0 => self.text.quantize_q8_0(),
         }
     }
+
+    fn compact_text(&mut self) -> Result<usize> {
+        self.text.compact()
+    }
 }
 
 impl SmolVlm {

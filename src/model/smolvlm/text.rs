@@ -6,14 +6,12 @@
 //! linear layers (nearly all the FLOPs) run once for the whole step. Attention alone runs
 //! per sequence, against that sequence's own KV cache, with no padding and no cross-masks.
 
-use std::sync::Arc;
-
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
+use crate::model::kernels;
 use crate::model::norm::RmsNorm;
-use crate::model::{few_rows, kernels};
+use crate::model::proj::Proj;
 
 use super::config::TextConfig;
 use crate::kv::{KvPool, SequenceKv};
@@ -132,7 +130,18 @@ impl TextModel {
 
     /// Quantizes every projection and the head to Q8_0 (see `VisionLanguageModel::quantize_text`).
     pub fn quantize_q8_0(&mut self) -> Result<usize> {
-        let mut done = usize::from(self.lm_head.quantize_q8_0()?);
+        self.each_proj(Proj::quantize_q8_0)
+    }
+
+    /// Keeps every f32 projection whose weights are all bf16 values in bf16 (see
+    /// `VisionLanguageModel::compact_text`).
+    pub fn compact(&mut self) -> Result<usize> {
+        self.each_proj(Proj::compact)
+    }
+
+    /// Applies `f` to the head and every layer's projections; counts where it returned true.
+    fn each_proj(&mut self, f: impl Fn(&mut Proj) -> Result<bool>) -> Result<usize> {
+        let mut done = usize::from(f(&mut self.lm_head)?);
         for layer in &mut self.layers {
             for proj in [
                 &mut layer.qkv_proj,
@@ -140,7 +149,7 @@ impl TextModel {
                 &mut layer.gate_up_proj,
                 &mut layer.down_proj,
             ] {
-                done += usize::from(proj.quantize_q8_0()?);
+                done += usize::from(f(proj)?);
             }
         }
         Ok(done)
@@ -294,110 +303,6 @@ fn causal_mask(n: usize, start: usize, total: usize, device: &Device) -> Result<
         .collect();
     Tensor::from_vec(mask, (n, total), device)
 }
-
-/// A linear layer, dense or quantized.
-enum Proj {
-    Dense(Linear),
-    /// Weights in Q8_0 blocks; candle's kernel quantizes the activations to 8 bits too and
-    /// multiplies in integers.
-    Q8_0 {
-        weight: QMatMul,
-        /// The same blocks, for `few_rows::linear_q8_0`.
-        blocks: Arc<QTensor>,
-        bias: Option<Tensor>,
-    },
-}
-
-impl Proj {
-    /// One dense layer computing `layers`' outputs side by side (they share their input).
-    fn stacked(layers: &[Linear]) -> Result<Self> {
-        let weights: Vec<Tensor> = layers.iter().map(|l| l.weight().clone()).collect();
-        let biases: Option<Vec<Tensor>> = layers.iter().map(|l| l.bias().cloned()).collect();
-        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-        Ok(Self::Dense(Linear::new(Tensor::cat(&weights, 0)?, bias)))
-    }
-
-    /// Whether it was quantized (a layer whose input width is not a multiple of the block
-    /// stays dense).
-    fn quantize_q8_0(&mut self) -> Result<bool> {
-        let Self::Dense(linear) = self else {
-            return Ok(false);
-        };
-        let weight = linear.weight();
-        if weight.dim(1)? % GgmlDType::Q8_0.block_size() != 0 {
-            return Ok(false);
-        }
-        let blocks = Arc::new(QTensor::quantize(&weight.to_dtype(DType::F32)?, GgmlDType::Q8_0)?);
-        *self = Self::Q8_0 {
-            weight: QMatMul::from_arc(blocks.clone())?,
-            blocks,
-            bias: linear.bias().cloned(),
-        };
-        Ok(true)
-    }
-}
-
-impl Module for Proj {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Dense(linear) => dense_forward(linear, xs),
-            Self::Q8_0 { weight, blocks, bias } => {
-                let rows = xs.dims().iter().rev().skip(1).product::<usize>();
-                let flat = xs.to_dtype(DType::F32)?;
-                let ys = if few_rows::applies_q8_0(&flat, blocks, rows) {
-                    let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
-                    let ys = few_rows::linear_q8_0(&flat, blocks)?;
-                    let mut dims = xs.dims().to_vec();
-                    *dims.last_mut().expect("rank >= 1") = ys.dim(1)?;
-                    ys.reshape(dims)?
-                } else {
-                    weight.forward(&flat)?
-                };
-                let ys = ys.to_dtype(xs.dtype())?;
-                match bias {
-                    Some(bias) => ys.broadcast_add(bias),
-                    None => Ok(ys),
-                }
-            }
-        }
-    }
-}
-
-/// `xs · Wᵀ (+ b)`. gemm (candle's CPU matmul) is weakest on few rows:
-/// - up to `FEW_ROWS` rows (decode) `few_rows::linear` reads each weight once, straight from
-///   its layout, where gemm packs it first: a matrix-vector product is bound by memory
-///   bandwidth, which gemm's single-threaded GEMV left a third short of (28 GB/s from one
-///   core of this 2-core machine, 41 GB/s from both);
-/// - on a few more rows against a tall weight gemm is slow ([8, 1536] x [1536, 576] took
-///   1.19 ms, the same product as (W · xsᵀ)ᵀ 0.25 ms: it vectorises along the rows), so up
-///   to 64 rows the product is computed the other way round.
-fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
-    let rows = xs.dims().iter().rev().skip(1).product::<usize>();
-    if rows > 64 || !xs.device().is_cpu() {
-        return linear.forward(xs);
-    }
-    let (weight, width) = (linear.weight(), xs.dim(candle_core::D::Minus1)?);
-    let out = weight.dim(0)?;
-    let flat = xs.reshape((rows, width))?;
-    let ys = if rows <= FEW_ROWS && few_rows::applies(&flat, weight) {
-        few_rows::linear(&flat, weight)?
-    } else {
-        weight.matmul(&flat.t()?)?.t()?.contiguous()?
-    };
-    let ys = match linear.bias() {
-        Some(bias) => ys.broadcast_add(bias)?,
-        None => ys,
-    };
-    let mut dims = xs.dims().to_vec();
-    *dims.last_mut().expect("rank >= 1") = out;
-    ys.reshape(dims)
-}
-
-/// Up to this many rows `few_rows::linear` is used: decode_step at batch 8 31.7 ms against
-/// 36.0 ms through gemm's (W · xsᵀ)ᵀ, at batch 16 47.8 against 50.4 ms (SmolVLM-256M
-/// shapes, AVX-512, 2 threads). Beyond, the activations no longer sit in L1 next to a block
-/// of weights, and gemm's packing pays for itself.
-const FEW_ROWS: usize = 16;
 
 #[cfg(test)]
 mod tests {
