@@ -30,6 +30,13 @@ RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench model 
   echo " \"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
   echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
 } > target/peers/ocellus.json
+# The same f32 decode with every weight held in f32 (by default f32 layers whose weights are
+# all bf16 values, as a bf16 checkpoint's are, are kept in 16 bits: the same products).
+RAYON_NUM_THREADS=$threads OCELLUS_BENCH_STORAGE=as-loaded OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot decode_step
+{
+  echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
+  echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
+} > target/peers/ocellus-f32-held.json
 RAYON_NUM_THREADS=$threads OCELLUS_BENCH_QUANTIZE=q8_0 OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot decode_step
 {
   echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
@@ -53,6 +60,7 @@ python3 - "$threads" <<'PY'
 import json, pathlib, sys
 load = lambda name: json.loads(pathlib.Path(f"target/peers/{name}.json").read_text())
 o, q, t, m = load("ocellus"), load("ocellus-q8_0"), load("transformers"), load("mistralrs")
+h = load("ocellus-f32-held")
 # The serving bench lists TTFTs in ascending order: the cold request is the slowest.
 ttft = sorted(load("ocellus-ttft")["levels"][0]["ttft_each_s"], reverse=True)
 c16 = load("ocellus-c16")["levels"][0]
@@ -70,8 +78,10 @@ rows = [
     ("vision encode, s per tile", vision_s, t["vision_per_tile_s"], None, False),
     ("prefill, tokens/s", t["prompt_tokens"] / o["prefill_s"], t["prefill_tokens_per_s"], None, True),
     ("decode batch 1, tokens/s", 1 / o["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
+    ("decode batch 1 f32 held, tokens/s", 1 / h["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
     ("decode batch 1 q8_0, tokens/s", 1 / q["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
     ("decode batch 8, tokens/s", 8 / o["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
+    ("decode batch 8 f32 held, tokens/s", 8 / h["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
     ("decode batch 8 q8_0, tokens/s", 8 / q["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
     ("TTFT photo, concurrency 1, s", ttft[0], t["ttft_photo_s"], m.get("ttft_photo_s"), False),
     ("concurrency 16 vs batch 8, tok/s", c16["output_tokens_per_s"], t["decode_tokens_per_s_batch8"], None, True),
@@ -82,8 +92,10 @@ for name, ours, tr, mr, higher in rows:
     fmt = lambda x: f"{x:.3f}" if x is not None else "-"
     rt, rm = ratio(tr), ratio(mr)
     print(f"{name:32} {ours:9.3f} {tr:13.3f} {fmt(mr):>11} {fmt(rt) + 'x':>16} {(fmt(rm) + 'x') if rm else '-':>14}")
-print(f"decode batch 16 (Ocellus only), tokens/s: f32 {16 / o['decode16_s']:.1f}, q8_0 {16 / q['decode16_s']:.1f}")
-print(f"q8_0 vs f32 decode: batch 1 {o['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {o['decode8_s'] / q['decode8_s']:.2f}x")
+print(f"decode batch 16 (Ocellus only), tokens/s: f32 {16 / o['decode16_s']:.1f}, f32 held {16 / h['decode16_s']:.1f}, q8_0 {16 / q['decode16_s']:.1f}")
+print(f"q8_0 vs f32 decode: batch 1 {o['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {o['decode8_s'] / q['decode8_s']:.2f}x;"
+      f" vs f32 held in f32: batch 1 {h['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {h['decode8_s'] / q['decode8_s']:.2f}x")
+print("(f32: the server's default, bf16-valued f32 weights kept in 16 bits; f32 held: every weight in f32)")
 print(f"the same photo request again: TTFT {ttft[1]:.3f} s, {ttft[0] / ttft[1]:.0f}x lower than the first")
 print(f"concurrency 16 (detail low, 64 tokens): TTFT p50 {c16['ttft_p50_s']:.2f} s, p99 {c16['ttft_p99_s']:.2f} s;"
       " compared with transformers' batch-8 decode aggregate")

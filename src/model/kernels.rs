@@ -35,9 +35,22 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.apply_op1_no_bwd(&SiluMul)
 }
 
-/// Softmax over the last dimension, each row shifted by its maximum as PyTorch does.
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    xs.apply_op1_no_bwd(&Softmax)
+/// Softmax over the last dimension, each row shifted by its maximum as PyTorch does, written
+/// over `scores` itself (contiguous f32 on the CPU, held by no
+/// one else: attention scores fresh from their matmul): no second buffer of the scores'
+/// size to allocate and fault in (48 MB per SigLIP tile and layer).
+pub fn softmax_last_dim_in_place(scores: &Tensor) -> Result<()> {
+    scores.inplace_op1(&SoftmaxInPlace { causal: None })
+}
+
+/// Causal softmax over `scores` in place, `[.., rows, keys]` with row `r` the query at
+/// position `start + r % queries` (heads' rows one after another): it sees keys
+/// `0..=start + r % queries`, and the rest get probability 0, exactly as adding a −∞ mask
+/// before `softmax_last_dim_in_place` gives, without building the mask or adding it.
+pub fn causal_softmax_in_place(scores: &Tensor, queries: usize, start: usize) -> Result<()> {
+    scores.inplace_op1(&SoftmaxInPlace {
+        causal: Some((queries.max(1), start)),
+    })
 }
 
 /// LayerNorm over the last dimension with PyTorch's two-pass statistics (see `norm.rs`).
@@ -148,18 +161,39 @@ impl Kernel for SiluTimes<'_> {
     }
 }
 
-struct Softmax;
+struct SoftmaxInPlace {
+    /// (queries, start) for a causal mask.
+    causal: Option<(usize, usize)>,
+}
 
-impl CustomOp1 for Softmax {
+impl candle_core::InplaceOp1 for SoftmaxInPlace {
     fn name(&self) -> &'static str {
-        "softmax-f32"
+        "softmax-in-place-f32"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = contiguous_f32(storage, layout, self.name())?;
-        let width = layout.shape().dims().last().copied().unwrap_or(1);
-        let out = map_rows(input, width, |row, out| vectorized(SoftmaxRow { row, out }));
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            bail!("{}: f32 only, got {:?}", self.name(), storage.dtype())
+        };
+        let Some((begin, end)) = layout.contiguous_offsets() else {
+            bail!("{}: needs a contiguous input", self.name())
+        };
+        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let rows_per_task = MIN_ELEMENTS_PER_TASK.div_ceil(width);
+        let causal = self.causal;
+        data[begin..end]
+            .par_chunks_mut(rows_per_task * width)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                for (i, row) in rows.chunks_exact_mut(width).enumerate() {
+                    let visible = match causal {
+                        Some((queries, start)) => (start + (task * rows_per_task + i) % queries + 1).min(width),
+                        None => width,
+                    };
+                    vectorized(SoftmaxRowInPlace { row, visible })
+                }
+            });
+        Ok(())
     }
 }
 
@@ -206,17 +240,41 @@ impl Kernel for Gelu<'_> {
     }
 }
 
-struct SoftmaxRow<'a> {
-    row: &'a [f32],
-    out: &'a mut [f32],
+/// Softmax of `row[..visible]` in place, `row[visible..]` set to 0.
+struct SoftmaxRowInPlace<'a> {
+    row: &'a mut [f32],
+    visible: usize,
 }
 
-impl Kernel for SoftmaxRow<'_> {
+impl Kernel for SoftmaxRowInPlace<'_> {
     type Output = ();
 
+    /// The steps of `softmax_row`, in its order (the hidden entries are its exact zeros).
     #[inline(always)]
     fn run(self) {
-        softmax_row(self.row, self.out)
+        let (row, visible) = (self.row, self.visible);
+        let max = row_max(&row[..visible]);
+        if max == f32::NEG_INFINITY {
+            row.fill(f32::NAN);
+            return;
+        }
+        let (shown, hidden) = row.split_at_mut(visible);
+        for x in shown.iter_mut() {
+            *x = exp(*x - max);
+        }
+        hidden.fill(0.0);
+        let mut sums = [0f32; LANES];
+        let chunks = row.chunks_exact(LANES);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for chunk in chunks {
+            for (s, &e) in sums.iter_mut().zip(chunk) {
+                *s += e;
+            }
+        }
+        let inv = 1.0 / (sums.iter().sum::<f32>() + tail);
+        for x in row[..visible].iter_mut() {
+            *x *= inv;
+        }
     }
 }
 
@@ -615,7 +673,28 @@ mod tests {
             &Tensor::zeros(1030, DType::F32, dev)?,
         )?;
         let xs = xs.broadcast_add(&mask)?;
-        close(&softmax_last_dim(&xs)?, &candle_nn::ops::softmax_last_dim(&xs)?, 5e-7)
+        let ours = xs.copy()?;
+        softmax_last_dim_in_place(&ours)?;
+        close(&ours, &candle_nn::ops::softmax_last_dim(&xs)?, 5e-7)
+    }
+
+    #[test]
+    fn causal_softmax_equals_adding_the_mask_first() -> Result<()> {
+        let dev = &Device::Cpu;
+        // 2 heads x 3 queries at positions 5..8 over 8 keys; rows spread over tasks too.
+        let (queries, start, keys) = (3, 5, 8);
+        let xs = Tensor::randn(0f32, 3.0, (2, queries, keys), dev)?;
+        let mask: Vec<f32> = (0..queries)
+            .flat_map(|i| (0..keys).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (queries, keys), dev)?;
+        let expected = candle_nn::ops::softmax_last_dim(&xs.broadcast_add(&mask)?)?;
+        let ours = xs.copy()?;
+        causal_softmax_in_place(&ours, queries, start)?;
+        close(&ours, &expected, 5e-7)?;
+        // the hidden keys are exactly zero
+        assert_eq!(ours.get(1)?.get(0)?.to_vec1::<f32>()?[6..], [0.0, 0.0]);
+        Ok(())
     }
 
     #[test]

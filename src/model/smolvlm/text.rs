@@ -275,16 +275,18 @@ impl DecoderLayer {
         let k = keys.transpose(0, 1)?;
         let v = values.transpose(0, 1)?;
         let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        if n > 1 {
-            let mask = causal_mask(n, start, total, q.device())?;
-            scores = scores
-                .reshape((self.num_kv_heads, group, n, total))?
-                .broadcast_add(&mask)?;
-            scores = scores.reshape((self.num_kv_heads, group * n, total))?;
-        }
-        let probs = if kernels::applies(&scores) {
-            kernels::softmax_last_dim(&scores)?
+        let probs = if kernels::applies(&scores) && scores.is_contiguous() {
+            // Rows are (KV head, query head, query): query i is row % n.
+            kernels::causal_softmax_in_place(&scores, n, start)?;
+            scores
         } else {
+            if n > 1 {
+                let mask = causal_mask(n, start, total, q.device())?;
+                scores = scores
+                    .reshape((self.num_kv_heads, group, n, total))?
+                    .broadcast_add(&mask)?;
+                scores = scores.reshape((self.num_kv_heads, group * n, total))?;
+            }
             candle_nn::ops::softmax_last_dim(&scores)?
         };
         let probs = probs.to_dtype(v.dtype())?;

@@ -27,9 +27,11 @@ pub struct VisionTransformer {
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v stacked into one matrix (one GEMM over the activations), q already
+    /// multiplied by the attention scale where that is exact (see `new`).
+    qkv_proj: Linear,
+    /// The scale still to apply to q (1 when folded into the weights).
+    q_scale: f64,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -104,11 +106,29 @@ impl EncoderLayer {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let attn = vb.pp("self_attn");
+        // transformers scales q·kᵀ by head_dim^-0.5; a power of two (head_dim 64: 1/8) scales
+        // every product and sum exactly, so it can scale q's weights and bias instead.
+        let scale = ((d / cfg.num_attention_heads) as f64).powf(-0.5);
+        let (q_weight_scale, q_scale) = if scale.log2().fract() == 0.0 {
+            (scale, 1.0)
+        } else {
+            (1.0, scale)
+        };
+        let q = linear(d, d, attn.pp("q_proj"))?;
+        let q = Linear::new(
+            (q.weight() * q_weight_scale)?,
+            q.bias().map(|b| b * q_weight_scale).transpose()?,
+        );
+        let (k, v) = (linear(d, d, attn.pp("k_proj"))?, linear(d, d, attn.pp("v_proj"))?);
+        let qkv_weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+        let qkv_bias = match (q.bias(), k.bias(), v.bias()) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
         Ok(Self {
             layer_norm1: norm(cfg, vb.pp("layer_norm1"))?,
-            q_proj: linear(d, d, attn.pp("q_proj"))?,
-            k_proj: linear(d, d, attn.pp("k_proj"))?,
-            v_proj: linear(d, d, attn.pp("v_proj"))?,
+            qkv_proj: Linear::new(qkv_weight, qkv_bias),
+            q_scale,
             out_proj: linear(d, d, attn.pp("out_proj"))?,
             layer_norm2: norm(cfg, vb.pp("layer_norm2"))?,
             fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
@@ -139,23 +159,26 @@ impl EncoderLayer {
         let (rows, d) = xs.dims2()?;
         let patches = rows / tiles;
         let head_dim = d / self.num_heads;
-        let scale = (head_dim as f64).powf(-0.5);
-        let q = (self.q_proj.forward(xs)? * scale)?;
-        let k = self.k_proj.forward(xs)?;
-        let v = self.v_proj.forward(xs)?;
-        // One tile's heads as `[heads, patches, head_dim]` views of the projections, rows
-        // `d` apart: the matmul reads them strided, so no head is copied out.
-        let heads = |t: &Tensor, tile: usize| -> Result<Tensor> {
-            t.narrow(0, tile * patches, patches)?
-                .reshape((patches, self.num_heads, head_dim))?
-                .transpose(0, 1)
-        };
+        let qkv = self
+            .qkv_proj
+            .forward(xs)?
+            .reshape((rows, 3, self.num_heads, head_dim))?;
+        let mut q = qkv.narrow(1, 0, 1)?.squeeze(1)?;
+        if self.q_scale != 1.0 {
+            q = (q * self.q_scale)?;
+        }
+        let (k, v) = (qkv.narrow(1, 1, 1)?.squeeze(1)?, qkv.narrow(1, 2, 1)?.squeeze(1)?);
+        // One tile's heads as `[heads, patches, head_dim]` views of the stacked projections,
+        // rows `3 d` apart: the matmul reads them strided, so no head is copied out.
+        let heads =
+            |t: &Tensor, tile: usize| -> Result<Tensor> { t.narrow(0, tile * patches, patches)?.transpose(0, 1) };
         let mut outputs = Vec::with_capacity(tiles);
         for tile in 0..tiles {
             let (q, k, v) = (heads(&q, tile)?, heads(&k, tile)?, heads(&v, tile)?);
             let scores = q.matmul(&k.t()?)?;
-            let probs = if kernels::applies(&scores) {
-                kernels::softmax_last_dim(&scores)?
+            let probs = if kernels::applies(&scores) && scores.is_contiguous() {
+                kernels::softmax_last_dim_in_place(&scores)?;
+                scores
             } else {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
             };
