@@ -153,16 +153,7 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
             let expected = xs.matmul(&weight.t().unwrap()).unwrap();
             let got = linear(&xs, &compact(&weight).unwrap().unwrap()).unwrap();
-            let difference = (got - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = crate::model::few_rows::tests::max_difference(&got, &expected);
             assert!(difference <= 1e-5 * width as f32, "{rows}x{out}x{width}: {difference}");
         }
     }

@@ -531,10 +531,10 @@ impl Format for Q8_0 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()

@@ -263,15 +263,7 @@ impl Kernel for SoftmaxRowInPlace<'_> {
             *x = exp(*x - max);
         }
         hidden.fill(0.0);
-        let mut sums = [0f32; LANES];
-        let chunks = row.chunks_exact(LANES);
-        let tail: f32 = chunks.remainder().iter().sum();
-        for chunk in chunks {
-            for (s, &e) in sums.iter_mut().zip(chunk) {
-                *s += e;
-            }
-        }
-        let inv = 1.0 / (sums.iter().sum::<f32>() + tail);
+        let inv = 1.0 / lane_sum(row);
         for x in row[..visible].iter_mut() {
             *x *= inv;
         }
@@ -385,18 +377,24 @@ fn softmax_row(row: &[f32], out: &mut [f32]) {
     for (o, &x) in out.iter_mut().zip(row) {
         *o = exp(x - max);
     }
+    let inv = 1.0 / lane_sum(out);
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// A sum in `LANES` partial sums (vectorisable), the tail added last: softmax's order.
+#[inline(always)]
+fn lane_sum(values: &[f32]) -> f32 {
     let mut sums = [0f32; LANES];
-    let chunks = out.chunks_exact(LANES);
+    let chunks = values.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();
     for chunk in chunks {
         for (s, &e) in sums.iter_mut().zip(chunk) {
             *s += e;
         }
     }
-    let inv = 1.0 / (sums.iter().sum::<f32>() + tail);
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    sums.iter().sum::<f32>() + tail
 }
 
 /// `e^x` in plain arithmetic the compiler vectorises (libm's `expf` is a call per
