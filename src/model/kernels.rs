@@ -249,7 +249,8 @@ struct SoftmaxRowInPlace<'a> {
 impl Kernel for SoftmaxRowInPlace<'_> {
     type Output = ();
 
-    /// The steps of `softmax_row`, in its order (the hidden entries are its exact zeros).
+    /// The maximum, `e^(x − max)`, their lane sum, times its inverse; the hidden entries
+    /// are exact zeros.
     #[inline(always)]
     fn run(self) {
         let (row, visible) = (self.row, self.visible);
@@ -266,50 +267,6 @@ impl Kernel for SoftmaxRowInPlace<'_> {
         let inv = 1.0 / lane_sum(row);
         for x in row[..visible].iter_mut() {
             *x *= inv;
-        }
-    }
-}
-
-/// One (sequence, KV head) of `decode_attention`: `out_j = softmax(scale · q_j·Kᵀ) · V` for
-/// the query heads j sharing that KV head, over the rows at `starts` (+ `offset`).
-struct AttendGroup<'a> {
-    /// The group's query heads, one after another.
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    starts: &'a [usize],
-    offset: usize,
-    head_dim: usize,
-    scale: f32,
-    out: &'a mut [f32],
-}
-
-impl Kernel for AttendGroup<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run(self) {
-        let (len, d) = (self.starts.len(), self.head_dim);
-        let group = self.q.len() / d;
-        let mut scores = vec![0f32; group * len];
-        for (t, &start) in self.starts.iter().enumerate() {
-            let key = &self.k[start + self.offset..start + self.offset + d];
-            for (j, q) in self.q.chunks_exact(d).enumerate() {
-                scores[j * len + t] = dot(q, key) * self.scale;
-            }
-        }
-        let mut probs = vec![0f32; group * len];
-        for (scores, probs) in scores.chunks_exact(len).zip(probs.chunks_exact_mut(len)) {
-            softmax_row(scores, probs);
-        }
-        for (t, &start) in self.starts.iter().enumerate() {
-            let value = &self.v[start + self.offset..start + self.offset + d];
-            for (j, out) in self.out.chunks_exact_mut(d).enumerate() {
-                let p = probs[j * len + t];
-                for (o, &x) in out.iter_mut().zip(value) {
-                    *o += p * x;
-                }
-            }
         }
     }
 }
@@ -350,7 +307,7 @@ impl Kernel for LogSumExp<'_> {
 }
 
 #[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
+pub(super) fn row_max(row: &[f32]) -> f32 {
     let mut maxima = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -366,26 +323,9 @@ fn row_max(row: &[f32]) -> f32 {
 /// into vector registers (a plain fold is sequential under IEEE rules).
 pub(super) const LANES: usize = 16;
 
-#[inline(always)]
-fn softmax_row(row: &[f32], out: &mut [f32]) {
-    let max = row_max(row);
-    if max == f32::NEG_INFINITY {
-        // A fully masked row: PyTorch gives NaN; no caller makes one.
-        out.fill(f32::NAN);
-        return;
-    }
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = exp(x - max);
-    }
-    let inv = 1.0 / lane_sum(out);
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
-}
-
 /// A sum in `LANES` partial sums (vectorisable), the tail added last: softmax's order.
 #[inline(always)]
-fn lane_sum(values: &[f32]) -> f32 {
+pub(super) fn lane_sum(values: &[f32]) -> f32 {
     let mut sums = [0f32; LANES];
     let chunks = values.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -404,7 +344,7 @@ fn lane_sum(values: &[f32]) -> f32 {
 /// sum of at least 1).
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // Cephes' coefficients, as published
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -421,72 +361,6 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
     p * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
-
-/// The decode tokens of a step, attending straight from the paged KV pool: for each query
-/// head, scores against the first `len` keys of its KV head, softmax, and the weighted sum
-/// of values. Gathering each sequence's blocks into a contiguous copy and running two
-/// matmuls of 1–3 rows costs more than the attention itself (at batch 8 the copies alone
-/// were 190 MB a step). One task per (sequence, KV head) reads each key and value row once
-/// for all the query heads that share it.
-///
-/// `q`: `[sequences, heads, head_dim]`; `keys`/`values`: a layer's pool,
-/// `[rows, kv_heads, head_dim]`; `tables`: each sequence's block table and length.
-/// Returns `[sequences, heads * head_dim]`.
-pub fn decode_attention(
-    q: &Tensor,
-    keys: &Tensor,
-    values: &Tensor,
-    tables: &[(&[u32], usize)],
-    scale: f32,
-) -> Result<Tensor> {
-    let (seqs, heads, head_dim) = q.dims3()?;
-    let (_, kv_heads, kv_dim) = keys.dims3()?;
-    let fits = tables
-        .iter()
-        .all(|(blocks, len)| *len > 0 && *len <= blocks.len() * crate::kv::BLOCK_TOKENS);
-    if kv_dim != head_dim || heads % kv_heads != 0 || tables.len() != seqs || !fits {
-        bail!("decode attention: {seqs}x{heads}x{head_dim} queries, {kv_heads}x{kv_dim} keys, bad block tables")
-    }
-    let q = q.contiguous()?;
-    let (q_storage, q_layout) = q.storage_and_layout();
-    let (k_storage, k_layout) = keys.storage_and_layout();
-    let (v_storage, v_layout) = values.storage_and_layout();
-    let (q, k, v) = (
-        cpu_f32(&q_storage, q_layout, "decode attention")?,
-        cpu_f32(&k_storage, k_layout, "decode attention")?,
-        cpu_f32(&v_storage, v_layout, "decode attention")?,
-    );
-    let group = heads / kv_heads;
-    // Where each sequence's token t has its row (for KV head 0) in the pools.
-    let starts: Vec<Vec<usize>> = tables
-        .iter()
-        .map(|(blocks, len)| {
-            (0..*len)
-                .map(|t| {
-                    let block = blocks[t / crate::kv::BLOCK_TOKENS] as usize;
-                    (block * crate::kv::BLOCK_TOKENS + t % crate::kv::BLOCK_TOKENS) * kv_heads * head_dim
-                })
-                .collect()
-        })
-        .collect();
-    // The query heads of one KV head are adjacent, so each task owns one slice of the output.
-    let width = group * head_dim;
-    let mut out = vec![0f32; seqs * heads * head_dim];
-    out.par_chunks_mut(width).enumerate().for_each(|(task, out)| {
-        let (seq, kv_head) = (task / kv_heads, task % kv_heads);
-        vectorized(AttendGroup {
-            q: &q[task * width..(task + 1) * width],
-            k,
-            v,
-            starts: &starts[seq],
-            offset: kv_head * head_dim,
-            head_dim,
-            scale,
-            out,
-        })
-    });
-    Tensor::from_vec(out, (seqs, heads * head_dim), &Device::Cpu)
 }
 
 /// The contiguous f32 data of a CPU tensor's storage, for kernels called outside a CustomOp.
@@ -506,20 +380,6 @@ pub(super) fn cpu_bf16<'a>(storage: &'a candle_core::Storage, layout: &Layout, o
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: needs a contiguous input"),
     }
-}
-
-/// A dot product in `LANES` partial sums (vectorisable, unlike a plain fold).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (xa, xb) in ca.zip(cb) {
-        for ((s, x), y) in sums.iter_mut().zip(xa).zip(xb) {
-            *s += x * y;
-        }
-    }
-    sums.iter().sum::<f32>() + tail
 }
 
 struct LayerNormOp {
@@ -692,37 +552,6 @@ mod tests {
         close(&ours, &expected, 5e-7)?;
         // the hidden keys are exactly zero
         assert_eq!(ours.get(1)?.get(0)?.to_vec1::<f32>()?[6..], [0.0, 0.0]);
-        Ok(())
-    }
-
-    #[test]
-    fn decode_attention_reads_the_blocks_in_table_order() -> Result<()> {
-        let dev = &Device::Cpu;
-        let (heads, kv_heads, hd, bt) = (6, 2, 64, crate::kv::BLOCK_TOKENS);
-        let keys = Tensor::randn(0f32, 1.0, (4 * bt, kv_heads, hd), dev)?;
-        let values = Tensor::randn(0f32, 1.0, (4 * bt, kv_heads, hd), dev)?;
-        let q = Tensor::randn(0f32, 1.0, (2, heads, hd), dev)?;
-        // Two sequences of a pool of 4 blocks: blocks 3 then 1 (20 tokens), and block 2 (5).
-        let tables: [(&[u32], usize); 2] = [(&[3, 1], 20), (&[2], 5)];
-        let scale = 0.125f32;
-        let got = decode_attention(&q, &keys, &values, &tables, scale)?;
-        // The same with the blocks gathered and grouped query heads as matmuls.
-        for (i, (blocks, len)) in tables.iter().enumerate() {
-            let gather = |pool: &Tensor| -> Result<Tensor> {
-                let parts: Vec<Tensor> = (blocks.iter())
-                    .map(|&b| pool.narrow(0, b as usize * bt, bt))
-                    .collect::<Result<_>>()?;
-                Tensor::cat(&parts, 0)?
-                    .narrow(0, 0, *len)?
-                    .transpose(0, 1)?
-                    .contiguous()
-            };
-            let (k, v) = (gather(&keys)?, gather(&values)?);
-            let q = q.get(i)?.reshape((kv_heads, heads / kv_heads, hd))?;
-            let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale as f64)?)?;
-            let expected = probs.matmul(&v)?.reshape((1, heads * hd))?;
-            close(&got.narrow(0, i, 1)?, &expected, 1e-5)?;
-        }
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The models Ocellus runs, behind one trait, and how they are loaded: a Hugging Face
 //! folder or hub id, safetensors in one file or shards, a chosen dtype and device.
 
+pub mod decode_attention;
 pub mod error;
 pub mod exact_bf16;
 pub mod few_rows;

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
+use crate::model::decode_attention::decode_attention;
 use crate::model::kernels;
 use crate::model::norm::RmsNorm;
 use crate::model::proj::Proj;
@@ -244,7 +245,7 @@ impl DecoderLayer {
                 .collect();
             let (keys, values) = pool.layer(layer);
             let scale = (self.head_dim as f32).powf(-0.5);
-            let attended = kernels::decode_attention(&q, keys, values, &tables, scale)?;
+            let attended = decode_attention(&q, keys, values, &tables, scale)?;
             for (row, &i) in decodes.iter().enumerate() {
                 outputs[i] = Some(attended.narrow(0, row, 1)?);
             }
