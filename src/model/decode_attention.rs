@@ -2,11 +2,10 @@
 //!
 //! Gathering each sequence's blocks into a contiguous copy and running two matmuls of 1–3
 //! rows costs more than the attention itself (at batch 8 the copies alone were 190 MB a
-//! step). Here one task per (sequence, KV head) reads each key and value row once for all
-//! the query heads that share it; at batch 1 there are fewer such pairs than twice the
-//! threads (SmolVLM-256M has 3 KV heads: 2 tasks on one core, 1 on the other), so each
-//! pair's keys are split into ranges whose partial softmaxes are merged afterwards, as
-//! flash-decoding does.
+//! step). Here one task per (sequence, key range) reads each pool row (every KV head's key
+//! or value of a token, contiguous within a block) once for all the query heads. At batch
+//! 1 one sequence is fewer tasks than twice the threads, so its keys are split into ranges
+//! whose partial softmaxes are merged afterwards, as flash-decoding does.
 
 use candle_core::{Device, Result, Tensor, bail};
 use pulp::Simd;
@@ -53,43 +52,39 @@ pub fn decode_attention(
         cpu_f32(&k_storage, k_layout, "decode attention")?,
         cpu_f32(&v_storage, v_layout, "decode attention")?,
     );
-    let group = heads / kv_heads;
-    // The query heads of one KV head are adjacent: pair p's queries and output are
-    // `p * width..(p + 1) * width`.
-    let width = group * head_dim;
-    let pairs = seqs * kv_heads;
+    // Each task reads whole pool rows (every KV head of a token, contiguous within a
+    // block) for one key range of one sequence.
+    let width = heads * head_dim;
     let longest = tables.iter().map(|(_, len)| *len).max().unwrap_or(0);
-    let ranges = ranges_per_pair(pairs, longest, rayon::current_num_threads());
-    let partials: Vec<Partial> = (0..pairs * ranges)
+    let ranges = ranges_per_sequence(seqs, longest, rayon::current_num_threads());
+    let partials: Vec<Partial> = (0..seqs * ranges)
         .into_par_iter()
         .map(|task| {
-            let (pair, range) = (task / ranges, task % ranges);
-            let (seq, kv_head) = (pair / kv_heads, pair % kv_heads);
+            let (seq, range) = (task / ranges, task % ranges);
             let (blocks, len) = tables[seq];
             pulp::Arch::new().dispatch(Attend {
-                q: &q[pair * width..(pair + 1) * width],
+                q: &q[seq * width..(seq + 1) * width],
                 k,
                 v,
                 blocks,
                 tokens: range * len / ranges..(range + 1) * len / ranges,
-                offset: kv_head * head_dim,
-                row_width: kv_heads * head_dim,
+                kv_heads,
                 head_dim,
                 scale,
             })
         })
         .collect();
-    let mut out = vec![0f32; seqs * heads * head_dim];
+    let mut out = vec![0f32; seqs * width];
     for (out, partials) in out.chunks_exact_mut(width).zip(partials.chunks_exact(ranges)) {
         merge(partials, head_dim, out);
     }
-    Tensor::from_vec(out, (seqs, heads * head_dim), &Device::Cpu)
+    Tensor::from_vec(out, (seqs, width), &Device::Cpu)
 }
 
-/// Key ranges per (sequence, KV head): enough tasks for every thread twice over, none
-/// shorter than `MIN_RANGE_KEYS`.
-fn ranges_per_pair(pairs: usize, longest: usize, threads: usize) -> usize {
-    let wanted = (2 * threads).div_ceil(pairs.max(1));
+/// Key ranges per sequence: enough tasks for every thread twice over, none shorter than
+/// `MIN_RANGE_KEYS`.
+fn ranges_per_sequence(seqs: usize, longest: usize, threads: usize) -> usize {
+    let wanted = (2 * threads).div_ceil(seqs.max(1));
     wanted.min(longest / MIN_RANGE_KEYS).max(1)
 }
 
@@ -124,27 +119,25 @@ fn merge(partials: &[Partial], head_dim: usize, out: &mut [f32]) {
     }
 }
 
-/// One key range of one (sequence, KV head), for the query heads in `q`.
+/// One key range of one sequence, for all its query heads.
 struct Attend<'a> {
-    /// The group's query heads, one after another.
+    /// The sequence's query heads, one after another; those of a KV head adjacent.
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
     blocks: &'a [u32],
     tokens: std::ops::Range<usize>,
-    /// The KV head's columns within a pool row of `row_width`.
-    offset: usize,
-    row_width: usize,
+    kv_heads: usize,
     head_dim: usize,
     scale: f32,
 }
 
 impl Attend<'_> {
-    /// Where `token`'s key or value starts in the pool.
+    /// Where `token`'s pool row (every KV head's key or value) starts.
     #[inline(always)]
     fn start(&self, token: usize) -> usize {
         let row = self.blocks[token / BLOCK_TOKENS] as usize * BLOCK_TOKENS + token % BLOCK_TOKENS;
-        row * self.row_width + self.offset
+        row * self.kv_heads * self.head_dim
     }
 }
 
@@ -158,52 +151,66 @@ impl pulp::WithSimd for Attend<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Partial {
         let (d, n) = (self.head_dim, self.tokens.len());
-        let group = self.q.len() / d;
+        let heads = self.q.len() / d;
+        let group = heads / self.kv_heads;
         let starts: Vec<usize> = self.tokens.clone().map(|token| self.start(token)).collect();
-        let mut scores = vec![0f32; group * n];
+        // Head i's scores are row i of `scores`; its keys and values are at `(i / group) * d`
+        // within a pool row.
+        let mut scores = vec![0f32; heads * n];
         // Four keys at a time: four independent chains of FMAs and reductions (one key at a
         // time, each score waited on its own chain).
         let (quads, rest) = starts.as_chunks::<4>();
+        let row_width = self.kv_heads * d;
         for (i, quad) in quads.iter().enumerate() {
-            let keys = quad.map(|start| &self.k[start..start + d]);
-            for (j, q) in self.q.chunks_exact(d).enumerate() {
-                let dots = dots(simd, q, keys);
-                for (u, dot) in dots.into_iter().enumerate() {
-                    scores[j * n + 4 * i + u] = dot * self.scale;
+            // The next four rows, asked for while these are dotted: this machine's
+            // prefetchers leave the pass waiting on memory (one layer's attention at 512
+            // tokens of context from DRAM, 2 threads: 65-80 -> 49 us at batch 1).
+            for &start in quads.get(i + 1).into_iter().flatten() {
+                prefetch(&self.k[start..start + row_width]);
+            }
+            for (h, qs) in self.q.chunks_exact(group * d).enumerate() {
+                let keys = quad.map(|start| &self.k[start + h * d..start + (h + 1) * d]);
+                for (j, q) in qs.chunks_exact(d).enumerate() {
+                    let row = (h * group + j) * n + 4 * i;
+                    for (u, dot) in dots(simd, q, keys).into_iter().enumerate() {
+                        scores[row + u] = dot * self.scale;
+                    }
                 }
             }
         }
         for (t, &start) in rest.iter().enumerate() {
             let t = 4 * quads.len() + t;
-            for (j, q) in self.q.chunks_exact(d).enumerate() {
-                let [dot] = dots(simd, q, [&self.k[start..start + d]]);
-                scores[j * n + t] = dot * self.scale;
+            for (i, q) in self.q.chunks_exact(d).enumerate() {
+                let key = start + (i / group) * d;
+                let [dot] = dots(simd, q, [&self.k[key..key + d]]);
+                scores[i * n + t] = dot * self.scale;
             }
         }
-        let (mut max, mut sum) = (vec![f32::NEG_INFINITY; group], vec![0f32; group]);
+        let (mut max, mut sum) = (vec![f32::NEG_INFINITY; heads], vec![0f32; heads]);
         if n > 0 {
-            for (j, row) in scores.chunks_exact_mut(n).enumerate() {
-                max[j] = row_max(row);
+            for (i, row) in scores.chunks_exact_mut(n).enumerate() {
+                max[i] = row_max(row);
                 for x in row.iter_mut() {
-                    *x = exp(*x - max[j]);
+                    *x = exp(*x - max[i]);
                 }
-                sum[j] = lane_sum(row);
+                sum[i] = lane_sum(row);
             }
         }
         // Values tile by tile: a tile's rows stay in L1 while each query head accumulates
         // them in registers, four vectors of the head dimension at a time, stored once per
         // tile rather than once per token.
-        let mut acc = vec![0f32; group * d];
+        let mut acc = vec![0f32; heads * d];
         for (tile, starts) in starts.chunks(TILE_TOKENS).enumerate() {
             let first = tile * TILE_TOKENS;
-            for (j, acc) in acc.chunks_exact_mut(d).enumerate() {
-                let es = &scores[j * n + first..j * n + first + starts.len()];
+            for (i, acc) in acc.chunks_exact_mut(d).enumerate() {
+                let offset = (i / group) * d;
+                let es = &scores[i * n + first..i * n + first + starts.len()];
                 let (accs, acc_tail) = S::as_mut_simd_f32s(acc);
                 let (quads, rest) = accs.as_chunks_mut::<4>();
                 for (c, quad) in quads.iter_mut().enumerate() {
                     let mut regs = *quad;
                     for (&start, &e) in starts.iter().zip(es) {
-                        let (values, _) = S::as_simd_f32s(&self.v[start..start + d]);
+                        let (values, _) = S::as_simd_f32s(&self.v[start + offset..start + offset + d]);
                         let p = simd.splat_f32s(e);
                         for (k, reg) in regs.iter_mut().enumerate() {
                             *reg = simd.mul_add_f32s(p, values[4 * c + k], *reg);
@@ -216,7 +223,7 @@ impl pulp::WithSimd for Attend<'_> {
                 }
                 let done = 4 * quads.len();
                 for (&start, &e) in starts.iter().zip(es) {
-                    let (values, value_tail) = S::as_simd_f32s(&self.v[start..start + d]);
+                    let (values, value_tail) = S::as_simd_f32s(&self.v[start + offset..start + offset + d]);
                     let p = simd.splat_f32s(e);
                     for (a, &v) in rest.iter_mut().zip(&values[done..]) {
                         *a = simd.mul_add_f32s(p, v, *a);
@@ -229,6 +236,18 @@ impl pulp::WithSimd for Attend<'_> {
         }
         Partial { max, sum, acc }
     }
+}
+
+/// Asks for `row`'s cache lines ahead of their use.
+#[inline(always)]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
 }
 
 /// `q · k` for each of `keys`.
@@ -306,10 +325,10 @@ mod tests {
         let values = Tensor::randn(0f32, 1.0, (33 * BLOCK_TOKENS, kv_heads, hd), dev)?;
         let q = Tensor::randn(0f32, 1.0, (1, heads, hd), dev)?;
         let tables: [(&[u32], usize); 1] = [(&blocks, len)];
-        assert_eq!(ranges_per_pair(3, len, 2), 2);
-        assert_eq!(ranges_per_pair(3, len, 1), 1);
-        assert_eq!(ranges_per_pair(3, 200, 2), 1, "ranges of fewer than 128 keys");
-        assert_eq!(ranges_per_pair(24, len, 2), 1);
+        assert_eq!(ranges_per_sequence(1, len, 2), 4);
+        assert_eq!(ranges_per_sequence(1, len, 1), 2);
+        assert_eq!(ranges_per_sequence(1, 200, 2), 1, "ranges of fewer than 128 keys");
+        assert_eq!(ranges_per_sequence(8, len, 2), 1);
         let expected = reference(&q, &keys, &values, &tables, 0.125)?;
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
