@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, La
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task: enough work to outweigh the dispatch.
-const MIN_ELEMENTS_PER_TASK: usize = 16 * 1024;
+pub(super) const MIN_ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// Whether `xs` can take these kernels.
 pub fn applies(xs: &Tensor) -> bool {
@@ -103,7 +103,6 @@ impl CustomOp1 for GeluTanh {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = contiguous_f32(storage, layout, self.name())?;
-        // √(2/π), as PyTorch's kernel spells it (M_SQRT2 · M_2_SQRTPI · 0.5).
         let out = par_map(input, MIN_ELEMENTS_PER_TASK, |inp, out| {
             vectorized(Gelu { input: inp, out })
         });
@@ -231,13 +230,19 @@ impl Kernel for Gelu<'_> {
 
     #[inline(always)]
     fn run(self) {
-        // √(2/π), as PyTorch's kernel spells it (M_SQRT2 · M_2_SQRTPI · 0.5).
-        const K: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
         for (o, &x) in self.out.iter_mut().zip(self.input) {
-            let u = K * (x + 0.044715 * x * x * x);
-            *o = x / (1.0 + exp(-2.0 * u));
+            *o = gelu(x);
         }
     }
+}
+
+/// `gelu_pytorch_tanh` of one element (see `gelu_tanh`).
+#[inline(always)]
+pub(super) fn gelu(x: f32) -> f32 {
+    // √(2/π), as PyTorch's kernel spells it (M_SQRT2 · M_2_SQRTPI · 0.5).
+    const K: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+    let u = K * (x + 0.044715 * x * x * x);
+    x / (1.0 + exp(-2.0 * u))
 }
 
 /// Softmax of `row[..visible]` in place, `row[visible..]` set to 0.

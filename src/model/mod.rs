@@ -2,6 +2,7 @@
 //! folder or hub id, safetensors in one file or shards, a chosen dtype and device.
 
 pub mod decode_attention;
+pub mod epilogue;
 pub mod error;
 pub mod exact_bf16;
 pub mod few_rows;
