@@ -356,7 +356,8 @@ pub(super) fn exp(x: f32) -> f32 {
     // Adding then subtracting 1.5·2²³ rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -365,7 +366,11 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // `shifted`'s low bits hold n itself (an integer well inside ±2²²): read there with
+    // integer vector ops. `n as i32` is a saturating conversion, which the compiler left
+    // scalar, lane by lane: 80% of the exponential's time.
+    let n = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    p * f32::from_bits(((n + 127) << 23) as u32)
 }
 
 /// The contiguous f32 data of a CPU tensor's storage, for kernels called outside a CustomOp.
