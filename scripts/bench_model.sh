@@ -2,10 +2,13 @@
 # The peer benchmark: on one machine, one after the other, with the same thread count and
 # the same model: benches/model.rs (Ocellus, f32 and --quantize q8_0), transformers
 # (scripts/bench_transformers.py, which also measures the machine's f32 GEMM roofline with
-# torch) and mistral.rs (scripts/bench_mistralrs.py, PyPI `mistralrs`); prints ratios.
+# torch), mistral.rs (scripts/bench_mistralrs.py, PyPI `mistralrs`) and llama.cpp
+# (scripts/bench_llamacpp.py); prints ratios.
 #   scripts/bench_model.sh MODEL_DIR [THREADS]
 #   (MODEL_DIR: e.g. the folder `python scripts/make_fixtures.py big OUT` wrote, OUT/models/smolvlm-256m-random)
 # PYTHON: a venv with scripts/requirements.txt and `mistralrs` (without it, mistral.rs is skipped).
+# LLAMA_CPP: a llama.cpp source tree with llama-bench and llama-mtmd-cli built (without it,
+# llama.cpp is skipped); see scripts/bench_llamacpp.py and the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?usage: scripts/bench_model.sh MODEL_DIR [THREADS]}
@@ -55,11 +58,17 @@ if $python -c "import mistralrs" 2>/dev/null; then
 else
   echo '{}' > target/peers/mistralrs.json
 fi
+if [ -n "${LLAMA_CPP:-}" ]; then
+  $python scripts/bench_llamacpp.py "$model" --llama-cpp "$LLAMA_CPP" --threads "$threads" > target/peers/llamacpp.json
+else
+  echo '{}' > target/peers/llamacpp.json
+fi
 
 python3 - "$threads" <<'PY'
 import json, pathlib, sys
 load = lambda name: json.loads(pathlib.Path(f"target/peers/{name}.json").read_text())
 o, q, t, m = load("ocellus"), load("ocellus-q8_0"), load("transformers"), load("mistralrs")
+lc = load("llamacpp")
 h = load("ocellus-f32-held")
 # The serving bench lists TTFTs in ascending order: the cold request is the slowest.
 ttft = sorted(load("ocellus-ttft")["levels"][0]["ttft_each_s"], reverse=True)
@@ -74,24 +83,27 @@ print(f"\n{sys.argv[1]} threads; machine f32 GEMM at 2048^3: torch {t['gemm_gflo
 print(f"vision: {tile_gflop:.0f} GFLOP per tile (2 x params x patches): ocellus {tile_gflop / vision_s:.0f} GFLOP/s"
       f" = {100 * tile_gflop / vision_s / roof:.0f}% of the roofline (of torch's: {100 * tile_gflop / vision_s / t['gemm_gflops']:.0f}%);"
       f" transformers {100 * tile_gflop / t['vision_per_tile_s'] / roof:.0f}%")
-rows = [
-    ("vision encode, s per tile", vision_s, t["vision_per_tile_s"], None, False),
-    ("prefill, tokens/s", t["prompt_tokens"] / o["prefill_s"], t["prefill_tokens_per_s"], None, True),
-    ("decode batch 1, tokens/s", 1 / o["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
-    ("decode batch 1 f32 held, tokens/s", 1 / h["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
-    ("decode batch 1 q8_0, tokens/s", 1 / q["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), True),
-    ("decode batch 8, tokens/s", 8 / o["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
-    ("decode batch 8 f32 held, tokens/s", 8 / h["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
-    ("decode batch 8 q8_0, tokens/s", 8 / q["decode8_s"], t["decode_tokens_per_s_batch8"], None, True),
-    ("TTFT photo, concurrency 1, s", ttft[0], t["ttft_photo_s"], m.get("ttft_photo_s"), False),
-    ("concurrency 16 vs batch 8, tok/s", c16["output_tokens_per_s"], t["decode_tokens_per_s_batch8"], None, True),
+rows = [  # name, Ocellus, transformers, mistral.rs, llama.cpp, higher is better
+    ("vision encode, s per tile", vision_s, t["vision_per_tile_s"], None, lc.get("vision_per_tile_s"), False),
+    ("prefill, tokens/s", t["prompt_tokens"] / o["prefill_s"], t["prefill_tokens_per_s"], None, lc.get("prefill_tokens_per_s"), True),
+    ("decode batch 1, tokens/s", 1 / o["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), lc.get("decode_tokens_per_s_batch1"), True),
+    ("decode batch 1 f32 held, tokens/s", 1 / h["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), lc.get("decode_tokens_per_s_batch1"), True),
+    ("decode batch 1 q8_0, tokens/s", 1 / q["decode1_s"], t["decode_tokens_per_s_batch1"], m.get("decode_tokens_per_s_batch1"), lc.get("decode_q8_0_tokens_per_s_batch1"), True),
+    ("decode batch 8, tokens/s", 8 / o["decode8_s"], t["decode_tokens_per_s_batch8"], None, None, True),
+    ("decode batch 8 f32 held, tokens/s", 8 / h["decode8_s"], t["decode_tokens_per_s_batch8"], None, None, True),
+    ("decode batch 8 q8_0, tokens/s", 8 / q["decode8_s"], t["decode_tokens_per_s_batch8"], None, None, True),
+    ("TTFT photo, concurrency 1, s", ttft[0], t["ttft_photo_s"], m.get("ttft_photo_s"), lc.get("ttft_photo_s"), False),
+    ("concurrency 16 vs batch 8, tok/s", c16["output_tokens_per_s"], t["decode_tokens_per_s_batch8"], None, None, True),
 ]
-print(f"{'':32} {'ocellus':>9} {'transformers':>13} {'mistral.rs':>11} {'vs transformers':>16} {'vs mistral.rs':>14}")
-for name, ours, tr, mr, higher in rows:
+print(f"{'':32} {'ocellus':>9} {'transformers':>13} {'mistral.rs':>11} {'llama.cpp':>10} {'vs transformers':>16} {'vs mistral.rs':>14} {'vs llama.cpp':>13}")
+for name, ours, tr, mr, ll, higher in rows:
     ratio = lambda theirs: (ours / theirs if higher else theirs / ours) if theirs else None
     fmt = lambda x: f"{x:.3f}" if x is not None else "-"
-    rt, rm = ratio(tr), ratio(mr)
-    print(f"{name:32} {ours:9.3f} {tr:13.3f} {fmt(mr):>11} {fmt(rt) + 'x':>16} {(fmt(rm) + 'x') if rm else '-':>14}")
+    rt, rm, rl = ratio(tr), ratio(mr), ratio(ll)
+    print(f"{name:32} {ours:9.3f} {tr:13.3f} {fmt(mr):>11} {fmt(ll):>10} {fmt(rt) + 'x':>16}"
+          f" {(fmt(rm) + 'x') if rm else '-':>14} {(fmt(rl) + 'x') if rl else '-':>13}")
+print("(llama.cpp: llama-bench on f32 and q8_0 GGUFs of the text model, the q8_0 row against its q8_0;"
+      " its TTFT is llama-mtmd-cli's, the projector's load included)")
 print(f"decode batch 16 (Ocellus only), tokens/s: f32 {16 / o['decode16_s']:.1f}, f32 held {16 / h['decode16_s']:.1f}, q8_0 {16 / q['decode16_s']:.1f}")
 print(f"q8_0 vs f32 decode: batch 1 {o['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {o['decode8_s'] / q['decode8_s']:.2f}x;"
       f" vs f32 held in f32: batch 1 {h['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {h['decode8_s'] / q['decode8_s']:.2f}x")
