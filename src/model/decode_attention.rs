@@ -14,7 +14,8 @@ use rayon::prelude::*;
 use super::kernels::{cpu_f32, exp, lane_sum, row_max};
 use crate::kv::BLOCK_TOKENS;
 
-/// Value rows per tile of `Attend`'s weighted sum (32 rows of 64 f32s: 8 KiB, in L1).
+/// Value rows per tile of `Attend`'s weighted sum (32 pool rows of 3 KV heads of 64 f32s:
+/// 24 KiB, in L1).
 const TILE_TOKENS: usize = 32;
 
 /// Fewest keys in a range: below this a range's merge costs about what it saves.
