@@ -8,7 +8,7 @@ CLI. Prints one JSON line.
 SRC: a llama.cpp source tree (PyPI's llama-cpp-python sdist vendors one under
 vendor/llama.cpp; its wheels are source-only) with `llama-bench` and `llama-mtmd-cli` built
 in SRC/build/bin; see the README's Benchmarks section. The GGUFs are converted once, with
-SRC's convert_hf_to_gguf.py, into target/peers/llamacpp/.
+SRC's convert_hf_to_gguf.py, into target/peers/llamacpp/MODEL_NAME/.
 """
 
 import argparse
@@ -26,7 +26,8 @@ QUESTION = "Can you describe this image?"
 
 
 def convert(src: pathlib.Path, model: pathlib.Path, outtype: str, name: str, mmproj: bool = False) -> pathlib.Path:
-    out = OUT / name
+    out = OUT / model.resolve().name / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype, "--outfile", str(out)]
         if mmproj:
@@ -75,7 +76,6 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=876)
     args = parser.parse_args()
     src, bin_dir = args.llama_cpp, args.llama_cpp / "build/bin"
-    OUT.mkdir(parents=True, exist_ok=True)
     f32 = convert(src, args.model, "f32", "text-f32.gguf")
     q8 = convert(src, args.model, "q8_0", "text-q8_0.gguf")
     mmproj = convert(src, args.model, "f32", "mmproj-f32.gguf", mmproj=True)

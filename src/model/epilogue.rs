@@ -75,7 +75,8 @@ fn rows<'a>(
     Ok((&mut ys[begin..end], bias))
 }
 
-fn tasks(width: usize) -> usize {
+/// Elements per rayon task: whole rows, enough of them to outweigh the dispatch.
+fn task_len(width: usize) -> usize {
     MIN_ELEMENTS_PER_TASK.div_ceil(width) * width
 }
 
@@ -91,7 +92,7 @@ impl candle_core::InplaceOp2 for Bias {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let (ys, bias) = rows(s1, l1, s2, l2)?;
         let gelu = self.gelu;
-        ys.par_chunks_mut(tasks(bias.len())).for_each(|rows| {
+        ys.par_chunks_mut(task_len(bias.len())).for_each(|rows| {
             for row in rows.chunks_exact_mut(bias.len()) {
                 vectorized(Row {
                     row,
@@ -133,7 +134,7 @@ impl candle_core::InplaceOp3 for BiasAdd {
                 ys.len()
             )
         }
-        let task = tasks(bias.len());
+        let task = task_len(bias.len());
         ys.par_chunks_mut(task)
             .zip(residual.par_chunks(task))
             .for_each(|(rows, residuals)| {

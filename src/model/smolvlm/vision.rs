@@ -177,8 +177,8 @@ impl EncoderLayer {
         let mut outputs = Vec::with_capacity(tiles);
         // A few heads at a time: their scores stay in the last-level cache between the
         // matmul that writes them, the softmax and the matmul that reads them (all 12 heads
-        // of a 1024-patch tile are 50 MB, one is 4 MB). 4 tiles on the 256M shapes: 0.94-1.05
-        // -> 0.79-0.81 s per tile, medians of 6.
+        // of a 1024-patch tile are 50 MB, one is 4 MB). In alternated runs on the 256M
+        // shapes 1, 2 and 4 heads were within noise of each other, and mostly ahead of 12.
         let chunk = (scores_bytes / (patches * patches * 4)).clamp(1, self.num_heads);
         for tile in 0..tiles {
             let (q, k, v) = (heads(&q, tile)?, heads(&k, tile)?, heads(&v, tile)?);
