@@ -21,6 +21,9 @@ const TILE_TOKENS: usize = 32;
 /// Fewest keys in a range: below this a range's merge costs about what it saves.
 const MIN_RANGE_KEYS: usize = 128;
 
+/// How many quads of key rows ahead the score pass asks for keys and values.
+const AHEAD: usize = 2;
+
 /// For each query head, `softmax(scale · q·Kᵀ) · V` over the first `len` keys of its KV
 /// head.
 ///
@@ -163,11 +166,14 @@ impl pulp::WithSimd for Attend<'_> {
         let (quads, rest) = starts.as_chunks::<4>();
         let row_width = self.kv_heads * d;
         for (i, quad) in quads.iter().enumerate() {
-            // The next four rows, asked for while these are dotted: this machine's
+            // Rows two quads ahead, asked for while these are dotted: this machine's
             // prefetchers leave the pass waiting on memory (one layer's attention at 512
-            // tokens of context from DRAM, 2 threads: 65-80 -> 49 us at batch 1).
-            for &start in quads.get(i + 1).into_iter().flatten() {
+            // tokens of context from DRAM, 2 threads: 65-80 -> 49 us at batch 1). Their
+            // values too, so that the value pass finds them in cache: with the next quad's
+            // keys alone, batch 8 took 300 us, with both 265-290.
+            for &start in quads.get(i + AHEAD).into_iter().flatten() {
                 prefetch(&self.k[start..start + row_width]);
+                prefetch(&self.v[start..start + row_width]);
             }
             for (h, qs) in self.q.chunks_exact(group * d).enumerate() {
                 let keys = quad.map(|start| &self.k[start + h * d..start + (h + 1) * d]);
@@ -197,45 +203,92 @@ impl pulp::WithSimd for Attend<'_> {
                 sum[i] = lane_sum(row);
             }
         }
-        // Values tile by tile: a tile's rows stay in L1 while each query head accumulates
-        // them in registers, four vectors of the head dimension at a time, stored once per
-        // tile rather than once per token.
+        // Values tile by tile: a tile's rows stay in L1 while the query heads of each KV
+        // head accumulate them in registers, four vectors of the head dimension at a time,
+        // stored once per tile rather than once per token. The heads of a group share each
+        // value load and run side by side: one head's four accumulators alone are four
+        // chains of dependent FMAs, which waited on the FMA latency token after token.
         let mut acc = vec![0f32; heads * d];
         for (tile, starts) in starts.chunks(TILE_TOKENS).enumerate() {
             let first = tile * TILE_TOKENS;
-            for (i, acc) in acc.chunks_exact_mut(d).enumerate() {
-                let offset = (i / group) * d;
-                let es = &scores[i * n + first..i * n + first + starts.len()];
-                let (accs, acc_tail) = S::as_mut_simd_f32s(acc);
-                let (quads, rest) = accs.as_chunks_mut::<4>();
-                for (c, quad) in quads.iter_mut().enumerate() {
-                    let mut regs = *quad;
-                    for (&start, &e) in starts.iter().zip(es) {
-                        let (values, _) = S::as_simd_f32s(&self.v[start + offset..start + offset + d]);
-                        let p = simd.splat_f32s(e);
-                        for (k, reg) in regs.iter_mut().enumerate() {
-                            *reg = simd.mul_add_f32s(p, values[4 * c + k], *reg);
-                        }
-                    }
-                    *quad = regs;
-                }
-                if rest.is_empty() && acc_tail.is_empty() {
-                    continue;
-                }
-                let done = 4 * quads.len();
-                for (&start, &e) in starts.iter().zip(es) {
-                    let (values, value_tail) = S::as_simd_f32s(&self.v[start + offset..start + offset + d]);
-                    let p = simd.splat_f32s(e);
-                    for (a, &v) in rest.iter_mut().zip(&values[done..]) {
-                        *a = simd.mul_add_f32s(p, v, *a);
-                    }
-                    for (a, v) in acc_tail.iter_mut().zip(value_tail) {
-                        *a = e.mul_add(*v, *a);
+            for (h, accs) in acc.chunks_exact_mut(group * d).enumerate() {
+                let weights = |j: usize| &scores[(h * group + j) * n + first..][..starts.len()];
+                let tile = Tile {
+                    v: self.v,
+                    starts,
+                    offset: h * d,
+                };
+                let mut rows = accs.chunks_exact_mut(d).enumerate();
+                // Up to four heads at a time (four accumulators each, sixteen in all).
+                while rows.len() > 0 {
+                    let left = rows.len();
+                    let mut next = || rows.next().map(|(j, acc)| (weights(j), acc)).expect("counted");
+                    match left {
+                        1 => tile.weigh(simd, [next()]),
+                        2 => tile.weigh(simd, [next(), next()]),
+                        3 => tile.weigh(simd, [next(), next(), next()]),
+                        _ => tile.weigh(simd, [next(), next(), next(), next()]),
                     }
                 }
             }
         }
         Partial { max, sum, acc }
+    }
+}
+
+/// One tile of value rows, at one KV head's offset within them.
+struct Tile<'a> {
+    v: &'a [f32],
+    starts: &'a [usize],
+    offset: usize,
+}
+
+impl Tile<'_> {
+    /// `acc += Σ_t e[t] · v_t` over the tile's tokens t, for each of `G` query heads
+    /// `(e, acc)` of this KV head, in token order as one head alone would add them.
+    #[inline(always)]
+    fn weigh<S: Simd, const G: usize>(&self, simd: S, heads: [(&[f32], &mut [f32]); G]) {
+        let d = heads[0].1.len();
+        let n = self.starts.len();
+        let mut es = [&[][..]; G];
+        let mut accs = heads.map(|(e, acc)| (e, S::as_mut_simd_f32s(acc)));
+        for (e, (weights, _)) in es.iter_mut().zip(&accs) {
+            *e = &weights[..n];
+        }
+        let row = |start: usize| &self.v[start + self.offset..start + self.offset + d];
+        let vectors = accs[0].1.0.len();
+        for c in 0..vectors / 4 {
+            let mut regs: [[S::f32s; 4]; G] = std::array::from_fn(|j| std::array::from_fn(|k| accs[j].1.0[4 * c + k]));
+            for (t, &start) in self.starts.iter().enumerate() {
+                let (values, _) = S::as_simd_f32s(row(start));
+                let values: [S::f32s; 4] = std::array::from_fn(|k| values[4 * c + k]);
+                for (regs, e) in regs.iter_mut().zip(&es) {
+                    let p = simd.splat_f32s(e[t]);
+                    for (reg, &value) in regs.iter_mut().zip(&values) {
+                        *reg = simd.mul_add_f32s(p, value, *reg);
+                    }
+                }
+            }
+            for (regs, (_, (acc, _))) in regs.iter().zip(accs.iter_mut()) {
+                acc[4 * c..4 * c + 4].copy_from_slice(regs);
+            }
+        }
+        let done = 4 * (vectors / 4);
+        if done == vectors && accs[0].1.1.is_empty() {
+            return;
+        }
+        for (t, &start) in self.starts.iter().enumerate() {
+            let (values, value_tail) = S::as_simd_f32s(row(start));
+            for ((_, (acc, acc_tail)), e) in accs.iter_mut().zip(&es) {
+                let p = simd.splat_f32s(e[t]);
+                for (a, &v) in acc[done..].iter_mut().zip(&values[done..]) {
+                    *a = simd.mul_add_f32s(p, v, *a);
+                }
+                for (a, v) in acc_tail.iter_mut().zip(value_tail) {
+                    *a = e[t].mul_add(*v, *a);
+                }
+            }
+        }
     }
 }
 
@@ -312,6 +365,25 @@ mod tests {
         let tables: [(&[u32], usize); 2] = [(&[3, 1], 20), (&[2], 5)];
         let got = decode_attention(&q, &keys, &values, &tables, 0.125)?;
         assert!(max_difference(&got, &reference(&q, &keys, &values, &tables, 0.125)?) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn every_group_size_weighs_its_own_values() -> Result<()> {
+        // Query heads per KV head from 1 to 9: the value pass takes them four at a time,
+        // so 5 is 4 + 1 and 7 is 4 + 3; each head must sum its own weights.
+        let dev = &Device::Cpu;
+        let (kv_heads, hd, len) = (2, 64, 45usize);
+        for group in 1..=9 {
+            let heads = group * kv_heads;
+            let keys = Tensor::randn(0f32, 1.0, (3 * BLOCK_TOKENS, kv_heads, hd), dev)?;
+            let values = Tensor::randn(0f32, 1.0, (3 * BLOCK_TOKENS, kv_heads, hd), dev)?;
+            let q = (Tensor::randn(0f32, 1.0, (1, heads, hd), dev)? * 2.0)?;
+            let tables: [(&[u32], usize); 1] = [(&[2, 0, 1], len)];
+            let got = decode_attention(&q, &keys, &values, &tables, 0.125)?;
+            let diff = max_difference(&got, &reference(&q, &keys, &values, &tables, 0.125)?);
+            assert!(diff < 1e-5, "group {group}: {diff}");
+        }
         Ok(())
     }
 
