@@ -1,0 +1,138 @@
+//! One decode step after 512 tokens of context, in the text model's three storage forms —
+//! the default f32 (bf16-valued f32 weights kept in 16 bits), every weight held in f32, and
+//! `--quantize q8_0` — at batch 1, 8 and 16, the forms taking turns a few steps at a time.
+//! The ratios between forms are what scripts/bench_model.sh reports: measured one form
+//! after another, minutes apart, they moved with this machine's memory bandwidth by more
+//! than their margins (the same q8_0/f32 ratio came out 1.36 and 1.62 in two runs), and
+//! turns of a few steps give every form the same machine.
+//!   OCELLUS_BENCH_MODEL=DIR cargo bench --bench decode_forms
+//! Prints one JSON object: per batch, each form's median seconds per step.
+
+/// As in the binary (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use ocellus::kv::{KvPool, SequenceKv, blocks_for};
+use ocellus::model::{Quantization, SequenceInput, VisionLanguageModel, WeightDType};
+
+const DECODE_CONTEXT: usize = 512;
+/// Turns per batch size; each turn runs every form for `steps_per_turn` steps.
+const TURNS: usize = 30;
+
+struct Form {
+    name: &'static str,
+    model: Box<dyn VisionLanguageModel>,
+}
+
+fn forms(dir: &std::path::Path) -> Vec<Form> {
+    let load = |as_stored: bool| {
+        let load = if as_stored {
+            ocellus::load_folder_as_stored
+        } else {
+            ocellus::load_folder
+        };
+        load(dir, WeightDType::F32, &Device::Cpu)
+            .expect("bench model loads")
+            .model
+    };
+    let mut quantized = load(false);
+    quantized
+        .quantize_text(Quantization::Q8_0)
+        .expect("the text model quantizes");
+    vec![
+        Form {
+            name: "f32",
+            model: load(false),
+        },
+        Form {
+            name: "f32_held",
+            model: load(true),
+        },
+        Form {
+            name: "q8_0",
+            model: quantized,
+        },
+    ]
+}
+
+/// `batch` caches of `DECODE_CONTEXT` tokens of text, each with room for one more.
+fn prefilled(model: &dyn VisionLanguageModel, batch: usize) -> (KvPool, Vec<SequenceKv>) {
+    let mut pool = KvPool::new(&model.kv_spec(), batch * blocks_for(DECODE_CONTEXT + 1)).expect("pool");
+    let tokens: Vec<u32> = (0..DECODE_CONTEXT as u32).map(|i| 200 + i % 500).collect();
+    let caches = (0..batch)
+        .map(|_| {
+            let mut kv = SequenceKv::default();
+            assert!(pool.grow(&mut kv, DECODE_CONTEXT + 1));
+            let input = SequenceInput {
+                tokens: &tokens,
+                image_features: None,
+                kv: &mut kv,
+                wants_logits: false,
+            };
+            model.forward(&mut [input], &mut pool).expect("prefill");
+            kv
+        })
+        .collect();
+    (pool, caches)
+}
+
+/// Seconds for one decode step of every cache, from `DECODE_CONTEXT` tokens.
+fn step(model: &dyn VisionLanguageModel, pool: &mut KvPool, caches: &mut [SequenceKv]) -> f64 {
+    let tokens: Vec<u32> = (0..caches.len() as u32).map(|i| 100 + i).collect();
+    let start = Instant::now();
+    let mut inputs: Vec<SequenceInput> = caches
+        .iter_mut()
+        .zip(&tokens)
+        .map(|(kv, token)| {
+            kv.truncate(DECODE_CONTEXT);
+            SequenceInput {
+                tokens: std::slice::from_ref(token),
+                image_features: None,
+                kv,
+                wants_logits: true,
+            }
+        })
+        .collect();
+    std::hint::black_box(model.forward(&mut inputs, pool).expect("decode step"));
+    start.elapsed().as_secs_f64()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("OCELLUS_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("tests/fixtures/models/tiny-idefics3"));
+    let forms = forms(&dir);
+    let mut report = serde_json::Map::new();
+    for (batch, steps_per_turn) in [(1usize, 10usize), (8, 3), (16, 2)] {
+        let mut state: Vec<(KvPool, Vec<SequenceKv>)> =
+            forms.iter().map(|form| prefilled(&*form.model, batch)).collect();
+        // A step of each, unmeasured: first touches of the step's buffers.
+        for (form, (pool, caches)) in forms.iter().zip(&mut state) {
+            step(&*form.model, pool, caches);
+        }
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); forms.len()];
+        for _ in 0..TURNS {
+            for ((form, (pool, caches)), times) in forms.iter().zip(&mut state).zip(&mut times) {
+                times.extend((0..steps_per_turn).map(|_| step(&*form.model, pool, caches)));
+            }
+        }
+        let medians: serde_json::Map<String, serde_json::Value> = forms
+            .iter()
+            .zip(times)
+            .map(|(form, times)| (form.name.to_string(), median(times).into()))
+            .collect();
+        eprintln!("batch {batch}: {medians:?}");
+        report.insert(format!("batch{batch}"), medians.into());
+    }
+    println!("{}", serde_json::Value::Object(report));
+}
