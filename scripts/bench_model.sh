@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The peer benchmark: on one machine, one after the other, with the same thread count and
-# the same model: benches/model.rs (Ocellus, f32 and --quantize q8_0), transformers
+# the same model: benches/model.rs and benches/decode_forms.rs (Ocellus, f32 and
+# --quantize q8_0), transformers
 # (scripts/bench_transformers.py, which also measures the machine's f32 GEMM roofline with
 # torch), mistral.rs (scripts/bench_mistralrs.py, PyPI `mistralrs`) and llama.cpp
 # (scripts/bench_llamacpp.py); prints ratios.
@@ -27,24 +28,23 @@ print(json.loads(path.read_text())["median"]["point_estimate"] / 1e9)
 PY
 }
 
-RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot
-{
-  echo "{\"gemm_s\": $(criterion_median gemm f32), \"vision_s\": $(criterion_median vision encode_tiles), \"prefill_s\": $(criterion_median prefill photo_prompt_tokens),"
-  echo " \"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
-  echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
-} > target/peers/ocellus.json
-# The same f32 decode with every weight held in f32 (by default f32 layers whose weights are
-# all bf16 values, as a bf16 checkpoint's are, are kept in 16 bits: the same products).
-RAYON_NUM_THREADS=$threads OCELLUS_BENCH_STORAGE=as-loaded OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot decode_step
-{
-  echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
-  echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
-} > target/peers/ocellus-f32-held.json
-RAYON_NUM_THREADS=$threads OCELLUS_BENCH_QUANTIZE=q8_0 OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot decode_step
-{
-  echo "{\"decode1_s\": $(criterion_median decode_step batch/1), \"decode8_s\": $(criterion_median decode_step batch/8),"
-  echo " \"decode16_s\": $(criterion_median decode_step batch/16)}"
-} > target/peers/ocellus-q8_0.json
+RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot '^(gemm|vision|prefill)'
+echo "{\"gemm_s\": $(criterion_median gemm f32), \"vision_s\": $(criterion_median vision encode_tiles), \"prefill_s\": $(criterion_median prefill photo_prompt_tokens)}" \
+  > target/peers/ocellus-criterion.json
+# Decode in the three storage forms, taking turns a few steps at a time (benches/decode_forms.rs):
+# f32, the default (f32 layers whose weights are all bf16 values, as a bf16 checkpoint's are,
+# kept in 16 bits: the same products); f32 held (every weight in f32); q8_0.
+RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench decode_forms > target/peers/decode-forms.json
+python3 - <<'PY'
+import json, pathlib
+peers = pathlib.Path("target/peers")
+forms = json.loads((peers / "decode-forms.json").read_text())
+for form, name in [("f32", "ocellus"), ("f32_held", "ocellus-f32-held"), ("q8_0", "ocellus-q8_0")]:
+    out = {f"decode{b}_s": forms[f"batch{b}"][form] for b in (1, 8, 16)}
+    if form == "f32":
+        out |= json.loads((peers / "ocellus-criterion.json").read_text())
+    (peers / f"{name}.json").write_text(json.dumps(out))
+PY
 # Serving: time to first token of the photo (cold, then the same request again: vision
 # cache and prefix cache), and output tokens/s at concurrency 16 (detail low, 64 tokens).
 RAYON_NUM_THREADS=$threads cargo bench --bench serving -- --model "$model" --prompt image \
