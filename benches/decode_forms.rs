@@ -17,9 +17,10 @@ use std::time::Instant;
 
 use candle_core::Device;
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
-use ocellus::model::{Quantization, SequenceInput, VisionLanguageModel, WeightDType};
+use ocellus::model::{Quantization, VisionLanguageModel, WeightDType};
 
-const DECODE_CONTEXT: usize = 512;
+mod decode;
+use decode::{DECODE_CONTEXT, decode_inputs, prefilled_cache};
 /// Turns per batch size; each turn runs every form for `steps_per_turn` steps.
 const TURNS: usize = 30;
 
@@ -62,20 +63,8 @@ fn forms(dir: &std::path::Path) -> Vec<Form> {
 /// `batch` caches of `DECODE_CONTEXT` tokens of text, each with room for one more.
 fn prefilled(model: &dyn VisionLanguageModel, batch: usize) -> (KvPool, Vec<SequenceKv>) {
     let mut pool = KvPool::new(&model.kv_spec(), batch * blocks_for(DECODE_CONTEXT + 1)).expect("pool");
-    let tokens: Vec<u32> = (0..DECODE_CONTEXT as u32).map(|i| 200 + i % 500).collect();
     let caches = (0..batch)
-        .map(|_| {
-            let mut kv = SequenceKv::default();
-            assert!(pool.grow(&mut kv, DECODE_CONTEXT + 1));
-            let input = SequenceInput {
-                tokens: &tokens,
-                image_features: None,
-                kv: &mut kv,
-                wants_logits: false,
-            };
-            model.forward(&mut [input], &mut pool).expect("prefill");
-            kv
-        })
+        .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
         .collect();
     (pool, caches)
 }
@@ -84,19 +73,7 @@ fn prefilled(model: &dyn VisionLanguageModel, batch: usize) -> (KvPool, Vec<Sequ
 fn step(model: &dyn VisionLanguageModel, pool: &mut KvPool, caches: &mut [SequenceKv]) -> f64 {
     let tokens: Vec<u32> = (0..caches.len() as u32).map(|i| 100 + i).collect();
     let start = Instant::now();
-    let mut inputs: Vec<SequenceInput> = caches
-        .iter_mut()
-        .zip(&tokens)
-        .map(|(kv, token)| {
-            kv.truncate(DECODE_CONTEXT);
-            SequenceInput {
-                tokens: std::slice::from_ref(token),
-                image_features: None,
-                kv,
-                wants_logits: true,
-            }
-        })
-        .collect();
+    let mut inputs = decode_inputs(caches, &tokens);
     std::hint::black_box(model.forward(&mut inputs, pool).expect("decode step"));
     start.elapsed().as_secs_f64()
 }

@@ -20,7 +20,9 @@ use ocellus::kv::{KvPool, SequenceKv, blocks_for};
 use ocellus::model::{SequenceInput, WeightDType};
 use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Prompt, open_image};
 
-const DECODE_CONTEXT: usize = 512;
+mod decode;
+use decode::{DECODE_CONTEXT, decode_inputs, prefilled_cache};
+
 /// Tiles encoded together per iteration (a 640x480 photo has 13 on SmolVLM-256M; 4 keeps
 /// a bench run short while still batching tiles as a request does).
 const TILE_BATCH: usize = 4;
@@ -126,20 +128,9 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new("batch", batch), |b| {
             b.iter(|| {
-                let mut inputs: Vec<SequenceInput> = caches
-                    .iter_mut()
-                    .zip(&tokens)
-                    .map(|(kv, t)| {
-                        kv.truncate(DECODE_CONTEXT);
-                        SequenceInput {
-                            tokens: std::slice::from_ref(t),
-                            image_features: None,
-                            kv,
-                            wants_logits: true,
-                        }
-                    })
-                    .collect();
-                model.forward(&mut inputs, &mut pool).unwrap()
+                model
+                    .forward(&mut decode_inputs(&mut caches, &tokens), &mut pool)
+                    .unwrap()
             })
         });
         for mut kv in caches {
@@ -147,21 +138,6 @@ fn benches(c: &mut Criterion) {
         }
     }
     group.finish();
-}
-
-/// A cache holding `context` tokens of text, with room for one more.
-fn prefilled_cache(model: &dyn ocellus::model::VisionLanguageModel, pool: &mut KvPool, context: usize) -> SequenceKv {
-    let mut kv = SequenceKv::default();
-    assert!(pool.grow(&mut kv, context + 1));
-    let tokens: Vec<u32> = (0..context as u32).map(|i| 200 + i % 500).collect();
-    let input = SequenceInput {
-        tokens: &tokens,
-        image_features: None,
-        kv: &mut kv,
-        wants_logits: false,
-    };
-    let _: Tensor = model.forward(&mut [input], pool).unwrap();
-    kv
 }
 
 criterion_group!(model_benches, gemm, benches);

@@ -249,16 +249,12 @@ impl Tile<'_> {
     #[inline(always)]
     fn weigh<S: Simd, const G: usize>(&self, simd: S, heads: [(&[f32], &mut [f32]); G]) {
         let d = heads[0].1.len();
-        let n = self.starts.len();
-        let mut es = [&[][..]; G];
-        let mut accs = heads.map(|(e, acc)| (e, S::as_mut_simd_f32s(acc)));
-        for (e, (weights, _)) in es.iter_mut().zip(&accs) {
-            *e = &weights[..n];
-        }
+        let es = heads.each_ref().map(|(e, _)| *e);
+        let mut accs = heads.map(|(_, acc)| S::as_mut_simd_f32s(acc));
         let row = |start: usize| &self.v[start + self.offset..start + self.offset + d];
-        let vectors = accs[0].1.0.len();
+        let vectors = accs[0].0.len();
         for c in 0..vectors / 4 {
-            let mut regs: [[S::f32s; 4]; G] = std::array::from_fn(|j| std::array::from_fn(|k| accs[j].1.0[4 * c + k]));
+            let mut regs: [[S::f32s; 4]; G] = std::array::from_fn(|j| std::array::from_fn(|k| accs[j].0[4 * c + k]));
             for (t, &start) in self.starts.iter().enumerate() {
                 let (values, _) = S::as_simd_f32s(row(start));
                 let values: [S::f32s; 4] = std::array::from_fn(|k| values[4 * c + k]);
@@ -269,17 +265,17 @@ impl Tile<'_> {
                     }
                 }
             }
-            for (regs, (_, (acc, _))) in regs.iter().zip(accs.iter_mut()) {
+            for (regs, (acc, _)) in regs.iter().zip(accs.iter_mut()) {
                 acc[4 * c..4 * c + 4].copy_from_slice(regs);
             }
         }
         let done = 4 * (vectors / 4);
-        if done == vectors && accs[0].1.1.is_empty() {
+        if done == vectors && accs[0].1.is_empty() {
             return;
         }
         for (t, &start) in self.starts.iter().enumerate() {
             let (values, value_tail) = S::as_simd_f32s(row(start));
-            for ((_, (acc, acc_tail)), e) in accs.iter_mut().zip(&es) {
+            for ((acc, acc_tail), e) in accs.iter_mut().zip(&es) {
                 let p = simd.splat_f32s(e[t]);
                 for (a, &v) in acc[done..].iter_mut().zip(&values[done..]) {
                     *a = simd.mul_add_f32s(p, v, *a);
