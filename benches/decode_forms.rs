@@ -1,6 +1,7 @@
-//! One decode step after 512 tokens of context, in the text model's three storage forms —
-//! the default f32 (bf16-valued f32 weights kept in 16 bits), every weight held in f32, and
-//! `--quantize q8_0` — at batch 1, 8 and 16, the forms taking turns a few steps at a time.
+//! One decode step after 512 tokens of context, in the text model's storage forms — the
+//! default f32 (bf16-valued f32 weights kept in 16 bits), every weight held in f32, and
+//! `--quantize q8_0`, each with an f32 KV cache, and f32 and q8_0 with an f16 one (q8_0's
+//! default) — at batch 1, 8 and 16, the forms taking turns a few steps at a time.
 //! The ratios between forms are what scripts/bench_model.sh reports: measured one form
 //! after another, minutes apart, they moved with this machine's memory bandwidth by more
 //! than their margins (the same q8_0/f32 ratio came out 1.36 and 1.62 in two runs), and
@@ -15,8 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
-use ocellus::kv::{KvPool, SequenceKv, blocks_for};
+use candle_core::{DType, Device};
+use ocellus::kv::{KvPool, KvSpec, SequenceKv, blocks_for};
 use ocellus::model::{Quantization, VisionLanguageModel, WeightDType};
 
 mod decode;
@@ -26,7 +27,8 @@ const TURNS: usize = 30;
 
 struct Form {
     name: &'static str,
-    model: Box<dyn VisionLanguageModel>,
+    model: std::rc::Rc<dyn VisionLanguageModel>,
+    kv_dtype: DType,
 }
 
 fn forms(dir: &std::path::Path) -> Vec<Form> {
@@ -44,25 +46,29 @@ fn forms(dir: &std::path::Path) -> Vec<Form> {
     quantized
         .quantize_text(Quantization::Q8_0)
         .expect("the text model quantizes");
+    let (f32, held, q8): (std::rc::Rc<dyn VisionLanguageModel>, _, _) =
+        (load(false).into(), load(true).into(), quantized.into());
+    let form = |name, model: &std::rc::Rc<dyn VisionLanguageModel>, kv_dtype| Form {
+        name,
+        model: model.clone(),
+        kv_dtype,
+    };
     vec![
-        Form {
-            name: "f32",
-            model: load(false),
-        },
-        Form {
-            name: "f32_held",
-            model: load(true),
-        },
-        Form {
-            name: "q8_0",
-            model: quantized,
-        },
+        form("f32", &f32, DType::F32),
+        form("f32_held", &held, DType::F32),
+        form("q8_0_kv_f32", &q8, DType::F32),
+        form("f32_kv_f16", &f32, DType::F16),
+        form("q8_0", &q8, DType::F16),
     ]
 }
 
 /// `batch` caches of `DECODE_CONTEXT` tokens of text, each with room for one more.
-fn prefilled(model: &dyn VisionLanguageModel, batch: usize) -> (KvPool, Vec<SequenceKv>) {
-    let mut pool = KvPool::new(&model.kv_spec(), batch * blocks_for(DECODE_CONTEXT + 1)).expect("pool");
+fn prefilled(model: &dyn VisionLanguageModel, kv_dtype: DType, batch: usize) -> (KvPool, Vec<SequenceKv>) {
+    let spec = KvSpec {
+        dtype: kv_dtype,
+        ..model.kv_spec()
+    };
+    let mut pool = KvPool::new(&spec, batch * blocks_for(DECODE_CONTEXT + 1)).expect("pool");
     let caches = (0..batch)
         .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
         .collect();
@@ -91,8 +97,10 @@ fn main() {
     let forms = forms(&dir);
     let mut report = serde_json::Map::new();
     for (batch, steps_per_turn) in [(1usize, 10usize), (8, 3), (16, 2)] {
-        let mut state: Vec<(KvPool, Vec<SequenceKv>)> =
-            forms.iter().map(|form| prefilled(&*form.model, batch)).collect();
+        let mut state: Vec<(KvPool, Vec<SequenceKv>)> = forms
+            .iter()
+            .map(|form| prefilled(&*form.model, form.kv_dtype, batch))
+            .collect();
         // A step of each, unmeasured: first touches of the step's buffers.
         for (form, (pool, caches)) in forms.iter().zip(&mut state) {
             step(&*form.model, pool, caches);

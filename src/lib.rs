@@ -23,9 +23,20 @@ pub struct LoadedModel {
     pub files: ModelFiles,
     pub model: Box<dyn VisionLanguageModel>,
     pub processor: Processor,
+    /// What the KV pool stores keys and values in: the model's dtype unless set
+    /// (`--kv-cache-dtype`).
+    pub kv_dtype: candle_core::DType,
 }
 
 impl LoadedModel {
+    /// The model's KV cache shape, in `kv_dtype`.
+    pub fn kv_spec(&self) -> kv::KvSpec {
+        kv::KvSpec {
+            dtype: self.kv_dtype,
+            ..self.model.kv_spec()
+        }
+    }
+
     /// An engine over this model with a KV pool of `kv_blocks` blocks; the processor stays
     /// with the caller (it runs on the request side).
     pub fn into_engine(
@@ -33,7 +44,7 @@ impl LoadedModel {
         config: engine::EngineConfig,
         kv_blocks: usize,
     ) -> candle_core::Result<(Processor, engine::EngineCore)> {
-        let pool = kv::KvPool::new(&self.model.kv_spec(), kv_blocks)?;
+        let pool = kv::KvPool::new(&self.kv_spec(), kv_blocks)?;
         let tokenizer = self.processor.tokenizer().clone();
         let eos = self.processor.eos_token_ids().to_vec();
         let model: std::sync::Arc<dyn VisionLanguageModel> = self.model.into();
@@ -75,9 +86,11 @@ pub fn load_folder_as_stored(
     let files = ModelFiles::locate(dir)?;
     let model = model::load(&files, dtype, device)?;
     let processor = Processor::load(&files, model.info())?;
+    let kv_dtype = model.kv_spec().dtype;
     Ok(LoadedModel {
         files,
         model,
         processor,
+        kv_dtype,
     })
 }

@@ -296,7 +296,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
     );
     let loaded = args.model.load()?;
     let info = loaded.model.info().clone();
-    let spec: KvSpec = loaded.model.kv_spec();
+    let spec: KvSpec = loaded.kv_spec();
     let max_model_len = args.max_model_len.unwrap_or(info.max_positions).min(info.max_positions);
     let blocks = args.kv_cache_memory.as_u64() as usize / spec.bytes_per_block();
     let capacity = blocks * crate::kv::BLOCK_TOKENS;

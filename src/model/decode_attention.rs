@@ -6,8 +6,12 @@
 //! or value of a token, contiguous within a block) once for all the query heads. At batch
 //! 1 one sequence is fewer tasks than twice the threads, so its keys are split into ranges
 //! whose partial softmaxes are merged afterwards, as flash-decoding does.
+//!
+//! A pool in f16 or bf16 (`--kv-cache-dtype`) is read at half the bytes: a task widens its
+//! rows a tile at a time into f32 scratch in L1, asking for the next tile's meanwhile.
 
-use candle_core::{Device, Result, Tensor, bail};
+use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor, bail};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use pulp::Simd;
 use rayon::prelude::*;
 
@@ -44,21 +48,25 @@ pub fn decode_attention(
             && *len <= blocks.len() * BLOCK_TOKENS
             && blocks.iter().all(|&b| (b as usize + 1) * BLOCK_TOKENS <= rows)
     });
-    if kv_dim != head_dim || heads % kv_heads != 0 || tables.len() != seqs || values.dims() != keys.dims() || !fits {
+    if kv_dim != head_dim
+        || heads % kv_heads != 0
+        || tables.len() != seqs
+        || values.dims() != keys.dims()
+        || values.dtype() != keys.dtype()
+        || !fits
+    {
         bail!("decode attention: {seqs}x{heads}x{head_dim} queries, {kv_heads}x{kv_dim} keys, bad block tables")
     }
     let q = q.contiguous()?;
     let (q_storage, q_layout) = q.storage_and_layout();
     let (k_storage, k_layout) = keys.storage_and_layout();
     let (v_storage, v_layout) = values.storage_and_layout();
-    let (q, k, v) = (
-        cpu_f32(&q_storage, q_layout, "decode attention")?,
-        cpu_f32(&k_storage, k_layout, "decode attention")?,
-        cpu_f32(&v_storage, v_layout, "decode attention")?,
-    );
+    let q = cpu_f32(&q_storage, q_layout, "decode attention")?;
+    let (k, v) = (PoolRows::of(&k_storage, k_layout)?, PoolRows::of(&v_storage, v_layout)?);
     // Each task reads whole pool rows (every KV head of a token, contiguous within a
     // block) for one key range of one sequence.
     let width = heads * head_dim;
+    let row_width = kv_heads * head_dim;
     let longest = tables.iter().map(|(_, len)| *len).max().unwrap_or(0);
     let ranges = ranges_per_sequence(seqs, longest, rayon::current_num_threads());
     let partials: Vec<Partial> = (0..seqs * ranges)
@@ -66,12 +74,14 @@ pub fn decode_attention(
         .map(|task| {
             let (seq, range) = (task / ranges, task % ranges);
             let (blocks, len) = tables[seq];
+            let starts: Vec<usize> = (range * len / ranges..(range + 1) * len / ranges)
+                .map(|token| (blocks[token / BLOCK_TOKENS] as usize * BLOCK_TOKENS + token % BLOCK_TOKENS) * row_width)
+                .collect();
             pulp::Arch::new().dispatch(Attend {
                 q: &q[seq * width..(seq + 1) * width],
                 k,
                 v,
-                blocks,
-                tokens: range * len / ranges..(range + 1) * len / ranges,
+                starts: &starts,
                 kv_heads,
                 head_dim,
                 scale,
@@ -83,6 +93,105 @@ pub fn decode_attention(
         merge(partials, head_dim, out);
     }
     Tensor::from_vec(out, (seqs, width), &Device::Cpu)
+}
+
+/// A layer's key or value pool as stored.
+#[derive(Clone, Copy)]
+enum PoolRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> PoolRows<'a> {
+    fn of(storage: &'a Storage, layout: &Layout) -> Result<Self> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("decode attention: needs a contiguous KV pool")
+        };
+        Ok(match storage {
+            Storage::Cpu(CpuStorage::F32(data)) => Self::F32(&data[start..end]),
+            Storage::Cpu(CpuStorage::F16(data)) => Self::F16(&data[start..end]),
+            Storage::Cpu(CpuStorage::BF16(data)) => Self::Bf16(&data[start..end]),
+            _ => bail!("decode attention: a CPU KV pool of f32, f16 or bf16 only"),
+        })
+    }
+
+    /// Asks for the row at `start`, `width` values.
+    #[inline(always)]
+    fn prefetch(self, start: usize, width: usize) {
+        match self {
+            Self::F32(rows) => prefetch(&rows[start..start + width]),
+            Self::F16(rows) => prefetch(&rows[start..start + width]),
+            Self::Bf16(rows) => prefetch(&rows[start..start + width]),
+        }
+    }
+
+    /// The rows at `starts`, `width` values each, one after another in f32; `each(r)`
+    /// before row r (to ask for rows ahead, one for one, rather than a tile's worth at once).
+    #[inline(always)]
+    fn widen(self, starts: &[usize], width: usize, out: &mut Vec<f32>, each: impl FnMut(usize)) {
+        out.resize(starts.len() * width, 0.0);
+        match self {
+            Self::F32(rows) => widen_with(rows, starts, width, out, each, |row, out| out.copy_from_slice(row)),
+            Self::F16(rows) => widen_f16(rows, starts, width, out, each),
+            // bf16 is f32's upper half: a shift the compiler vectorises.
+            Self::Bf16(rows) => widen_with(rows, starts, width, out, each, |row, out| {
+                for (o, x) in out.iter_mut().zip(row) {
+                    *o = f32::from_bits(u32::from(x.to_bits()) << 16);
+                }
+            }),
+        }
+    }
+}
+
+#[inline(always)]
+fn widen_with<T>(
+    rows: &[T],
+    starts: &[usize],
+    width: usize,
+    out: &mut [f32],
+    mut each: impl FnMut(usize),
+    convert: impl Fn(&[T], &mut [f32]),
+) {
+    for (r, (out, &start)) in out.chunks_exact_mut(width).zip(starts).enumerate() {
+        each(r);
+        convert(&rows[start..start + width], out);
+    }
+}
+
+/// `PoolRows::widen` of f16 rows. With F16C, one call for all of them: `half`'s slice
+/// conversion calls a function per 8 values, which made an f16 cache slower to read than
+/// an f32 one (batch 1 at 512 tokens of context: 11.4 against 10.9 ms a step).
+fn widen_f16(rows: &[f16], starts: &[usize], width: usize, out: &mut [f32], each: impl FnMut(usize)) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the features it is compiled for were just detected.
+        return unsafe { widen_f16_f16c(rows, starts, width, out, each) };
+    }
+    widen_with(rows, starts, width, out, each, |row, out| row.convert_to_f32_slice(out));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn widen_f16_f16c(rows: &[f16], starts: &[usize], width: usize, out: &mut [f32], each: impl FnMut(usize)) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    widen_with(rows, starts, width, out, each, |row, out| {
+        let (eights, rest) = row.as_chunks::<8>();
+        let (outs, out_rest) = out.as_chunks_mut::<8>();
+        for (o, x) in outs.iter_mut().zip(eights) {
+            // SAFETY: 8 f16s are 16 bytes read, 8 f32s 32 bytes written, both in bounds
+            // (unaligned loads and stores); the features were detected by the caller.
+            unsafe {
+                _mm256_storeu_ps(
+                    o.as_mut_ptr(),
+                    _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().cast::<__m128i>())),
+                )
+            };
+        }
+        for (o, x) in out_rest.iter_mut().zip(rest) {
+            *o = x.to_f32();
+        }
+    });
 }
 
 /// Key ranges per sequence: enough tasks for every thread twice over, none shorter than
@@ -127,21 +236,67 @@ fn merge(partials: &[Partial], head_dim: usize, out: &mut [f32]) {
 struct Attend<'a> {
     /// The sequence's query heads, one after another; those of a KV head adjacent.
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    blocks: &'a [u32],
-    tokens: std::ops::Range<usize>,
+    k: PoolRows<'a>,
+    v: PoolRows<'a>,
+    /// Where each key's row (every KV head's key, or value, of a token) starts in `k` and
+    /// `v`, in token order.
+    starts: &'a [usize],
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
 }
 
 impl Attend<'_> {
-    /// Where `token`'s pool row (every KV head's key or value) starts.
+    /// `scale · q·k` of every query head for the keys at `starts` in `k` (the range's keys
+    /// from `first` on), into their columns of `scores` (head i's row: `n` wide). With
+    /// `values`, asks for keys and values ahead.
     #[inline(always)]
-    fn start(&self, token: usize) -> usize {
-        let row = self.blocks[token / BLOCK_TOKENS] as usize * BLOCK_TOKENS + token % BLOCK_TOKENS;
-        row * self.kv_heads * self.head_dim
+    fn score<S: Simd>(
+        &self,
+        simd: S,
+        k: &[f32],
+        starts: &[usize],
+        first: usize,
+        values: Option<&[f32]>,
+        scores: &mut [f32],
+    ) {
+        let d = self.head_dim;
+        let n = self.starts.len();
+        let group = self.q.len() / d / self.kv_heads;
+        let row_width = self.kv_heads * d;
+        // Four keys at a time: four independent chains of FMAs and reductions (one key at a
+        // time, each score waited on its own chain).
+        let (quads, rest) = starts.as_chunks::<4>();
+        for (i, quad) in quads.iter().enumerate() {
+            // Rows two quads ahead, asked for while these are dotted: this machine's
+            // prefetchers leave the pass waiting on memory (one layer's attention at 512
+            // tokens of context from DRAM, 2 threads: 65-80 -> 49 us at batch 1). Their
+            // values too, so that the value pass finds them in cache: with the next quad's
+            // keys alone, batch 8 took 300 us, with both 265-290.
+            if let Some(v) = values {
+                for &start in quads.get(i + AHEAD).into_iter().flatten() {
+                    prefetch(&k[start..start + row_width]);
+                    prefetch(&v[start..start + row_width]);
+                }
+            }
+            for (h, qs) in self.q.chunks_exact(group * d).enumerate() {
+                let keys = quad.map(|start| &k[start + h * d..start + (h + 1) * d]);
+                for (j, q) in qs.chunks_exact(d).enumerate() {
+                    let row = (h * group + j) * n + first + 4 * i;
+                    for (u, dot) in dots(simd, q, keys).into_iter().enumerate() {
+                        scores[row + u] = dot * self.scale;
+                    }
+                }
+            }
+        }
+        for (t, &start) in rest.iter().enumerate() {
+            let t = first + 4 * quads.len() + t;
+            for (i, q) in self.q.chunks_exact(d).enumerate() {
+                let key = start + (i / group) * d;
+                let [dot] = dots(simd, q, [&k[key..key + d]]);
+                scores[i * n + t] = dot * self.scale;
+            }
+        }
     }
 }
 
@@ -154,43 +309,38 @@ impl pulp::WithSimd for Attend<'_> {
     /// → 22–24 µs at batch 1, 229 → 177–198 µs at batch 8 (minima of 3000 calls).
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) -> Partial {
-        let (d, n) = (self.head_dim, self.tokens.len());
+        let (d, n) = (self.head_dim, self.starts.len());
         let heads = self.q.len() / d;
         let group = heads / self.kv_heads;
-        let starts: Vec<usize> = self.tokens.clone().map(|token| self.start(token)).collect();
+        let row_width = self.kv_heads * d;
         // Head i's scores are row i of `scores`; its keys and values are at `(i / group) * d`
         // within a pool row.
         let mut scores = vec![0f32; heads * n];
-        // Four keys at a time: four independent chains of FMAs and reductions (one key at a
-        // time, each score waited on its own chain).
-        let (quads, rest) = starts.as_chunks::<4>();
-        let row_width = self.kv_heads * d;
-        for (i, quad) in quads.iter().enumerate() {
-            // Rows two quads ahead, asked for while these are dotted: this machine's
-            // prefetchers leave the pass waiting on memory (one layer's attention at 512
-            // tokens of context from DRAM, 2 threads: 65-80 -> 49 us at batch 1). Their
-            // values too, so that the value pass finds them in cache: with the next quad's
-            // keys alone, batch 8 took 300 us, with both 265-290.
-            for &start in quads.get(i + AHEAD).into_iter().flatten() {
-                prefetch(&self.k[start..start + row_width]);
-                prefetch(&self.v[start..start + row_width]);
-            }
-            for (h, qs) in self.q.chunks_exact(group * d).enumerate() {
-                let keys = quad.map(|start| &self.k[start + h * d..start + (h + 1) * d]);
-                for (j, q) in qs.chunks_exact(d).enumerate() {
-                    let row = (h * group + j) * n + 4 * i;
-                    for (u, dot) in dots(simd, q, keys).into_iter().enumerate() {
-                        scores[row + u] = dot * self.scale;
-                    }
+        // An f32 pool is read in place; a 16-bit one a tile at a time, widened into `wide`
+        // (where a tile's rows are `dense`) while the next tile's keys and values are
+        // asked for.
+        let mut wide = Vec::new();
+        let dense: Vec<usize> = (0..TILE_TOKENS.min(n)).map(|t| t * row_width).collect();
+        let tiles = || self.starts.chunks(TILE_TOKENS);
+        match (self.k, self.v) {
+            (PoolRows::F32(k), PoolRows::F32(v)) => self.score(simd, k, self.starts, 0, Some(v), &mut scores),
+            (k, v) => {
+                for (tile, (starts, next)) in tiles().zip(tiles().skip(1).chain([&[][..]])).enumerate() {
+                    k.widen(starts, row_width, &mut wide, |r| {
+                        if let Some(&start) = next.get(r) {
+                            k.prefetch(start, row_width);
+                            v.prefetch(start, row_width);
+                        }
+                    });
+                    self.score(
+                        simd,
+                        &wide,
+                        &dense[..starts.len()],
+                        tile * TILE_TOKENS,
+                        None,
+                        &mut scores,
+                    );
                 }
-            }
-        }
-        for (t, &start) in rest.iter().enumerate() {
-            let t = 4 * quads.len() + t;
-            for (i, q) in self.q.chunks_exact(d).enumerate() {
-                let key = start + (i / group) * d;
-                let [dot] = dots(simd, q, [&self.k[key..key + d]]);
-                scores[i * n + t] = dot * self.scale;
             }
         }
         let (mut max, mut sum) = (vec![f32::NEG_INFINITY; heads], vec![0f32; heads]);
@@ -209,12 +359,19 @@ impl pulp::WithSimd for Attend<'_> {
         // value load and run side by side: one head's four accumulators alone are four
         // chains of dependent FMAs, which waited on the FMA latency token after token.
         let mut acc = vec![0f32; heads * d];
-        for (tile, starts) in starts.chunks(TILE_TOKENS).enumerate() {
+        for (tile, starts) in tiles().enumerate() {
             let first = tile * TILE_TOKENS;
+            let (values, starts) = match self.v {
+                PoolRows::F32(v) => (v, starts),
+                v => {
+                    v.widen(starts, row_width, &mut wide, |_| {});
+                    (&wide[..], &dense[..starts.len()])
+                }
+            };
             for (h, accs) in acc.chunks_exact_mut(group * d).enumerate() {
                 let weights = |j: usize| &scores[(h * group + j) * n + first..][..starts.len()];
                 let tile = Tile {
-                    v: self.v,
+                    v: values,
                     starts,
                     offset: h * d,
                 };
@@ -290,9 +447,9 @@ impl Tile<'_> {
 
 /// Asks for `row`'s cache lines ahead of their use.
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
+    for line in row.chunks(64 / size_of::<T>()) {
         // SAFETY: a prefetch is a hint; it reads nothing and cannot fault.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
@@ -404,6 +561,31 @@ mod tests {
             let got = pool.install(|| decode_attention(&q, &keys, &values, &tables, 0.125))?;
             let diff = max_difference(&got, &expected);
             assert!(diff < 1e-5, "{threads} threads: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_half_precision_pool_attends_as_its_values_widened() -> Result<()> {
+        // 600 tokens: more than one task's widened keys, so split into ranges even on 1
+        // thread; rows of 3 heads of 68 end in a part of 8 values.
+        let dev = &Device::Cpu;
+        let (heads, kv_heads, hd, len) = (9, 3, 68, 600usize);
+        let blocks: Vec<u32> = (0..len.div_ceil(BLOCK_TOKENS) as u32).map(|b| (b * 7) % 38).collect();
+        let keys = (Tensor::randn(0f32, 1.0, (38 * BLOCK_TOKENS, kv_heads, hd), dev)? * 3.0)?;
+        let values = Tensor::randn(0f32, 1.0, (38 * BLOCK_TOKENS, kv_heads, hd), dev)?;
+        let q = Tensor::randn(0f32, 1.0, (2, heads, hd), dev)?;
+        let tables: [(&[u32], usize); 2] = [(&blocks, len), (&blocks[3..5], 20)];
+        for dtype in [candle_core::DType::F16, candle_core::DType::BF16] {
+            let (keys, values) = (keys.to_dtype(dtype)?, values.to_dtype(dtype)?);
+            let widened = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            let expected = reference(&q, &widened(&keys)?, &widened(&values)?, &tables, 0.125)?;
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let got = pool.install(|| decode_attention(&q, &keys, &values, &tables, 0.125))?;
+                let diff = max_difference(&got, &expected);
+                assert!(diff < 1e-5, "{dtype:?}, {threads} threads: {diff}");
+            }
         }
         Ok(())
     }

@@ -273,8 +273,9 @@ impl DecoderLayer {
         let group = self.num_heads / self.num_kv_heads;
         let scale = (self.head_dim as f64).powf(-0.5);
         let q = (q.transpose(0, 1)?.contiguous()? * scale)?.reshape((self.num_kv_heads, group * n, self.head_dim))?;
-        let k = keys.transpose(0, 1)?;
-        let v = values.transpose(0, 1)?;
+        // A 16-bit cache (`--kv-cache-dtype`) is widened to the compute dtype.
+        let k = keys.to_dtype(q.dtype())?.transpose(0, 1)?;
+        let v = values.to_dtype(q.dtype())?.transpose(0, 1)?;
         let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let probs = if kernels::applies(&scores) && scores.is_contiguous() {
             // Rows are (KV head, query head, query): query i is row % n.

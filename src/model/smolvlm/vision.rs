@@ -239,7 +239,7 @@ mod tests {
         let all = model.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
         // 64 patches: 16 KiB of scores per head.
         for heads in [1, 3] {
-            model.scores_bytes = heads * 16 << 10;
+            model.scores_bytes = (heads * 16) << 10;
             let chunked = model.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
             assert!(chunked == all, "{heads} heads at a time");
         }
