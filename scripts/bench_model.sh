@@ -31,15 +31,17 @@ PY
 RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench model -- --noplot '^(gemm|vision|prefill)'
 echo "{\"gemm_s\": $(criterion_median gemm f32), \"vision_s\": $(criterion_median vision encode_tiles), \"prefill_s\": $(criterion_median prefill photo_prompt_tokens)}" \
   > target/peers/ocellus-criterion.json
-# Decode in the three storage forms, taking turns a few steps at a time (benches/decode_forms.rs):
+# Decode in the storage forms, taking turns a few steps at a time (benches/decode_forms.rs):
 # f32, the default (f32 layers whose weights are all bf16 values, as a bf16 checkpoint's are,
-# kept in 16 bits: the same products); f32 held (every weight in f32); q8_0.
+# kept in 16 bits: the same products); f32 held (every weight in f32); q8_0 (with its default
+# f16 KV cache); and, for the note, q8_0 with an f32 cache and f32 with an f16 one.
 RAYON_NUM_THREADS=$threads OCELLUS_BENCH_MODEL=$model cargo bench --bench decode_forms > target/peers/decode-forms.json
 python3 - <<'PY'
 import json, pathlib
 peers = pathlib.Path("target/peers")
 forms = json.loads((peers / "decode-forms.json").read_text())
-for form, name in [("f32", "ocellus"), ("f32_held", "ocellus-f32-held"), ("q8_0", "ocellus-q8_0")]:
+for form, name in [("f32", "ocellus"), ("f32_held", "ocellus-f32-held"), ("q8_0", "ocellus-q8_0"),
+                   ("q8_0_kv_f32", "ocellus-q8_0-kv-f32"), ("f32_kv_f16", "ocellus-kv-f16")]:
     out = {f"decode{b}_s": forms[f"batch{b}"][form] for b in (1, 8, 16)}
     if form == "f32":
         out |= json.loads((peers / "ocellus-criterion.json").read_text())
@@ -107,7 +109,12 @@ print("(llama.cpp: llama-bench on f32 and q8_0 GGUFs of the text model, the q8_0
 print(f"decode batch 16 (Ocellus only), tokens/s: f32 {16 / o['decode16_s']:.1f}, f32 held {16 / h['decode16_s']:.1f}, q8_0 {16 / q['decode16_s']:.1f}")
 print(f"q8_0 vs f32 decode: batch 1 {o['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {o['decode8_s'] / q['decode8_s']:.2f}x;"
       f" vs f32 held in f32: batch 1 {h['decode1_s'] / q['decode1_s']:.2f}x, batch 8 {h['decode8_s'] / q['decode8_s']:.2f}x")
-print("(f32: the server's default, bf16-valued f32 weights kept in 16 bits; f32 held: every weight in f32)")
+qf, fh = load("ocellus-q8_0-kv-f32"), load("ocellus-kv-f16")
+print(f"KV cache dtype: q8_0 with an f32 cache vs f32 decode: batch 1 {o['decode1_s'] / qf['decode1_s']:.2f}x,"
+      f" batch 8 {o['decode8_s'] / qf['decode8_s']:.2f}x; f32 with an f16 cache: batch 1 {o['decode1_s'] / fh['decode1_s']:.2f}x,"
+      f" batch 8 {o['decode8_s'] / fh['decode8_s']:.2f}x")
+print("(f32: the server's default, bf16-valued f32 weights kept in 16 bits, f32 KV cache; f32 held: every weight"
+      " in f32; q8_0: --quantize q8_0 with its default f16 KV cache)")
 print(f"the same photo request again: TTFT {ttft[1]:.3f} s, {ttft[0] / ttft[1]:.0f}x lower than the first")
 print(f"concurrency 16 (detail low, 64 tokens): TTFT p50 {c16['ttft_p50_s']:.2f} s, p99 {c16['ttft_p99_s']:.2f} s;"
       " compared with transformers' batch-8 decode aggregate")

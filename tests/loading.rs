@@ -227,3 +227,24 @@ fn reduced_precision_dtypes_load_and_stay_close_to_f32() {
         );
     }
 }
+
+#[test]
+fn the_kv_cache_dtype_follows_the_flags() {
+    let model = fixtures().join("models/tiny-idefics3");
+    let kv_dtype = |flags: &[&str]| {
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        let loaded = ocellus::config::ServeArgs::for_model(model.to_str().unwrap(), &flags)
+            .model
+            .load()
+            .unwrap();
+        (loaded.kv_dtype, loaded.kv_spec().bytes_per_token())
+    };
+    let (f32, f32_bytes) = kv_dtype(&[]);
+    assert_eq!(f32, DType::F32, "auto: the model's dtype");
+    assert_eq!(kv_dtype(&["--quantize", "q8_0"]), (DType::F16, f32_bytes / 2));
+    assert_eq!(kv_dtype(&["--kv-cache-dtype", "bf16"]).0, DType::BF16);
+    assert_eq!(
+        kv_dtype(&["--quantize", "q8_0", "--kv-cache-dtype", "f32"]).0,
+        DType::F32
+    );
+}

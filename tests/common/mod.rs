@@ -227,9 +227,22 @@ pub fn engine_with(
 
 /// The logits after the whole prompt, straight from the model.
 pub fn first_step_logits(model: &dyn VisionLanguageModel, prompt: &ocellus::processor::Prompt) -> Vec<f32> {
+    first_step_logits_kv(model, model.kv_spec().dtype, prompt)
+}
+
+/// `first_step_logits` with a KV cache of `kv_dtype`.
+pub fn first_step_logits_kv(
+    model: &dyn VisionLanguageModel,
+    kv_dtype: candle_core::DType,
+    prompt: &ocellus::processor::Prompt,
+) -> Vec<f32> {
     let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
     let n = prompt.token_ids.len();
-    let mut pool = KvPool::new(&model.kv_spec(), blocks_for(n)).unwrap();
+    let spec = ocellus::kv::KvSpec {
+        dtype: kv_dtype,
+        ..model.kv_spec()
+    };
+    let mut pool = KvPool::new(&spec, blocks_for(n)).unwrap();
     let mut kv = SequenceKv::default();
     assert!(pool.grow(&mut kv, n));
     let mut batch = [SequenceInput {
