@@ -189,8 +189,8 @@ pub struct ModelArgs {
     #[arg(long, env = "OCELLUS_QUANTIZE", value_enum)]
     pub quantize: Option<crate::model::Quantization>,
     /// What the KV cache stores keys and values in: `auto` is the model's dtype, or f16
-    /// under `--quantize`. f16 and bf16 hold twice the tokens in the same memory and are
-    /// read twice as fast at decode, at a rounding of every key and value.
+    /// under `--quantize`. f16 and bf16 hold twice the tokens in the same memory, at a
+    /// rounding of every key and value.
     #[arg(long, env = "OCELLUS_KV_CACHE_DTYPE", value_enum, default_value = "auto")]
     pub kv_cache_dtype: crate::kv::KvCacheDType,
     /// Where weights, KV cache and vision encoding live: `cpu`, or `cuda:N` (`cuda` is
@@ -241,7 +241,7 @@ impl ModelArgs {
             let layers = loaded.model.quantize_text(quantization)?;
             tracing::info!(layers, ?quantization, "quantized the text model");
         }
-        loaded.kv_dtype = (self.kv_cache_dtype).resolve(loaded.model.dtype(), self.quantize.is_some());
+        loaded.kv_dtype = self.kv_cache_dtype.resolve(loaded.model.dtype(), self.quantize.is_some());
         tracing::info!(dtype = ?loaded.kv_dtype, "KV cache");
         Ok(loaded)
     }

@@ -57,8 +57,8 @@ pub enum KvCacheDType {
 impl KvCacheDType {
     /// The dtype to store in, for a model computing in `model` whose text weights are
     /// quantized or not. Quantized weights already move answers off the unquantized ones,
-    /// and at half the bytes the cache is read twice as fast (as llama.cpp, whose cache
-    /// is f16 by default).
+    /// and a cache of half the bytes holds twice the tokens (as llama.cpp, whose cache is
+    /// f16 by default).
     pub fn resolve(self, model: DType, quantized: bool) -> DType {
         match self {
             Self::Auto if quantized => DType::F16,
