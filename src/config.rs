@@ -241,7 +241,9 @@ impl ModelArgs {
             let layers = loaded.model.quantize_text(quantization)?;
             tracing::info!(layers, ?quantization, "quantized the text model");
         }
-        loaded.kv_dtype = self.kv_cache_dtype.resolve(loaded.model.dtype(), self.quantize.is_some());
+        loaded.kv_dtype = self
+            .kv_cache_dtype
+            .resolve(loaded.model.dtype(), self.quantize.is_some());
         tracing::info!(dtype = ?loaded.kv_dtype, "KV cache");
         Ok(loaded)
     }
