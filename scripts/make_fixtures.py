@@ -3,6 +3,7 @@
 transformers (the reference implementation) computes on them, for Ocellus's parity tests.
 
   python scripts/make_fixtures.py tiny          # tests/fixtures: two tiny models + references (committed)
+  python scripts/make_fixtures.py adapters      # PEFT LoRA adapters of tiny-idefics3 + references (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
 
@@ -346,16 +347,21 @@ def pixel_levels(pixel_values: torch.Tensor) -> torch.Tensor:
     return levels.contiguous()
 
 
-@torch.no_grad()
-def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pixels: bool = True) -> None:
-    """Runs transformers on every case and writes <out>.json (ids, tokens) and
-    <out>.safetensors (pixel values, first-step logits)."""
-    processor = pil_image_processor(AutoProcessor.from_pretrained(model_dir), model_dir)
+def load_model(model_dir: Path):
     model_cls = {
         "Idefics3ForConditionalGeneration": Idefics3ForConditionalGeneration,
         "SmolVLMForConditionalGeneration": SmolVLMForConditionalGeneration,
     }[json.loads((model_dir / "config.json").read_text())["architectures"][0]]
-    model = model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model_cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def record(model_dir: Path, images_root: Path, cases: dict, out: Path, store_pixels: bool = True, model=None) -> None:
+    """Runs transformers on every case and writes <out>.json (ids, tokens) and
+    <out>.safetensors (pixel values, first-step logits). `model`: one already loaded (a
+    PEFT model with its adapter), else the folder's."""
+    processor = pil_image_processor(AutoProcessor.from_pretrained(model_dir), model_dir)
+    model = model if model is not None else load_model(model_dir)
     eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
     results, tensors = {}, {}
     for name, case in cases.items():
@@ -562,10 +568,94 @@ def build_big(dst: Path) -> None:
     shutil.copy(SHARED_REF / "config.json", dst / "config.json")
 
 
+# ---------------------------------------------------------------------------------------
+# LoRA adapters: trained by Hugging Face PEFT on the tiny model, for Ocellus's adapter parity
+# ---------------------------------------------------------------------------------------
+
+TEXT_LINEAR = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Three shapes of PEFT config users meet: every text projection by regex; a module list
+# (which would also match SigLIP's q/v, hence exclude_modules) with per-module rank and alpha
+# (a k gap inside the fused qkv); rsLoRA on two MLP projections and the lm_head.
+ADAPTERS = {
+    "all-linear-r4": dict(r=4, lora_alpha=8, target_modules=TEXT_LINEAR, lora_dropout=0.05),
+    "attn-r8": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=r".*vision_model.*",
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 32},
+    ),
+    "mlp-rslora": dict(r=2, lora_alpha=4, use_rslora=True, target_modules=r".*text_model.*\.(gate_proj|down_proj)|lm_head"),
+}
+# Each adapter learns its own answers to the fixture images, so their outputs differ from
+# the base model's and from each other's.
+ADAPTER_ANSWERS = {
+    "all-linear-r4": "A red circle next to a blue square.",
+    "attn-r8": "Yes, I see it.",
+    "mlp-rslora": "Three shapes on a white background.",
+}
+ADAPTER_STEPS = 40
+
+
+def sft_batch(processor, messages, answer):
+    """One chat with its assistant answer: input ids, pixel values and labels that count
+    only the answer's tokens (as TRL's SFT does for VLMs)."""
+    images = [Image.open(FIXTURES / p) for p in image_paths(messages)]
+    prompt = processor.apply_chat_template(to_hf_messages(messages), add_generation_prompt=True)
+    full = prompt + " " + answer + "<end_of_utterance>"
+    kwargs = dict(images=[images] if images else None, return_tensors="pt")
+    prompt_len = processor(text=prompt, **kwargs)["input_ids"].shape[1]
+    inputs = processor(text=full, **kwargs)
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt_len] = -100
+    return dict(inputs, labels=labels)
+
+
+def train_adapter(model_dir: Path, name: str, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    processor = pil_image_processor(AutoProcessor.from_pretrained(model_dir), model_dir)
+    model = get_peft_model(load_model(model_dir), LoraConfig(**ADAPTERS[name]))
+    batches = [sft_batch(processor, CASES[c]["messages"], ADAPTER_ANSWERS[name]) for c in ["wide", "tall", "rgba", "gray"]]
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    for step in range(ADAPTER_STEPS):
+        loss = model(**batches[step % len(batches)]).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    print(f"  {name}: loss {loss.item():.3f} after {ADAPTER_STEPS} steps")
+    return model.eval()
+
+
+def make_adapters(model_dir: Path, out_dir: Path, refs: Path) -> None:
+    """Trains each adapter, saves it in PEFT's format and records transformers+PEFT's greedy
+    tokens and logits on the fixture cases."""
+    base = json.loads((refs / f"{model_dir.name}.json").read_text())["cases"]
+    for i, name in enumerate(ADAPTERS):
+        model = train_adapter(model_dir, name, SEED + 10 + i)
+        dst = out_dir / name
+        shutil.rmtree(dst, ignore_errors=True)
+        # lm_head is named like an embedding: PEFT would save the whole base matrix too.
+        model.save_pretrained(dst, save_embedding_layers=False)
+        (dst / "README.md").unlink(missing_ok=True)
+        config = json.loads((dst / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = model_dir.name  # not this machine's path
+        (dst / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        out = refs / f"{model_dir.name}-lora-{name}"
+        record(model_dir, FIXTURES, CASES, out, store_pixels=False, model=model)
+        cases = json.loads(out.with_suffix(".json").read_text())["cases"]
+        same = [c for c in cases if cases[c]["greedy_tokens"] == base[c]["greedy_tokens"]]
+        assert not same, f"{name} leaves {same} as the base model answers them"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("tiny")
+    sub.add_parser("adapters")
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
     video = sub.add_parser("video")
@@ -574,6 +664,9 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.what == "video":
         return make_bench_video(args.out)
+
+    if args.what == "adapters":
+        return make_adapters(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", FIXTURES / "reference")
 
     images = FIXTURES / "images"
     make_images(images)
@@ -596,6 +689,7 @@ def main() -> None:
             print(f"{name}: recording transformers {transformers.__version__}")
             record(models / name, FIXTURES, cases, refs / name, store_pixels=name == "tiny-idefics3")
         record_processor(SHARED_REF, FIXTURES, PROCESSOR_CASES, refs / "smolvlm-256m-processor.json")
+        make_adapters(models / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", refs)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"
