@@ -624,7 +624,13 @@ pub(crate) mod tests {
             let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
             let expected = xs.matmul(&dequantized.t().unwrap()).unwrap();
-            assert!(applies_q8_0(&xs, &quantized, rows));
+            // One row goes to candle's matmul unless the CPU has AVX-512 (CI's does not);
+            // the portable kernel still computes it, so it is checked either way.
+            #[cfg(target_arch = "x86_64")]
+            let one_row = avx512::available();
+            #[cfg(not(target_arch = "x86_64"))]
+            let one_row = false;
+            assert_eq!(applies_q8_0(&xs, &quantized, rows), rows > 1 || one_row);
             let got = linear_q8_0(&xs, &quantized).unwrap();
             assert_eq!(got.dims(), &[rows, out]);
             assert!(
