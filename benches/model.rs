@@ -113,6 +113,7 @@ fn benches(c: &mut Criterion) {
                 image_features: Some(features.clone()),
                 kv: &mut kv,
                 wants_logits: true,
+                adapter: None,
             };
             model.forward(&mut [input], &mut pool).unwrap()
         })

@@ -90,6 +90,39 @@ pub struct ServeArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub media: MediaArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+}
+
+/// LoRA adapters served beside the base model.
+#[derive(Debug, Clone, Args)]
+pub struct AdapterArgs {
+    /// A PEFT LoRA adapter folder to serve as model NAME (repeatable; comma-separated in
+    /// the environment): requests whose `model` is NAME generate with it.
+    #[arg(long = "lora", env = "OCELLUS_LORA", value_name = "NAME=DIR", value_delimiter = ',', value_parser = parse_lora)]
+    pub lora: Vec<LoraArg>,
+    /// Most adapters loaded at once, from `--lora` and `/v1/load_lora_adapter` together.
+    #[arg(long, env = "OCELLUS_MAX_LORAS", default_value_t = 8)]
+    pub max_loras: usize,
+    /// Largest rank an adapter's module may have.
+    #[arg(long, env = "OCELLUS_MAX_LORA_RANK", default_value_t = 64)]
+    pub max_lora_rank: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraArg {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+fn parse_lora(value: &str) -> Result<LoraArg, String> {
+    match value.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(LoraArg {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        }),
+        _ => Err(format!("`{value}`: expected NAME=DIR")),
+    }
 }
 
 /// Where media may come from, and the pool that decodes it.

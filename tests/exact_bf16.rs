@@ -87,6 +87,7 @@ fn two_steps(model: &dyn VisionLanguageModel, prompt: &ocellus::processor::Promp
             image_features,
             kv: &mut kv,
             wants_logits: true,
+            adapter: None,
         }];
         let logits = model.forward(&mut batch, &mut pool).unwrap();
         logits.squeeze(0).unwrap().to_vec1().unwrap()

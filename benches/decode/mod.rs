@@ -16,6 +16,7 @@ pub fn prefilled_cache(model: &dyn VisionLanguageModel, pool: &mut KvPool, conte
         image_features: None,
         kv: &mut kv,
         wants_logits: false,
+        adapter: None,
     };
     model.forward(&mut [input], pool).expect("prefill");
     kv
@@ -34,6 +35,7 @@ pub fn decode_inputs<'a>(caches: &'a mut [SequenceKv], tokens: &'a [u32]) -> Vec
                 image_features: None,
                 kv,
                 wants_logits: true,
+                adapter: None,
             }
         })
         .collect()

@@ -34,10 +34,11 @@ pub(super) async fn prepare(state: &AppState, body: &serde_json::Value) -> Resul
     let settings = &state.settings;
     let request: ChatCompletionRequest = from_json(body)?;
     let sampling: SamplingFields = from_json(body)?;
-    state.check_model(request.model.as_deref())?;
+    let adapter = state.resolve_model(ready, request.model.as_deref())?;
     let logprobs = validate::chat_logprobs(request.logprobs, request.top_logprobs)?;
     let max_tokens = request.max_completion_tokens.or(sampling.max_tokens);
-    let generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
+    let mut generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
+    generation.adapter = adapter;
     let (messages, media) = validate::messages(&request.messages, &settings.limits)?;
     let fetch = |url: &str, param: &str| {
         let (url, param) = (url.to_string(), param.to_string());

@@ -31,7 +31,7 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     let body = parse_json(body, settings.max_body_bytes)?;
     let request: CompletionRequest = from_json(&body)?;
     let sampling: SamplingFields = from_json(&body)?;
-    state.check_model(request.model.as_deref())?;
+    let adapter = state.resolve_model(ready, request.model.as_deref())?;
     let text = match request.prompt {
         PromptField::One(text) => text,
         PromptField::Many(mut list) if list.len() == 1 => list.remove(0),
@@ -61,7 +61,8 @@ async fn prepare(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
         k => k.map(|k| k as usize),
     };
     let max_tokens = Some(sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
-    let generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
+    let mut generation = validate::settings(&sampling, max_tokens, logprobs, &settings.limits, ready.vocab_size)?;
+    generation.adapter = adapter;
     let processor = ready.processor.clone();
     let token_ids = tokio::task::spawn_blocking(move || processor.tokenize(&text))
         .await

@@ -22,8 +22,10 @@ pub enum ApiError {
     InvalidJson { message: String, param: Option<String> },
     #[error("invalid or missing API key; send it as `Authorization: Bearer KEY`")]
     Unauthorized,
-    #[error("the model `{model}` does not exist; this server serves `{served}`")]
+    #[error("the model `{model}` does not exist; this server serves {served}")]
     ModelNotFound { model: String, served: String },
+    #[error("{0}")]
+    Forbidden(String),
     #[error("not found: {path}")]
     RouteNotFound { path: String },
     #[error("method {method} is not allowed here")]
@@ -79,6 +81,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } | Self::InvalidJson { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -104,6 +107,7 @@ impl ApiError {
             Self::InvalidJson { .. } => ("invalid_request_error", Some("invalid_json")),
             Self::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
+            Self::Forbidden(_) => ("permission_error", Some("permission_denied")),
             Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),

@@ -69,6 +69,7 @@ pub fn status(error: &ApiError) -> Status {
             tonic::Code::InvalidArgument
         }
         ApiError::Unauthorized => tonic::Code::Unauthenticated,
+        ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
         ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => tonic::Code::NotFound,
         ApiError::MethodNotAllowed { .. } => tonic::Code::Unimplemented,
         ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
@@ -288,13 +289,17 @@ impl Ocellus for GrpcApi {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let max_model_len = self.state.ready.get().map_or(0, |r| r.engine.max_model_len());
-        Ok(Response::new(pb::ListModelsResponse {
-            models: vec![pb::Model {
-                id: self.state.settings.served_model_name.clone(),
-                max_model_len: max_model_len as u32,
-                owned_by: "ocellus".into(),
-            }],
-        }))
+        let ready = self.state.ready.get();
+        let max_model_len = ready.map_or(0, |r| r.engine.max_model_len()) as u32;
+        let model = |id: &str| pb::Model {
+            id: id.to_string(),
+            max_model_len,
+            owned_by: "ocellus".into(),
+        };
+        let mut models = vec![model(&self.state.settings.served_model_name)];
+        if let Some(ready) = ready {
+            models.extend(ready.adapters.list().iter().map(|l| model(l.adapter.name())));
+        }
+        Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }

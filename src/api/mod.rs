@@ -2,6 +2,7 @@
 //! validate, hand the heavy work (images, chat template, tokenizer) to the blocking pool,
 //! submit to the engine, and turn its events into a JSON body or an SSE stream.
 
+pub mod adapters;
 pub mod auth;
 pub mod chat;
 pub mod completions;
@@ -29,6 +30,7 @@ use serde::de::DeserializeOwned;
 use crate::engine::{EngineHandle, GenerationRequest};
 use crate::media::{MediaFetcher, MediaLimits};
 use crate::metrics::Metrics;
+use crate::model::lora::{Adapter, AdapterRegistry};
 use crate::processor::{Processor, Prompt};
 use error::ApiError;
 use pool::MediaPool;
@@ -52,6 +54,7 @@ pub struct Ready {
     pub engine: EngineHandle,
     pub processor: Arc<Processor>,
     pub vocab_size: usize,
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 pub struct AppState {
@@ -90,13 +93,29 @@ impl AppState {
             .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
     }
 
-    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+    /// The adapter a request's `model` names: `None` for the base model (or no `model`).
+    fn resolve_model(&self, ready: &Ready, model: Option<&str>) -> Result<Option<Arc<Adapter>>, ApiError> {
         match model {
-            Some(name) if name != self.settings.served_model_name => Err(ApiError::ModelNotFound {
-                model: name.to_string(),
-                served: self.settings.served_model_name.clone(),
-            }),
-            _ => Ok(()),
+            None => Ok(None),
+            Some(name) if name == self.settings.served_model_name => Ok(None),
+            Some(name) => match ready.adapters.get(name) {
+                Some(adapter) => Ok(Some(adapter)),
+                None => Err(self.model_not_found(ready, name)),
+            },
+        }
+    }
+
+    fn model_not_found(&self, ready: &Ready, name: &str) -> ApiError {
+        let mut served = format!("`{}`", self.settings.served_model_name);
+        let adapters: Vec<String> = (ready.adapters.list().iter())
+            .map(|l| format!("`{}`", l.adapter.name()))
+            .collect();
+        if !adapters.is_empty() {
+            served += &format!(" and its adapters {}", adapters.join(", "));
+        }
+        ApiError::ModelNotFound {
+            model: name.to_string(),
+            served,
         }
     }
 }
@@ -106,6 +125,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,
@@ -180,7 +201,8 @@ pub(crate) fn submit(
     Ok(Job {
         endpoint,
         id: format!("{}-{}", endpoint.id_prefix(), uuid::Uuid::new_v4().simple()),
-        model: state.settings.served_model_name.clone(),
+        model: (settings.adapter.as_ref())
+            .map_or_else(|| state.settings.served_model_name.clone(), |a| a.name().to_string()),
         n: settings.n,
         prompt_tokens,
         events,
@@ -229,6 +251,7 @@ fn generation_requests(
         logprobs: settings.logprobs,
         arrived,
         deadline: Some(arrived + timeout),
+        adapter: settings.adapter.clone(),
     };
     Ok(vec![request; settings.n])
 }
@@ -260,20 +283,25 @@ async fn live(State(state): State<Arc<AppState>>) -> Response {
     (status, axum::Json(serde_json::json!({ "status": text }))).into_response()
 }
 
+/// The base model, then its adapters (each with the base model as `parent`, as vLLM lists
+/// LoRA adapters).
 async fn models(State(state): State<Arc<AppState>>) -> Response {
-    let max_model_len = state.ready.get().map_or(0, |r| r.engine.max_model_len());
-    let card = types::ModelCard {
-        id: state.settings.served_model_name.clone(),
+    let ready = state.ready.get();
+    let max_model_len = ready.map_or(0, |r| r.engine.max_model_len());
+    let base = &state.settings.served_model_name;
+    let card = |id: &str, parent: Option<&String>| types::ModelCard {
+        id: id.to_string(),
         object: "model",
         created: types::unix_now(),
         owned_by: "ocellus",
         max_model_len,
+        parent: parent.cloned(),
     };
-    axum::Json(types::ModelList {
-        object: "list",
-        data: vec![card],
-    })
-    .into_response()
+    let mut data = vec![card(base, None)];
+    if let Some(ready) = ready {
+        data.extend(ready.adapters.list().iter().map(|l| card(l.adapter.name(), Some(base))));
+    }
+    axum::Json(types::ModelList { object: "list", data }).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

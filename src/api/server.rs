@@ -24,6 +24,7 @@ use crate::engine::{EngineConfig, EngineHandle};
 use crate::kv::KvSpec;
 use crate::media::{FetchConfig, MediaFetcher, MediaLimits};
 use crate::metrics::Metrics;
+use crate::model::lora::{AdapterLimits, AdapterRegistry};
 
 /// A running server.
 pub struct ServerHandle {
@@ -287,6 +288,33 @@ fn default_model_name(model: &str) -> String {
     }
 }
 
+/// The adapters of `--lora`, read before the server reports ready: a broken one stops it.
+fn load_adapters(args: &ServeArgs, loaded: &crate::LoadedModel) -> anyhow::Result<AdapterRegistry> {
+    let adapters = &args.adapters;
+    let limits = AdapterLimits {
+        max_loras: adapters.max_loras,
+        max_rank: adapters.max_lora_rank,
+    };
+    let model = &loaded.model;
+    let registry = AdapterRegistry::new(
+        &api_settings(args).served_model_name,
+        model.adapter_layout(),
+        model.dtype(),
+        model.device().clone(),
+        limits,
+    );
+    for lora in &adapters.lora {
+        let adapter = (registry.load(&lora.name, &lora.path)).with_context(|| format!("--lora {}", lora.name))?;
+        tracing::info!(
+            name = lora.name,
+            rank = adapter.rank(),
+            modules = adapter.modules(),
+            "adapter loaded"
+        );
+    }
+    Ok(registry)
+}
+
 fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
     anyhow::ensure!(
         args.max_batch_tokens > args.max_num_seqs,
@@ -295,6 +323,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         args.max_num_seqs
     );
     let loaded = args.model.load()?;
+    let adapters = load_adapters(args, &loaded)?;
     let info = loaded.model.info().clone();
     let spec: KvSpec = loaded.kv_spec();
     let max_model_len = args.max_model_len.unwrap_or(info.max_positions).min(info.max_positions);
@@ -324,6 +353,7 @@ fn load(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<Ready> {
         engine,
         processor: Arc::new(processor),
         vocab_size: info.vocab_size,
+        adapters: Arc::new(adapters),
     })
 }
 

@@ -216,6 +216,8 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub max_model_len: usize,
+    /// For an adapter, the base model it runs on; null for the base model.
+    pub parent: Option<String>,
 }
 
 pub fn unix_now() -> u64 {

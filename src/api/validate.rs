@@ -1,9 +1,12 @@
 //! Checking untrusted requests, one rule at a time, each failure naming the field and
 //! giving the limit and the value received. The result is what the engine understands.
 
+use std::sync::Arc;
+
 use super::error::ApiError;
 use super::types::{ChatMessageIn, ContentPartIn, MessageContent, SamplingFields, StopField};
 use crate::engine::SamplingParams;
+use crate::model::lora::Adapter;
 use crate::processor::{ChatMessage, ContentPart};
 
 /// Stop strings are matched against the tail of the output at every token; a bound keeps
@@ -35,6 +38,8 @@ pub struct Settings {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The adapter the request's `model` names; `None` for the base model.
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 /// A video part: where it is, the request's sampling overrides (checked against the
@@ -201,6 +206,7 @@ pub fn settings(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        adapter: None,
     })
 }
 

@@ -214,7 +214,8 @@ impl EngineCore {
                 token: info.image_token_id,
                 images: &images,
             };
-            block_hashes(&request.prompt.token_ids, &slots)
+            let adapter = request.adapter.as_ref().map_or(0, |a| a.id());
+            block_hashes(&request.prompt.token_ids, &slots, adapter)
         } else {
             Vec::new()
         };
@@ -469,6 +470,7 @@ impl EngineCore {
                 image_features,
                 kv: &mut seq.kv,
                 wants_logits,
+                adapter: seq.request.adapter.as_deref(),
             });
         }
         report.batch_sequences = batch.len();

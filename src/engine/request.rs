@@ -1,8 +1,10 @@
 //! What goes into the engine and what comes out of it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::sampling::{SamplingParams, TokenLogprobs};
+use crate::model::lora::Adapter;
 use crate::processor::Prompt;
 
 #[derive(Debug, Clone)]
@@ -23,6 +25,8 @@ pub struct GenerationRequest {
     pub arrived: Instant,
     /// Past this instant the sequence fails with a timeout.
     pub deadline: Option<Instant>,
+    /// The LoRA adapter to generate with (`model` naming one); `None` for the base model.
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 impl GenerationRequest {
@@ -39,6 +43,7 @@ impl GenerationRequest {
             logprobs: None,
             arrived: Instant::now(),
             deadline: None,
+            adapter: None,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! tokens. Image tokens all share one id; what they show is the image's content key
 //! (blake3 of its preprocessed pixels), so two prompts share a block only if the same
 //! pixels sit in the same slots. blake3 keeps a crafted prompt from colliding with another
-//! client's cached blocks.
+//! client's cached blocks. The chain starts from the adapter the blocks were computed
+//! with (0: the base model), since an adapter changes every layer's keys and values.
 
 use super::BLOCK_TOKENS;
 
@@ -16,8 +17,9 @@ pub struct ImageSlots<'a> {
     pub images: &'a [(usize, [u8; 32])],
 }
 
-/// Hashes of the full blocks of `tokens` (a trailing partial block has none).
-pub fn block_hashes(tokens: &[u32], slots: &ImageSlots<'_>) -> Vec<BlockHash> {
+/// Hashes of the full blocks of `tokens` (a trailing partial block has none), computed
+/// with the adapter of id `adapter` (`lora::Adapter::id`; 0 for none).
+pub fn block_hashes(tokens: &[u32], slots: &ImageSlots<'_>, adapter: u64) -> Vec<BlockHash> {
     // Which image, and which of its tokens, each image token is.
     let mut owners = slots
         .images
@@ -25,6 +27,7 @@ pub fn block_hashes(tokens: &[u32], slots: &ImageSlots<'_>) -> Vec<BlockHash> {
         .flat_map(|(count, key)| (0..*count as u32).map(move |i| (key, i)));
     let mut hashes = Vec::with_capacity(tokens.len() / BLOCK_TOKENS);
     let mut parent = [0u8; 32];
+    parent[..8].copy_from_slice(&adapter.to_le_bytes());
     for block in tokens.chunks_exact(BLOCK_TOKENS) {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&parent);
@@ -64,7 +67,7 @@ mod tests {
         let a = text(3 * BLOCK_TOKENS + 5, 100);
         let mut b = a.clone();
         b[BLOCK_TOKENS + 2] = 7;
-        let (ha, hb) = (block_hashes(&a, &none), block_hashes(&b, &none));
+        let (ha, hb) = (block_hashes(&a, &none, 0), block_hashes(&b, &none, 0));
         assert_eq!(ha.len(), 3, "the partial block has no hash");
         assert_eq!(ha[0], hb[0]);
         // The second block differs, and so does every block after it (the chain).
@@ -78,12 +81,31 @@ mod tests {
         tokens.extend(std::iter::repeat_n(IMAGE, 2 * BLOCK_TOKENS));
         let cat = [(2 * BLOCK_TOKENS, [1u8; 32])];
         let dog = [(2 * BLOCK_TOKENS, [2u8; 32])];
-        let with = |images| block_hashes(&tokens, &ImageSlots { token: IMAGE, images });
+        let with = |images| block_hashes(&tokens, &ImageSlots { token: IMAGE, images }, 0);
         assert_eq!(with(&cat), with(&cat));
         assert_ne!(with(&cat)[0], with(&dog)[0]);
         // Two images with the same tokens in swapped order are different prompts.
         let cat_dog = [(BLOCK_TOKENS, [1u8; 32]), (BLOCK_TOKENS, [2u8; 32])];
         let dog_cat = [(BLOCK_TOKENS, [2u8; 32]), (BLOCK_TOKENS, [1u8; 32])];
         assert_ne!(with(&cat_dog), with(&dog_cat));
+    }
+
+    #[test]
+    fn the_same_tokens_under_another_adapter_share_no_block() {
+        let none = ImageSlots {
+            token: IMAGE,
+            images: &[],
+        };
+        let tokens = text(2 * BLOCK_TOKENS, 100);
+        let (base, a, b) = (
+            block_hashes(&tokens, &none, 0),
+            block_hashes(&tokens, &none, 1),
+            block_hashes(&tokens, &none, 2),
+        );
+        assert_eq!(a, block_hashes(&tokens, &none, 1));
+        for i in 0..2 {
+            assert_ne!(base[i], a[i]);
+            assert_ne!(a[i], b[i]);
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod few_rows;
 pub mod files;
 pub mod hub;
 pub mod kernels;
+pub mod lora;
 pub mod norm;
 pub mod proj;
 pub mod smolvlm;
@@ -62,6 +63,8 @@ pub struct SequenceInput<'a> {
     /// Whether this step needs the next-token logits of the sequence (a decode step or
     /// the last chunk of a prompt).
     pub wants_logits: bool,
+    /// The LoRA adapter this sequence runs with; `None` for the base model.
+    pub adapter: Option<&'a lora::Adapter>,
 }
 
 /// A vision-language model. It holds weights only: KV caches are owned by the caller and
@@ -78,6 +81,9 @@ pub trait VisionLanguageModel: Send + Sync {
     /// room for its tokens; they are written and committed. Returns f32 logits `[k, vocab]`
     /// for the `k` inputs whose `wants_logits` is set, in batch order.
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor>;
+
+    /// The linear layers a LoRA adapter may change, as `lora::Adapter::load` takes them.
+    fn adapter_layout(&self) -> lora::AdapterLayout;
 
     fn device(&self) -> &Device;
 

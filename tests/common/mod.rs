@@ -236,6 +236,16 @@ pub fn first_step_logits_kv(
     kv_dtype: candle_core::DType,
     prompt: &ocellus::processor::Prompt,
 ) -> Vec<f32> {
+    first_step_logits_with(model, kv_dtype, prompt, None)
+}
+
+/// The prompt's next-token logits with a LoRA adapter (or none), KV in `kv_dtype`.
+pub fn first_step_logits_with(
+    model: &dyn VisionLanguageModel,
+    kv_dtype: candle_core::DType,
+    prompt: &ocellus::processor::Prompt,
+    adapter: Option<&ocellus::model::lora::Adapter>,
+) -> Vec<f32> {
     let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
     let n = prompt.token_ids.len();
     let spec = ocellus::kv::KvSpec {
@@ -250,6 +260,7 @@ pub fn first_step_logits_kv(
         image_features: features,
         kv: &mut kv,
         wants_logits: true,
+        adapter,
     }];
     model
         .forward(&mut batch, &mut pool)

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub use config::SmolVlmConfig;
 
 use crate::kv::{KvPool, KvSpec};
+use crate::model::lora::{Adapter, AdapterLayout, LoraBatch};
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{LoadError, ModelFiles, ModelInfo, SequenceInput, VisionLanguageModel, on_compute_pool};
 use connector::Connector;
@@ -120,6 +121,10 @@ impl VisionLanguageModel for SmolVlm {
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
         on_compute_pool(|| self.forward_batch(batch, pool))
     }
+    fn adapter_layout(&self) -> AdapterLayout {
+        self.text.adapter_layout().clone()
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }
@@ -140,10 +145,12 @@ impl VisionLanguageModel for SmolVlm {
 }
 
 impl SmolVlm {
-    fn forward_batch(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
+    fn forward_batch<'a>(&self, batch: &mut [SequenceInput<'a>], pool: &mut KvPool) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut logit_rows = Vec::new();
+        let mut token_adapters: Vec<Option<&Adapter>> = Vec::new();
+        let mut logit_adapters = Vec::new();
         for input in batch.iter() {
             let start = input.kv.len();
             let n = input.tokens.len();
@@ -170,8 +177,18 @@ impl SmolVlm {
             positions.extend((start..start + n).map(|p| p as u32));
             if input.wants_logits {
                 logit_rows.push((ids.len() - 1) as u32);
+                logit_adapters.push(input.adapter);
             }
+            token_adapters.resize(ids.len(), input.adapter);
         }
+        let lora_batch = |adapters: &[Option<&'a Adapter>]| -> Result<LoraBatch<'a>> {
+            if adapters.iter().all(Option::is_none) {
+                return Ok(LoraBatch::none());
+            }
+            LoraBatch::new(adapters, &self.device)
+        };
+        let token_lora = lora_batch(&token_adapters)?;
+        let logit_lora = lora_batch(&logit_adapters)?;
         let embeds = self.embed(&ids, batch)?;
         let positions = Tensor::new(positions, &self.device)?;
         let mut offset = 0;
@@ -187,11 +204,11 @@ impl SmolVlm {
                 }
             })
             .collect();
-        let hidden = self.text.forward(&embeds, &positions, &mut rows, pool)?;
+        let hidden = self.text.forward(&embeds, &positions, &mut rows, pool, &token_lora)?;
         if logit_rows.is_empty() {
             return Tensor::zeros((0, self.info.vocab_size), DType::F32, &self.device);
         }
         let last = hidden.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?;
-        self.text.logits(&last)
+        self.text.logits(&last, &logit_lora)
     }
 }

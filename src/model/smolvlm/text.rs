@@ -11,6 +11,7 @@ use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
 use crate::model::decode_attention::decode_attention;
 use crate::model::kernels;
+use crate::model::lora::{AdapterLayout, LoraBatch, ModuleSpec};
 use crate::model::norm::RmsNorm;
 use crate::model::proj::Proj;
 
@@ -30,6 +31,7 @@ pub struct TextModel {
     norm: RmsNorm,
     lm_head: Proj,
     rope: RotaryTable,
+    layout: AdapterLayout,
 }
 
 struct DecoderLayer {
@@ -100,6 +102,7 @@ impl TextModel {
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, text.pp("norm"))?,
             lm_head,
             rope: RotaryTable::new(cfg, vb.dtype(), vb.device())?,
+            layout: adapter_layout(cfg),
         })
     }
 
@@ -117,11 +120,18 @@ impl TextModel {
         positions: &Tensor,
         seqs: &mut [SequenceRows<'_>],
         pool: &mut KvPool,
+        lora: &LoraBatch<'_>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope.select(positions)?;
         let mut xs = embeds.clone();
         for (index, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, index, &cos, &sin, seqs, pool)?;
+            let step = LayerStep {
+                layer: index,
+                cos: &cos,
+                sin: &sin,
+                lora,
+            };
+            xs = layer.forward(&xs, &step, seqs, pool)?;
         }
         for seq in seqs.iter_mut() {
             seq.kv.commit(seq.len);
@@ -156,9 +166,69 @@ impl TextModel {
         Ok(done)
     }
 
-    /// Next-token logits (f32) for rows of `forward`'s output.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(hidden)?)?.to_dtype(DType::F32)
+    /// Next-token logits (f32) for rows of `forward`'s output; `lora` numbers these rows.
+    pub fn logits(&self, hidden: &Tensor, lora: &LoraBatch<'_>) -> Result<Tensor> {
+        let hs = self.norm.forward(hidden)?;
+        let logits = self.lm_head.forward(&hs)?;
+        lora.apply(self.layers.len() * SLOTS_PER_LAYER, &hs, logits)?
+            .to_dtype(DType::F32)
+    }
+
+    pub fn adapter_layout(&self) -> &AdapterLayout {
+        &self.layout
+    }
+}
+
+/// Adapter slots of a layer: qkv, o, gate_up, down; after the layers' comes the head's.
+const SLOTS_PER_LAYER: usize = 4;
+
+/// PEFT's module names for each slot, in the order `DecoderLayer::forward` applies them.
+fn adapter_layout(cfg: &TextConfig) -> AdapterLayout {
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim(),
+        cfg.num_kv_heads() * cfg.head_dim(),
+    );
+    let spec = |name: String, in_features, out_features| ModuleSpec {
+        name,
+        in_features,
+        out_features,
+    };
+    let mut slots = Vec::with_capacity(cfg.num_hidden_layers * SLOTS_PER_LAYER + 1);
+    for i in 0..cfg.num_hidden_layers {
+        let m = |name: &str| format!("model.text_model.layers.{i}.{name}");
+        slots.push(vec![
+            spec(m("self_attn.q_proj"), h, q),
+            spec(m("self_attn.k_proj"), h, kv),
+            spec(m("self_attn.v_proj"), h, kv),
+        ]);
+        slots.push(vec![spec(m("self_attn.o_proj"), q, h)]);
+        slots.push(vec![
+            spec(m("mlp.gate_proj"), h, inter),
+            spec(m("mlp.up_proj"), h, inter),
+        ]);
+        slots.push(vec![spec(m("mlp.down_proj"), inter, h)]);
+    }
+    slots.push(vec![spec("lm_head".into(), h, cfg.vocab_size)]);
+    AdapterLayout {
+        slots,
+        supported: "adapters may change the text model's q/k/v/o, gate/up/down projections and lm_head".into(),
+    }
+}
+
+/// What every layer of one step shares.
+struct LayerStep<'a> {
+    layer: usize,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    lora: &'a LoraBatch<'a>,
+}
+
+impl LayerStep<'_> {
+    /// `proj(xs)` plus the adapters' deltas for slot `slot` of this layer.
+    fn project(&self, proj: &Proj, slot: usize, xs: &Tensor) -> Result<Tensor> {
+        let ys = proj.forward(xs)?;
+        self.lora.apply(self.layer * SLOTS_PER_LAYER + slot, xs, ys)
     }
 }
 
@@ -199,19 +269,18 @@ impl DecoderLayer {
     fn forward(
         &self,
         xs: &Tensor,
-        layer: usize,
-        cos: &Tensor,
-        sin: &Tensor,
+        step: &LayerStep<'_>,
         seqs: &mut [SequenceRows<'_>],
         pool: &mut KvPool,
     ) -> Result<Tensor> {
+        let (layer, cos, sin) = (step.layer, step.cos, step.sin);
         let tokens = xs.dim(0)?;
         let hs = self.input_layernorm.forward(xs)?;
         let rope = |t: Tensor, heads: usize| -> Result<Tensor> {
             let t = t.reshape((1, tokens, heads, self.head_dim))?;
             candle_nn::rotary_emb::rope_thd(&t, cos, sin)?.squeeze(0)
         };
-        let qkv = self.qkv_proj.forward(&hs)?;
+        let qkv = step.project(&self.qkv_proj, 0, &hs)?;
         let (q_width, kv_width) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let q = rope(qkv.narrow(1, 0, q_width)?.contiguous()?, self.num_heads)?;
         let k = rope(qkv.narrow(1, q_width, kv_width)?.contiguous()?, self.num_kv_heads)?;
@@ -252,16 +321,16 @@ impl DecoderLayer {
         }
         let outputs: Vec<Tensor> = outputs.into_iter().flatten().collect();
         let attn = Tensor::cat(&outputs, 0)?;
-        let xs = (self.o_proj.forward(&attn)? + xs)?;
+        let xs = (step.project(&self.o_proj, 1, &attn)? + xs)?;
         let hs = self.post_attention_layernorm.forward(&xs)?;
-        let gate_up = self.gate_up_proj.forward(&hs)?;
+        let gate_up = step.project(&self.gate_up_proj, 2, &hs)?;
         let mlp = if kernels::applies(&gate_up) {
             kernels::silu_mul(&gate_up)?
         } else {
             let inter = gate_up.dim(1)? / 2;
             (candle_nn::ops::silu(&gate_up.narrow(1, 0, inter)?)? * gate_up.narrow(1, inter, inter)?)?
         };
-        self.down_proj.forward(&mlp)? + xs
+        step.project(&self.down_proj, 3, &mlp)? + xs
     }
 
     /// One sequence: `q` `[n, heads, head_dim]` for positions `start..start + n`, against
