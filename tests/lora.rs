@@ -64,7 +64,7 @@ fn generate_together(
     let (generations, _) =
         ocellus::engine::generate(engine, requests, |report| batch_sizes.push(report.batch_sequences)).unwrap();
     assert!(
-        batch_sizes.iter().any(|&n| n == jobs.len()),
+        batch_sizes.contains(&jobs.len()),
         "the requests never shared a step: {batch_sizes:?}"
     );
     generations.into_iter().map(|g| g.tokens).collect()
