@@ -4,6 +4,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
 
   python scripts/make_fixtures.py tiny          # tests/fixtures: two tiny models + references (committed)
   python scripts/make_fixtures.py adapters      # PEFT LoRA adapters of tiny-idefics3 + references (part of tiny)
+  python scripts/make_fixtures.py ocellus-adapter  # a LoRA trained by `ocellus finetune`, run in PEFT (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
 
@@ -17,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -651,11 +653,56 @@ def make_adapters(model_dir: Path, out_dir: Path, refs: Path) -> None:
         assert not same, f"{name} leaves {same} as the base model answers them"
 
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+FINETUNE = FIXTURES / "finetune" / "colours"
+OCELLUS_ADAPTER = "ocellus-colours"
+
+
+def make_colours(dst: Path) -> None:
+    """A tiny fine-tuning set: solid-colour images, "What colour is this?", the colour."""
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "images").mkdir(parents=True)
+    rng = np.random.default_rng(SEED)
+    names = list(COLOURS)
+    for split, n in [("train", 48), ("eval", 16)]:
+        lines = []
+        for i in range(n):
+            colour = names[rng.integers(len(names))]
+            path = f"images/{split}-{i}.png"
+            Image.new("RGB", (40, 30), COLOURS[colour]).save(dst / path)
+            question = user(
+                {"type": "image_url", "image_url": {"url": path}}, text_part("What colour is this?")
+            )
+            lines.append(json.dumps({"messages": [question, {"role": "assistant", "content": f"{colour}."}]}))
+        (dst / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def make_ocellus_adapter(model_dir: Path, refs: Path) -> None:
+    """Trains a LoRA with `ocellus finetune` (OCELLUS names the binary; else cargo runs it),
+    then records what transformers+PEFT compute with it: Ocellus's tests check that Ocellus
+    serves the same tokens, which closes the round trip Ocellus -> PEFT -> Ocellus."""
+    import subprocess
+
+    from peft import PeftModel
+
+    make_colours(FINETUNE)
+    dst = FIXTURES / "adapters" / model_dir.name / OCELLUS_ADAPTER
+    shutil.rmtree(dst, ignore_errors=True)
+    binary = [os.environ["OCELLUS"]] if "OCELLUS" in os.environ else ["cargo", "run", "-q", "--"]
+    flags = ["finetune", "--model", str(model_dir), "--data", str(FINETUNE / "train.jsonl")]
+    flags += ["--eval", str(FINETUNE / "eval.jsonl"), "--out", str(dst), "--epochs", "3", "--lr", "1e-3"]
+    flags += ["--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj,v_proj,gate_proj,down_proj,lm_head"]
+    subprocess.run(binary + flags, check=True, cwd=REPO)
+    model = PeftModel.from_pretrained(load_model(model_dir), dst).eval()
+    record(model_dir, FIXTURES, CASES, refs / f"{model_dir.name}-lora-{OCELLUS_ADAPTER}", store_pixels=False, model=model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("tiny")
     sub.add_parser("adapters")
+    sub.add_parser("ocellus-adapter")
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
     video = sub.add_parser("video")
@@ -664,6 +711,9 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.what == "video":
         return make_bench_video(args.out)
+
+    if args.what == "ocellus-adapter":
+        return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
 
     if args.what == "adapters":
         return make_adapters(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", FIXTURES / "reference")
@@ -690,6 +740,7 @@ def main() -> None:
             record(models / name, FIXTURES, cases, refs / name, store_pixels=name == "tiny-idefics3")
         record_processor(SHARED_REF, FIXTURES, PROCESSOR_CASES, refs / "smolvlm-256m-processor.json")
         make_adapters(models / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", refs)
+        make_ocellus_adapter(models / "tiny-idefics3", refs)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"

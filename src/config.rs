@@ -28,6 +28,92 @@ pub enum Command {
     Serve(ServeArgs),
     /// Answer one prompt about zero or more images, then print the timings.
     Generate(GenerateArgs),
+    /// Fine-tune a model on JSONL conversations (LoRA or every text weight) and save the
+    /// result: a PEFT adapter, or a model folder.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FinetuneMethod {
+    /// Low-rank adapters on the chosen projections; saved in PEFT's format.
+    Lora,
+    /// Every text-model weight (the vision encoder and connector stay frozen); saved as a
+    /// model folder.
+    Full,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FinetuneArgs {
+    /// The model to start from: a local folder in the Hugging Face layout.
+    #[arg(long, env = "OCELLUS_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Training conversations, one JSON object with OpenAI-style `messages` per line;
+    /// images as paths relative to the file, file:// URLs or data: URIs.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out conversations in the same format: their loss is reported before training
+    /// and after each epoch.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "lora")]
+    pub method: FinetuneMethod,
+    /// Where the adapter (or model) and the `checkpoint-STEP` folders are written.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
+    /// The projections LoRA adapts (of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    /// down_proj, lm_head), in every text layer.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub lora_target_modules: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the learning rate decays over them).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Peak learning rate, decayed linearly to 0.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Conversations per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Clip the gradients' global L2 norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Save a checkpoint every this many steps (none: only the final result).
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Continue from a checkpoint folder written by a run with the same flags.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Without a terminal, print the loss every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: usize,
+    /// Seeds the LoRA initialisation, the data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Longest conversation, image tokens included; a longer one stops with an error
+    /// naming its line.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub max_images: usize,
+    #[arg(long, default_value = "20MiB")]
+    pub max_image_size: ByteSize,
+    #[arg(long, default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -203,7 +289,7 @@ impl ServeArgs {
         argv.extend(extra.iter().map(String::as_str));
         match Cli::parse_from(argv).command {
             Command::Serve(args) => args,
-            Command::Generate(_) => unreachable!("parsed a serve command. This is a bug."),
+            Command::Generate(_) | Command::Finetune(_) => unreachable!("parsed a serve command. This is a bug."),
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The crate follows the request's path (see DESIGN.md): `processor` turns OpenAI-style
 //! messages and images into token ids and pixel tensors, `engine` batches sequences and
-//! samples tokens, `model` runs the network, `kv` holds the decoder's keys and values.
+//! samples tokens, `model` runs the network, `kv` holds the decoder's keys and values; `train` fine-tunes.
 
 pub mod api;
 pub mod config;
@@ -12,6 +12,7 @@ pub mod media;
 pub mod metrics;
 pub mod model;
 pub mod processor;
+pub mod train;
 
 use candle_core::Device;
 

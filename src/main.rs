@@ -27,6 +27,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
+        Command::Finetune(args) => ocellus::train::finetune(&args).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

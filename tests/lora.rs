@@ -1,6 +1,6 @@
-//! LoRA adapters trained by PEFT (scripts/make_fixtures.py) served by Ocellus: each gives
-//! transformers+PEFT's logits and greedy tokens; three adapters and the base model in one
-//! batch give what each gives alone; the prefix cache keeps them apart; broken adapter
+//! LoRA adapters served by Ocellus: three trained by PEFT and one by `ocellus finetune`
+//! (scripts/make_fixtures.py), each giving transformers+PEFT's logits and greedy tokens; all
+//! four and the base model in one batch give what each gives alone; the prefix cache keeps them apart; broken adapter
 //! folders are refused with errors that name what is wrong.
 
 mod common;
@@ -16,7 +16,7 @@ use ocellus::model::lora::{Adapter, AdapterError};
 use ocellus::processor::Processor;
 
 const MODEL: &str = "tiny-idefics3";
-const ADAPTERS: [&str; 3] = ["all-linear-r4", "attn-r8", "mlp-rslora"];
+const ADAPTERS: [&str; 4] = ["all-linear-r4", "attn-r8", "mlp-rslora", "ocellus-colours"];
 const LOGIT_TOLERANCE: f32 = 1e-4;
 const MAX_RANK: usize = 64;
 
@@ -102,7 +102,7 @@ fn peft_adapters_give_transformers_peft_logits_and_greedy_tokens() {
 }
 
 #[test]
-fn three_adapters_and_the_base_model_in_one_batch_each_give_what_they_give_alone() {
+fn every_adapter_and_the_base_model_in_one_batch_each_give_what_they_give_alone() {
     let (processor, mut engine) = fixture_engine();
     let adapters: Vec<Arc<Adapter>> = ADAPTERS.iter().map(|n| load_adapter(&engine, n)).collect();
     let references: Vec<Reference> = ADAPTERS.iter().map(|n| reference(Some(n))).collect();
@@ -121,9 +121,12 @@ fn three_adapters_and_the_base_model_in_one_batch_each_give_what_they_give_alone
             }
         }
         let together = generate_together(&mut engine, &processor, &jobs);
-        for (i, ((_, case, adapter), tokens)) in jobs.iter().zip(&together).enumerate() {
+        for (i, ((_, case, _), tokens)) in jobs.iter().zip(&together).enumerate() {
             let alone = generate_together(&mut engine, &processor, &jobs[i..=i]);
-            let who = adapter.as_ref().map_or("base", |_| ADAPTERS[(i % 4) - 1]);
+            let who = match i % (ADAPTERS.len() + 1) {
+                0 => "base",
+                k => ADAPTERS[k - 1],
+            };
             assert_eq!(tokens, &alone[0], "{who}/{case}: batched differs from alone");
             assert_eq!(tokens, &expected[i], "{who}/{case}: differs from the reference");
         }

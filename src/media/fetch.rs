@@ -100,25 +100,7 @@ impl MediaFetcher {
     }
 
     fn data_uri(&self, url: &str) -> Result<Fetched, MediaError> {
-        let rest = &url["data:".len()..];
-        let (header, payload) = rest
-            .split_once(',')
-            .ok_or_else(|| MediaError::MalformedDataUri("no ',' before the payload".into()))?;
-        let declared = header
-            .strip_suffix(";base64")
-            .ok_or_else(|| MediaError::MalformedDataUri("only base64 payloads are supported".into()))?;
-        // Decoded data is 3/4 of its base64: refuse oversized payloads before decoding them.
-        let decoded_len = payload.len() / 4 * 3;
-        if decoded_len > self.config.max_bytes {
-            return Err(MediaError::TooLarge {
-                limit: self.config.max_bytes,
-            });
-        }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(payload.trim())
-            .map_err(|e| MediaError::Base64(e.to_string()))?;
-        let declared_type = Some(declared.to_string()).filter(|t| !t.is_empty());
-        Ok(Fetched { bytes, declared_type })
+        decode_data_uri(url, self.config.max_bytes)
     }
 
     async fn http(&self, url: &str) -> Result<Fetched, MediaError> {
@@ -218,4 +200,25 @@ fn fetch_error(err: reqwest::Error) -> MediaError {
         source = e.source();
     }
     MediaError::FetchFailed(message)
+}
+
+/// A base64 `data:` URI's bytes and declared type, refused past `max_bytes` before decoding.
+pub fn decode_data_uri(url: &str, max_bytes: usize) -> Result<Fetched, MediaError> {
+    let rest = url.get("data:".len()..).unwrap_or_default();
+    let (header, payload) = rest
+        .split_once(',')
+        .ok_or_else(|| MediaError::MalformedDataUri("no ',' before the payload".into()))?;
+    let declared = header
+        .strip_suffix(";base64")
+        .ok_or_else(|| MediaError::MalformedDataUri("only base64 payloads are supported".into()))?;
+    // Decoded data is 3/4 of its base64: refuse oversized payloads before decoding them.
+    let decoded_len = payload.len() / 4 * 3;
+    if decoded_len > max_bytes {
+        return Err(MediaError::TooLarge { limit: max_bytes });
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| MediaError::Base64(e.to_string()))?;
+    let declared_type = Some(declared.to_string()).filter(|t| !t.is_empty());
+    Ok(Fetched { bytes, declared_type })
 }

@@ -216,13 +216,19 @@ impl Processor {
 
     /// Renders the chat template with the generation prompt appended.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ProcessorError> {
+        self.render_with(messages, true)
+    }
+
+    /// Renders the chat template, with the generation prompt or without (a finished
+    /// conversation, as fine-tuning reads it).
+    pub fn render_with(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ProcessorError> {
         if messages.is_empty() {
             return Err(ProcessorError::NoMessages);
         }
         if let Some(index) = messages.iter().position(|m| m.content.is_empty()) {
             return Err(ProcessorError::EmptyContent { index });
         }
-        self.template.render(messages, true)
+        self.template.render(messages, add_generation_prompt)
     }
 
     /// The whole processor: template, images, placeholder expansion, tokenization.
@@ -238,10 +244,20 @@ impl Processor {
         images: &[ImageInput],
         videos: Vec<VideoInput>,
     ) -> Result<Prompt, ProcessorError> {
+        let text = self.render(messages)?;
+        self.process_rendered(&text, images, videos)
+    }
+
+    /// `process_media` on a conversation already rendered by the chat template.
+    pub fn process_rendered(
+        &self,
+        text: &str,
+        images: &[ImageInput],
+        videos: Vec<VideoInput>,
+    ) -> Result<Prompt, ProcessorError> {
         if !videos.is_empty() && self.videos.is_none() {
             return Err(ProcessorError::VideosNotSupported);
         }
-        let text = self.render(messages)?;
         let default_split = self.images.splits_by_default();
         let mut processed: Vec<ProcessedImage> = images
             .iter()
@@ -250,7 +266,7 @@ impl Processor {
                 (self.preprocessed).get_or_insert(&input.image, split, || self.images.preprocess(&input.image, split))
             })
             .collect();
-        let (expanded, order) = self.expand_placeholders(&text, &processed, &videos)?;
+        let (expanded, order) = self.expand_placeholders(text, &processed, &videos)?;
         let token_ids = self.tokenize(&expanded)?;
         let by_video: Vec<usize> = videos.iter().map(|v| v.tiles.len()).collect();
         let frames: Vec<ProcessedImage> = videos

@@ -1,0 +1,192 @@
+//! Fine-tuning data: JSONL, one conversation per line in OpenAI's chat format,
+//! `{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
+//! "photos/1.png"}}, {"type": "text", "text": "..."}]}, {"role": "assistant", "content":
+//! "..."}]}`. Images are paths (relative to the file's folder), `file://` URLs or `data:`
+//! URIs. A conversation becomes the tokens the server would give it and, as TRL's SFT
+//! trains VLMs with an assistant-only loss, the assistant turns (with their end-of-turn
+//! token) as the only targets. Every error names the file and line.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use crate::api::types::ChatMessageIn;
+use crate::api::validate::{self, RequestLimits};
+use crate::media::{Fetched, MediaLimits, decode_image, fetch::decode_data_uri, probe_image};
+use crate::processor::{ChatMessage, ImageInput, Processor};
+
+/// One conversation, tokenized.
+pub struct Example {
+    /// 1-based, in its file.
+    pub line: usize,
+    pub token_ids: Vec<u32>,
+    /// `targets[t]`: token `t` is an assistant token, predicted from the tokens before it.
+    pub targets: Vec<bool>,
+    pub pixel_values: Option<Tensor>,
+}
+
+impl Example {
+    pub fn target_count(&self) -> usize {
+        self.targets.iter().filter(|&&t| t).count()
+    }
+}
+
+/// Bounds on one example (`ocellus finetune` flags).
+#[derive(Debug, Clone, Copy)]
+pub struct DataLimits {
+    /// Most tokens per conversation, image tokens included.
+    pub max_seq_len: usize,
+    pub max_images: usize,
+    pub max_image_bytes: usize,
+    pub max_image_pixels: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("{file}:{line}: {message}")]
+    Line {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{file}: no examples")]
+    Empty { file: PathBuf },
+}
+
+#[derive(serde::Deserialize)]
+struct Line {
+    messages: Vec<ChatMessageIn>,
+}
+
+/// Reads and tokenizes every line of `file` (blank lines skipped).
+pub fn load(file: &Path, processor: &Processor, limits: &DataLimits) -> Result<Vec<Example>, DataError> {
+    let text = std::fs::read_to_string(file).map_err(|source| DataError::Io {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    let folder = file.parent().unwrap_or(Path::new("."));
+    let mut examples = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let example = parse_line(line, index + 1, folder, processor, limits).map_err(|message| DataError::Line {
+            file: file.to_path_buf(),
+            line: index + 1,
+            message,
+        })?;
+        examples.push(example);
+    }
+    if examples.is_empty() {
+        return Err(DataError::Empty {
+            file: file.to_path_buf(),
+        });
+    }
+    Ok(examples)
+}
+
+fn parse_line(
+    line: &str,
+    number: usize,
+    folder: &Path,
+    processor: &Processor,
+    limits: &DataLimits,
+) -> Result<Example, String> {
+    let parsed: Line = serde_json::from_str(line).map_err(|e| format!("not a JSON object with `messages`: {e}"))?;
+    let request_limits = RequestLimits {
+        max_n: 1,
+        max_stop_sequences: 0,
+        max_top_logprobs: 0,
+        max_images_per_request: limits.max_images,
+        max_videos_per_request: 0,
+        max_video_frames: 0,
+    };
+    let (messages, media) = validate::messages(&parsed.messages, &request_limits).map_err(|e| e.to_string())?;
+    let assistant_turns: Vec<usize> = (messages.iter().enumerate())
+        .filter(|(_, m)| m.role == "assistant")
+        .map(|(i, _)| i)
+        .collect();
+    if assistant_turns.is_empty() {
+        return Err("no assistant message: there is nothing to learn from".into());
+    }
+    let mut images = Vec::with_capacity(media.images.len());
+    for image in &media.images {
+        let decoded = read_image(&image.url, folder, limits).map_err(|e| format!("{}: {e}", image.param))?;
+        images.push(ImageInput {
+            image: decoded,
+            split: image.split,
+        });
+    }
+    let tokens = |messages: &[ChatMessage], generation_prompt: bool| -> Result<Vec<u32>, String> {
+        let text = (processor.render_with(messages, generation_prompt)).map_err(|e| e.to_string())?;
+        let shown = count_images(messages);
+        let prompt = (processor.process_rendered(&text, &images[..shown], Vec::new())).map_err(|e| e.to_string())?;
+        Ok(prompt.token_ids)
+    };
+    let full = processor.render_with(&messages, false).map_err(|e| e.to_string())?;
+    let prompt = processor
+        .process_rendered(&full, &images, Vec::new())
+        .map_err(|e| e.to_string())?;
+    let n = prompt.token_ids.len();
+    if n > limits.max_seq_len {
+        return Err(format!(
+            "{n} tokens (images included), over the limit of {} (--max-seq-len)",
+            limits.max_seq_len
+        ));
+    }
+    // An assistant turn's tokens are those the conversation up to it gains past the
+    // generation prompt; where tokenization merges across that boundary, from the first
+    // token that differs.
+    let mut targets = vec![false; n];
+    for &turn in &assistant_turns {
+        let before = tokens(&messages[..turn], true)?;
+        let through = tokens(&messages[..=turn], false)?;
+        let start = common_prefix(&before, &prompt.token_ids);
+        let end = common_prefix(&through, &prompt.token_ids).max(start);
+        targets[start..end].iter_mut().for_each(|t| *t = true);
+    }
+    targets[0] = false;
+    if !targets.iter().any(|&t| t) {
+        return Err("the assistant messages render to no tokens".into());
+    }
+    Ok(Example {
+        line: number,
+        token_ids: prompt.token_ids,
+        targets,
+        pixel_values: prompt.pixel_values,
+    })
+}
+
+fn count_images(messages: &[ChatMessage]) -> usize {
+    (messages.iter().flat_map(|m| &m.content))
+        .filter(|p| matches!(p, crate::processor::ContentPart::Image))
+        .count()
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn read_image(url: &str, folder: &Path, limits: &DataLimits) -> Result<image::DynamicImage, String> {
+    let fetched = if url.starts_with("data:") {
+        decode_data_uri(url, limits.max_image_bytes).map_err(|e| e.to_string())?
+    } else {
+        let path = folder.join(url.strip_prefix("file://").unwrap_or(url));
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if bytes.len() > limits.max_image_bytes {
+            return Err(format!("{}: over {} bytes", path.display(), limits.max_image_bytes));
+        }
+        Fetched {
+            bytes,
+            declared_type: None,
+        }
+    };
+    let media = MediaLimits {
+        max_image_pixels: limits.max_image_pixels,
+        max_video_seconds: 0.0,
+    };
+    let header = probe_image(&fetched, &media).map_err(|e| e.to_string())?;
+    decode_image(&fetched, &header).map_err(|e| e.to_string())
+}

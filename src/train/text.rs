@@ -1,0 +1,391 @@
+//! SmolVLM's decoder for training: the same Llama math as `model::smolvlm::text`, written
+//! only in candle ops that have gradients (the serving path's fused CPU kernels, rotary
+//! embedding and softmax have none), over one whole sequence with a causal mask and no KV
+//! cache. Trainable are either LoRA pairs on chosen projections (PEFT's layout and scaling)
+//! or every text weight (`--method full`); the vision encoder and connector stay frozen, so
+//! image features are computed once by the serving model and spliced in.
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::smolvlm::config::TextConfig;
+
+/// Which weights train.
+#[derive(Debug, Clone)]
+pub enum Method {
+    Lora(LoraSpec),
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// Module names as PEFT's `target_modules` list matches them (`q_proj`, `lm_head`).
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// A trainable tensor and the name it is saved under.
+pub struct Trainable {
+    pub name: String,
+    pub var: Var,
+}
+
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<LoraPair>,
+}
+
+struct LoraPair {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+pub struct TrainText {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    eps: f64,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dropout: f32,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Builds trainable tensors while the model is assembled, recording their names.
+struct Builder<'a> {
+    method: &'a Method,
+    rng: ChaCha8Rng,
+    trainables: Vec<Trainable>,
+}
+
+impl Builder<'_> {
+    /// A full-method weight becomes a variable; otherwise it stays a constant.
+    fn weight(&mut self, name: String, tensor: Tensor) -> Result<Tensor> {
+        if !matches!(self.method, Method::Full) {
+            return Ok(tensor);
+        }
+        let var = Var::from_tensor(&tensor)?;
+        let t = var.as_tensor().clone();
+        self.trainables.push(Trainable { name, var });
+        Ok(t)
+    }
+
+    /// `module`: PEFT's name for it (`model.text_model.layers.0.self_attn.q_proj`).
+    fn linear(&mut self, module: &str, vb: &VarBuilder, shape: (usize, usize), bias: bool) -> Result<Linear> {
+        let out = shape.0;
+        let weight = self.weight(format!("{module}.weight"), vb.get(shape, &format!("{module}.weight"))?)?;
+        let bias = if bias {
+            Some(self.weight(format!("{module}.bias"), vb.get(out, &format!("{module}.bias"))?)?)
+        } else {
+            None
+        };
+        let lora = self.lora_pair(module, shape, vb.device())?;
+        Ok(Linear { weight, bias, lora })
+    }
+
+    /// A fresh LoRA pair for `module` (`[out, in]`) if the method targets it.
+    fn lora_pair(&mut self, module: &str, (out, inp): (usize, usize), device: &Device) -> Result<Option<LoraPair>> {
+        let Method::Lora(spec) = self.method else {
+            return Ok(None);
+        };
+        if !targeted(spec, module) {
+            return Ok(None);
+        }
+        // PEFT's initialisation: A ~ kaiming_uniform(a = sqrt 5), i.e. U(±1/sqrt(in)); B = 0,
+        // so training starts from the base model exactly.
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..spec.rank * inp)
+            .map(|_| self.rng.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), device)?)?;
+        let b = Var::zeros((out, spec.rank), DType::F32, device)?;
+        let pair = LoraPair {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: spec.scale(),
+        };
+        let prefix = format!("base_model.model.{module}");
+        self.trainables.push(Trainable {
+            name: format!("{prefix}.lora_A.weight"),
+            var: a,
+        });
+        self.trainables.push(Trainable {
+            name: format!("{prefix}.lora_B.weight"),
+            var: b,
+        });
+        Ok(Some(pair))
+    }
+}
+
+/// PEFT's list matching: the module's name or a dotted suffix of it.
+fn targeted(spec: &LoraSpec, module: &str) -> bool {
+    (spec.targets.iter()).any(|t| module == t || module.ends_with(&format!(".{t}")))
+}
+
+impl TrainText {
+    /// `vb` is the model's root (weights in f32). Returns the model and what trains.
+    pub fn new(
+        cfg: &TextConfig,
+        tie_word_embeddings: bool,
+        vb: VarBuilder,
+        method: &Method,
+        seed: u64,
+    ) -> Result<(Self, Vec<Trainable>)> {
+        let mut b = Builder {
+            method,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            trainables: Vec::new(),
+        };
+        let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let embed_name = "model.text_model.embed_tokens.weight";
+        let embed = b.weight(embed_name.into(), vb.get((cfg.vocab_size, h), embed_name)?)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let m = format!("model.text_model.layers.{i}");
+            let norm = |b: &mut Builder, name: &str| {
+                b.weight(format!("{m}.{name}.weight"), vb.get(h, &format!("{m}.{name}.weight"))?)
+            };
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            layers.push(Layer {
+                input_norm: norm(&mut b, "input_layernorm")?,
+                q: b.linear(&format!("{m}.self_attn.q_proj"), &vb, (heads * hd, h), ab)?,
+                k: b.linear(&format!("{m}.self_attn.k_proj"), &vb, (kv_heads * hd, h), ab)?,
+                v: b.linear(&format!("{m}.self_attn.v_proj"), &vb, (kv_heads * hd, h), ab)?,
+                o: b.linear(&format!("{m}.self_attn.o_proj"), &vb, (h, heads * hd), ab)?,
+                post_norm: norm(&mut b, "post_attention_layernorm")?,
+                gate: b.linear(&format!("{m}.mlp.gate_proj"), &vb, (inter, h), mb)?,
+                up: b.linear(&format!("{m}.mlp.up_proj"), &vb, (inter, h), mb)?,
+                down: b.linear(&format!("{m}.mlp.down_proj"), &vb, (h, inter), mb)?,
+            });
+        }
+        let norm_name = "model.text_model.norm.weight";
+        let norm = b.weight(norm_name.into(), vb.get(h, norm_name)?)?;
+        let lm_head = if tie_word_embeddings {
+            // Tied: the head is the embedding matrix itself (a LoRA on lm_head still applies).
+            Linear {
+                weight: embed.clone(),
+                bias: None,
+                lora: b.lora_pair("lm_head", (cfg.vocab_size, h), vb.device())?,
+            }
+        } else {
+            b.linear("lm_head", &vb, (cfg.vocab_size, h), false)?
+        };
+        let (cos, sin) = rotary(cfg, vb.device())?;
+        let dropout = match method {
+            Method::Lora(spec) => spec.dropout,
+            Method::Full => 0.0,
+        };
+        let model = Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            eps: cfg.rms_norm_eps,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            dropout,
+        };
+        Ok((model, b.trainables))
+    }
+
+    /// Hidden states before the final norm, `[n, hidden]`. `features`: the image tokens'
+    /// rows, in order. `dropout`: a seeded source for LoRA dropout, `None` to evaluate.
+    fn hidden(
+        &self,
+        ids: &[u32],
+        image_token: u32,
+        features: Option<&Tensor>,
+        dropout: &mut Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let device = self.embed.device();
+        let n = ids.len();
+        let mut xs = self.embed.index_select(&Tensor::new(ids, device)?, 0)?;
+        if let Some(features) = features {
+            let mut next = n as u32;
+            let index: Vec<u32> = (ids.iter().enumerate())
+                .map(|(i, &id)| {
+                    if id == image_token {
+                        next += 1;
+                        next - 1
+                    } else {
+                        i as u32
+                    }
+                })
+                .collect();
+            xs = Tensor::cat(&[&xs, &features.to_dtype(DType::F32)?], 0)?
+                .index_select(&Tensor::new(index, device)?, 0)?;
+        }
+        let cos = self.cos.narrow(0, 0, n)?;
+        let sin = self.sin.narrow(0, 0, n)?;
+        let mask = causal_mask(n, device)?;
+        for layer in &self.layers {
+            xs = self.layer(layer, &xs, &cos, &sin, &mask, dropout)?;
+        }
+        Ok(xs)
+    }
+
+    fn layer(
+        &self,
+        l: &Layer,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        dropout: &mut Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let n = xs.dim(0)?;
+        let hd = self.head_dim;
+        let hs = rms_norm(xs, &l.input_norm, self.eps)?;
+        let heads = |t: Tensor, count: usize| t.reshape((n, count, hd))?.transpose(0, 1)?.contiguous();
+        let q = rope(&heads(self.project(&l.q, &hs, dropout)?, self.heads)?, cos, sin)?;
+        let k = rope(&heads(self.project(&l.k, &hs, dropout)?, self.kv_heads)?, cos, sin)?;
+        let v = heads(self.project(&l.v, &hs, dropout)?, self.kv_heads)?;
+        let group = self.heads / self.kv_heads;
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            if group == 1 {
+                return Ok(t);
+            }
+            t.unsqueeze(1)?
+                .broadcast_as((self.kv_heads, group, n, hd))?
+                .contiguous()?
+                .reshape((self.heads, n, hd))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, self.heads * hd))?;
+        let xs = (self.project(&l.o, &attn, dropout)? + xs)?;
+        let hs = rms_norm(&xs, &l.post_norm, self.eps)?;
+        let gated = (self.project(&l.gate, &hs, dropout)?.silu()? * self.project(&l.up, &hs, dropout)?)?;
+        self.project(&l.down, &gated, dropout)? + xs
+    }
+
+    /// `xs · Wᵀ + b`, plus PEFT's `scale · B(A(dropout(xs)))` where a LoRA pair sits.
+    fn project(&self, linear: &Linear, xs: &Tensor, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let mut ys = xs.matmul(&linear.weight.t()?)?;
+        if let Some(bias) = &linear.bias {
+            ys = ys.broadcast_add(bias)?;
+        }
+        if let Some(lora) = &linear.lora {
+            let dropped = match dropout {
+                Some(rng) if self.dropout > 0.0 => drop(xs, self.dropout, rng)?,
+                _ => xs.clone(),
+            };
+            let delta = dropped.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+            ys = (ys + (delta * lora.scale)?)?;
+        }
+        Ok(ys)
+    }
+
+    /// The summed cross-entropy of the target tokens (`targets[t]`: token `t` is predicted
+    /// from those before it), and how many there were.
+    pub fn loss(
+        &self,
+        ids: &[u32],
+        targets: &[bool],
+        image_token: u32,
+        features: Option<&Tensor>,
+        mut dropout: Option<&mut ChaCha8Rng>,
+    ) -> Result<(Tensor, usize)> {
+        let hidden = self.hidden(ids, image_token, features, &mut dropout)?;
+        let rows: Vec<u32> = (1..ids.len()).filter(|&t| targets[t]).map(|t| t as u32 - 1).collect();
+        let labels: Vec<u32> = (1..ids.len()).filter(|&t| targets[t]).map(|t| ids[t]).collect();
+        let device = hidden.device();
+        let picked = hidden.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+        let logits = self.project(&self.lm_head, &rms_norm(&picked, &self.norm, self.eps)?, &mut dropout)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let labels = Tensor::new(labels.as_slice(), device)?.unsqueeze(1)?;
+        let picked = log_probs.gather(&labels, 1)?;
+        Ok((picked.sum_all()?.neg()?, rows.len()))
+    }
+
+    /// Next-token logits after every token (`[n, vocab]`), without dropout.
+    pub fn logits(&self, ids: &[u32], image_token: u32, features: Option<&Tensor>) -> Result<Tensor> {
+        let hidden = self.hidden(ids, image_token, features, &mut None)?;
+        self.project(&self.lm_head, &rms_norm(&hidden, &self.norm, self.eps)?, &mut None)
+    }
+}
+
+/// Llama's RMSNorm in f32: `w · x / sqrt(mean(x²) + eps)`.
+fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    xs.broadcast_div(&rms)?.broadcast_mul(weight)
+}
+
+/// transformers' rotate-half rotary embedding: `x cos + rotate_half(x) sin`, `x`:
+/// `[heads, n, head_dim]`, tables `[n, head_dim]`.
+fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = xs.dim(D::Minus1)? / 2;
+    let rotated = Tensor::cat(
+        &[
+            &xs.narrow(D::Minus1, half, half)?.neg()?,
+            &xs.narrow(D::Minus1, 0, half)?,
+        ],
+        D::Minus1,
+    )?;
+    xs.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// cos and sin of every position at every frequency, duplicated to the head's width.
+fn rotary(cfg: &TextConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let dim = cfg.head_dim();
+    let theta = cfg.rope_theta() as f32;
+    let inv_freq: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
+        .collect();
+    let positions = cfg.max_position_embeddings;
+    let freqs: Vec<f32> = (0..positions)
+        .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (positions, dim / 2), device)?;
+    let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (n, n), device)
+}
+
+/// Inverted dropout with a seeded mask (candle's own draws from an unseeded generator).
+fn drop(xs: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..xs.elem_count())
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    xs * Tensor::from_vec(mask, xs.shape(), xs.device())?
+}

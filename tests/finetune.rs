@@ -1,0 +1,222 @@
+//! `ocellus finetune`: the training forward computes transformers' logits (with a PEFT
+//! adapter in place too), a short LoRA run on the fixture lowers the eval loss and writes an
+//! adapter the server loads, a resumed run ends where an unbroken one does, and broken
+//! datasets stop with an error naming the line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp};
+use clap::Parser;
+use common::*;
+use ocellus::config::{Cli, Command, FinetuneArgs};
+use ocellus::model::lora::Adapter;
+use ocellus::model::smolvlm::SmolVlmConfig;
+use ocellus::model::weights::SafetensorsWeights;
+use ocellus::train::data::{self, DataError, DataLimits};
+use ocellus::train::text::{LoraSpec, Method, TrainText};
+
+const MODEL: &str = "tiny-idefics3";
+
+fn colours() -> PathBuf {
+    fixtures().join("finetune").join("colours")
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ocellus-finetune-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `ocellus finetune` flags on the fixture model and the colours set.
+fn args(out: &Path, extra: &[&str]) -> FinetuneArgs {
+    let model = Reference::model_dir(&fixtures(), MODEL);
+    let data = colours().join("train.jsonl");
+    let eval = colours().join("eval.jsonl");
+    let mut argv = vec!["ocellus", "finetune", "--model", model.to_str().unwrap()];
+    argv.extend(["--data", data.to_str().unwrap(), "--eval", eval.to_str().unwrap()]);
+    argv.extend(["--out", out.to_str().unwrap()]);
+    argv.extend(extra);
+    match Cli::parse_from(argv).command {
+        Command::Finetune(args) => args,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapter() {
+    let loaded = load_fixture_model(MODEL);
+    let dir = Reference::model_dir(&fixtures(), MODEL);
+    let config = SmolVlmConfig::load(&dir.join("config.json")).unwrap();
+    let adapter_dir = fixtures().join("adapters").join(MODEL).join("all-linear-r4");
+    let saved = candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    for (method, reference) in [
+        (Method::Full, Reference::load(&fixtures(), MODEL)),
+        (
+            Method::Lora(spec),
+            Reference::load(&fixtures(), &format!("{MODEL}-lora-all-linear-r4")),
+        ),
+    ] {
+        let vb = SafetensorsWeights::open(&loaded.files.weights)
+            .unwrap()
+            .into_var_builder(DType::F32, &Device::Cpu);
+        let (model, trainables) =
+            TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &method, 0).unwrap();
+        if let Method::Lora(_) = method {
+            assert_eq!(trainables.len(), saved.len(), "one variable per saved tensor");
+            for t in &trainables {
+                t.var.set(&saved[&t.name]).unwrap();
+            }
+        }
+        for (name, case) in &reference.cases {
+            let prompt = prompt_for(&loaded.processor, &reference, case);
+            let features = prompt
+                .pixel_values
+                .as_ref()
+                .map(|p| loaded.model.encode_images(p).unwrap());
+            let image_token = loaded.model.info().image_token_id;
+            let logits = model.logits(&prompt.token_ids, image_token, features.as_ref()).unwrap();
+            let last = logits.i(prompt.token_ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+            let diff = max_abs_diff(&last, &reference.logits(name));
+            assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn a_short_lora_run_lowers_the_eval_loss_and_writes_an_adapter_the_server_loads() {
+    let out = scratch("lora");
+    let summary = ocellus::train::finetune(&args(&out, &["--epochs", "2", "--lr", "1e-3"])).unwrap();
+    assert_eq!(summary.steps, 96, "48 conversations, 2 epochs, one per step");
+    let (before, after) = (summary.eval_losses[0], *summary.eval_losses.last().unwrap());
+    eprintln!(
+        "eval loss {before:.3} -> {after:.3}; train loss {:.3} -> {:.3}",
+        summary.first_loss, summary.last_loss
+    );
+    assert_eq!(summary.eval_losses.len(), 3, "before training and after each epoch");
+    assert!(after < 0.8 * before, "eval loss {before} -> {after}");
+    let loaded = load_fixture_model(MODEL);
+    let layout = loaded.model.adapter_layout();
+    let adapter = Adapter::load("trained", &out, &layout, 64, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        (adapter.rank(), adapter.modules()),
+        (8, 2 * 7),
+        "r 8 on seven projections of two layers"
+    );
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn a_resumed_run_ends_where_an_unbroken_one_does() {
+    let (whole, broken, resumed) = (scratch("whole"), scratch("broken"), scratch("resumed"));
+    // Dropout on and two conversations per step: the checkpoint must restore the data
+    // order, the dropout stream and the optimizer's moments, not only the weights.
+    let common = [
+        "--max-steps",
+        "6",
+        "--gradient-accumulation-steps",
+        "2",
+        "--lora-dropout",
+        "0.1",
+    ];
+    ocellus::train::finetune(&args(&whole, &common)).unwrap();
+    let mut with_saves = common.to_vec();
+    with_saves.extend(["--save-steps", "3"]);
+    ocellus::train::finetune(&args(&broken, &with_saves)).unwrap();
+    let checkpoint = broken.join("checkpoint-3");
+    let mut resume = common.to_vec();
+    resume.extend(["--resume", checkpoint.to_str().unwrap()]);
+    let summary = ocellus::train::finetune(&args(&resumed, &resume)).unwrap();
+    assert_eq!(summary.steps, 3, "steps 4 to 6");
+    let load =
+        |dir: &Path| candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (a, b, mid) = (load(&whole), load(&resumed), load(&checkpoint));
+    let mut moved = 0.0f32;
+    for (name, tensor) in &a {
+        let (x, y) = (
+            tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(max_abs_diff(&x, &y) < 1e-6, "{name}");
+        moved = moved.max(max_abs_diff(
+            &x,
+            &mid[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        ));
+    }
+    assert!(moved > 1e-4, "steps 4 to 6 changed nothing");
+    for dir in [whole, broken, resumed] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn broken_datasets_stop_with_an_error_naming_the_line() {
+    let loaded = load_fixture_model(MODEL);
+    let dir = scratch("data");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::copy(colours().join("images/train-0.png"), dir.join("images/a.png")).unwrap();
+    let good = r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "images/a.png"}}, {"type": "text", "text": "Colour?"}]}, {"role": "assistant", "content": "red."}]}"#;
+    let limits = DataLimits {
+        max_seq_len: 512,
+        max_images: 4,
+        max_image_bytes: 1 << 20,
+        max_image_pixels: 1 << 20,
+    };
+    let long = format!(
+        r#"{{"messages": [{{"role": "user", "content": "{}"}}, {{"role": "assistant", "content": "ok"}}]}}"#,
+        "word ".repeat(1000)
+    );
+    for (bad, mentions) in [
+        ("{\"messages\": [", "not a JSON object"),
+        (&good.replace("images/a.png", "images/missing.png"), "missing.png"),
+        (
+            r#"{"messages": [{"role": "user", "content": "Hi"}]}"#,
+            "no assistant message",
+        ),
+        (&long, "--max-seq-len"),
+        (
+            r#"{"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "x"}]}"#,
+            "role",
+        ),
+        (&good.replace("images/a.png", "data:image/png;base64,!!!"), "base64"),
+    ] {
+        let file = dir.join("data.jsonl");
+        std::fs::write(&file, format!("{good}\n\n{bad}\n")).unwrap();
+        match data::load(&file, &loaded.processor, &limits) {
+            Err(DataError::Line { line, message, .. }) => {
+                assert_eq!(line, 3, "{message}");
+                assert!(message.contains(mentions), "`{message}` does not mention `{mentions}`");
+            }
+            Err(other) => panic!("{bad}: {other}"),
+            Ok(_) => panic!("{bad}: loaded"),
+        }
+    }
+    std::fs::write(dir.join("data.jsonl"), format!("{good}\n")).unwrap();
+    let examples = data::load(&dir.join("data.jsonl"), &loaded.processor, &limits).unwrap();
+    let decoded_targets: Vec<u32> = (examples[0].token_ids.iter().zip(&examples[0].targets))
+        .filter(|(_, t)| **t)
+        .map(|(id, _)| *id)
+        .collect();
+    // The answer and the end of its turn are the only targets.
+    let text = loaded.processor.tokenizer().decode(&decoded_targets, false).unwrap();
+    assert_eq!(text.trim(), "red.<end_of_utterance>");
+    std::fs::remove_dir_all(dir).unwrap();
+}
