@@ -220,3 +220,27 @@ fn broken_datasets_stop_with_an_error_naming_the_line() {
     assert_eq!(text.trim(), "red.<end_of_utterance>");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_full_run_writes_a_model_folder_the_server_loads_with_the_trained_weights() {
+    let out = scratch("full");
+    let summary =
+        ocellus::train::finetune(&args(&out, &["--method", "full", "--max-steps", "8", "--lr", "1e-3"])).unwrap();
+    assert!(
+        summary.eval_losses[1] < summary.eval_losses[0],
+        "{:?}",
+        summary.eval_losses
+    );
+    let trained = ocellus::load_folder(&out, ocellus::model::WeightDType::F32, &Device::Cpu).unwrap();
+    let base = load_fixture_model(MODEL);
+    let reference = Reference::load(&fixtures(), MODEL);
+    let case = &reference.cases["wide"];
+    let prompt = prompt_for(&trained.processor, &reference, case);
+    assert_eq!(prompt.token_ids, case.input_ids, "the processor files came along");
+    let diff = max_abs_diff(
+        &first_step_logits(trained.model.as_ref(), &prompt),
+        &first_step_logits(base.model.as_ref(), &prompt),
+    );
+    assert!(diff > 1e-3, "the saved weights are the base model's");
+    std::fs::remove_dir_all(out).unwrap();
+}

@@ -42,7 +42,7 @@ pub struct Summary {
     /// Mean assistant-token loss of the first and the last optimizer step.
     pub first_loss: f64,
     pub last_loss: f64,
-    /// Eval loss before training and after each epoch.
+    /// Eval loss before training (unless resumed), after each epoch, and at the end.
     pub eval_losses: Vec<f64>,
 }
 
@@ -98,12 +98,15 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         eval.as_ref().map_or(0, Vec::len)
     );
     let mut summary = Summary::default();
+    // The step of the last eval loss, so that a run ending mid-epoch reports one too.
+    let mut evaluated_at = None;
     if let Some(eval) = &eval
         && args.resume.is_none()
     {
         let loss = trainer.eval_loss(eval)?;
         eprintln!("eval loss before training: {loss:.4}");
         summary.eval_losses.push(loss);
+        evaluated_at = Some(state.step);
     }
     let progress = indicatif::ProgressBar::new(total_steps as u64);
     progress.set_style(
@@ -149,7 +152,15 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
             let loss = trainer.eval_loss(eval)?;
             say(&progress, format!("epoch {}: eval loss {loss:.4}", state.epoch));
             summary.eval_losses.push(loss);
+            evaluated_at = Some(state.step);
         }
+    }
+    if let Some(eval) = &eval
+        && evaluated_at != Some(state.step)
+    {
+        let loss = trainer.eval_loss(eval)?;
+        say(&progress, format!("step {}: eval loss {loss:.4}", state.step));
+        summary.eval_losses.push(loss);
     }
     progress.finish_and_clear();
     write_output(&args.out, args, &method, &files, &trainables)?;
