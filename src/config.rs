@@ -37,8 +37,7 @@ pub enum Command {
 pub enum FinetuneMethod {
     /// Low-rank adapters on the chosen projections; saved in PEFT's format.
     Lora,
-    /// Every text-model weight (the vision encoder and connector stay frozen); saved as a
-    /// model folder.
+    /// Every weight: vision encoder, connector and text model; saved as a model folder.
     Full,
 }
 

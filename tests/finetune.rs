@@ -16,6 +16,7 @@ use ocellus::model::smolvlm::SmolVlmConfig;
 use ocellus::model::weights::SafetensorsWeights;
 use ocellus::train::data::{self, DataError, DataLimits};
 use ocellus::train::text::{LoraSpec, Method, TrainText};
+use ocellus::train::vision::TrainVision;
 
 const MODEL: &str = "tiny-idefics3";
 
@@ -46,7 +47,7 @@ fn args(out: &Path, extra: &[&str]) -> FinetuneArgs {
 }
 
 #[test]
-fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapter() {
+fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapter_vision_included() {
     let loaded = load_fixture_model(MODEL);
     let dir = Reference::model_dir(&fixtures(), MODEL);
     let config = SmolVlmConfig::load(&dir.join("config.json")).unwrap();
@@ -86,12 +87,30 @@ fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapte
                 t.var.set(&saved[&t.name]).unwrap();
             }
         }
+        let vb = SafetensorsWeights::open(&loaded.files.weights)
+            .unwrap()
+            .into_var_builder(DType::F32, &Device::Cpu);
+        let hidden = config.text_config.hidden_size;
+        let (vision, _) = TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb).unwrap();
         for (name, case) in &reference.cases {
             let prompt = prompt_for(&loaded.processor, &reference, case);
-            let features = prompt
-                .pixel_values
-                .as_ref()
-                .map(|p| loaded.model.encode_images(p).unwrap());
+            // The trainable vision encoder's features (those of --method full).
+            let features = prompt.pixel_values.as_ref().map(|p| vision.forward(p).unwrap());
+            if let (Some(ours), Some(p)) = (&features, &prompt.pixel_values) {
+                let served = loaded
+                    .model
+                    .encode_images(p)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let diff = max_abs_diff(&ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &served);
+                assert!(
+                    diff < 1e-4,
+                    "{name}: trainable vision features differ from the served by {diff}"
+                );
+            }
             let image_token = loaded.model.info().image_token_id;
             let logits = model.logits(&prompt.token_ids, image_token, features.as_ref()).unwrap();
             let last = logits.i(prompt.token_ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();

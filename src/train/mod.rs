@@ -1,5 +1,5 @@
 //! `ocellus finetune`: supervised fine-tuning of a SmolVLM on JSONL conversations, with
-//! LoRA or every text weight, on candle's autograd. As TRL's SFTTrainer: loss on assistant
+//! LoRA or every weight, on candle's autograd. As TRL's SFTTrainer: loss on assistant
 //! tokens only, AdamW with a linearly decaying learning rate, gradient clipping and
 //! accumulation, an eval loss per epoch, checkpoints that resume exactly.
 
@@ -7,6 +7,7 @@ pub mod adamw;
 pub mod data;
 pub mod save;
 pub mod text;
+pub mod vision;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,7 +65,22 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     let method = method(args)?;
     let config = SmolVlmConfig::load(&files.config)?;
     let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
-    let (model, trainables) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &method, args.seed)?;
+    // Under --method full the vision encoder and connector train too.
+    let (train_vision, mut trainables) = match method {
+        Method::Full => {
+            let (vision, vars) = vision::TrainVision::new(
+                &config.vision_config,
+                config.scale_factor,
+                config.text_config.hidden_size,
+                &vb,
+            )?;
+            (Some(vision), vars)
+        }
+        Method::Lora(_) => (None, Vec::new()),
+    };
+    let (model, text_trainables) =
+        TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &method, args.seed)?;
+    trainables.extend(text_trainables);
     let vars: Vec<Var> = trainables.iter().map(|t| t.var.clone()).collect();
     let params = AdamWParams {
         lr: args.lr,
@@ -87,6 +103,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         args,
         model: &model,
         vision: loaded.model.as_ref(),
+        train_vision: train_vision.as_ref(),
         image_token: loaded.model.info().image_token_id,
     };
     let groups_per_epoch = train.len().div_ceil(args.gradient_accumulation_steps);
@@ -290,11 +307,16 @@ struct Trainer<'a> {
     args: &'a FinetuneArgs,
     model: &'a TrainText,
     vision: &'a dyn crate::model::VisionLanguageModel,
+    /// The trainable encoder (`--method full`); otherwise the serving model's, frozen.
+    train_vision: Option<&'a vision::TrainVision>,
     image_token: u32,
 }
 
 impl Trainer<'_> {
     fn features(&self, example: &Example) -> anyhow::Result<Option<Tensor>> {
+        if let Some(vision) = self.train_vision {
+            return Ok(example.pixel_values.as_ref().map(|p| vision.forward(p)).transpose()?);
+        }
         let features = example
             .pixel_values
             .as_ref()

@@ -2,8 +2,8 @@
 //! only in candle ops that have gradients (the serving path's fused CPU kernels, rotary
 //! embedding and softmax have none), over one whole sequence with a causal mask and no KV
 //! cache. Trainable are either LoRA pairs on chosen projections (PEFT's layout and scaling)
-//! or every text weight (`--method full`); the vision encoder and connector stay frozen, so
-//! image features are computed once by the serving model and spliced in.
+//! or every weight (`--method full`, with `vision`'s encoder); image features come in
+//! computed and are spliced in place of the image tokens.
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;

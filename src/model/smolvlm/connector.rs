@@ -29,7 +29,7 @@ impl Connector {
 }
 
 /// transformers' `Idefics3Connector.pixel_shuffle`, step for step.
-fn pixel_shuffle(xs: &Tensor, s: usize) -> Result<Tensor> {
+pub fn pixel_shuffle(xs: &Tensor, s: usize) -> Result<Tensor> {
     let (b, seq, dim) = xs.dims3()?;
     let side = (seq as f64).sqrt() as usize;
     xs.reshape((b, side, side / s, dim * s))?
