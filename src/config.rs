@@ -31,6 +31,42 @@ pub enum Command {
     /// Fine-tune a model on JSONL conversations (LoRA or every text weight) and save the
     /// result: a PEFT adapter, or a model folder.
     Finetune(FinetuneArgs),
+    /// Write the demo task's data: images of coloured shapes and digits with one-word
+    /// questions (colour, shape, count, position, digit), seeded.
+    DemoData(DemoDataArgs),
+    /// Answer the conversations of a JSONL file greedily and report exact-match accuracy
+    /// against their last assistant turn, per `kind`, as JSON.
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoDataArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training conversations (`train.jsonl`), drawn from `--seed`.
+    #[arg(long, default_value_t = 5000)]
+    pub train: usize,
+    /// Held-out conversations (`test.jsonl`), drawn from `--seed` + 1000000: never the
+    /// training images.
+    #[arg(long, default_value_t = 200)]
+    pub test: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvaluateArgs {
+    #[arg(long, env = "OCELLUS_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// A LoRA adapter folder to answer with.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Conversations as `ocellus finetune` reads them; each ends with the expected answer.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Longest answer generated.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -288,7 +324,7 @@ impl ServeArgs {
         argv.extend(extra.iter().map(String::as_str));
         match Cli::parse_from(argv).command {
             Command::Serve(args) => args,
-            Command::Generate(_) | Command::Finetune(_) => unreachable!("parsed a serve command. This is a bug."),
+            _ => unreachable!("parsed a serve command. This is a bug."),
         }
     }
 }

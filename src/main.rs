@@ -28,6 +28,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Finetune(args) => ocellus::train::finetune(&args).map(|_| ()),
+        Command::DemoData(args) => demo_data(&args),
+        Command::Evaluate(args) => ocellus::train::evaluate::run(&args).map(|report| println!("{report}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -105,6 +107,19 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         t.decode.as_secs_f64(),
         t.decode_steps as f64 / t.decode.as_secs_f64().max(1e-9),
         generation.finish_reason.as_str(),
+    );
+    Ok(())
+}
+
+fn demo_data(args: &ocellus::config::DemoDataArgs) -> anyhow::Result<()> {
+    use ocellus::train::synthetic::write_split;
+    write_split(&args.out, "train", args.train, args.seed)?;
+    write_split(&args.out, "test", args.test, args.seed + 1_000_000)?;
+    eprintln!(
+        "wrote {} training and {} test conversations to {}",
+        args.train,
+        args.test,
+        args.out.display()
     );
     Ok(())
 }

@@ -169,7 +169,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn read_image(url: &str, folder: &Path, limits: &DataLimits) -> Result<image::DynamicImage, String> {
+pub(crate) fn read_image(url: &str, folder: &Path, limits: &DataLimits) -> Result<image::DynamicImage, String> {
     let fetched = if url.starts_with("data:") {
         decode_data_uri(url, limits.max_image_bytes).map_err(|e| e.to_string())?
     } else {

@@ -5,7 +5,9 @@
 
 pub mod adamw;
 pub mod data;
+pub mod evaluate;
 pub mod save;
+pub mod synthetic;
 pub mod text;
 pub mod vision;
 

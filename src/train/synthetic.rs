@@ -1,0 +1,219 @@
+//! The demo task: small images of coloured shapes and digits, drawn with the `image` crate,
+//! each with one question whose answer is one word: a shape's colour, its kind, how many
+//! there are, where one is, which digit is written. Seeded: the same seed draws the same
+//! set, so a held-out set can be regenerated exactly.
+
+use std::path::Path;
+
+use anyhow::Context;
+use image::{Rgb, RgbImage};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Side of every image, in pixels.
+pub const SIDE: u32 = 64;
+
+const COLOURS: [(&str, [u8; 3]); 5] = [
+    ("red", [220, 30, 30]),
+    ("green", [30, 170, 50]),
+    ("blue", [40, 60, 220]),
+    ("yellow", [235, 200, 20]),
+    ("purple", [140, 40, 170]),
+];
+const SHAPES: [&str; 3] = ["circle", "square", "triangle"];
+const COUNTS: [&str; 4] = ["one", "two", "three", "four"];
+const PLACES: [&str; 4] = ["left", "right", "top", "bottom"];
+
+/// 3x5 digits, a row per entry, the high bit on the left.
+const DIGITS: [[u8; 5]; 10] = [
+    [0b111, 0b101, 0b101, 0b101, 0b111],
+    [0b010, 0b110, 0b010, 0b010, 0b111],
+    [0b111, 0b001, 0b111, 0b100, 0b111],
+    [0b111, 0b001, 0b111, 0b001, 0b111],
+    [0b101, 0b101, 0b111, 0b001, 0b001],
+    [0b111, 0b100, 0b111, 0b001, 0b111],
+    [0b111, 0b100, 0b111, 0b101, 0b111],
+    [0b111, 0b001, 0b001, 0b001, 0b001],
+    [0b111, 0b101, 0b111, 0b101, 0b111],
+    [0b111, 0b101, 0b111, 0b001, 0b111],
+];
+
+/// The kinds of question, as the evaluation reports them.
+pub const KINDS: [&str; 5] = ["colour", "shape", "count", "position", "digit"];
+
+pub struct Sample {
+    pub kind: &'static str,
+    pub image: RgbImage,
+    pub question: &'static str,
+    pub answer: String,
+}
+
+/// One sample of each kind in turn, `index` choosing the kind.
+pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
+    let kind = KINDS[index % KINDS.len()];
+    let mut image = RgbImage::from_pixel(SIDE, SIDE, Rgb([255, 255, 255]));
+    let colour = COLOURS[rng.random_range(0..COLOURS.len())];
+    let shape = rng.random_range(0..SHAPES.len());
+    let (question, answer) = match kind {
+        "colour" | "shape" => {
+            let size = rng.random_range(16..26);
+            let (x, y) = (
+                rng.random_range(size..SIDE as i32 - size),
+                rng.random_range(size..SIDE as i32 - size),
+            );
+            draw_shape(&mut image, shape, x, y, size, colour.1);
+            if kind == "colour" {
+                ("What colour is the shape?", colour.0.to_string())
+            } else {
+                ("What shape is this?", SHAPES[shape].to_string())
+            }
+        }
+        "count" => {
+            let n = rng.random_range(1..=COUNTS.len());
+            // One shape per quadrant, in random quadrants: they never overlap.
+            let mut quadrants = [0, 1, 2, 3];
+            for i in (1..4).rev() {
+                quadrants.swap(i, rng.random_range(0..=i));
+            }
+            for &q in &quadrants[..n] {
+                let (cx, cy) = (16 + 32 * (q % 2), 16 + 32 * (q / 2));
+                let size = rng.random_range(8..12);
+                let jitter = |rng: &mut ChaCha8Rng| rng.random_range(-3..=3);
+                draw_shape(&mut image, shape, cx + jitter(rng), cy + jitter(rng), size, colour.1);
+            }
+            ("How many shapes are there?", COUNTS[n - 1].to_string())
+        }
+        "position" => {
+            let place = rng.random_range(0..PLACES.len());
+            let size = rng.random_range(8..12);
+            let along = rng.random_range(20..44);
+            let across = rng.random_range(10..14);
+            let (x, y) = match place {
+                0 => (across, along),
+                1 => (SIDE as i32 - across, along),
+                2 => (along, across),
+                _ => (along, SIDE as i32 - across),
+            };
+            draw_shape(&mut image, shape, x, y, size, colour.1);
+            ("Where is the shape?", PLACES[place].to_string())
+        }
+        _ => {
+            let digit = rng.random_range(0..10);
+            let scale = rng.random_range(6..9);
+            let (w, h) = (3 * scale, 5 * scale);
+            let x = rng.random_range(2..SIDE as i32 - w - 2);
+            let y = rng.random_range(2..SIDE as i32 - h - 2);
+            draw_digit(&mut image, digit, x, y, scale, [20, 20, 20]);
+            ("What number is written?", digit.to_string())
+        }
+    };
+    Sample {
+        kind,
+        image,
+        question,
+        answer,
+    }
+}
+
+fn draw_shape(image: &mut RgbImage, shape: usize, cx: i32, cy: i32, r: i32, colour: [u8; 3]) {
+    for y in (cy - r).max(0)..(cy + r).min(SIDE as i32) {
+        for x in (cx - r).max(0)..(cx + r).min(SIDE as i32) {
+            let (dx, dy) = (x - cx, y - cy);
+            let inside = match shape {
+                0 => dx * dx + dy * dy <= r * r,
+                1 => dx.abs() * 10 <= r * 8 && dy.abs() * 10 <= r * 8,
+                // Apex up: the half-width grows from 0 at the top to r at the bottom.
+                _ => dy >= -r && dy < r && 2 * dx.abs() <= dy + r,
+            };
+            if inside {
+                image.put_pixel(x as u32, y as u32, Rgb(colour));
+            }
+        }
+    }
+}
+
+fn draw_digit(image: &mut RgbImage, digit: usize, x0: i32, y0: i32, scale: i32, colour: [u8; 3]) {
+    for (row, bits) in DIGITS[digit].iter().enumerate() {
+        for col in 0..3 {
+            if bits & (0b100 >> col) == 0 {
+                continue;
+            }
+            for dy in 0..scale {
+                for dx in 0..scale {
+                    let (x, y) = (x0 + col * scale + dx, y0 + row as i32 * scale + dy);
+                    image.put_pixel(x as u32, y as u32, Rgb(colour));
+                }
+            }
+        }
+    }
+}
+
+/// Writes `count` samples as `DIR/NAME.jsonl` (chat conversations, each with its `kind`)
+/// and their images under `DIR/images/NAME-*.png`.
+pub fn write_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).with_context(|| images.display().to_string())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lines = String::new();
+    for i in 0..count {
+        let sample = sample(&mut rng, i);
+        let file = format!("images/{name}-{i}.png");
+        sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
+        let line = serde_json::json!({
+            "kind": sample.kind,
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": file}},
+                    {"type": "text", "text": sample.question},
+                ]},
+                {"role": "assistant", "content": sample.answer},
+            ],
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let file = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&file, lines).with_context(|| file.display().to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_draws_the_same_samples_and_every_kind_comes_in_turn() {
+        let draw = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..10).map(|i| sample(&mut rng, i)).collect::<Vec<_>>()
+        };
+        let (a, b, c) = (draw(1), draw(1), draw(2));
+        assert!(
+            a.iter()
+                .zip(&b)
+                .all(|(x, y)| x.image == y.image && x.answer == y.answer)
+        );
+        assert!(a.iter().zip(&c).any(|(x, y)| x.image != y.image));
+        let kinds: Vec<&str> = a.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds[..5], KINDS);
+    }
+
+    #[test]
+    fn a_count_question_shows_that_many_shapes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for i in 0..40 {
+            let s = sample(&mut rng, i);
+            if s.kind != "count" {
+                continue;
+            }
+            // Coloured pixels per quadrant: a shape sits wholly in one.
+            let filled = (0..4)
+                .filter(|q| {
+                    let (x0, y0) = (32 * (q % 2), 32 * (q / 2));
+                    (0..32).any(|y| (0..32).any(|x| s.image.get_pixel(x0 + x, y0 + y).0 != [255, 255, 255]))
+                })
+                .count();
+            assert_eq!(COUNTS[filled - 1], s.answer);
+        }
+    }
+}
