@@ -7,6 +7,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py ocellus-adapter  # a LoRA trained by `ocellus finetune`, run in PEFT (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
+  python scripts/make_fixtures.py demo-base OUT # the untrained demo model, for `ocellus finetune --method full`
 
 Install (CPU is enough; PyPI's torch is a CUDA build that runs on CPU):
   python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements.txt
@@ -552,6 +553,28 @@ def build_tiny_smolvlm2(dst: Path) -> None:
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
+def build_demo_base(dst: Path) -> None:
+    """The untrained demo model: SmolVLM's architecture at a few MB (64-pixel images, one
+    tile of 16 tokens), transformers' own initialisation, for `ocellus finetune --method
+    full` to train on `ocellus demo-data` (see the README)."""
+    tok = small_tokenizer(1024)
+    dst.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(dst, tok, TEMPLATE)
+    cfg = tiny_config(Idefics3Config, ids, 1088, tie=True)
+    cfg.vision_config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
+    cfg.text_config.update(
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    )
+    torch.manual_seed(SEED + 7)
+    Idefics3ForConditionalGeneration(cfg).float().save_pretrained(dst)
+    preprocessor = dict(PREPROCESSOR, do_image_splitting=False, size={"longest_edge": 64})
+    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    (dst / "processor_config.json").write_text(json.dumps({"image_seq_len": 16, "processor_class": "Idefics3Processor"}))
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    gen = {"bos_token_id": ids["<|im_start|>"], "eos_token_id": ids["<end_of_utterance>"], "pad_token_id": 2}
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
 def build_big(dst: Path) -> None:
     """SmolVLM-256M-Instruct's real config, tokenizer and processor files with random weights."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -703,6 +726,8 @@ def main() -> None:
     sub.add_parser("tiny")
     sub.add_parser("adapters")
     sub.add_parser("ocellus-adapter")
+    demo = sub.add_parser("demo-base")
+    demo.add_argument("out", type=Path)
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
     video = sub.add_parser("video")
@@ -711,6 +736,9 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.what == "video":
         return make_bench_video(args.out)
+
+    if args.what == "demo-base":
+        return build_demo_base(args.out)
 
     if args.what == "ocellus-adapter":
         return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")

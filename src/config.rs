@@ -121,7 +121,10 @@ pub struct FinetuneArgs {
     pub warmup_steps: usize,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
-    /// Conversations per optimizer step.
+    /// Conversations per forward pass: their linear layers run as one matrix.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Forward passes per optimizer step: a step sees batch size x this many conversations.
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Clip the gradients' global L2 norm to this (0: no clipping).

@@ -146,7 +146,7 @@ fn a_short_lora_run_lowers_the_eval_loss_and_writes_an_adapter_the_server_loads(
 #[test]
 fn a_resumed_run_ends_where_an_unbroken_one_does() {
     let (whole, broken, resumed) = (scratch("whole"), scratch("broken"), scratch("resumed"));
-    // Dropout on and two conversations per step: the checkpoint must restore the data
+    // Dropout on and four conversations per step (two forwards of two): the checkpoint must restore the data
     // order, the dropout stream and the optimizer's moments, not only the weights.
     let common = [
         "--max-steps",
@@ -262,4 +262,43 @@ fn a_full_run_writes_a_model_folder_the_server_loads_with_the_trained_weights() 
     );
     assert!(diff > 1e-3, "the saved weights are the base model's");
     std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn a_batch_of_sequences_has_the_summed_loss_of_each_alone() {
+    let loaded = load_fixture_model(MODEL);
+    let config = SmolVlmConfig::load(&loaded.files.config).unwrap();
+    let vb = SafetensorsWeights::open(&loaded.files.weights)
+        .unwrap()
+        .into_var_builder(DType::F32, &Device::Cpu);
+    let (model, _) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &Method::Full, 0).unwrap();
+    let limits = DataLimits {
+        max_seq_len: 2048,
+        max_images: 4,
+        max_image_bytes: 1 << 20,
+        max_image_pixels: 1 << 20,
+    };
+    let examples = data::load(&colours().join("eval.jsonl"), &loaded.processor, &limits).unwrap();
+    let image_token = loaded.model.info().image_token_id;
+    fn seq<'e>(
+        e: &'e data::Example,
+        model: &dyn ocellus::model::VisionLanguageModel,
+    ) -> ocellus::train::text::Sequence<'e> {
+        ocellus::train::text::Sequence {
+            ids: &e.token_ids,
+            targets: &e.targets,
+            features: e.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap()),
+        }
+    }
+    let (mut alone, mut count) = (0f32, 0);
+    for e in &examples[..3] {
+        let (loss, n) = model.loss(&[seq(e, loaded.model.as_ref())], image_token, None).unwrap();
+        alone += loss.to_scalar::<f32>().unwrap();
+        count += n;
+    }
+    let batch: Vec<_> = examples[..3].iter().map(|e| seq(e, loaded.model.as_ref())).collect();
+    let (together, n) = model.loss(&batch, image_token, None).unwrap();
+    let together = together.to_scalar::<f32>().unwrap();
+    assert_eq!(n, count);
+    assert!((together - alone).abs() < 1e-3 * alone.abs(), "{together} vs {alone}");
 }

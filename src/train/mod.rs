@@ -26,7 +26,7 @@ use crate::model::smolvlm::SmolVlmConfig;
 use crate::model::weights::SafetensorsWeights;
 use adamw::{AdamW, AdamWParams};
 use data::{DataLimits, Example};
-use text::{LoraSpec, Method, TrainText, Trainable};
+use text::{LoraSpec, Method, Sequence, TrainText, Trainable};
 
 /// Where a run stands, saved with each checkpoint.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -108,7 +108,8 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         train_vision: train_vision.as_ref(),
         image_token: loaded.model.info().image_token_id,
     };
-    let groups_per_epoch = train.len().div_ceil(args.gradient_accumulation_steps);
+    let per_step = args.batch_size.max(1) * args.gradient_accumulation_steps.max(1);
+    let groups_per_epoch = train.len().div_ceil(per_step);
     let total_steps = args.max_steps.unwrap_or(groups_per_epoch * args.epochs);
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
     eprintln!(
@@ -138,7 +139,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     'epochs: while state.epoch < args.epochs && state.step < total_steps {
         let mut order: Vec<usize> = (0..train.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(args.seed ^ (state.epoch as u64 + 1)));
-        let groups: Vec<&[usize]> = order.chunks(args.gradient_accumulation_steps).collect();
+        let groups: Vec<&[usize]> = order.chunks(per_step).collect();
         while state.group < groups.len() {
             if state.step >= total_steps {
                 break 'epochs;
@@ -315,19 +316,42 @@ struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
-    fn features(&self, example: &Example) -> anyhow::Result<Option<Tensor>> {
-        if let Some(vision) = self.train_vision {
-            return Ok(example.pixel_values.as_ref().map(|p| vision.forward(p)).transpose()?);
+    /// The sequences of `examples` with their image features: one vision forward for all
+    /// their tiles, split back per example.
+    fn sequences<'e>(&self, examples: &[&'e Example]) -> anyhow::Result<Vec<Sequence<'e>>> {
+        let pixels: Vec<Tensor> = examples.iter().filter_map(|e| e.pixel_values.clone()).collect();
+        let mut features = if pixels.is_empty() {
+            None
+        } else {
+            let pixels = Tensor::cat(&pixels, 0)?;
+            let rows = match self.train_vision {
+                Some(vision) => vision.forward(&pixels)?,
+                None => self.vision.encode_images(&pixels)?.detach(),
+            };
+            Some((rows.dim(0)? / pixels.dim(0)?, rows, 0))
+        };
+        let mut seqs = Vec::with_capacity(examples.len());
+        for e in examples {
+            let own = match (&e.pixel_values, &mut features) {
+                (Some(p), Some((per_tile, rows, offset))) => {
+                    let n = p.dim(0)? * *per_tile;
+                    let own = rows.narrow(0, *offset, n)?;
+                    *offset += n;
+                    Some(own)
+                }
+                _ => None,
+            };
+            seqs.push(Sequence {
+                ids: &e.token_ids,
+                targets: &e.targets,
+                features: own,
+            });
         }
-        let features = example
-            .pixel_values
-            .as_ref()
-            .map(|p| self.vision.encode_images(p))
-            .transpose()?;
-        Ok(features.map(|f| f.detach()))
+        Ok(seqs)
     }
 
-    /// One optimizer step over `batch`; returns its mean loss per target token.
+    /// One optimizer step over `batch`, `--batch-size` sequences per forward; returns its
+    /// mean loss per target token.
     fn step(
         &self,
         batch: &[&Example],
@@ -340,17 +364,11 @@ impl Trainer<'_> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut total = 0.0;
         let mut rng = ChaCha8Rng::seed_from_u64(self.args.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
-        for example in batch {
-            let features = self.features(example)?;
-            let (loss, _) = (self.model)
-                .loss(
-                    &example.token_ids,
-                    &example.targets,
-                    self.image_token,
-                    features.as_ref(),
-                    Some(&mut rng),
-                )
-                .with_context(|| format!("line {}", example.line))?;
+        for chunk in batch.chunks(self.args.batch_size.max(1)) {
+            let lines = || chunk.iter().map(|e| e.line.to_string()).collect::<Vec<_>>().join(", ");
+            let seqs = self.sequences(chunk).with_context(|| format!("lines {}", lines()))?;
+            let (loss, _) = (self.model.loss(&seqs, self.image_token, Some(&mut rng)))
+                .with_context(|| format!("lines {}", lines()))?;
             let scaled = (loss / targets as f64)?;
             total += scaled.to_scalar::<f32>()? as f64;
             let store = scaled.backward()?;
@@ -374,15 +392,10 @@ impl Trainer<'_> {
     /// Mean loss per target token over `examples`, without dropout.
     fn eval_loss(&self, examples: &[Example]) -> anyhow::Result<f64> {
         let (mut sum, mut count) = (0.0, 0);
-        for example in examples {
-            let features = self.features(example)?;
-            let (loss, n) = self.model.loss(
-                &example.token_ids,
-                &example.targets,
-                self.image_token,
-                features.as_ref(),
-                None,
-            )?;
+        let all: Vec<&Example> = examples.iter().collect();
+        for chunk in all.chunks(self.args.batch_size.max(1)) {
+            let seqs = self.sequences(chunk)?;
+            let (loss, n) = self.model.loss(&seqs, self.image_token, None)?;
             sum += loss.to_scalar::<f32>()? as f64;
             count += n;
         }

@@ -219,72 +219,95 @@ impl TrainText {
         Ok((model, b.trainables))
     }
 
-    /// Hidden states before the final norm, `[n, hidden]`. `features`: the image tokens'
-    /// rows, in order. `dropout`: a seeded source for LoRA dropout, `None` to evaluate.
-    fn hidden(
-        &self,
-        ids: &[u32],
-        image_token: u32,
-        features: Option<&Tensor>,
-        dropout: &mut Option<&mut ChaCha8Rng>,
-    ) -> Result<Tensor> {
+    /// Hidden states before the final norm for sequences stacked into one `[Σn, hidden]`
+    /// matrix: the linear layers run once over all of them, attention per sequence.
+    /// `dropout`: a seeded source for LoRA dropout, `None` to evaluate.
+    fn hidden(&self, seqs: &[Sequence<'_>], image_token: u32, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let device = self.embed.device();
-        let n = ids.len();
-        let mut xs = self.embed.index_select(&Tensor::new(ids, device)?, 0)?;
-        if let Some(features) = features {
-            let mut next = n as u32;
-            let index: Vec<u32> = (ids.iter().enumerate())
-                .map(|(i, &id)| {
-                    if id == image_token {
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let mut xs = self.embed.index_select(&Tensor::new(ids.as_slice(), device)?, 0)?;
+        let features: Vec<Tensor> = (seqs.iter().filter_map(|s| s.features.clone()))
+            .map(|f| f.to_dtype(DType::F32))
+            .collect::<Result<_>>()?;
+        if !features.is_empty() {
+            // Row i of the stack: its token's embedding, or the next image feature.
+            let mut next = ids.len() as u32;
+            let mut index = Vec::with_capacity(ids.len());
+            for seq in seqs {
+                let offset = index.len() as u32;
+                for (i, &id) in seq.ids.iter().enumerate() {
+                    if id == image_token && seq.features.is_some() {
+                        index.push(next);
                         next += 1;
-                        next - 1
                     } else {
-                        i as u32
+                        index.push(offset + i as u32);
                     }
-                })
-                .collect();
-            xs = Tensor::cat(&[&xs, &features.to_dtype(DType::F32)?], 0)?
-                .index_select(&Tensor::new(index, device)?, 0)?;
+                }
+            }
+            let mut sources = vec![xs];
+            sources.extend(features);
+            xs = Tensor::cat(&sources, 0)?.index_select(&Tensor::new(index, device)?, 0)?;
         }
-        let cos = self.cos.narrow(0, 0, n)?;
-        let sin = self.sin.narrow(0, 0, n)?;
-        let mask = causal_mask(n, device)?;
+        let positions: Vec<u32> = seqs.iter().flat_map(|s| 0..s.ids.len() as u32).collect();
+        let positions = Tensor::new(positions, device)?;
+        let (cos, sin) = (
+            self.cos.index_select(&positions, 0)?,
+            self.sin.index_select(&positions, 0)?,
+        );
+        let lens: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+        let masks: Vec<Tensor> = lens.iter().map(|&n| causal_mask(n, device)).collect::<Result<_>>()?;
         for layer in &self.layers {
-            xs = self.layer(layer, &xs, &cos, &sin, &mask, dropout)?;
+            xs = self.layer(layer, &xs, &cos, &sin, &lens, &masks, dropout)?;
         }
         Ok(xs)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         l: &Layer,
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        lens: &[usize],
+        masks: &[Tensor],
         dropout: &mut Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let n = xs.dim(0)?;
         let hd = self.head_dim;
         let hs = rms_norm(xs, &l.input_norm, self.eps)?;
+        // `[heads, Σn, head_dim]`, rotated by each row's own position.
         let heads = |t: Tensor, count: usize| t.reshape((n, count, hd))?.transpose(0, 1)?.contiguous();
         let q = rope(&heads(self.project(&l.q, &hs, dropout)?, self.heads)?, cos, sin)?;
         let k = rope(&heads(self.project(&l.k, &hs, dropout)?, self.kv_heads)?, cos, sin)?;
         let v = heads(self.project(&l.v, &hs, dropout)?, self.kv_heads)?;
         let group = self.heads / self.kv_heads;
-        let repeat = |t: Tensor| -> Result<Tensor> {
-            if group == 1 {
-                return Ok(t);
-            }
-            t.unsqueeze(1)?
-                .broadcast_as((self.kv_heads, group, n, hd))?
-                .contiguous()?
-                .reshape((self.heads, n, hd))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((n, self.heads * hd))?;
+        let mut outputs = Vec::with_capacity(lens.len());
+        let mut offset = 0;
+        for (&len, mask) in lens.iter().zip(masks) {
+            let (q, k, v) = (
+                q.narrow(1, offset, len)?,
+                k.narrow(1, offset, len)?,
+                v.narrow(1, offset, len)?,
+            );
+            offset += len;
+            let repeat = |t: Tensor| -> Result<Tensor> {
+                if group == 1 {
+                    return t.contiguous();
+                }
+                (t.unsqueeze(1)?
+                    .broadcast_as((self.kv_heads, group, len, hd))?
+                    .contiguous())?
+                .reshape((self.heads, len, hd))
+            };
+            let (k, v) = (repeat(k)?, repeat(v)?);
+            let scores = (q.contiguous()?.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            outputs.push(probs.matmul(&v)?);
+        }
+        let attn = Tensor::cat(&outputs, 1)?
+            .transpose(0, 1)?
+            .reshape((n, self.heads * hd))?;
         let xs = (self.project(&l.o, &attn, dropout)? + xs)?;
         let hs = rms_norm(&xs, &l.post_norm, self.eps)?;
         let gated = (self.project(&l.gate, &hs, dropout)?.silu()? * self.project(&l.up, &hs, dropout)?)?;
@@ -308,19 +331,24 @@ impl TrainText {
         Ok(ys)
     }
 
-    /// The summed cross-entropy of the target tokens (`targets[t]`: token `t` is predicted
-    /// from those before it), and how many there were.
+    /// The summed cross-entropy of the sequences' target tokens (`targets[t]`: token `t` is
+    /// predicted from those before it), and how many there were.
     pub fn loss(
         &self,
-        ids: &[u32],
-        targets: &[bool],
+        seqs: &[Sequence<'_>],
         image_token: u32,
-        features: Option<&Tensor>,
         mut dropout: Option<&mut ChaCha8Rng>,
     ) -> Result<(Tensor, usize)> {
-        let hidden = self.hidden(ids, image_token, features, &mut dropout)?;
-        let rows: Vec<u32> = (1..ids.len()).filter(|&t| targets[t]).map(|t| t as u32 - 1).collect();
-        let labels: Vec<u32> = (1..ids.len()).filter(|&t| targets[t]).map(|t| ids[t]).collect();
+        let hidden = self.hidden(seqs, image_token, &mut dropout)?;
+        let (mut rows, mut labels) = (Vec::new(), Vec::new());
+        let mut offset = 0;
+        for seq in seqs {
+            for t in (1..seq.ids.len()).filter(|&t| seq.targets[t]) {
+                rows.push((offset + t - 1) as u32);
+                labels.push(seq.ids[t]);
+            }
+            offset += seq.ids.len();
+        }
         let device = hidden.device();
         let picked = hidden.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
         let logits = self.project(&self.lm_head, &rms_norm(&picked, &self.norm, self.eps)?, &mut dropout)?;
@@ -330,11 +358,24 @@ impl TrainText {
         Ok((picked.sum_all()?.neg()?, rows.len()))
     }
 
-    /// Next-token logits after every token (`[n, vocab]`), without dropout.
+    /// Next-token logits after every token of one sequence (`[n, vocab]`), without dropout.
     pub fn logits(&self, ids: &[u32], image_token: u32, features: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = self.hidden(ids, image_token, features, &mut None)?;
+        let seq = Sequence {
+            ids,
+            targets: &[],
+            features: features.cloned(),
+        };
+        let hidden = self.hidden(std::slice::from_ref(&seq), image_token, &mut None)?;
         self.project(&self.lm_head, &rms_norm(&hidden, &self.norm, self.eps)?, &mut None)
     }
+}
+
+/// One sequence of a training batch.
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub targets: &'a [bool],
+    /// The rows of its image tokens, in order.
+    pub features: Option<Tensor>,
 }
 
 /// Llama's RMSNorm in f32: `w · x / sqrt(mean(x²) + eps)`.
