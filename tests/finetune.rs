@@ -57,17 +57,11 @@ fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapte
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        // Every projection of every layer, not the head.
+        targets: ocellus::train::save::LORA_MODULES[..7]
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
     };
     for (method, reference) in [
         (Method::Full, Reference::load(&fixtures(), MODEL)),

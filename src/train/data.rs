@@ -41,6 +41,20 @@ pub struct DataLimits {
     pub max_image_pixels: u64,
 }
 
+impl DataLimits {
+    /// The API's message checks, as they apply here: images, no videos.
+    pub(crate) fn messages(&self) -> RequestLimits {
+        RequestLimits {
+            max_n: 1,
+            max_stop_sequences: 0,
+            max_top_logprobs: 0,
+            max_images_per_request: self.max_images,
+            max_videos_per_request: 0,
+            max_video_frames: 0,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{file}: {source}")]
@@ -95,15 +109,7 @@ fn parse_line(
     limits: &DataLimits,
 ) -> Result<Example, String> {
     let parsed: Line = serde_json::from_str(line).map_err(|e| format!("not a JSON object with `messages`: {e}"))?;
-    let request_limits = RequestLimits {
-        max_n: 1,
-        max_stop_sequences: 0,
-        max_top_logprobs: 0,
-        max_images_per_request: limits.max_images,
-        max_videos_per_request: 0,
-        max_video_frames: 0,
-    };
-    let (messages, media) = validate::messages(&parsed.messages, &request_limits).map_err(|e| e.to_string())?;
+    let (messages, media) = validate::messages(&parsed.messages, &limits.messages()).map_err(|e| e.to_string())?;
     let assistant_turns: Vec<usize> = (messages.iter().enumerate())
         .filter(|(_, m)| m.role == "assistant")
         .map(|(i, _)| i)

@@ -11,7 +11,7 @@ use candle_core::Device;
 
 use super::data::{DataLimits, read_image};
 use crate::api::types::{ChatMessageIn, MessageContent};
-use crate::api::validate::{self, RequestLimits};
+use crate::api::validate;
 use crate::config::EvaluateArgs;
 use crate::engine::{EngineConfig, GenerationRequest};
 use crate::kv::blocks_for;
@@ -50,14 +50,6 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<serde_json::Value> {
         max_image_bytes: 64 << 20,
         max_image_pixels: 100_000_000,
     };
-    let request_limits = RequestLimits {
-        max_n: 1,
-        max_stop_sequences: 0,
-        max_top_logprobs: 0,
-        max_images_per_request: limits.max_images,
-        max_videos_per_request: 0,
-        max_video_frames: 0,
-    };
     let mut requests = Vec::new();
     let mut expected = Vec::new();
     let mut longest = 0;
@@ -72,7 +64,7 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<serde_json::Value> {
             }) if role == "assistant" => answer,
             _ => anyhow::bail!("{}: the last message must be the assistant's answer, as text", at()),
         };
-        let (messages, media) = validate::messages(&parsed.messages, &request_limits).with_context(at)?;
+        let (messages, media) = validate::messages(&parsed.messages, &limits.messages()).with_context(at)?;
         let images = (media.images.iter())
             .map(|i| {
                 let image =

@@ -400,17 +400,7 @@ fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// cos and sin of every position at every frequency, duplicated to the head's width.
 fn rotary(cfg: &TextConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let dim = cfg.head_dim();
-    let theta = cfg.rope_theta() as f32;
-    let inv_freq: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
-        .collect();
-    let positions = cfg.max_position_embeddings;
-    let freqs: Vec<f32> = (0..positions)
-        .flat_map(|p| inv_freq.iter().map(move |f| p as f32 * f))
-        .collect();
-    let freqs = Tensor::from_vec(freqs, (positions, dim / 2), device)?;
+    let freqs = crate::model::smolvlm::text::rotary_angles(cfg, device)?;
     let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }

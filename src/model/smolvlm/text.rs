@@ -48,6 +48,23 @@ struct DecoderLayer {
     head_dim: usize,
 }
 
+/// `[positions, head_dim / 2]`: position p's angle at each of RoPE's frequencies, in f32 as
+/// transformers computes them (also the training decoder's).
+pub fn rotary_angles(cfg: &TextConfig, device: &Device) -> Result<Tensor> {
+    let dim = cfg.head_dim();
+    let theta = cfg.rope_theta() as f32;
+    let inv_freq: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
+        .collect();
+    let positions = cfg.max_position_embeddings;
+    let mut freqs = Vec::with_capacity(positions * inv_freq.len());
+    for p in 0..positions {
+        freqs.extend(inv_freq.iter().map(|f| p as f32 * f));
+    }
+    Tensor::from_vec(freqs, (positions, dim / 2), device)
+}
+
 /// cos and sin of every position, computed in f32 as transformers does, then cast.
 struct RotaryTable {
     cos: Tensor,
@@ -56,18 +73,7 @@ struct RotaryTable {
 
 impl RotaryTable {
     fn new(cfg: &TextConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let dim = cfg.head_dim();
-        let theta = cfg.rope_theta() as f32;
-        let inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
-            .collect();
-        let positions = cfg.max_position_embeddings;
-        let mut freqs = Vec::with_capacity(positions * inv_freq.len());
-        for p in 0..positions {
-            freqs.extend(inv_freq.iter().map(|f| p as f32 * f));
-        }
-        let freqs = Tensor::from_vec(freqs, (positions, dim / 2), device)?;
+        let freqs = rotary_angles(cfg, device)?;
         Ok(Self {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
