@@ -51,6 +51,8 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/ocellus ocellus 
     && mkdir -p /data/hf && chown ocellus /data/hf
 COPY --from=build /src/target/release/ocellus /usr/local/bin/ocellus
 # The built-in model, where the binary looks for it.
+COPY --from=build /src/models /src/models
+# The fixture models too, for trying the parity fixtures in the container.
 COPY --from=build /src/tests/fixtures/models /src/tests/fixtures/models
 ENV OCELLUS_HOST=0.0.0.0 OCELLUS_PORT=8000 OCELLUS_GRPC_PORT=50051 HF_HOME=/data/hf
 USER 10001

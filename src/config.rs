@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::model::WeightDType;
 
-/// The built-in model: the committed tiny fixture (random weights, real SmolVLM layout).
-pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/tiny-idefics3");
+/// The built-in model: the demo SmolVLM trained by `ocellus finetune` on `ocellus
+/// demo-data` (colours, shapes, counts, positions, digits; see the README).
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/ocellus-demo");
 
 #[derive(Debug, Parser)]
 #[command(name = "ocellus", version, about = "An inference server for vision-language models")]
