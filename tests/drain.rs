@@ -66,7 +66,8 @@ async fn sigterm_drains_running_streams_then_exits_zero() {
     let base = format!("http://{addr}");
     let client = reqwest::Client::new();
     let body = json!({
-        "model": "tiny-idefics3",
+        // The built-in model's name: the test runs `ocellus serve` with no --model.
+        "model": "ocellus-demo",
         "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 300, "min_tokens": 300, "stream": true,
     });
