@@ -1,5 +1,5 @@
-//! Model micro-benchmarks: vision encode per tile, prefill, and one decode step at batch 1,
-//! 8 and 16. The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
+//! Model micro-benchmarks: vision encode per tile, prefill, one decode step at batch 1, 8
+//! and 16, and at batch 8 with LoRA adapters (none, one, four mixed). The model is the committed tiny fixture unless OCELLUS_BENCH_MODEL names a folder
 //! (e.g. the SmolVLM-256M-shaped model from `scripts/make_fixtures.py big`); the dtype is
 //! OCELLUS_BENCH_DTYPE (f32); OCELLUS_BENCH_QUANTIZE=q8_0 quantizes the text model;
 //! OCELLUS_BENCH_STORAGE=as-loaded keeps f32 weights in f32 even where they are exactly bf16.
@@ -17,6 +17,7 @@ use clap::ValueEnum;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ocellus::LoadedModel;
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
+use ocellus::model::lora::Adapter;
 use ocellus::model::{SequenceInput, WeightDType};
 use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Prompt, open_image};
 
@@ -139,6 +140,58 @@ fn benches(c: &mut Criterion) {
         }
     }
     group.finish();
+
+    // Batch 8 with LoRA adapters (rank 8 on every projection): none, one for every row, and
+    // four adapters two rows each: what serving several adapters at once costs.
+    let adapters: Vec<Adapter> = (0..4).map(|i| random_adapter(model, i)).collect();
+    let mut group = c.benchmark_group("decode_step_lora_batch_8");
+    let batch = 8;
+    let mut caches: Vec<SequenceKv> = (0..batch)
+        .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
+        .collect();
+    let tokens: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
+    group.throughput(Throughput::Elements(batch as u64));
+    let mixes: [(&str, Vec<Option<&Adapter>>); 3] = [
+        ("base", vec![None; batch]),
+        ("one_adapter", vec![Some(&adapters[0]); batch]),
+        ("four_adapters", (0..batch).map(|i| Some(&adapters[i / 2])).collect()),
+    ];
+    for (name, rows) in &mixes {
+        group.bench_function(*name, |b| {
+            b.iter(|| {
+                let mut inputs = decode_inputs(&mut caches, &tokens);
+                for (input, adapter) in inputs.iter_mut().zip(rows) {
+                    input.adapter = *adapter;
+                }
+                model.forward(&mut inputs, &mut pool).unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A rank-8 PEFT adapter on every projection of `model`, random weights, loaded as served.
+fn random_adapter(model: &dyn ocellus::model::VisionLanguageModel, seed: u64) -> Adapter {
+    let layout = model.adapter_layout();
+    let dir = std::env::temp_dir().join(format!("ocellus-bench-lora-{}-{seed}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for spec in layout.slots.iter().flatten() {
+        let name = format!("base_model.model.{}", spec.name);
+        let a = Tensor::randn(0f32, 0.02, (8, spec.in_features), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 0.02, (spec.out_features, 8), &Device::Cpu).unwrap();
+        tensors.insert(format!("{name}.lora_A.weight"), a);
+        tensors.insert(format!("{name}.lora_B.weight"), b);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16}"#,
+    )
+    .unwrap();
+    let adapter = Adapter::load("bench", &dir, &layout, 64, model.dtype(), model.device()).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    adapter
 }
 
 criterion_group!(model_benches, gemm, benches);

@@ -15,7 +15,9 @@ mod registry;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::proj::Proj;
 
 pub use batch::LoraBatch;
 pub use config::LoraConfig;
@@ -84,10 +86,14 @@ pub struct Adapter {
     slots: Vec<Option<SlotDelta>>,
 }
 
-/// `delta = xs · a · b`; `a`: `[in, ranks]`, `b`: `[ranks, out]` with the scales folded in.
+/// `delta = b(a(xs))`: `a` `[ranks, in]` (the modules' A stacked), `b` `[out, ranks]`
+/// (their B block-diagonal, scales folded in), as linear layers: on a decode step's few rows
+/// they take `Proj`'s few-row kernels, where gemm's per-call cost was most of the delta
+/// (decode at batch 8 on the tiny fixture, one adapter for all rows: 1.73 ms a step through
+/// gemm, 0.51 ms so, 0.36 ms without adapters; four adapters: 5.68 ms, then 0.72 ms).
 struct SlotDelta {
-    a: Tensor,
-    b: Tensor,
+    a: Proj,
+    b: Proj,
 }
 
 /// Ids tell adapters apart in the prefix cache and in batches; a reloaded adapter of the
@@ -197,7 +203,7 @@ impl Adapter {
     /// What it adds to slot `slot`'s output for inputs `xs`, if it changes that slot.
     fn delta(&self, slot: usize, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
         match self.slots.get(slot) {
-            Some(Some(d)) => Ok(Some(xs.matmul(&d.a)?.matmul(&d.b)?)),
+            Some(Some(d)) => Ok(Some(d.b.forward(&d.a.forward(xs)?)?)),
             _ => Ok(None),
         }
     }
@@ -287,9 +293,12 @@ fn slot_delta(
         b_columns.push(column);
         rank_offset += r;
     }
-    let a = Tensor::cat(&a_rows, 0)?.t()?;
-    let b = Tensor::cat(&b_columns, 1)?;
-    let place = |t: Tensor| t.to_dtype(dtype)?.to_device(device)?.contiguous();
+    let a = Tensor::cat(&a_rows, 0)?;
+    let b = Tensor::cat(&b_columns, 1)?.t()?;
+    let place = |t: Tensor| -> candle_core::Result<Proj> {
+        let weight = t.to_dtype(dtype)?.to_device(device)?.contiguous()?;
+        Ok(Proj::Dense(candle_nn::Linear::new(weight, None)))
+    };
     Ok(Some(SlotDelta {
         a: place(a)?,
         b: place(b)?,
