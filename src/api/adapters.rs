@@ -39,7 +39,7 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
         let adapter = tokio::task::spawn_blocking(move || adapters.load(&request.lora_name, &request.lora_path))
             .await
             .map_err(|e| ApiError::Internal(format!("loading adapter `{name}`: {e}")))?
-            .map_err(|e| registry_error(&state, e))?;
+            .map_err(|e| registry_error(&state, ready, e))?;
         tracing::info!(
             name,
             rank = adapter.rank(),
@@ -56,7 +56,7 @@ pub async fn unload(State(state): State<Arc<AppState>>, body: Result<Bytes, Byte
     let result = (|| {
         let ready = admin(&state)?;
         let request: UnloadRequest = from_json(&parse_json(body, state.settings.max_body_bytes)?)?;
-        (ready.adapters.unload(&request.lora_name)).map_err(|e| registry_error(&state, e))?;
+        (ready.adapters.unload(&request.lora_name)).map_err(|e| registry_error(&state, ready, e))?;
         tracing::info!(name = request.lora_name, "adapter unloaded");
         Ok(format!(
             "Success: LoRA adapter '{}' removed successfully.",
@@ -76,16 +76,13 @@ fn admin(state: &AppState) -> Result<&super::Ready, ApiError> {
     state.accepting()
 }
 
-fn registry_error(state: &AppState, error: RegistryError) -> ApiError {
+fn registry_error(state: &AppState, ready: &super::Ready, error: RegistryError) -> ApiError {
     let code = match &error {
         RegistryError::Load(_) => "invalid_adapter",
         RegistryError::Exists { .. } => "adapter_exists",
         RegistryError::BaseName { .. } | RegistryError::BadName { .. } => "invalid_value",
         RegistryError::Full { .. } => "adapter_limit_reached",
-        RegistryError::NotFound { name } => match state.ready.get() {
-            Some(ready) => return state.model_not_found(ready, name),
-            None => "model_not_found",
-        },
+        RegistryError::NotFound { name } => return state.model_not_found(ready, name),
     };
     let param = match &error {
         RegistryError::Load(_) => "lora_path",

@@ -241,10 +241,7 @@ async fn drain(state: &AppState, timeout: Duration) {
 fn api_settings(args: &ServeArgs) -> ApiSettings {
     let limits = &args.limits;
     ApiSettings {
-        served_model_name: args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| default_model_name(&args.model.model)),
+        served_model_name: served_model_name(args),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         limits: RequestLimits {
             max_n: limits.max_n,
@@ -279,6 +276,10 @@ fn fetch_config(args: &ServeArgs) -> FetchConfig {
     }
 }
 
+fn served_model_name(args: &ServeArgs) -> String {
+    (args.served_model_name.clone()).unwrap_or_else(|| default_model_name(&args.model.model))
+}
+
 /// A hub id as given; a local folder by its own name (`tiny-idefics3`, not its full path).
 fn default_model_name(model: &str) -> String {
     let path = std::path::Path::new(model);
@@ -297,7 +298,7 @@ fn load_adapters(args: &ServeArgs, loaded: &crate::LoadedModel) -> anyhow::Resul
     };
     let model = &loaded.model;
     let registry = AdapterRegistry::new(
-        &api_settings(args).served_model_name,
+        &served_model_name(args),
         model.adapter_layout(),
         model.dtype(),
         model.device().clone(),

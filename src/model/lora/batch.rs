@@ -18,12 +18,7 @@ struct Group<'a> {
 }
 
 impl<'a> LoraBatch<'a> {
-    /// No adapter on any row.
-    pub fn none() -> Self {
-        Self { groups: Vec::new() }
-    }
-
-    /// `row_adapters[i]`: the adapter of row `i`, if any.
+    /// `row_adapters[i]`: the adapter of row `i`, if any (none at all: an empty batch).
     pub fn new(row_adapters: &[Option<&'a Adapter>], device: &Device) -> Result<Self> {
         let mut groups: Vec<(&Adapter, Vec<u32>)> = Vec::new();
         for (row, adapter) in row_adapters.iter().enumerate() {
@@ -44,10 +39,6 @@ impl<'a> LoraBatch<'a> {
             })
             .collect::<Result<_>>()?;
         Ok(Self { groups })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
     }
 
     /// `ys` (slot `slot`'s base output for inputs `xs`, both `[rows, _]`) with each row's

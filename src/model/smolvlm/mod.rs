@@ -145,7 +145,7 @@ impl VisionLanguageModel for SmolVlm {
 }
 
 impl SmolVlm {
-    fn forward_batch<'a>(&self, batch: &mut [SequenceInput<'a>], pool: &mut KvPool) -> Result<Tensor> {
+    fn forward_batch(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut logit_rows = Vec::new();
@@ -181,14 +181,9 @@ impl SmolVlm {
             }
             token_adapters.resize(ids.len(), input.adapter);
         }
-        let lora_batch = |adapters: &[Option<&'a Adapter>]| -> Result<LoraBatch<'a>> {
-            if adapters.iter().all(Option::is_none) {
-                return Ok(LoraBatch::none());
-            }
-            LoraBatch::new(adapters, &self.device)
-        };
-        let token_lora = lora_batch(&token_adapters)?;
-        let logit_lora = lora_batch(&logit_adapters)?;
+        // Without adapters these are empty: no tensors, and `apply` returns its input.
+        let token_lora = LoraBatch::new(&token_adapters, &self.device)?;
+        let logit_lora = LoraBatch::new(&logit_adapters, &self.device)?;
         let embeds = self.embed(&ids, batch)?;
         let positions = Tensor::new(positions, &self.device)?;
         let mut offset = 0;
