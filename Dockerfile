@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Ocellus in a container: built on Debian 12 (FFmpeg 5.1), run on a slim image as a
-# non-root user. The build commands are scripts/build-release.sh, which .ci/run also runs.
+# non-root user. .ci/run runs the build stages' commands outside Docker
+# (scripts/dockerfile-build.py), so that a broken step fails CI.
 #
 #   docker build -t ocellus .
 #   docker run -p 8000:8000 ocellus                                  # the built-in model
@@ -14,27 +15,32 @@
 ARG BUILD_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
-FROM ${BUILD_IMAGE} AS build
-ARG FEATURES=""
+FROM ${BUILD_IMAGE} AS toolchain
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # CUDA images come without Rust.
 ENV PATH=/root/.cargo/bin:${PATH}
 # hadolint ignore=DL3008
 RUN if ! command -v cargo >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
-      && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
+      && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0 \
+      && rm -rf /var/lib/apt/lists/*; \
     fi
 WORKDIR /src
-COPY scripts/system-deps.sh scripts/build-release.sh scripts/
+COPY scripts/system-deps.sh scripts/build-release.sh scripts/cargo-skeleton.sh scripts/
 RUN scripts/system-deps.sh
-# Dependencies first, in their own layer: rebuilt only when Cargo.toml or Cargo.lock change.
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto proto
-RUN mkdir -p src benches \
-    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && for b in model serving video; do echo 'fn main() {}' > "benches/$b.rs"; done \
-    && scripts/build-release.sh ${FEATURES:+--features "$FEATURES"} \
-    && rm -rf src benches target/release/.fingerprint/ocellus-*
+
+# The manifests with every target stubbed (scripts/cargo-skeleton.sh reads the targets from
+# `cargo metadata`): unchanged unless Cargo.toml, Cargo.lock, build.rs or proto/ change, so
+# the dependency layer below is rebuilt only then.
+FROM toolchain AS skeleton
+COPY . .
+RUN scripts/cargo-skeleton.sh skeleton
+
+FROM toolchain AS build
+ARG FEATURES=""
+COPY --from=skeleton /src/skeleton ./
+RUN scripts/build-release.sh ${FEATURES:+--features "$FEATURES"} \
+    && rm -rf src benches tests target/release/.fingerprint/ocellus-*
 COPY . .
 RUN scripts/build-release.sh ${FEATURES:+--features "$FEATURES"}
 

@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use ocellus::config::WeightDType;
 use ocellus::kv::{KvPool, KvSpec, SequenceKv, blocks_for};
-use ocellus::model::{Quantization, VisionLanguageModel, WeightDType};
+use ocellus::model::{Quantization, VisionLanguageModel};
 
 mod decode;
 use decode::{DECODE_CONTEXT, decode_inputs, prefilled_cache};
@@ -34,9 +35,9 @@ struct Form {
 fn forms(dir: &std::path::Path) -> Vec<Form> {
     let load = |as_stored: bool| {
         let load = if as_stored {
-            ocellus::load_folder_as_stored
+            ocellus::runtime::load_folder_as_stored
         } else {
-            ocellus::load_folder
+            ocellus::runtime::load_folder
         };
         load(dir, WeightDType::F32, &Device::Cpu)
             .expect("bench model loads")

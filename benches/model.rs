@@ -15,11 +15,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_core::{Device, Tensor};
 use clap::ValueEnum;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ocellus::LoadedModel;
+use ocellus::config::{QuantizationArg, WeightDType};
+use ocellus::engine::Prompt;
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
 use ocellus::model::lora::Adapter;
-use ocellus::model::{SequenceInput, WeightDType};
-use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Prompt, open_image};
+use ocellus::model::{ImageFeatures, Pixels, Quantization, SequenceInput};
+use ocellus::processor::{ChatMessage, ContentPart, ImageInput, open_image};
+use ocellus::runtime::Loaded;
 
 mod decode;
 use decode::{DECODE_CONTEXT, decode_inputs, prefilled_cache};
@@ -28,7 +30,7 @@ use decode::{DECODE_CONTEXT, decode_inputs, prefilled_cache};
 /// a bench run short while still batching tiles as a request does).
 const TILE_BATCH: usize = 4;
 
-fn load() -> LoadedModel {
+fn load() -> Loaded {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::var("OCELLUS_BENCH_MODEL")
         .map(PathBuf::from)
@@ -38,20 +40,23 @@ fn load() -> LoadedModel {
     // OCELLUS_BENCH_STORAGE=as-loaded: every weight in f32, even those that are exactly bf16.
     let as_loaded = std::env::var("OCELLUS_BENCH_STORAGE").is_ok_and(|s| s == "as-loaded");
     let load = if as_loaded {
-        ocellus::load_folder_as_stored
+        ocellus::runtime::load_folder_as_stored
     } else {
-        ocellus::load_folder
+        ocellus::runtime::load_folder
     };
     let mut loaded = load(&dir, dtype, &Device::Cpu).expect("bench model loads");
     if let Some(q) = std::env::var("OCELLUS_BENCH_QUANTIZE").ok().filter(|q| !q.is_empty()) {
-        let q = ocellus::model::Quantization::from_str(&q, true).expect("OCELLUS_BENCH_QUANTIZE is q8_0");
-        loaded.model.quantize_text(q).expect("the text model quantizes");
+        let QuantizationArg::Q8_0 = QuantizationArg::from_str(&q, true).expect("OCELLUS_BENCH_QUANTIZE is q8_0");
+        loaded
+            .model
+            .quantize_text(Quantization::Q8_0)
+            .expect("the text model quantizes");
     }
     loaded
 }
 
 /// One 640x480 photo and a question: 13 tiles on SmolVLM-256M.
-fn photo_prompt(loaded: &LoadedModel) -> Prompt {
+fn photo_prompt(loaded: &Loaded) -> Prompt {
     let photo = open_image(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/photo.png")).unwrap();
     let messages = vec![ChatMessage {
         role: "user".into(),
@@ -84,21 +89,26 @@ fn benches(c: &mut Criterion) {
     let loaded = load();
     let model = loaded.model.as_ref();
     let prompt = photo_prompt(&loaded);
-    let pixels = prompt.pixel_values.clone().unwrap();
+    let photo = &prompt.images[0].pixels;
+    let first_tiles = |n: usize| Pixels {
+        values: photo.values.narrow(0, 0, n).unwrap(),
+        grid: None,
+    };
 
     let mut group = c.benchmark_group("vision");
     group.sample_size(10);
-    let tile = pixels.narrow(0, 0, 1).unwrap();
+    let tile = first_tiles(1);
     group.throughput(Throughput::Elements(1));
-    group.bench_function("encode_1_tile", |b| b.iter(|| model.encode_images(&tile).unwrap()));
-    let tiles = pixels.narrow(0, 0, TILE_BATCH.min(prompt.tiles())).unwrap();
-    group.throughput(Throughput::Elements(tiles.dim(0).unwrap() as u64));
-    group.bench_function(BenchmarkId::new("encode_tiles", tiles.dim(0).unwrap()), |b| {
-        b.iter(|| model.encode_images(&tiles).unwrap())
+    group.bench_function("encode_1_tile", |b| b.iter(|| model.encode_images(&[&tile]).unwrap()));
+    let tiles = first_tiles(TILE_BATCH.min(photo.values.dim(0).unwrap()));
+    let count = tiles.values.dim(0).unwrap();
+    group.throughput(Throughput::Elements(count as u64));
+    group.bench_function(BenchmarkId::new("encode_tiles", count), |b| {
+        b.iter(|| model.encode_images(&[&tiles]).unwrap())
     });
     group.finish();
 
-    let features = model.encode_images(&pixels).unwrap();
+    let features: ImageFeatures = model.encode_images(&[photo]).unwrap().remove(0);
     let mut group = c.benchmark_group("prefill");
     group.sample_size(10);
     group.throughput(Throughput::Elements(prompt.token_ids.len() as u64));
@@ -111,6 +121,7 @@ fn benches(c: &mut Criterion) {
             kv.truncate(0);
             let input = SequenceInput {
                 tokens: &prompt.token_ids,
+                positions: None,
                 image_features: Some(features.clone()),
                 kv: &mut kv,
                 wants_logits: true,
@@ -121,33 +132,37 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
+    decode(c, model, &mut pool);
+    decode_with_adapters(c, model, &mut pool);
+}
+
+/// One decode step after `DECODE_CONTEXT` tokens, at batch 1, 8 and 16.
+fn decode(c: &mut Criterion, model: &dyn ocellus::model::VisionLanguageModel, pool: &mut KvPool) {
     let mut group = c.benchmark_group("decode_step");
     for batch in [1usize, 8, 16] {
         let mut caches: Vec<SequenceKv> = (0..batch)
-            .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
+            .map(|_| prefilled_cache(model, pool, DECODE_CONTEXT))
             .collect();
         let tokens: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new("batch", batch), |b| {
-            b.iter(|| {
-                model
-                    .forward(&mut decode_inputs(&mut caches, &tokens), &mut pool)
-                    .unwrap()
-            })
+            b.iter(|| model.forward(&mut decode_inputs(&mut caches, &tokens), pool).unwrap())
         });
         for mut kv in caches {
             pool.release(&mut kv);
         }
     }
     group.finish();
+}
 
-    // Batch 8 with LoRA adapters (rank 8 on every projection): none, one for every row, and
-    // four adapters two rows each: what serving several adapters at once costs.
+/// Batch 8 with LoRA adapters (rank 8 on every projection): none, one for every row, and
+/// four adapters two rows each: what serving several adapters at once costs.
+fn decode_with_adapters(c: &mut Criterion, model: &dyn ocellus::model::VisionLanguageModel, pool: &mut KvPool) {
     let adapters: Vec<Adapter> = (0..4).map(|i| random_adapter(model, i)).collect();
     let mut group = c.benchmark_group("decode_step_lora_batch_8");
     let batch = 8;
     let mut caches: Vec<SequenceKv> = (0..batch)
-        .map(|_| prefilled_cache(model, &mut pool, DECODE_CONTEXT))
+        .map(|_| prefilled_cache(model, pool, DECODE_CONTEXT))
         .collect();
     let tokens: Vec<u32> = (0..batch as u32).map(|i| 100 + i).collect();
     group.throughput(Throughput::Elements(batch as u64));
@@ -163,7 +178,7 @@ fn benches(c: &mut Criterion) {
                 for (input, adapter) in inputs.iter_mut().zip(rows) {
                     input.adapter = *adapter;
                 }
-                model.forward(&mut inputs, &mut pool).unwrap()
+                model.forward(&mut inputs, pool).unwrap()
             })
         });
     }

@@ -86,7 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut serve = ocellus::config::ServeArgs::for_model(&args.model, &args.server_flags);
             serve.kv_cache_memory = args.kv_cache_memory.parse().map_err(anyhow::Error::msg)?;
             serve.max_queue = 4096;
-            let server = ocellus::api::server::start(serve).await?;
+            let server = ocellus::runtime::start(serve).await?;
             server.ready().await?;
             (format!("http://{}", server.addr), Some(server))
         }

@@ -10,9 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ocellus::media::{Fetched, MediaLimits, decode_video};
-use ocellus::processor::video::sample_frames;
-use ocellus::processor::{VideoProcessor, VideoProcessorConfig};
+use ocellus::media::{Fetched, MediaLimits, open_video};
+use ocellus::model::smolvlm::video::{SmolVlm2Video, VideoProcessorConfig};
+use ocellus::model::{VideoInfo, VideoProcessor};
+use ocellus::processor::video::preprocess_frames;
 
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
@@ -33,7 +34,8 @@ fn main() {
     let config_file = root
         .join("../shared/reference/smolvlm2-500m-video-instruct/inferred-not-directly-seen/preprocessor_config.json");
     let config: VideoProcessorConfig = serde_json::from_str(&std::fs::read_to_string(&config_file).unwrap()).unwrap();
-    let processor = VideoProcessor::new(config, &config_file)
+    // The frames' tokens and text do not enter these timings.
+    let processor = SmolVlm2Video::new(config, &config_file, 64, String::new())
         .unwrap()
         .expect("the SmolVLM2 config samples videos");
     let sampling = processor.default_sampling();
@@ -50,29 +52,36 @@ fn main() {
     // as the server runs them.
     let (mut decode, mut total) = (Vec::new(), Vec::new());
     let mut summary = String::new();
+    let pick = || {
+        let source = open_video(&fetched, &limits).unwrap();
+        let meta = source.meta;
+        let info = VideoInfo {
+            total_frames: meta.total_frames,
+            fps: meta.fps,
+            duration: meta.duration,
+        };
+        let indices = processor.sample_frames(&info, &sampling);
+        (source, indices)
+    };
     for _ in 0..runs {
         let start = Instant::now();
-        let mut frames = 0;
-        let mut count = |_frame| {
-            frames += 1;
-            Ok(())
-        };
-        decode_video(&fetched, &limits, |meta| sample_frames(meta, &sampling), &mut count).unwrap();
+        let (source, indices) = pick();
+        let frames = source.frames(indices).map(Result::unwrap).count();
         decode.push(start.elapsed());
         let start = Instant::now();
-        let input = processor
-            .preprocess_streaming(|sink| decode_video(&fetched, &limits, |meta| sample_frames(meta, &sampling), sink))
-            .unwrap();
+        let (source, indices) = pick();
+        let meta = source.meta;
+        let tiles = preprocess_frames(&processor, source.frames(indices)).unwrap();
         total.push(start.elapsed());
         summary = format!(
             "{}: {} frames, {} bytes, {:.1} s at {:.2} fps; sampled {frames} frames into {} tiles of {} values",
             video.display(),
-            input.meta.total_frames,
+            meta.total_frames,
             fetched.bytes.len(),
-            input.meta.duration,
-            input.meta.fps,
-            input.tiles.len(),
-            input.tiles[0].len(),
+            meta.duration,
+            meta.fps,
+            tiles.len(),
+            tiles[0].len(),
         );
     }
     println!("{summary}");

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The layer table and the size limits (DESIGN.md), before anything is built.
+python3 scripts/check_layers.py
 scripts/system-deps.sh --test
 
 venv=target/test-venv

@@ -1,13 +1,12 @@
 //! Command-line configuration: one struct per command, each flag also an `OCELLUS_*`
-//! environment variable. The doc comments are the `--help` text.
+//! environment variable. The doc comments are the `--help` text. Plain data: what the
+//! values mean is for `runtime` (and the layers it hands them to) to apply.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
-
-use crate::model::WeightDType;
 
 /// The built-in model: the demo SmolVLM trained by `ocellus finetune` on `ocellus
 /// demo-data` (colours, shapes, counts, positions, digits; see the README).
@@ -345,12 +344,12 @@ pub struct ModelArgs {
     /// Store the text model's linear layers quantized (`q8_0`: int8 blocks): faster decode,
     /// answers close to but not always equal to unquantized ones.
     #[arg(long, env = "OCELLUS_QUANTIZE", value_enum)]
-    pub quantize: Option<crate::model::Quantization>,
+    pub quantize: Option<QuantizationArg>,
     /// What the KV cache stores keys and values in: `auto` is the model's dtype, or f16
     /// under `--quantize`. f16 and bf16 hold twice the tokens in the same memory, at a
     /// rounding of every key and value.
     #[arg(long, env = "OCELLUS_KV_CACHE_DTYPE", value_enum, default_value = "auto")]
-    pub kv_cache_dtype: crate::kv::KvCacheDType,
+    pub kv_cache_dtype: KvCacheDType,
     /// Where weights, KV cache and vision encoding live: `cpu`, or `cuda:N` (`cuda` is
     /// `cuda:0`) in a build with `--features cuda` (scripts/build-cuda.sh).
     #[arg(long, env = "OCELLUS_DEVICE", default_value = "cpu", value_parser = parse_device)]
@@ -377,34 +376,41 @@ fn parse_device(value: &str) -> Result<DeviceArg, String> {
     }
 }
 
-impl DeviceArg {
-    pub fn open(self) -> anyhow::Result<candle_core::Device> {
-        match self {
-            DeviceArg::Cpu => Ok(candle_core::Device::Cpu),
-            DeviceArg::Cuda(ordinal) => candle_core::Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!("cannot open cuda:{ordinal} ({e}); CUDA needs a build with --features cuda")
-            }),
+/// The dtype weights are loaded in (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<WeightDType> for candle_core::DType {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::F32 => Self::F32,
+            WeightDType::Bf16 => Self::BF16,
+            WeightDType::F16 => Self::F16,
         }
     }
 }
 
-impl ModelArgs {
-    /// Opens `--device`, loads the model onto it and applies `--quantize` and
-    /// `--kv-cache-dtype`.
-    pub fn load(&self) -> anyhow::Result<crate::LoadedModel> {
-        let device = self.device.open()?;
-        tracing::info!(?device, "loading the model");
-        let mut loaded = crate::load_model(&self.model, self.dtype, &device)?;
-        if let Some(quantization) = self.quantize {
-            let layers = loaded.model.quantize_text(quantization)?;
-            tracing::info!(layers, ?quantization, "quantized the text model");
-        }
-        loaded.kv_dtype = self
-            .kv_cache_dtype
-            .resolve(loaded.model.dtype(), self.quantize.is_some());
-        tracing::info!(dtype = ?loaded.kv_dtype, "KV cache");
-        Ok(loaded)
-    }
+/// Weight quantization (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizationArg {
+    /// ggml's Q8_0: blocks of 32 int8 weights with one f16 scale.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+/// What the KV pool stores keys and values in (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvCacheDType {
+    /// The model's dtype; f16 when the text model is quantized.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -87,9 +87,9 @@ fn preempted_sequences_are_recomputed_to_the_same_tokens() {
 #[test]
 fn a_prompt_whose_image_tokens_do_not_match_its_images_is_refused() {
     let loaded = load_fixture_model("tiny-idefics3");
-    let image_token = loaded.model.info().image_token_id;
+    let image_token = loaded.model.info().image_token_ids[0];
     let (_, mut engine) = engine(loaded, 64, 16);
-    let prompt = ocellus::processor::Prompt::text(vec![1, image_token, 2]);
+    let prompt = ocellus::engine::Prompt::text(vec![1, image_token, 2]);
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let err = engine.add(greedy(prompt, 4), 0, tx).unwrap_err();
     assert_eq!(err, AddError::ImageTokens { found: 1, expected: 0 });
@@ -176,7 +176,7 @@ fn a_burst_of_the_same_prompt_prefills_its_shared_blocks_once() {
 fn a_repeated_prefix_is_prefilled_once_and_gives_the_same_tokens() {
     let reference = Reference::load(&fixtures(), "tiny-idefics3");
     let loaded = load_fixture_model("tiny-idefics3");
-    let image_token = loaded.model.info().image_token_id;
+    let image_token = loaded.model.info().image_token_ids[0];
     let (processor, mut engine) = engine(loaded, 4096, 256);
     let prompt = |name: &str| prompt_for(&processor, &reference, &reference.cases[name]);
     let (wide, gray) = (prompt("wide").token_ids, prompt("gray").token_ids);

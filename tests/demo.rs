@@ -16,7 +16,7 @@ fn the_built_in_model_answers_held_out_demo_questions() {
         data: dir.join("test.jsonl"),
         max_tokens: 8,
     };
-    let report = ocellus::train::evaluate::run(&args).unwrap();
+    let report = ocellus::runtime::evaluate(&args).unwrap();
     eprintln!("{report}");
     let accuracy = &report["accuracy"];
     assert_eq!(accuracy["all"]["total"], 50);

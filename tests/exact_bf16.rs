@@ -7,8 +7,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use ocellus::config::WeightDType;
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
-use ocellus::model::{SequenceInput, VisionLanguageModel, WeightDType};
+use ocellus::model::{SequenceInput, VisionLanguageModel};
 
 /// The tiny fixture with its weights rounded to bf16 and saved as bf16, in a temp folder.
 fn bf16_copy() -> tempfile::TempDir {
@@ -32,19 +33,19 @@ fn bf16_copy() -> tempfile::TempDir {
 #[test]
 fn only_weights_that_are_exactly_bf16_are_compacted() {
     let dir = bf16_copy();
-    let mut as_stored = ocellus::load_folder_as_stored(dir.path(), WeightDType::F32, &Device::Cpu).unwrap();
+    let mut as_stored = ocellus::runtime::load_folder_as_stored(dir.path(), WeightDType::F32, &Device::Cpu).unwrap();
     // Two layers of four matrices (q/k/v stacked, o, gate/up stacked, down), and the head.
     assert_eq!(as_stored.model.compact_text().unwrap(), 9);
     let fixture = fixtures().join("models/tiny-idefics3");
-    let mut random_f32 = ocellus::load_folder_as_stored(&fixture, WeightDType::F32, &Device::Cpu).unwrap();
+    let mut random_f32 = ocellus::runtime::load_folder_as_stored(&fixture, WeightDType::F32, &Device::Cpu).unwrap();
     assert_eq!(random_f32.model.compact_text().unwrap(), 0);
 }
 
 #[test]
 fn compact_layers_answer_as_their_f32_weights() {
     let dir = bf16_copy();
-    let compact = ocellus::load_folder(dir.path(), WeightDType::F32, &Device::Cpu).unwrap();
-    let as_stored = ocellus::load_folder_as_stored(dir.path(), WeightDType::F32, &Device::Cpu).unwrap();
+    let compact = ocellus::runtime::load_folder(dir.path(), WeightDType::F32, &Device::Cpu).unwrap();
+    let as_stored = ocellus::runtime::load_folder_as_stored(dir.path(), WeightDType::F32, &Device::Cpu).unwrap();
     let reference = Reference::load(&fixtures(), "tiny-idefics3");
     for (name, case) in &reference.cases {
         let prompt = prompt_for(&compact.processor, &reference, case);
@@ -59,7 +60,7 @@ fn compact_layers_answer_as_their_f32_weights() {
         }
     }
     let case = &reference.cases["wide"];
-    let generate = |loaded: ocellus::LoadedModel| {
+    let generate = |loaded: ocellus::runtime::Loaded| {
         let prompt = prompt_for(&loaded.processor, &reference, case);
         let (_, mut engine) = engine(loaded, 4096, 256);
         let request = greedy(prompt, case.greedy_tokens.len());
@@ -75,15 +76,16 @@ fn compact_layers_answer_as_their_f32_weights() {
 }
 
 /// Logits after the prompt and after one more (decode) token.
-fn two_steps(model: &dyn VisionLanguageModel, prompt: &ocellus::processor::Prompt) -> (Vec<f32>, Vec<f32>) {
-    let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
+fn two_steps(model: &dyn VisionLanguageModel, prompt: &ocellus::engine::Prompt) -> (Vec<f32>, Vec<f32>) {
+    let features = prompt_features(model, prompt);
     let n = prompt.token_ids.len();
     let mut pool = KvPool::new(&model.kv_spec(), blocks_for(n + 1)).unwrap();
     let mut kv = SequenceKv::default();
     assert!(pool.grow(&mut kv, n + 1));
-    let mut step = |tokens: &[u32], image_features: Option<Tensor>| -> Vec<f32> {
+    let mut step = |tokens: &[u32], image_features: Option<ocellus::model::ImageFeatures>| -> Vec<f32> {
         let mut batch = [SequenceInput {
             tokens,
+            positions: None,
             image_features,
             kv: &mut kv,
             wants_logits: true,

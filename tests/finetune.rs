@@ -88,13 +88,12 @@ fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapte
         let (vision, _) = TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb).unwrap();
         for (name, case) in &reference.cases {
             let prompt = prompt_for(&loaded.processor, &reference, case);
-            // The trainable vision encoder's features (those of --method full).
-            let features = prompt.pixel_values.as_ref().map(|p| vision.forward(p).unwrap());
-            if let (Some(ours), Some(p)) = (&features, &prompt.pixel_values) {
-                let served = loaded
-                    .model
-                    .encode_images(p)
-                    .unwrap()
+            // The trainable vision encoder's features (those of --method full), of all the
+            // prompt's tiles.
+            let tiles = stacked_tiles(&prompt);
+            let features = tiles.as_ref().map(|p| vision.forward(p).unwrap());
+            if let Some(ours) = &features {
+                let served = (prompt_features(loaded.model.as_ref(), &prompt).unwrap().embeds)
                     .flatten_all()
                     .unwrap()
                     .to_vec1::<f32>()
@@ -105,7 +104,7 @@ fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapte
                     "{name}: trainable vision features differ from the served by {diff}"
                 );
             }
-            let image_token = loaded.model.info().image_token_id;
+            let image_token = loaded.model.info().image_token_ids[0];
             let logits = model.logits(&prompt.token_ids, image_token, features.as_ref()).unwrap();
             let last = logits.i(prompt.token_ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
             let diff = max_abs_diff(&last, &reference.logits(name));
@@ -244,7 +243,7 @@ fn a_full_run_writes_a_model_folder_the_server_loads_with_the_trained_weights() 
         "{:?}",
         summary.eval_losses
     );
-    let trained = ocellus::load_folder(&out, ocellus::model::WeightDType::F32, &Device::Cpu).unwrap();
+    let trained = ocellus::runtime::load_folder(&out, ocellus::config::WeightDType::F32, &Device::Cpu).unwrap();
     let base = load_fixture_model(MODEL);
     let reference = Reference::load(&fixtures(), MODEL);
     let case = &reference.cases["wide"];
@@ -273,15 +272,22 @@ fn a_batch_of_sequences_has_the_summed_loss_of_each_alone() {
         max_image_pixels: 1 << 20,
     };
     let examples = data::load(&colours().join("eval.jsonl"), &loaded.processor, &limits).unwrap();
-    let image_token = loaded.model.info().image_token_id;
+    let image_token = loaded.model.info().image_token_ids[0];
     fn seq<'e>(
         e: &'e data::Example,
         model: &dyn ocellus::model::VisionLanguageModel,
     ) -> ocellus::train::text::Sequence<'e> {
+        let features = e.pixel_values.as_ref().map(|p| {
+            let tiles = ocellus::model::Pixels {
+                values: p.clone(),
+                grid: None,
+            };
+            model.encode_images(&[&tiles]).unwrap().remove(0).embeds
+        });
         ocellus::train::text::Sequence {
             ids: &e.token_ids,
             targets: &e.targets,
-            features: e.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap()),
+            features,
         }
     }
     let (mut alone, mut count) = (0f32, 0);
@@ -295,4 +301,10 @@ fn a_batch_of_sequences_has_the_summed_loss_of_each_alone() {
     let together = together.to_scalar::<f32>().unwrap();
     assert_eq!(n, count);
     assert!((together - alone).abs() < 1e-3 * alone.abs(), "{together} vs {alone}");
+}
+
+/// Every tile of a prompt's images, stacked as the training encoder takes them.
+fn stacked_tiles(prompt: &ocellus::engine::Prompt) -> Option<candle_core::Tensor> {
+    let tiles: Vec<_> = prompt.images.iter().map(|i| i.pixels.values.clone()).collect();
+    (!tiles.is_empty()).then(|| candle_core::Tensor::cat(&tiles, 0).unwrap())
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use ocellus::model::WeightDType;
+use ocellus::config::WeightDType;
 use ocellus::model::hub::resolve_model;
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
@@ -21,7 +21,7 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
 }
 
 fn load_error(dir: &Path) -> String {
-    match ocellus::load_folder(dir, WeightDType::F32, &Device::Cpu) {
+    match ocellus::runtime::load_folder(dir, WeightDType::F32, &Device::Cpu) {
         Ok(_) => panic!("{} loaded although it is broken", dir.display()),
         Err(err) => err.to_string(),
     }
@@ -188,7 +188,7 @@ fn a_hub_id_resolves_through_the_local_cache() {
     let (cache, snapshot) = fake_hub_cache("tiny-idefics3", "HuggingFaceTB", "SmolVLM-Tiny");
     let dir = resolve_model("HuggingFaceTB/SmolVLM-Tiny", cache.path(), true).unwrap();
     assert_eq!(dir, snapshot);
-    assert!(ocellus::load_folder(&dir, WeightDType::F32, &Device::Cpu).is_ok());
+    assert!(ocellus::runtime::load_folder(&dir, WeightDType::F32, &Device::Cpu).is_ok());
 }
 
 #[test]
@@ -212,7 +212,7 @@ fn reduced_precision_dtypes_load_and_stay_close_to_f32() {
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
     for (dtype, tolerance) in [(WeightDType::Bf16, 0.1), (WeightDType::F16, 0.02)] {
         let dir = fixtures().join("models").join("tiny-idefics3");
-        let loaded = ocellus::load_folder(&dir, dtype, &Device::Cpu).unwrap();
+        let loaded = ocellus::runtime::load_folder(&dir, dtype, &Device::Cpu).unwrap();
         let prompt = prompt_for(&loaded.processor, &reference, case);
         let logits = first_step_logits(loaded.model.as_ref(), &prompt);
         let diff = max_abs_diff(&logits, &expected);
@@ -233,10 +233,8 @@ fn the_kv_cache_dtype_follows_the_flags() {
     let model = fixtures().join("models/tiny-idefics3");
     let kv_dtype = |flags: &[&str]| {
         let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
-        let loaded = ocellus::config::ServeArgs::for_model(model.to_str().unwrap(), &flags)
-            .model
-            .load()
-            .unwrap();
+        let args = ocellus::config::ServeArgs::for_model(model.to_str().unwrap(), &flags);
+        let loaded = ocellus::runtime::load(&args.model).unwrap();
         (loaded.kv_dtype, loaded.kv_spec().bytes_per_token())
     };
     let (f32, f32_bytes) = kv_dtype(&[]);

@@ -6,14 +6,15 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use ocellus::model::WeightDType;
+use ocellus::config::WeightDType;
 
 const PIXEL_TOLERANCE: f32 = 1e-5;
 const LOGIT_TOLERANCE: f32 = 1e-4;
 
 fn check_parity(root: &std::path::Path, model: &str) {
     let reference = Reference::load(root, model);
-    let loaded = ocellus::load_folder(&Reference::model_dir(root, model), WeightDType::F32, &Device::Cpu).unwrap();
+    let loaded =
+        ocellus::runtime::load_folder(&Reference::model_dir(root, model), WeightDType::F32, &Device::Cpu).unwrap();
     let (processor, mut engine) = engine(loaded, 4096, 512);
     let mut failures = Vec::new();
     for (name, case) in &reference.cases {
@@ -33,14 +34,7 @@ fn check_parity(root: &std::path::Path, model: &str) {
         }
         let mut pixel_note = String::new();
         if let Some(expected) = reference.pixel_values(name) {
-            let ours = prompt
-                .pixel_values
-                .as_ref()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let ours = pixel_values(&prompt);
             let diff = max_abs_diff(&ours, &expected);
             pixel_note = format!(", max pixel difference {diff:.1e}");
             if diff > PIXEL_TOLERANCE {

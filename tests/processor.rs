@@ -67,28 +67,17 @@ fn real_smolvlm_processor_matches_transformers() {
             failures.push(format!("{name}: rendered {rendered:?}, expected {:?}", case.prompt));
         }
         let prompt = processor
-            .process(
-                &messages,
-                &images
-                    .into_iter()
-                    .map(|image| ImageInput {
-                        image,
-                        split: Some(case.do_image_splitting),
-                    })
-                    .collect::<Vec<_>>(),
-            )
+            .process(&messages, &image_inputs(images, case.do_image_splitting))
             .unwrap();
         if prompt.token_ids != case.input_ids {
             failures.push(format!("{name}: token ids differ"));
         }
         if let (Some(shape), Some(digest)) = (&case.pixel_shape, &case.pixel_sha256) {
-            let pixels = prompt.pixel_values.unwrap();
-            let values = pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            if pixels.dims() != shape.as_slice() || &pixel_digest(&values) != digest {
-                failures.push(format!(
-                    "{name}: pixel values differ (shape {:?} vs {shape:?})",
-                    pixels.dims()
-                ));
+            let values = pixel_values(&prompt);
+            let tiles: usize = prompt.images.iter().map(|i| i.pixels.values.dim(0).unwrap()).sum();
+            let dims = [&[tiles][..], &prompt.images[0].pixels.values.dims()[1..]].concat();
+            if dims != shape.as_slice() || &pixel_digest(&values) != digest {
+                failures.push(format!("{name}: pixel values differ (shape {dims:?} vs {shape:?})"));
             }
         }
     }
@@ -109,7 +98,7 @@ fn a_640x480_photo_is_four_by_three_tiles_plus_a_global_view() {
         content: vec![ocellus::processor::ContentPart::Image],
     }];
     let prompt = processor.process(&messages, &[ImageInput::new(photo)]).unwrap();
-    assert_eq!(prompt.tiles(), 13);
+    assert_eq!(prompt.images[0].pixels.values.dim(0).unwrap(), 13);
     assert_eq!(prompt.token_ids.iter().filter(|&&t| t == 49190).count(), 832);
     // The newline after the last tile row and the one before the global view merge into
     // the single token "\n\n" (1116).

@@ -9,13 +9,13 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use ocellus::kv::KvCacheDType;
+use ocellus::config::KvCacheDType;
 use ocellus::model::Quantization;
 
 /// The text model quantized, with the KV cache `--quantize` gets by default.
-fn quantized(mut loaded: ocellus::LoadedModel, layers: usize) -> ocellus::LoadedModel {
+fn quantized(mut loaded: ocellus::runtime::Loaded, layers: usize) -> ocellus::runtime::Loaded {
     assert_eq!(loaded.model.quantize_text(Quantization::Q8_0).unwrap(), layers);
-    loaded.kv_dtype = KvCacheDType::Auto.resolve(loaded.model.dtype(), true);
+    loaded.kv_dtype = ocellus::runtime::kv_dtype(KvCacheDType::Auto, loaded.model.dtype(), true);
     assert_eq!(loaded.kv_dtype, DType::F16);
     loaded
 }
@@ -64,7 +64,8 @@ fn q8_0_stays_close_to_f32_on_the_256m_shaped_model() {
     let root = std::path::PathBuf::from(std::env::var("OCELLUS_PARITY_DIR").expect("set OCELLUS_PARITY_DIR"));
     let model = "smolvlm-256m-random";
     let dir = Reference::model_dir(&root, model);
-    let load = || ocellus::load_folder(&dir, ocellus::model::WeightDType::F32, &candle_core::Device::Cpu).unwrap();
+    let load =
+        || ocellus::runtime::load_folder(&dir, ocellus::config::WeightDType::F32, &candle_core::Device::Cpu).unwrap();
     check_closeness(&root, model, quantized(load(), 30 * 4 + 1), "q8_0");
     let mut kv_f32 = load();
     kv_f32.model.quantize_text(Quantization::Q8_0).unwrap();
@@ -76,7 +77,12 @@ fn q8_0_stays_close_to_f32_on_the_256m_shaped_model() {
 
 /// Logits correlate with f32's (transformers') above 0.99 and the first token is the same
 /// in every case; returns how many greedy tokens agree before the first difference.
-fn check_closeness(root: &std::path::Path, model: &str, loaded: ocellus::LoadedModel, form: &str) -> (usize, usize) {
+fn check_closeness(
+    root: &std::path::Path,
+    model: &str,
+    loaded: ocellus::runtime::Loaded,
+    form: &str,
+) -> (usize, usize) {
     let reference = Reference::load(root, model);
     let kv_dtype = loaded.kv_dtype;
     let (processor, mut engine) = engine(loaded, 4096, 512);

@@ -13,6 +13,7 @@ pub fn prefilled_cache(model: &dyn VisionLanguageModel, pool: &mut KvPool, conte
     let tokens: Vec<u32> = (0..context as u32).map(|i| 200 + i % 500).collect();
     let input = SequenceInput {
         tokens: &tokens,
+        positions: None,
         image_features: None,
         kv: &mut kv,
         wants_logits: false,
@@ -32,6 +33,7 @@ pub fn decode_inputs<'a>(caches: &'a mut [SequenceKv], tokens: &'a [u32]) -> Vec
             kv.truncate(DECODE_CONTEXT);
             SequenceInput {
                 tokens: std::slice::from_ref(token),
+                positions: None,
                 image_features: None,
                 kv,
                 wants_logits: true,

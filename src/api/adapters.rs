@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::{AppState, from_json, parse_json};
-use crate::model::lora::RegistryError;
+use super::{AppState, parse_json};
+use crate::engine::RegistryError;
+use crate::openai::from_json;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,7 +34,7 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
     let result = async {
         let ready = admin(&state)?;
         let request: LoadRequest = from_json(&parse_json(body, state.settings.max_body_bytes)?)?;
-        let adapters = ready.adapters.clone();
+        let adapters = ready.engine.adapters().clone();
         let name = request.lora_name.clone();
         // Reading and reshaping the weights takes milliseconds to seconds.
         let adapter = tokio::task::spawn_blocking(move || adapters.load(&request.lora_name, &request.lora_path))
@@ -56,7 +57,7 @@ pub async fn unload(State(state): State<Arc<AppState>>, body: Result<Bytes, Byte
     let result = (|| {
         let ready = admin(&state)?;
         let request: UnloadRequest = from_json(&parse_json(body, state.settings.max_body_bytes)?)?;
-        (ready.adapters.unload(&request.lora_name)).map_err(|e| registry_error(&state, ready, e))?;
+        (ready.engine.adapters().unload(&request.lora_name)).map_err(|e| registry_error(&state, ready, e))?;
         tracing::info!(name = request.lora_name, "adapter unloaded");
         Ok(format!(
             "Success: LoRA adapter '{}' removed successfully.",
@@ -77,21 +78,9 @@ fn admin(state: &AppState) -> Result<&super::Ready, ApiError> {
 }
 
 fn registry_error(state: &AppState, ready: &super::Ready, error: RegistryError) -> ApiError {
-    let code = match &error {
-        RegistryError::Load(_) => "invalid_adapter",
-        RegistryError::Exists { .. } => "adapter_exists",
-        RegistryError::BaseName { .. } | RegistryError::BadName { .. } => "invalid_value",
-        RegistryError::Full { .. } => "adapter_limit_reached",
-        RegistryError::NotFound { name } => return state.model_not_found(ready, name),
-    };
-    let param = match &error {
-        RegistryError::Load(_) => "lora_path",
-        _ => "lora_name",
-    };
-    ApiError::InvalidRequest {
-        message: error.to_string(),
-        param: Some(param.into()),
-        code,
+    match error {
+        RegistryError::NotFound { name } => state.model_not_found(ready, &name),
+        other => ApiError::Adapter(other),
     }
 }
 

@@ -1,25 +1,29 @@
 //! Every way a request can fail, one exhaustive mapping to an HTTP status and OpenAI's
 //! error shape `{"error": {"message", "type", "param", "code"}}`, also used for the error
-//! event of a stream that fails after it started.
+//! event of a stream that fails after it started. Validation and preparation errors carry
+//! their own status, code and field; the rest are the server's.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::engine::{AddError, EngineFailure, SubmitError};
-use crate::media::MediaError;
-use crate::processor::ProcessorError;
+use crate::engine::{AddError, EngineFailure, RegistryError, SubmitError};
+use crate::openai::ValidationError;
+use crate::processor::PrepareError;
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("{message}")]
-    InvalidRequest {
-        message: String,
-        param: Option<String>,
-        code: &'static str,
-    },
-    #[error("we could not parse the JSON body of your request: {message}")]
-    InvalidJson { message: String, param: Option<String> },
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    /// The engine refused the prompt; `param` is the endpoint's name for the prompt.
+    #[error("{error}")]
+    Admission { error: AddError, param: &'static str },
+    /// Loading or unloading an adapter failed (not for want of the adapter: that is
+    /// `ModelNotFound`).
+    #[error(transparent)]
+    Adapter(RegistryError),
     #[error("invalid or missing API key; send it as `Authorization: Bearer KEY`")]
     Unauthorized,
     #[error("the model `{model}` does not exist; this server serves {served}")]
@@ -52,89 +56,95 @@ struct ErrorDetail<'a> {
     message: String,
     #[serde(rename = "type")]
     kind: &'static str,
-    param: Option<&'a str>,
-    code: Option<&'a str>,
+    param: Option<String>,
+    code: &'a str,
 }
 
 impl ApiError {
-    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self::InvalidRequest {
-            message: message.into(),
-            param: Some(param.to_string()),
-            code: "invalid_value",
-        }
-    }
-
-    /// The same error, attributed to another field.
-    pub fn with_param(self, param: &str) -> Self {
-        match self {
-            Self::InvalidRequest { message, code, .. } => Self::InvalidRequest {
-                message,
-                param: Some(param.into()),
-                code,
-            },
-            other => other,
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::InvalidRequest { .. } | Self::InvalidJson { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        let code = match self {
+            Self::Invalid(e) => e.status(),
+            Self::Prepare(e) => e.status(),
+            Self::Admission { .. } | Self::Adapter(_) => 400,
+            Self::Unauthorized => 401,
+            Self::Forbidden(_) => 403,
+            Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => 404,
+            Self::MethodNotAllowed { .. } => 405,
+            Self::PayloadTooLarge { .. } => 413,
+            Self::QueueFull(_) => 429,
+            Self::Unavailable(_) => 503,
+            Self::Timeout => 504,
+            Self::Internal(_) => 500,
+        };
+        StatusCode::from_u16(code).expect("every status above is valid. This is a bug.")
     }
 
     /// OpenAI's `code` string (every error has one).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidRequest { code, .. } => code,
-            other => other.kind_and_code().1.unwrap_or("unknown"),
+            Self::Invalid(e) => e.code(),
+            Self::Prepare(e) => e.code(),
+            Self::Admission {
+                error: AddError::PromptTooLong { .. } | AddError::TooLong { .. },
+                ..
+            } => "context_length_exceeded",
+            Self::Admission { .. } => "invalid_value",
+            Self::Adapter(RegistryError::Load(_)) => "invalid_adapter",
+            Self::Adapter(RegistryError::Exists { .. }) => "adapter_exists",
+            Self::Adapter(RegistryError::Full { .. }) => "adapter_limit_reached",
+            Self::Adapter(_) => "invalid_value",
+            Self::Unauthorized => "invalid_api_key",
+            Self::ModelNotFound { .. } => "model_not_found",
+            Self::Forbidden(_) => "permission_denied",
+            Self::RouteNotFound { .. } => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::PayloadTooLarge { .. } => "request_too_large",
+            Self::QueueFull(_) => "queue_full",
+            Self::Unavailable(_) => "service_unavailable",
+            Self::Timeout => "request_timeout",
+            Self::Internal(_) => "internal_error",
         }
     }
 
-    /// OpenAI's `type` and `code` strings.
-    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
+    /// OpenAI's error `type`.
+    fn kind(&self) -> &'static str {
         match self {
-            Self::InvalidRequest { code, .. } => ("invalid_request_error", Some(code)),
-            Self::InvalidJson { .. } => ("invalid_request_error", Some("invalid_json")),
-            Self::Unauthorized => ("authentication_error", Some("invalid_api_key")),
-            Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
-            Self::Forbidden(_) => ("permission_error", Some("permission_denied")),
-            Self::RouteNotFound { .. } => ("invalid_request_error", Some("not_found")),
-            Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed")),
-            Self::PayloadTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
-            Self::QueueFull(_) => ("rate_limit_error", Some("queue_full")),
-            Self::Unavailable(_) => ("server_error", Some("service_unavailable")),
-            Self::Timeout => ("timeout_error", Some("request_timeout")),
-            Self::Internal(_) => ("server_error", Some("internal_error")),
+            Self::Invalid(e) => e.kind(),
+            Self::Unauthorized => "authentication_error",
+            Self::Forbidden(_) => "permission_error",
+            Self::QueueFull(_) => "rate_limit_error",
+            Self::Timeout => "timeout_error",
+            Self::Unavailable(_) | Self::Internal(_) => "server_error",
+            Self::Prepare(e) if !e.is_client_error() => "server_error",
+            _ => "invalid_request_error",
         }
     }
 
-    fn param(&self) -> Option<&str> {
+    /// The field the error concerns.
+    pub fn param(&self) -> Option<String> {
         match self {
-            Self::InvalidRequest { param, .. } | Self::InvalidJson { param, .. } => param.as_deref(),
-            Self::ModelNotFound { .. } => Some("model"),
+            Self::Invalid(e) => e.param(),
+            Self::Prepare(e) => e.param(),
+            Self::Admission {
+                error: AddError::TooLong { .. },
+                ..
+            } => Some("max_tokens".into()),
+            Self::Admission { param, .. } => Some(param.to_string()),
+            Self::Adapter(RegistryError::Load(_)) => Some("lora_path".into()),
+            Self::Adapter(_) => Some("lora_name".into()),
+            Self::ModelNotFound { .. } => Some("model".into()),
             _ => None,
         }
     }
 
     /// The JSON body, for responses and for stream error events.
     pub fn body(&self) -> String {
-        let (kind, code) = self.kind_and_code();
         let body = ErrorBody {
             error: ErrorDetail {
                 message: self.to_string(),
-                kind,
+                kind: self.kind(),
                 param: self.param(),
-                code,
+                code: self.code(),
             },
         };
         serde_json::to_string(&body).expect("error bodies serialize. This is a bug.")
@@ -157,76 +167,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ProcessorError> for ApiError {
-    fn from(err: ProcessorError) -> Self {
-        match err {
-            ProcessorError::NoMessages => Self::invalid("messages", err.to_string()),
-            ProcessorError::EmptyContent { index } => {
-                Self::invalid(&format!("messages[{index}].content"), err.to_string())
-            }
-            ProcessorError::ImageCount { .. } | ProcessorError::VideoCount { .. } => {
-                Self::invalid("messages", err.to_string())
-            }
-            ProcessorError::VideosNotSupported => Self::InvalidRequest {
-                message: err.to_string(),
-                param: Some("messages".into()),
-                code: "videos_not_supported",
-            },
-            ProcessorError::Template { .. } => Self::invalid("messages", err.to_string()),
-            ProcessorError::Tokenizer { .. } => Self::Internal(err.to_string()),
-        }
-    }
-}
-
-impl From<MediaError> for ApiError {
-    fn from(err: MediaError) -> Self {
-        let code = match err {
-            MediaError::UnsupportedUrl { .. } => "unsupported_image_url",
-            MediaError::BadUrl(_)
-            | MediaError::MalformedDataUri(_)
-            | MediaError::Base64(_)
-            | MediaError::NotAnImage
-            | MediaError::Corrupt(_) => "invalid_image",
-            MediaError::FetchFailed(_) => "media_fetch_failed",
-            MediaError::Timeout => "media_timeout",
-            MediaError::TooManyRedirects { .. } => "too_many_redirects",
-            MediaError::TooLarge { .. } => "media_too_large",
-            MediaError::DomainNotAllowed(_) => "media_domain_not_allowed",
-            MediaError::LocalFilesDisabled | MediaError::PathNotAllowed(_) => "local_media_not_allowed",
-            MediaError::FileNotFound(_) => "media_not_found",
-            MediaError::ContentTypeMismatch { .. } => "content_type_mismatch",
-            MediaError::TooManyPixels { .. } => "image_too_large",
-            MediaError::NotAVideo(_) | MediaError::CorruptVideo(_) => "invalid_video",
-            MediaError::VideoTooLong { .. } => "video_too_long",
-        };
-        Self::InvalidRequest {
-            message: err.to_string(),
-            param: Some("messages".into()),
-            code,
-        }
-    }
-}
-
-impl From<SubmitError> for ApiError {
-    fn from(err: SubmitError) -> Self {
-        match err {
-            SubmitError::QueueFull { .. } => Self::QueueFull(err.to_string()),
-            SubmitError::ShuttingDown => Self::Unavailable(err.to_string()),
-            SubmitError::Invalid(add) => add.into(),
-        }
-    }
-}
-
-impl From<AddError> for ApiError {
-    fn from(err: AddError) -> Self {
-        let code = match err {
-            AddError::TooLong { .. } => "context_length_exceeded",
-            _ => "invalid_value",
-        };
-        Self::InvalidRequest {
-            message: err.to_string(),
-            param: Some("messages".into()),
-            code,
+impl ApiError {
+    /// A refused submission; `param` names the prompt's field (`messages` or `prompt`).
+    pub fn submit(error: SubmitError, param: &'static str) -> Self {
+        match error {
+            SubmitError::QueueFull { .. } => Self::QueueFull(error.to_string()),
+            SubmitError::ShuttingDown => Self::Unavailable(error.to_string()),
+            SubmitError::Invalid(error) => Self::Admission { error, param },
         }
     }
 }

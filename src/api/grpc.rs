@@ -1,22 +1,26 @@
 //! The gRPC API (proto/ocellus/v1/ocellus.proto): requests are mapped onto the chat API's
-//! JSON, so they get the same validation, limits, media handling and engine; errors map to
-//! gRPC status codes. Health (grpc.health.v1) and server reflection ride on the same port.
+//! request types (`openai`), so they get the same validation, limits, media handling and
+//! engine; errors map to gRPC status codes. Health (grpc.health.v1) and server reflection
+//! ride on the same port.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::Stream;
-use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use super::error::ApiError;
-use super::respond::{Endpoint, Job, Observer};
-use super::{AppState, chat, submit};
+use super::respond::{Job, Observer};
+use super::{AppState, chat};
 use crate::engine::SequenceEvent;
 use crate::engine::request::ChoiceEvent;
 use crate::metrics::Outcome;
+use crate::openai::{
+    ChatCompletionRequest, ChatMessageIn, ContentPartIn, ImageUrl, MessageContent, SamplingFields, StopField,
+    ValidationError, VideoUrl,
+};
 
 pub mod pb {
     tonic::include_proto!("ocellus.v1");
@@ -58,16 +62,18 @@ pub fn service(
 
 /// The gRPC status of an API error; the message carries the OpenAI code and field.
 pub fn status(error: &ApiError) -> Status {
-    let message = match error {
-        ApiError::InvalidRequest { param: Some(p), .. } | ApiError::InvalidJson { param: Some(p), .. } => {
+    let message = match error.param() {
+        Some(p) if !matches!(error, ApiError::ModelNotFound { .. }) => {
             format!("{error} (code {}, param {p})", error.code())
         }
         _ => format!("{error} (code {})", error.code()),
     };
     let code = match error {
-        ApiError::InvalidRequest { .. } | ApiError::InvalidJson { .. } | ApiError::PayloadTooLarge { .. } => {
+        ApiError::Invalid(_) | ApiError::Admission { .. } | ApiError::Adapter(_) | ApiError::PayloadTooLarge { .. } => {
             tonic::Code::InvalidArgument
         }
+        ApiError::Prepare(e) if e.is_client_error() => tonic::Code::InvalidArgument,
+        ApiError::Prepare(_) | ApiError::Internal(_) => tonic::Code::Internal,
         ApiError::Unauthorized => tonic::Code::Unauthenticated,
         ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
         ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => tonic::Code::NotFound,
@@ -75,70 +81,80 @@ pub fn status(error: &ApiError) -> Status {
         ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
         ApiError::Unavailable(_) => tonic::Code::Unavailable,
         ApiError::Timeout => tonic::Code::DeadlineExceeded,
-        ApiError::Internal(_) => tonic::Code::Internal,
     };
     Status::new(code, message)
 }
 
-/// A gRPC request as the chat API's JSON body.
-fn to_openai(request: &pb::GenerateRequest) -> Value {
-    let part = |p: &pb::ContentPart| match &p.part {
-        Some(Part::Text(text)) => json!({"type": "text", "text": text}),
-        Some(Part::ImageUrl(image)) => {
-            let detail = (!image.detail.is_empty()).then_some(&image.detail);
-            json!({"type": "image_url", "image_url": {"url": image.url, "detail": detail}})
-        }
-        Some(Part::VideoUrl(video)) => json!({"type": "video_url", "video_url": {
-            "url": video.url, "fps": video.fps, "max_frames": video.max_frames,
-        }}),
-        None => json!({"type": "unset"}),
+/// A gRPC request as the chat API's request and sampling fields. A content part that sets
+/// none of its kinds is refused by name.
+fn to_openai(request: &pb::GenerateRequest) -> Result<(ChatCompletionRequest, SamplingFields), ValidationError> {
+    let messages = (request.messages.iter().enumerate())
+        .map(|(i, m)| {
+            let content = (m.content.iter().enumerate())
+                .map(|(j, p)| match &p.part {
+                    Some(Part::Text(text)) => Ok(ContentPartIn::Text { text: text.clone() }),
+                    Some(Part::ImageUrl(image)) => Ok(ContentPartIn::ImageUrl {
+                        image_url: ImageUrl {
+                            url: image.url.clone(),
+                            detail: (!image.detail.is_empty()).then(|| image.detail.clone()),
+                        },
+                    }),
+                    Some(Part::VideoUrl(video)) => Ok(ContentPartIn::VideoUrl {
+                        video_url: VideoUrl {
+                            url: video.url.clone(),
+                            fps: video.fps,
+                            max_frames: video.max_frames,
+                        },
+                    }),
+                    None => Err(ValidationError::EmptyPart {
+                        param: format!("messages[{i}].content[{j}]"),
+                    }),
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(ChatMessageIn {
+                role: m.role.clone(),
+                content: Some(MessageContent::Parts(content)),
+                name: None,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let fields = sampling(request.sampling.clone().unwrap_or_default());
+    let request = ChatCompletionRequest {
+        model: (!request.model.is_empty()).then(|| request.model.clone()),
+        messages,
+        ..Default::default()
     };
-    let messages: Vec<Value> = request
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role, "content": m.content.iter().map(part).collect::<Vec<_>>()}))
-        .collect();
-    let mut body = json!({"messages": messages});
-    if !request.model.is_empty() {
-        body["model"] = json!(request.model);
+    Ok((request, fields))
+}
+
+/// gRPC's sampling options as the chat API's fields (unset ones unset).
+fn sampling(s: pb::SamplingOptions) -> SamplingFields {
+    SamplingFields {
+        max_tokens: s.max_tokens,
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        min_p: s.min_p,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+        ignore_eos: s.ignore_eos,
+        min_tokens: s.min_tokens,
+        n: s.n,
+        stop: (!s.stop.is_empty()).then_some(StopField::Many(s.stop)),
+        stop_token_ids: (!s.stop_token_ids.is_empty()).then_some(s.stop_token_ids),
+        ..Default::default()
     }
-    if let Some(s) = &request.sampling {
-        let fields = [
-            ("max_tokens", json!(s.max_tokens)),
-            ("temperature", json!(s.temperature)),
-            ("top_p", json!(s.top_p)),
-            ("top_k", json!(s.top_k)),
-            ("min_p", json!(s.min_p)),
-            ("presence_penalty", json!(s.presence_penalty)),
-            ("frequency_penalty", json!(s.frequency_penalty)),
-            ("repetition_penalty", json!(s.repetition_penalty)),
-            ("seed", json!(s.seed)),
-            ("ignore_eos", json!(s.ignore_eos)),
-            ("min_tokens", json!(s.min_tokens)),
-            ("n", json!(s.n)),
-        ];
-        for (name, value) in fields {
-            if !value.is_null() {
-                body[name] = value;
-            }
-        }
-        if !s.stop.is_empty() {
-            body["stop"] = json!(s.stop);
-        }
-        if !s.stop_token_ids.is_empty() {
-            body["stop_token_ids"] = json!(s.stop_token_ids);
-        }
-    }
-    body
 }
 
 impl GrpcApi {
     /// Validates, prepares and submits, as POST /v1/chat/completions does.
     async fn start(&self, request: &pb::GenerateRequest, observer: &mut Observer) -> Result<Job, Status> {
         let arrived = Instant::now();
-        let submitted = match chat::prepare(&self.state, &to_openai(request)).await {
-            Ok((prompt, settings)) => submit(&self.state, Endpoint::Chat, prompt, &settings, arrived),
-            Err(error) => Err(error),
+        let submitted = match to_openai(request) {
+            Ok((request, fields)) => chat::start(&self.state, &request, &fields, arrived).await,
+            Err(error) => Err(error.into()),
         };
         submitted.map_err(|error| {
             observer.fail(&error);
@@ -298,7 +314,7 @@ impl Ocellus for GrpcApi {
         };
         let mut models = vec![model(&self.state.settings.served_model_name)];
         if let Some(ready) = ready {
-            models.extend(ready.adapters.list().iter().map(|l| model(l.adapter.name())));
+            models.extend(ready.engine.adapters().list().iter().map(|l| model(l.adapter.name())));
         }
         Ok(Response::new(pb::ListModelsResponse { models }))
     }

@@ -1,6 +1,7 @@
-//! The HTTP API: OpenAI's routes over the engine, plus health and metrics. Handlers parse,
-//! validate, hand the heavy work (images, chat template, tokenizer) to the blocking pool,
-//! submit to the engine, and turn its events into a JSON body or an SSE stream.
+//! The HTTP API: OpenAI's routes over the engine, plus health and metrics. A handler
+//! parses (`openai`), prepares (`processor::Preparer`), submits (`engine::EngineHandle`)
+//! and responds (`respond`: one JSON body or an SSE stream). The gRPC API (`grpc`) maps
+//! its messages onto the same requests and shares everything after parsing.
 
 pub mod adapters;
 pub mod auth;
@@ -8,11 +9,9 @@ pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod grpc;
-pub mod pool;
+pub mod observe;
 pub mod respond;
 pub mod server;
-pub mod types;
-pub mod validate;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -25,43 +24,33 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::de::DeserializeOwned;
 
-use crate::engine::{EngineHandle, GenerationRequest};
-use crate::media::{MediaFetcher, MediaLimits};
+use crate::engine::{Adapter, EngineHandle, GenerationRequest};
 use crate::metrics::Metrics;
-use crate::model::lora::{Adapter, AdapterRegistry};
-use crate::processor::{Processor, Prompt};
+use crate::openai::{self, Options};
+use crate::processor::{Prepared, Preparer};
 use error::ApiError;
-use pool::MediaPool;
 use respond::{Endpoint, Job, Observer, respond};
-use validate::{RequestLimits, Settings};
 
 /// What handlers need to know of the server's configuration.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     pub served_model_name: String,
     pub api_key: Option<String>,
-    pub limits: RequestLimits,
-    pub media: MediaLimits,
+    pub limits: openai::Limits,
     pub max_body_bytes: usize,
-    pub max_image_tokens_per_request: usize,
     pub request_timeout: Duration,
 }
 
-/// The model, once loaded.
+/// The model, once loaded: the engine and what prepares its requests.
 pub struct Ready {
     pub engine: EngineHandle,
-    pub processor: Arc<Processor>,
-    pub vocab_size: usize,
-    pub adapters: Arc<AdapterRegistry>,
+    pub preparer: Preparer,
 }
 
 pub struct AppState {
     pub settings: ApiSettings,
     pub metrics: Arc<Metrics>,
-    pub fetcher: MediaFetcher,
-    pub media_pool: MediaPool,
     pub ready: OnceLock<Ready>,
     pub load_error: OnceLock<String>,
     pub draining: AtomicBool,
@@ -70,12 +59,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(settings: ApiSettings, metrics: Arc<Metrics>, fetcher: MediaFetcher, media_pool: MediaPool) -> Self {
+    pub fn new(settings: ApiSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             settings,
             metrics,
-            fetcher,
-            media_pool,
             ready: OnceLock::new(),
             load_error: OnceLock::new(),
             draining: AtomicBool::new(false),
@@ -98,7 +85,7 @@ impl AppState {
         match model {
             None => Ok(None),
             Some(name) if name == self.settings.served_model_name => Ok(None),
-            Some(name) => match ready.adapters.get(name) {
+            Some(name) => match ready.engine.adapters().get(name) {
                 Some(adapter) => Ok(Some(adapter)),
                 None => Err(self.model_not_found(ready, name)),
             },
@@ -107,7 +94,7 @@ impl AppState {
 
     fn model_not_found(&self, ready: &Ready, name: &str) -> ApiError {
         let mut served = format!("`{}`", self.settings.served_model_name);
-        let adapters: Vec<String> = (ready.adapters.list().iter())
+        let adapters: Vec<String> = (ready.engine.adapters().list().iter())
             .map(|l| format!("`{}`", l.adapter.name()))
             .collect();
         if !adapters.is_empty() {
@@ -146,38 +133,18 @@ pub fn router(state: Arc<AppState>) -> Router {
 fn parse_json(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<serde_json::Value, ApiError> {
     let bytes = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
-        _ => ApiError::InvalidJson {
+        _ => ApiError::Invalid(openai::ValidationError::Json {
             message: rejection.body_text(),
             param: None,
-        },
+        }),
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson {
-        message: e.to_string(),
-        param: None,
-    })
+    Ok(openai::parse_json(&bytes)?)
 }
 
-/// Reads a request (or part of one) out of the body's JSON; an error names the field's
-/// path (`messages[0].content`) and what was wrong with it.
-fn from_json<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
-        let path = err.path().to_string();
-        ApiError::InvalidJson {
-            message: err.into_inner().to_string(),
-            param: (path != ".").then_some(path),
-        }
-    })
-}
-
-/// Submits a prepared request and answers it (JSON or SSE), counting the outcome either way.
-async fn answer(
-    state: &AppState,
-    endpoint: Endpoint,
-    arrived: Instant,
-    prepared: Result<(Prompt, Settings), ApiError>,
-) -> Response {
+/// Answers a request (JSON or SSE) once submitted, counting the outcome either way.
+async fn answer(state: &AppState, endpoint: Endpoint, arrived: Instant, job: Result<Job, ApiError>) -> Response {
     let mut observer = Observer::new(state.metrics.clone(), endpoint.route(), arrived);
-    match prepared.and_then(|(prompt, settings)| submit(state, endpoint, prompt, &settings, arrived)) {
+    match job {
         Ok(job) => respond(job, observer).await,
         Err(error) => {
             observer.fail(&error);
@@ -186,74 +153,38 @@ async fn answer(
     }
 }
 
-pub(crate) fn submit(
+/// A prepared request's `n` choices submitted to the engine, ready to be answered.
+fn submit(
     state: &AppState,
+    ready: &Ready,
     endpoint: Endpoint,
-    prompt: Prompt,
-    settings: &Settings,
+    prepared: Prepared,
+    options: &Options,
+    adapter: Option<Arc<Adapter>>,
     arrived: Instant,
 ) -> Result<Job, ApiError> {
-    let ready = state.accepting()?;
-    let prompt_tokens = prompt.token_ids.len();
-    let max_model_len = ready.engine.max_model_len();
-    let choices = generation_requests(prompt, settings, max_model_len, state.settings.request_timeout, arrived)?;
-    let events = ready.engine.submit(choices)?;
+    let prompt_tokens = prepared.prompt.token_ids.len();
+    let model = (adapter.as_ref()).map_or_else(|| state.settings.served_model_name.clone(), |a| a.name().to_string());
+    let request = GenerationRequest {
+        prompt: prepared.prompt,
+        params: prepared.params,
+        arrived,
+        deadline: Some(arrived + state.settings.request_timeout),
+        adapter,
+    };
+    let events =
+        (ready.engine.submit(vec![request; options.n])).map_err(|e| ApiError::submit(e, endpoint.prompt_param()))?;
     Ok(Job {
         endpoint,
         id: format!("{}-{}", endpoint.id_prefix(), uuid::Uuid::new_v4().simple()),
-        model: (settings.adapter.as_ref())
-            .map_or_else(|| state.settings.served_model_name.clone(), |a| a.name().to_string()),
-        n: settings.n,
+        model,
+        n: options.n,
         prompt_tokens,
         events,
-        stream: settings.stream,
-        include_usage: settings.include_usage,
-        tokenizer: ready.processor.tokenizer().clone(),
+        stream: options.stream,
+        include_usage: options.include_usage,
+        tokenizer: ready.preparer.processor().tokenizer().clone(),
     })
-}
-
-/// The generation requests of a prompt's `n` choices, checked against the context length.
-fn generation_requests(
-    prompt: Prompt,
-    settings: &Settings,
-    max_model_len: usize,
-    timeout: Duration,
-    arrived: Instant,
-) -> Result<Vec<GenerationRequest>, ApiError> {
-    let prompt_len = prompt.token_ids.len();
-    if prompt_len >= max_model_len {
-        return Err(ApiError::InvalidRequest {
-            message: format!(
-                "the prompt is {prompt_len} tokens (images included), the maximum context length is {max_model_len}"
-            ),
-            param: Some("messages".into()),
-            code: "context_length_exceeded",
-        });
-    }
-    let max_tokens = settings.max_tokens.unwrap_or(max_model_len - prompt_len);
-    if prompt_len + max_tokens > max_model_len {
-        return Err(ApiError::InvalidRequest {
-            message: format!(
-                "the prompt ({prompt_len} tokens) plus `max_tokens` ({max_tokens}) exceeds the maximum context length {max_model_len}"
-            ),
-            param: Some("max_tokens".into()),
-            code: "context_length_exceeded",
-        });
-    }
-    let request = GenerationRequest {
-        prompt,
-        sampling: settings.sampling.clone(),
-        max_tokens,
-        min_tokens: settings.min_tokens,
-        ignore_eos: settings.ignore_eos,
-        stop: settings.stop.clone(),
-        stop_token_ids: settings.stop_token_ids.clone(),
-        logprobs: settings.logprobs,
-        arrived,
-        deadline: Some(arrived + timeout),
-        adapter: settings.adapter.clone(),
-    };
-    Ok(vec![request; settings.n])
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
@@ -289,19 +220,19 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
     let ready = state.ready.get();
     let max_model_len = ready.map_or(0, |r| r.engine.max_model_len());
     let base = &state.settings.served_model_name;
-    let card = |id: &str, parent: Option<&String>| types::ModelCard {
+    let card = |id: &str, parent: Option<&String>| openai::ModelCard {
         id: id.to_string(),
         object: "model",
-        created: types::unix_now(),
+        created: openai::unix_now(),
         owned_by: "ocellus",
         max_model_len,
         parent: parent.cloned(),
     };
     let mut data = vec![card(base, None)];
     if let Some(ready) = ready {
-        data.extend(ready.adapters.list().iter().map(|l| card(l.adapter.name(), Some(base))));
+        data.extend((ready.engine.adapters().list().iter()).map(|l| card(l.adapter.name(), Some(base))));
     }
-    axum::Json(types::ModelList { object: "list", data }).into_response()
+    axum::Json(openai::ModelList { object: "list", data }).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -16,10 +16,13 @@ use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
 use super::error::ApiError;
-use super::types::*;
 use crate::engine::request::{ChoiceEvent, EventReceiver};
 use crate::engine::{SequenceEvent, TokenLogprobs};
 use crate::metrics::{Metrics, Outcome};
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice,
+    CompletionLogprobs, TopLogprob, UsageOut, unix_now,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -39,6 +42,14 @@ impl Endpoint {
         match self {
             Self::Chat => "chatcmpl",
             Self::Completions => "cmpl",
+        }
+    }
+
+    /// The request field that holds the prompt, for errors about it.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            Self::Chat => "messages",
+            Self::Completions => "prompt",
         }
     }
 

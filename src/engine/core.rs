@@ -8,16 +8,15 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
-use super::request::{EngineFailure, EventSender, GenerationRequest, SequenceEvent};
+use super::request::{AddError, EngineFailure, EventSender, GenerationRequest, SequenceEvent, admit};
 use super::scheduler::{Limits, Plan, Waiting, Who, plan_step};
-use super::sequence::{SeqId, Sequence};
+use super::sequence::{SeqId, Sequence, SequenceParts};
 use super::vision::{self, VisionDone, VisionWorker};
 use super::vision_cache::VisionCache;
 use crate::kv::{BLOCK_TOKENS, BlockHash, ImageSlots, KvPool, block_hashes};
-use crate::model::{SequenceInput, VisionLanguageModel};
+use crate::model::{ContentKey, ImageFeatures, ModelInfo, SequenceInput, VisionLanguageModel};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -30,21 +29,6 @@ pub struct EngineConfig {
     pub vision_cache_bytes: usize,
     /// Reuse the KV blocks of prompts' common prefixes (see `kv`).
     pub prefix_caching: bool,
-}
-
-/// Requests the engine refuses at the door.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddError {
-    #[error("the prompt is empty")]
-    EmptyPrompt,
-    #[error("the prompt has {found} image tokens but its images make {expected}")]
-    ImageTokens { found: usize, expected: usize },
-    #[error("the prompt ({prompt} tokens) plus `max_tokens` ({max_tokens}) exceeds the maximum context length {limit}")]
-    TooLong {
-        prompt: usize,
-        max_tokens: usize,
-        limit: usize,
-    },
 }
 
 /// What one step did, for metrics.
@@ -95,7 +79,7 @@ pub struct EngineCore {
     vision_cache: VisionCache,
     vision: VisionWorker,
     /// The images each sequence has on the vision thread now.
-    encoding: std::collections::HashMap<SeqId, Vec<crate::processor::ImageKey>>,
+    encoding: std::collections::HashMap<SeqId, Vec<ContentKey>>,
     /// Vision work since the last report (cache lookups happen when requests arrive).
     unreported: StepReport,
 }
@@ -130,6 +114,10 @@ impl EngineCore {
         self.model.as_ref()
     }
 
+    pub fn info(&self) -> &ModelInfo {
+        self.model.info()
+    }
+
     pub fn pool(&self) -> &KvPool {
         &self.pool
     }
@@ -152,7 +140,7 @@ impl EngineCore {
 
     /// Whether a step could compute something now (not only wait for the vision thread).
     pub fn has_runnable_work(&self) -> bool {
-        !self.running.is_empty() || self.waiting.iter().any(|s| !s.vision_pending)
+        !self.running.is_empty() || self.waiting.iter().any(Sequence::is_ready)
     }
 
     /// Images being encoded on the vision thread.
@@ -174,44 +162,19 @@ impl EngineCore {
 
     /// Queues one choice of a request; its events go to `events`.
     pub fn add(&mut self, request: GenerationRequest, choice: usize, events: EventSender) -> Result<SeqId, AddError> {
-        let prompt = request.prompt.token_ids.len();
-        if prompt == 0 {
-            return Err(AddError::EmptyPrompt);
-        }
-        let info = self.model.info();
-        let found = request
-            .prompt
-            .token_ids
-            .iter()
-            .filter(|&&t| t == info.image_token_id)
-            .count();
-        let tiles = request.prompt.tiles();
-        let expected = tiles * info.image_seq_len;
-        let pixels = request
-            .prompt
-            .pixel_values
-            .as_ref()
-            .map_or(0, |p| p.dim(0).unwrap_or(usize::MAX));
-        if found != expected || pixels != tiles {
-            return Err(AddError::ImageTokens { found, expected });
-        }
-        let limit = self.max_model_len();
-        if prompt + request.max_tokens > limit {
-            return Err(AddError::TooLong {
-                prompt,
-                max_tokens: request.max_tokens,
-                limit,
-            });
-        }
+        let max_tokens = admit(
+            &request.prompt,
+            &request.params,
+            self.model.info(),
+            self.max_model_len(),
+        )?;
         let id = self.next_id;
         self.next_id += 1;
-        let seed = request.sampling.seed.map_or(id, |s| s.wrapping_add(choice as u64));
+        let seed = (request.params.sampling.seed).map_or(id, |s| s.wrapping_add(choice as u64));
         let hashes = if self.config.prefix_caching {
-            let images: Vec<(usize, [u8; 32])> = (request.prompt.images.iter())
-                .map(|image| (image.tiles * info.image_seq_len, image.key))
-                .collect();
+            let images: Vec<(usize, [u8; 32])> = request.prompt.images.iter().map(|i| (i.tokens, i.key)).collect();
             let slots = ImageSlots {
-                token: info.image_token_id,
+                tokens: &self.model.info().image_token_ids,
                 images: &images,
             };
             let adapter = request.adapter.as_ref().map_or(0, |a| a.id());
@@ -219,12 +182,18 @@ impl EngineCore {
         } else {
             Vec::new()
         };
-        let mut seq = Sequence::new(id, choice, request, events, seed);
+        let mut seq = Sequence::new(SequenceParts {
+            id,
+            choice,
+            request,
+            max_tokens,
+            events,
+            seed,
+        });
         seq.block_hashes = hashes;
-        if vision::waits_on(&seq, &self.vision_cache, &self.encoding) {
-            seq.vision_pending = true;
-            seq.vision_deferred = true;
-        } else if let Err(err) = self.start_vision(&mut seq) {
+        if !vision::waits_on(&seq, &self.vision_cache, &self.encoding)
+            && let Err(err) = self.start_vision(&mut seq)
+        {
             seq.send(SequenceEvent::Failed(EngineFailure::Model(err.to_string())));
             return Ok(id);
         }
@@ -249,13 +218,12 @@ impl EngineCore {
         let mut i = 0;
         while i < self.waiting.len() {
             let seq = &self.waiting[i];
-            if !seq.vision_deferred || vision::waits_on(seq, &self.vision_cache, &self.encoding) {
+            let deferred = matches!(seq.vision, super::sequence::Vision::Waiting(_));
+            if !deferred || vision::waits_on(seq, &self.vision_cache, &self.encoding) {
                 i += 1;
                 continue;
             }
             let mut seq = self.waiting.remove(i).expect("i < len. This is a bug.");
-            seq.vision_deferred = false;
-            seq.vision_pending = false;
             match self.start_vision(&mut seq) {
                 Ok(()) => {
                     self.waiting.insert(i, seq);
@@ -287,7 +255,7 @@ impl EngineCore {
         let running: Vec<_> = self.running.iter().map(Sequence::as_running).collect();
         // Requests whose images are still encoding wait outside the queue's order.
         let ready: Vec<usize> = (0..self.waiting.len())
-            .filter(|&i| !self.waiting[i].vision_pending)
+            .filter(|&i| self.waiting[i].is_ready())
             .collect();
         // Only the first few can join this step (max_num_seqs): the prefix cache is looked up
         // for those, not for the whole queue on every step.
@@ -352,11 +320,10 @@ impl EngineCore {
         let Some(index) = self.waiting.iter().position(|s| s.id == done.seq) else {
             return;
         };
-        let rows_per_tile = self.model.info().image_seq_len;
         let seq = &mut self.waiting[index];
         let result = done
             .features
-            .and_then(|f| vision::finish(seq, f, &mut self.vision_cache, rows_per_tile).map_err(|e| e.to_string()));
+            .and_then(|f| vision::finish(seq, f, &mut self.vision_cache).map_err(|e| e.to_string()));
         if let Err(message) = result {
             tracing::error!(%message, "vision encoding failed");
             let seq = self.waiting.remove(index).expect("index found above. This is a bug.");
@@ -371,7 +338,7 @@ impl EngineCore {
         let mut keep = |seq: &mut Sequence| {
             if seq.is_cancelled() {
                 report.cancelled += 1;
-            } else if seq.request.deadline.is_some_and(|d| now >= d) {
+            } else if seq.deadline.is_some_and(|d| now >= d) {
                 seq.send(SequenceEvent::Failed(EngineFailure::Timeout));
                 report.timed_out += 1;
             } else {
@@ -433,7 +400,7 @@ impl EngineCore {
                 let start = seq.kv.len();
                 let len = c.len.min(seq.pending());
                 let crosses = start < seq.prompt_len && start + len > seq.prompt_len;
-                let len = if crosses && seq.image_features.is_some() {
+                let len = if crosses && !seq.images.is_empty() {
                     seq.prompt_len - start
                 } else {
                     len
@@ -444,7 +411,7 @@ impl EngineCore {
     }
 
     fn forward(&mut self, chunks: &[(usize, usize)], report: &mut StepReport) {
-        let image_token = self.model.info().image_token_id;
+        let info = self.model.info();
         let mut lens = vec![None; self.running.len()];
         for &(index, len) in chunks {
             lens[index] = Some(len);
@@ -464,13 +431,14 @@ impl EngineCore {
                 report.prefill_tokens += len;
             }
             let tokens = &seq.tokens[start..start + len];
-            let image_features = chunk_features(seq, start, len, image_token);
+            let image_features = chunk_features(seq, start, len, info);
             batch.push(SequenceInput {
                 tokens,
+                positions: seq.positions.as_ref(),
                 image_features,
                 kv: &mut seq.kv,
                 wants_logits,
-                adapter: seq.request.adapter.as_deref(),
+                adapter: seq.adapter.as_deref(),
             });
         }
         report.batch_sequences = batch.len();
@@ -522,21 +490,24 @@ impl EngineCore {
 }
 
 /// Vision features for the image tokens in `tokens[start..start + len]` of a prompt.
-fn chunk_features(seq: &Sequence, start: usize, len: usize, image_token: u32) -> Option<Tensor> {
+fn chunk_features(seq: &Sequence, start: usize, len: usize, info: &ModelInfo) -> Option<ImageFeatures> {
     // add() checked that the prompt's image tokens and features agree in number.
-    let features = seq.image_features.as_ref()?;
+    let features = seq.image_features()?;
     let end = (start + len).min(seq.prompt_len);
     if start >= end {
         return None;
     }
-    let before = seq.tokens[..start].iter().filter(|&&t| t == image_token).count();
-    let rows = seq.tokens[start..end].iter().filter(|&&t| t == image_token).count();
+    let before = seq.tokens[..start].iter().filter(|&&t| info.is_image_token(t)).count();
+    let rows = seq.tokens[start..end]
+        .iter()
+        .filter(|&&t| info.is_image_token(t))
+        .count();
     if rows == 0 {
         return None;
     }
     Some(
         features
-            .narrow(0, before, rows)
+            .narrow(before, rows)
             .expect("features cover every image token. This is a bug."),
     )
 }

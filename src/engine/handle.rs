@@ -1,7 +1,9 @@
 //! The engine thread and the handle the API holds. One thread owns the engine core (model,
 //! KV pool, sequences): commands come in over a channel, events go out per request. The
-//! handle bounds the waiting queue (a full queue is refused at once, for a 429) and
-//! publishes the engine's state for health checks and metrics.
+//! handle checks requests (`admit`) and bounds the waiting queue (a full queue is refused at
+//! once, for a 429), publishes the engine's state for health checks, tells an
+//! `EngineObserver` what each step did (the server's metrics), and holds the LoRA adapters
+//! requests may name.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,9 +12,28 @@ use crossbeam_channel::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use super::core::{AddError, EngineCore, StepReport};
-use super::request::{EngineFailure, EventReceiver, GenerationRequest, SequenceEvent};
-use crate::metrics::Metrics;
+use super::core::{EngineCore, StepReport};
+use super::request::{AddError, EngineFailure, EventReceiver, GenerationRequest, SequenceEvent, admit};
+use crate::model::ModelInfo;
+pub use crate::model::lora::{Adapter, AdapterRegistry, RegistryError};
+
+/// Where the engine stands after a step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EngineState {
+    pub waiting: usize,
+    pub running: usize,
+    pub used_blocks: usize,
+    pub total_blocks: usize,
+}
+
+/// Told what the engine thread does; the server records it as metrics.
+pub trait EngineObserver: Send + Sync {
+    /// A request's choice entered the engine with a prompt of this many tokens, this many
+    /// of them image placeholders.
+    fn submitted(&self, prompt_tokens: usize, image_tokens: usize);
+    /// After every step: what it did and where the engine stands.
+    fn stepped(&self, report: &StepReport, state: &EngineState);
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -52,20 +73,27 @@ pub struct EngineHandle {
     max_queue: usize,
     total_blocks: usize,
     max_model_len: usize,
+    info: Arc<ModelInfo>,
+    adapters: Arc<AdapterRegistry>,
 }
 
 impl EngineHandle {
     /// Starts the engine thread. `max_queue`: most sequences waiting for admission.
-    pub fn spawn(core: EngineCore, max_queue: usize, metrics: Arc<Metrics>) -> (Self, JoinHandle<()>) {
+    pub fn spawn(
+        core: EngineCore,
+        max_queue: usize,
+        adapters: Arc<AdapterRegistry>,
+        observer: Arc<dyn EngineObserver>,
+    ) -> (Self, JoinHandle<()>) {
         let (commands, inbox) = crossbeam_channel::unbounded();
         let published = Arc::new(Published::default());
         let total_blocks = core.pool().num_blocks();
         let max_model_len = core.max_model_len();
-        metrics.kv_cache_total_blocks.set(total_blocks as f64);
+        let info = Arc::new(core.info().clone());
         let thread_published = published.clone();
         let thread = std::thread::Builder::new()
             .name("ocellus-engine".into())
-            .spawn(move || run(core, inbox, thread_published, metrics))
+            .spawn(move || run(core, inbox, thread_published, observer))
             .expect("the OS can start a thread at startup. This is a bug.");
         (
             Self {
@@ -74,6 +102,8 @@ impl EngineHandle {
                 max_queue,
                 total_blocks,
                 max_model_len,
+                info,
+                adapters,
             },
             thread,
         )
@@ -86,15 +116,7 @@ impl EngineHandle {
             return Err(SubmitError::ShuttingDown);
         }
         for choice in &choices {
-            let (prompt, max_tokens) = (choice.prompt.token_ids.len(), choice.max_tokens);
-            if prompt + max_tokens > self.max_model_len {
-                return Err(AddError::TooLong {
-                    prompt,
-                    max_tokens,
-                    limit: self.max_model_len,
-                }
-                .into());
-            }
+            admit(&choice.prompt, &choice.params, &self.info, self.max_model_len)?;
         }
         let n = choices.len();
         let queued = self.published.waiting.load(Ordering::Acquire) + self.published.in_flight.load(Ordering::Acquire);
@@ -133,9 +155,20 @@ impl EngineHandle {
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
     }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The LoRA adapters requests may name, loaded and unloaded while serving.
+    pub fn adapters(&self) -> &Arc<AdapterRegistry> {
+        &self.adapters
+    }
 }
 
-fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>, metrics: Arc<Metrics>) {
+fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>, observer: Arc<dyn EngineObserver>) {
+    // The pool's size (and an idle engine) is known before any request.
+    record(&core, &StepReport::default(), &published, observer.as_ref());
     let mut deadline: Option<Instant> = None;
     loop {
         // Block only when there is nothing to compute: for a command, or for the vision
@@ -167,11 +200,8 @@ fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>
                 Command::Submit { choices, events } => {
                     published.in_flight.fetch_sub(choices.len(), Ordering::AcqRel);
                     for (index, request) in choices.into_iter().enumerate() {
-                        metrics.prompt_tokens.increment(request.prompt.token_ids.len() as u64);
-                        let tokens_per_tile = core.model().info().image_seq_len;
-                        metrics
-                            .image_tokens
-                            .increment((request.prompt.tiles() * tokens_per_tile) as u64);
+                        let prompt = &request.prompt;
+                        observer.submitted(prompt.token_ids.len(), prompt.image_tokens());
                         if let Err(err) = core.add(request, index, events.clone()) {
                             // The handle validated this already; a refusal here is a bug.
                             tracing::error!(%err, "the engine refused a submitted request");
@@ -190,50 +220,23 @@ fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>
             core.abort_all(EngineFailure::Shutdown);
         }
         let report = core.step();
-        record(&core, &report, &published, &metrics);
+        record(&core, &report, &published, observer.as_ref());
     }
     published.stopped.store(true, Ordering::Release);
     core.abort_all(EngineFailure::Shutdown);
-    record(&core, &StepReport::default(), &published, &metrics);
+    record(&core, &StepReport::default(), &published, observer.as_ref());
     tracing::info!("engine stopped");
 }
 
-fn record(core: &EngineCore, report: &StepReport, published: &Published, metrics: &Metrics) {
-    let used = core.pool().used_blocks();
-    published.waiting.store(core.num_waiting(), Ordering::Release);
-    published.running.store(core.num_running(), Ordering::Release);
-    published.used_blocks.store(used, Ordering::Release);
-    metrics.running_sequences.set(core.num_running() as f64);
-    metrics.waiting_sequences.set(core.num_waiting() as f64);
-    metrics.kv_cache_used_blocks.set(used as f64);
-    metrics
-        .kv_cache_usage
-        .set(used as f64 / core.pool().num_blocks().max(1) as f64);
-    if report.did_work() {
-        let step = if report.prefill_tokens > 0 {
-            &metrics.prefill_step
-        } else {
-            &metrics.decode_step
-        };
-        Metrics::observe(step, report.forward);
-        metrics.batch_sequences.record(report.batch_sequences as f64);
-        metrics
-            .batch_tokens
-            .record((report.prefill_tokens + report.decode_tokens) as f64);
-    }
-    metrics.preemptions.increment(report.preempted as u64);
-    metrics.vision_cache_hits.increment(report.vision_cache_hits as u64);
-    metrics.vision_cache_misses.increment(report.vision_cache_misses as u64);
-    metrics
-        .prefix_cache_queried_tokens
-        .increment(report.prefix_queried_tokens as u64);
-    metrics
-        .prefix_cache_hit_tokens
-        .increment(report.prefix_hit_tokens as u64);
-    for took in &report.vision_encodes {
-        Metrics::observe(&metrics.vision_encode, *took);
-    }
-    for wait in &report.queue_times {
-        Metrics::observe(&metrics.queue_time, *wait);
-    }
+fn record(core: &EngineCore, report: &StepReport, published: &Published, observer: &dyn EngineObserver) {
+    let state = EngineState {
+        waiting: core.num_waiting(),
+        running: core.num_running(),
+        used_blocks: core.pool().used_blocks(),
+        total_blocks: core.pool().num_blocks(),
+    };
+    published.waiting.store(state.waiting, Ordering::Release);
+    published.running.store(state.running, Ordering::Release);
+    published.used_blocks.store(state.used_blocks, Ordering::Release);
+    observer.stepped(report, &state);
 }

@@ -1,6 +1,8 @@
-//! Turning prompts into tokens for many sequences at once: scheduling (continuous
-//! batching over a ragged batch), the KV blocks of running sequences, sampling,
-//! incremental detokenization, stop strings, and the engine thread that owns it all.
+//! Turning prompts into tokens for many sequences at once: its input types (`request`),
+//! scheduling (continuous batching over a ragged batch), the KV blocks of running
+//! sequences, vision encoding on its own thread, sampling, incremental detokenization, stop
+//! strings, and the engine thread that owns it all. It depends on the model traits and the
+//! KV pool only.
 
 pub mod core;
 pub mod detokenizer;
@@ -14,8 +16,11 @@ pub mod stop;
 pub mod vision;
 pub mod vision_cache;
 
-pub use core::{AddError, EngineConfig, EngineCore, StepReport};
-pub use handle::{EngineHandle, SubmitError};
+pub use core::{EngineConfig, EngineCore, StepReport};
+pub use handle::{Adapter, AdapterRegistry, EngineHandle, EngineObserver, EngineState, RegistryError, SubmitError};
 pub use offline::{Generation, Timings, generate};
-pub use request::{ChoiceEvent, EngineFailure, FinishReason, GenerationRequest, SequenceEvent, Usage};
+pub use request::{
+    AddError, ChoiceEvent, EngineFailure, FinishReason, GenerationParams, GenerationRequest, Prompt, PromptImage,
+    SequenceEvent, Usage, admit,
+};
 pub use sampling::{SamplingParams, TokenLogprobs};

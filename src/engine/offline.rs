@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use super::core::{AddError, EngineCore, StepReport};
-use super::request::{ChoiceEvent, EngineFailure, FinishReason, GenerationRequest, SequenceEvent, Usage};
+use super::core::{EngineCore, StepReport};
+use super::request::{AddError, ChoiceEvent, EngineFailure, FinishReason, GenerationRequest, SequenceEvent, Usage};
 
 /// One finished request.
 #[derive(Debug, Clone)]

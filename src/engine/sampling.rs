@@ -214,7 +214,7 @@ fn likeliest_spending(candidates: &mut [(u32, f64)], mut budget: f64, spent: imp
 }
 
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
-    let log_sum = crate::model::kernels::log_sum_exp(logits);
+    let log_sum = crate::model::ops::kernels::log_sum_exp(logits);
     let logprob = |id: u32| logits[id as usize] - log_sum;
     let top = top.min(logits.len());
     let mut order: Vec<u32> = Vec::new();

@@ -1,38 +1,58 @@
-//! One sequence inside the engine: its tokens (prompt, then output), KV blocks, sampler,
-//! detokenizer and stop strings, and the channel its events go to.
+//! One sequence inside the engine: its tokens (prompt, then output), where its images'
+//! features stand, KV blocks, sampler, detokenizer and stop strings, and the channel its
+//! events go to.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use super::detokenizer::Detokenizer;
-use super::request::{ChoiceEvent, EventSender, FinishReason, GenerationRequest, SequenceEvent, Usage};
+use super::request::{ChoiceEvent, EventSender, FinishReason, GenerationParams, SequenceEvent, Usage};
 use super::sampling::{Sampler, logprobs};
 use super::scheduler::{Running, Waiting};
 use super::stop::{StopCheck, StopStrings};
 use crate::kv::{BlockHash, SequenceKv};
+use crate::model::lora::Adapter;
+use crate::model::{ContentKey, ImageFeatures, Pixels, TokenPositions};
 
 pub type SeqId = u64;
+
+/// An image of the prompt as the engine keeps it once its pixels are handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSlot {
+    pub key: ContentKey,
+    pub tokens: usize,
+}
+
+/// Where a sequence's image features stand. Only `Ready` sequences are scheduled.
+pub enum Vision {
+    /// Not started: waiting for another sequence's encoding of one of its images, to take
+    /// it from the cache instead of encoding it again. Its pixels, per image.
+    Waiting(Vec<Pixels>),
+    /// On the vision thread; per image, the features known so far (cache hits).
+    Encoding(Vec<Option<ImageFeatures>>),
+    /// Every image's features, in prompt order, as one (`None`: a text prompt). Kept so that
+    /// a preempted sequence is recomputed without the vision encoder.
+    Ready(Option<ImageFeatures>),
+}
 
 pub struct Sequence {
     pub id: SeqId,
     pub choice: usize,
     pub events: EventSender,
-    pub request: GenerationRequest,
+    pub params: GenerationParams,
+    /// `params.max_tokens`, resolved against the context length at admission.
+    pub max_tokens: usize,
+    /// The prompt's images, in order.
+    pub images: Vec<ImageSlot>,
+    pub positions: Option<TokenPositions>,
+    pub adapter: Option<Arc<Adapter>>,
+    pub deadline: Option<Instant>,
     /// The prompt, then every sampled token.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
-    /// Vision features of the prompt's image tokens; kept so a preempted sequence can be
-    /// recomputed without the vision encoder.
-    pub image_features: Option<Tensor>,
-    /// Per image, its features while they are being gathered (cache or encoder).
-    pub image_parts: Vec<Option<Tensor>>,
-    /// Waiting for the vision thread: not schedulable yet.
-    pub vision_pending: bool,
-    /// Waiting for another sequence's encoding of the same image, to take it from the cache
-    /// instead of encoding it again; its own vision work has not started.
-    pub vision_deferred: bool,
+    pub vision: Vision,
     pub kv: SequenceKv,
     /// Content hashes of the prompt's full KV blocks (empty without prefix caching).
     pub block_hashes: Vec<BlockHash>,
@@ -45,21 +65,52 @@ pub struct Sequence {
     stops: StopStrings,
 }
 
+/// What a sequence is made from: an admitted request's parts.
+pub struct SequenceParts {
+    pub id: SeqId,
+    pub choice: usize,
+    pub request: super::request::GenerationRequest,
+    pub max_tokens: usize,
+    pub events: EventSender,
+    pub seed: u64,
+}
+
 impl Sequence {
-    pub fn new(id: SeqId, choice: usize, request: GenerationRequest, events: EventSender, seed: u64) -> Self {
-        let tokens = request.prompt.token_ids.clone();
-        let sampler = Sampler::new(request.sampling.clone(), seed);
-        let stops = StopStrings::new(request.stop.clone());
+    pub fn new(parts: SequenceParts) -> Self {
+        let SequenceParts {
+            id,
+            choice,
+            request,
+            max_tokens,
+            events,
+            seed,
+        } = parts;
+        let prompt = request.prompt;
+        let sampler = Sampler::new(request.params.sampling.clone(), seed);
+        let stops = StopStrings::new(request.params.stop.clone());
+        let images = (prompt.images.iter())
+            .map(|i| ImageSlot {
+                key: i.key,
+                tokens: i.tokens,
+            })
+            .collect();
+        let vision = match prompt.images.is_empty() {
+            true => Vision::Ready(None),
+            false => Vision::Waiting(prompt.images.into_iter().map(|i| i.pixels).collect()),
+        };
         Self {
             id,
             choice,
             events,
-            prompt_len: tokens.len(),
-            tokens,
-            image_features: None,
-            image_parts: Vec::new(),
-            vision_pending: false,
-            vision_deferred: false,
+            params: request.params,
+            max_tokens,
+            images,
+            positions: prompt.positions,
+            adapter: request.adapter,
+            deadline: request.deadline,
+            prompt_len: prompt.token_ids.len(),
+            tokens: prompt.token_ids,
+            vision,
             kv: SequenceKv::default(),
             block_hashes: Vec::new(),
             prefix_blocks: 0,
@@ -68,7 +119,19 @@ impl Sequence {
             sampler,
             detokenizer: Detokenizer::default(),
             stops,
-            request,
+        }
+    }
+
+    /// Whether its image features are all in hand (or it has none): it may be scheduled.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.vision, Vision::Ready(_))
+    }
+
+    /// Its image features, once ready.
+    pub fn image_features(&self) -> Option<&ImageFeatures> {
+        match &self.vision {
+            Vision::Ready(features) => features.as_ref(),
+            _ => None,
         }
     }
 
@@ -129,17 +192,17 @@ impl Sequence {
     /// Takes a sampled token: updates text, stop strings and finish state, and sends the
     /// events. Returns the finish reason once the sequence is done.
     pub fn accept(&mut self, logits: &[f32], tokenizer: &Tokenizer, eos: &[u32]) -> Option<FinishReason> {
-        let request = &self.request;
-        let before_min = self.output().len() < request.min_tokens;
-        let banned: Vec<u32> = if before_min && !request.ignore_eos {
-            eos.iter().chain(&request.stop_token_ids).copied().collect()
+        let params = &self.params;
+        let before_min = self.output().len() < params.min_tokens;
+        let banned: Vec<u32> = if before_min && !params.ignore_eos {
+            eos.iter().chain(&params.stop_token_ids).copied().collect()
         } else {
             Vec::new()
         };
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(logits, prompt, output, &banned);
         self.tokens.push(token);
-        let logprobs = self.request.logprobs.map(|top| logprobs(logits, token, top));
+        let logprobs = self.params.logprobs.map(|top| logprobs(logits, token, top));
         let delta = self.detokenizer.push(tokenizer, token);
         let (text, stopped) = if before_min {
             (delta, false)
@@ -149,11 +212,11 @@ impl Sequence {
                 StopCheck::Stop(text) => (text, true),
             }
         };
-        let request = &self.request;
-        let is_stop_token = !request.ignore_eos && (eos.contains(&token) || request.stop_token_ids.contains(&token));
+        let params = &self.params;
+        let is_stop_token = !params.ignore_eos && (eos.contains(&token) || params.stop_token_ids.contains(&token));
         let finish = if stopped || is_stop_token {
             Some(FinishReason::Stop)
-        } else if self.output().len() >= request.max_tokens {
+        } else if self.output().len() >= self.max_tokens {
             Some(FinishReason::Length)
         } else {
             None

@@ -1,6 +1,6 @@
-//! The vision encoder on its own thread. Encoding an image's tiles takes seconds on a CPU;
+//! The vision encoder on its own thread. Encoding an image takes seconds on a CPU;
 //! on the engine thread it would stall every running stream for that long. Here the
-//! engine hands over the tiles of a newly added request and goes on stepping; the request
+//! engine hands over the images of a newly added request and goes on stepping; the request
 //! joins the batch once its features come back. Both threads share the CPU's cores
 //! (candle's thread pool), so decoding slows down while an image encodes but never stops.
 
@@ -8,23 +8,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use crossbeam_channel::{Receiver, Sender};
 
-use super::sequence::{SeqId, Sequence};
+use super::sequence::{ImageSlot, SeqId, Sequence, Vision};
 use super::vision_cache::VisionCache;
-use crate::model::VisionLanguageModel;
-use crate::processor::ImageKey;
+use crate::model::{ContentKey, ImageFeatures, Pixels, VisionLanguageModel};
 
 pub struct VisionJob {
     pub seq: SeqId,
-    /// The tiles to encode, `[tiles, 3, S, S]`.
-    pub pixels: Tensor,
+    /// The images to encode, in prompt order.
+    pub images: Vec<Pixels>,
 }
 
 pub struct VisionDone {
     pub seq: SeqId,
-    pub features: Result<Tensor, String>,
+    /// One result per image of the job.
+    pub features: Result<Vec<ImageFeatures>, String>,
     pub took: Duration,
 }
 
@@ -44,11 +43,8 @@ impl VisionWorker {
                 // Ends when the engine drops its sender.
                 for job in inbox {
                     let started = Instant::now();
-                    let features = job
-                        .pixels
-                        .to_device(model.device())
-                        .and_then(|p| model.encode_images(&p))
-                        .map_err(|e| e.to_string());
+                    let images: Vec<&Pixels> = job.images.iter().collect();
+                    let features = model.encode_images(&images).map_err(|e| e.to_string());
                     if results
                         .send(VisionDone {
                             seq: job.seq,
@@ -102,112 +98,88 @@ impl VisionWorker {
 }
 
 /// What `start` did: images taken from the cache, and the keys of those sent to encode.
+#[derive(Default)]
 pub struct Started {
     pub hits: usize,
-    pub encoding: Vec<ImageKey>,
+    pub encoding: Vec<ContentKey>,
 }
 
-/// Starts getting a sequence's image features: cached images are taken now, the others go
-/// to the worker (each distinct image once).
+/// Starts getting a waiting sequence's image features: cached images are taken now, the
+/// others go to the worker (each distinct image once).
 pub fn start(seq: &mut Sequence, cache: &mut VisionCache, worker: &mut VisionWorker) -> candle_core::Result<Started> {
-    let Some(pixels) = seq.request.prompt.pixel_values.take() else {
-        return Ok(Started {
-            hits: 0,
-            encoding: Vec::new(),
-        });
+    let Vision::Waiting(pixels) = std::mem::replace(&mut seq.vision, Vision::Ready(None)) else {
+        return Ok(Started::default());
     };
-    let images = &seq.request.prompt.images;
-    seq.image_parts = images.iter().map(|image| cache.get(&image.key)).collect();
-    let hits = seq.image_parts.iter().filter(|p| p.is_some()).count();
-    let mut tiles = Vec::new();
+    let parts: Vec<Option<ImageFeatures>> = seq.images.iter().map(|image| cache.get(&image.key)).collect();
+    let hits = parts.iter().filter(|p| p.is_some()).count();
+    let mut images = Vec::new();
     let mut encoding = Vec::new();
-    let mut first_tile = 0;
-    for (i, image) in images.iter().enumerate() {
-        if to_encode(seq, i) {
-            tiles.push(pixels.narrow(0, first_tile, image.tiles)?);
-            encoding.push(image.key);
+    for (i, pixels) in pixels.into_iter().enumerate() {
+        if to_encode(&seq.images, &parts, i) {
+            images.push(pixels);
+            encoding.push(seq.images[i].key);
         }
-        first_tile += image.tiles;
     }
-    if tiles.is_empty() {
-        assemble(seq)?;
+    if images.is_empty() {
+        seq.vision = Vision::Ready(Some(assemble(&seq.images, &parts)?));
     } else {
-        seq.vision_pending = true;
-        worker.submit(VisionJob {
-            seq: seq.id,
-            pixels: Tensor::cat(&tiles, 0)?,
-        });
+        seq.vision = Vision::Encoding(parts);
+        worker.submit(VisionJob { seq: seq.id, images });
     }
     Ok(Started { hits, encoding })
 }
 
 /// Whether a sequence needs an image that another sequence is encoding right now (and that
 /// is not cached): it waits for that instead of encoding the same pixels again.
-pub fn waits_on(seq: &Sequence, cache: &VisionCache, encoding: &HashMap<SeqId, Vec<ImageKey>>) -> bool {
-    seq.request.prompt.pixel_values.is_some()
-        && seq
-            .request
-            .prompt
-            .images
-            .iter()
+pub fn waits_on(seq: &Sequence, cache: &VisionCache, encoding: &HashMap<SeqId, Vec<ContentKey>>) -> bool {
+    matches!(seq.vision, Vision::Waiting(_))
+        && (seq.images.iter())
             .any(|image| !cache.contains(&image.key) && encoding.values().flatten().any(|key| *key == image.key))
 }
 
-/// Completes a sequence's features with the worker's output (the encoded images' rows, in
+/// Completes a sequence's features with the worker's output (one per encoded image, in
 /// order) and caches each newly encoded image.
-pub fn finish(
-    seq: &mut Sequence,
-    features: Tensor,
-    cache: &mut VisionCache,
-    rows_per_tile: usize,
-) -> candle_core::Result<()> {
-    let encoded: Vec<usize> = (0..seq.request.prompt.images.len())
-        .filter(|&i| to_encode(seq, i))
+pub fn finish(seq: &mut Sequence, features: Vec<ImageFeatures>, cache: &mut VisionCache) -> candle_core::Result<()> {
+    let Vision::Encoding(mut parts) = std::mem::replace(&mut seq.vision, Vision::Ready(None)) else {
+        candle_core::bail!("vision results for a sequence that is not encoding. This is a bug.")
+    };
+    let encoded: Vec<usize> = (0..seq.images.len())
+        .filter(|&i| to_encode(&seq.images, &parts, i))
         .collect();
-    let mut row = 0;
-    for &i in &encoded {
-        let image = seq.request.prompt.images[i];
-        let rows = image.tiles * rows_per_tile;
-        // A copy when the output holds several images, so each cache entry owns its rows.
-        let own = if encoded.len() == 1 {
-            features.clone()
-        } else {
-            features.narrow(0, row, rows)?.copy()?
-        };
-        cache.insert(image.key, own.clone());
-        seq.image_parts[i] = Some(own);
-        row += rows;
+    if encoded.len() != features.len() {
+        candle_core::bail!(
+            "{} images encoded, {} results. This is a bug.",
+            encoded.len(),
+            features.len()
+        )
     }
-    seq.vision_pending = false;
-    assemble(seq)
+    for (i, image_features) in encoded.into_iter().zip(features) {
+        cache.insert(seq.images[i].key, image_features.clone());
+        parts[i] = Some(image_features);
+    }
+    seq.vision = Vision::Ready(Some(assemble(&seq.images, &parts)?));
+    Ok(())
 }
 
 /// Whether image `i` of the prompt goes to the encoder: not cached, and not a repeat of an
 /// earlier image of the same prompt.
-fn to_encode(seq: &Sequence, i: usize) -> bool {
-    let images = &seq.request.prompt.images;
-    seq.image_parts[i].is_none() && !images[..i].iter().any(|earlier| earlier.key == images[i].key)
+fn to_encode(images: &[ImageSlot], parts: &[Option<ImageFeatures>], i: usize) -> bool {
+    parts[i].is_none() && !images[..i].iter().any(|earlier| earlier.key == images[i].key)
 }
 
-fn assemble(seq: &mut Sequence) -> candle_core::Result<()> {
-    let images = &seq.request.prompt.images;
-    let mut parts: Vec<Tensor> = Vec::with_capacity(images.len());
-    for (i, image) in images.iter().enumerate() {
-        let part = match &seq.image_parts[i] {
-            Some(part) => part.clone(),
-            None => {
-                let first = images
-                    .iter()
-                    .position(|e| e.key == image.key)
-                    .expect("image i itself matches. This is a bug.");
-                seq.image_parts[first]
-                    .clone()
-                    .expect("a repeat's first occurrence has features. This is a bug.")
-            }
-        };
-        parts.push(part);
+/// The features of every image, in order: a repeated image takes its first occurrence's.
+fn assemble(images: &[ImageSlot], parts: &[Option<ImageFeatures>]) -> candle_core::Result<ImageFeatures> {
+    let ordered: Vec<&ImageFeatures> = (0..images.len())
+        .map(|i| {
+            let first = images.iter().position(|e| e.key == images[i].key).unwrap_or(i);
+            parts[i]
+                .as_ref()
+                .or(parts[first].as_ref())
+                .expect("every image or its first occurrence has features. This is a bug.")
+        })
+        .collect();
+    match ordered.as_slice() {
+        [one] => Ok((*one).clone()),
+        _ => ImageFeatures::cat(&ordered),
     }
-    seq.image_features = Some(Tensor::cat(&parts, 0)?);
-    seq.image_parts.clear();
-    Ok(())
 }

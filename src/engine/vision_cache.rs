@@ -4,13 +4,12 @@
 //! first token on a CPU. Keys are of content only: two requests share features exactly
 //! when their images are pixel for pixel the same.
 
-use candle_core::Tensor;
 use lru::LruCache;
 
-use crate::processor::ImageKey;
+use crate::model::{ContentKey, ImageFeatures};
 
 pub struct VisionCache {
-    entries: LruCache<ImageKey, Tensor>,
+    entries: LruCache<ContentKey, ImageFeatures>,
     bytes: usize,
     budget: usize,
 }
@@ -26,27 +25,27 @@ impl VisionCache {
     }
 
     /// Whether `key` is cached, without making it recently used.
-    pub fn contains(&self, key: &ImageKey) -> bool {
+    pub fn contains(&self, key: &ContentKey) -> bool {
         self.entries.contains(key)
     }
 
-    pub fn get(&mut self, key: &ImageKey) -> Option<Tensor> {
+    pub fn get(&mut self, key: &ContentKey) -> Option<ImageFeatures> {
         self.entries.get(key).cloned()
     }
 
     /// Keeps `features` (which must own their storage, not view a larger tensor, or the
     /// byte count would be wrong), evicting the least recently used to make room.
-    pub fn insert(&mut self, key: ImageKey, features: Tensor) {
-        let size = size_of(&features);
+    pub fn insert(&mut self, key: ContentKey, features: ImageFeatures) {
+        let size = features.bytes();
         if size > self.budget {
             return;
         }
         if let Some(old) = self.entries.pop(&key) {
-            self.bytes -= size_of(&old);
+            self.bytes -= old.bytes();
         }
         while self.bytes + size > self.budget {
             let (_, evicted) = self.entries.pop_lru().expect("bytes > 0 means entries. This is a bug.");
-            self.bytes -= size_of(&evicted);
+            self.bytes -= evicted.bytes();
         }
         self.bytes += size;
         self.entries.put(key, features);
@@ -65,17 +64,16 @@ impl VisionCache {
     }
 }
 
-fn size_of(t: &Tensor) -> usize {
-    t.elem_count() * t.dtype().size_in_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
 
-    fn features(rows: usize) -> Tensor {
-        Tensor::zeros((rows, 4), DType::F32, &Device::Cpu).unwrap()
+    fn features(rows: usize) -> ImageFeatures {
+        ImageFeatures {
+            embeds: Tensor::zeros((rows, 4), DType::F32, &Device::Cpu).unwrap(),
+            deepstack: Vec::new(),
+        }
     }
 
     #[test]

@@ -43,33 +43,7 @@ impl KvSpec {
     }
 }
 
-/// What the pool stores keys and values in (`--kv-cache-dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum KvCacheDType {
-    /// The model's dtype; f16 when the text model is quantized.
-    #[default]
-    Auto,
-    F32,
-    F16,
-    Bf16,
-}
-
-impl KvCacheDType {
-    /// The dtype to store in, for a model computing in `model` whose text weights are
-    /// quantized or not. Quantized weights already move answers off the unquantized ones,
-    /// and a cache of half the bytes holds twice the tokens (as llama.cpp, whose cache is
-    /// f16 by default).
-    pub fn resolve(self, model: DType, quantized: bool) -> DType {
-        match self {
-            Self::Auto if quantized => DType::F16,
-            Self::Auto => model,
-            Self::F32 => DType::F32,
-            Self::F16 => DType::F16,
-            Self::Bf16 => DType::BF16,
-        }
-    }
-}
-
+/// Blocks that hold `tokens` tokens.
 pub fn blocks_for(tokens: usize) -> usize {
     tokens.div_ceil(BLOCK_TOKENS)
 }
@@ -494,14 +468,6 @@ mod tests {
         );
         assert_eq!(spec.bytes_per_token() * 2, self::spec().bytes_per_token());
         Ok(())
-    }
-
-    #[test]
-    fn auto_stores_in_the_models_dtype_unless_quantized() {
-        assert_eq!(KvCacheDType::Auto.resolve(DType::BF16, false), DType::BF16);
-        assert_eq!(KvCacheDType::Auto.resolve(DType::F32, true), DType::F16);
-        assert_eq!(KvCacheDType::F32.resolve(DType::F32, true), DType::F32);
-        assert_eq!(KvCacheDType::Bf16.resolve(DType::F32, false), DType::BF16);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Identities of full KV blocks, for prefix caching: a block's keys and values depend on
 //! every token up to its end, so its hash chains the previous block's hash with its own
-//! tokens. Image tokens all share one id; what they show is the image's content key
+//! tokens. Image tokens share a few ids; what they show is the image's content key
 //! (blake3 of its preprocessed pixels), so two prompts share a block only if the same
 //! pixels sit in the same slots. blake3 keeps a crafted prompt from colliding with another
 //! client's cached blocks. The chain starts from the adapter the blocks were computed
@@ -10,10 +10,10 @@ use super::BLOCK_TOKENS;
 
 pub type BlockHash = [u8; 32];
 
-/// The image slots of a prompt: the image token's id and, in prompt order, each image's
-/// number of tokens and content key.
+/// The image slots of a prompt: the ids of image placeholder tokens and, in prompt order,
+/// each image's number of tokens and content key.
 pub struct ImageSlots<'a> {
-    pub token: u32,
+    pub tokens: &'a [u32],
     pub images: &'a [(usize, [u8; 32])],
 }
 
@@ -33,7 +33,7 @@ pub fn block_hashes(tokens: &[u32], slots: &ImageSlots<'_>, adapter: u64) -> Vec
         hasher.update(&parent);
         for &token in block {
             hasher.update(&token.to_le_bytes());
-            if token == slots.token {
+            if slots.tokens.contains(&token) {
                 // A prompt whose image tokens outnumber its images' (refused at add) would
                 // hash as text here; it never reaches the pool.
                 if let Some((key, index)) = owners.next() {
@@ -61,7 +61,7 @@ mod tests {
     #[test]
     fn equal_prefixes_hash_equal_until_they_part() {
         let none = ImageSlots {
-            token: IMAGE,
+            tokens: &[IMAGE],
             images: &[],
         };
         let a = text(3 * BLOCK_TOKENS + 5, 100);
@@ -81,7 +81,16 @@ mod tests {
         tokens.extend(std::iter::repeat_n(IMAGE, 2 * BLOCK_TOKENS));
         let cat = [(2 * BLOCK_TOKENS, [1u8; 32])];
         let dog = [(2 * BLOCK_TOKENS, [2u8; 32])];
-        let with = |images| block_hashes(&tokens, &ImageSlots { token: IMAGE, images }, 0);
+        let with = |images| {
+            block_hashes(
+                &tokens,
+                &ImageSlots {
+                    tokens: &[IMAGE],
+                    images,
+                },
+                0,
+            )
+        };
         assert_eq!(with(&cat), with(&cat));
         assert_ne!(with(&cat)[0], with(&dog)[0]);
         // Two images with the same tokens in swapped order are different prompts.
@@ -93,7 +102,7 @@ mod tests {
     #[test]
     fn the_same_tokens_under_another_adapter_share_no_block() {
         let none = ImageSlots {
-            token: IMAGE,
+            tokens: &[IMAGE],
             images: &[],
         };
         let tokens = text(2 * BLOCK_TOKENS, 100);

@@ -1,9 +1,11 @@
-//! Media from requests: fetched (`fetch`), then probed and decoded within bounds. The
-//! header is read before the pixels, so an image whose dimensions exceed the limit, or
-//! whose tokens would exceed the request's budget, is refused before any decoding (a
-//! 50000x50000 PNG of a few kilobytes must not allocate gigabytes).
+//! Media from requests: fetched (`fetch`), then probed and decoded within bounds, on a
+//! bounded pool of workers (`pool`). The header is read before the pixels, so an image
+//! whose dimensions exceed the limit, or whose tokens would exceed the request's budget, is
+//! refused before any decoding (a 50000x50000 PNG of a few kilobytes must not allocate
+//! gigabytes); likewise a video's frame count and rate come before its frames.
 
 pub mod fetch;
+pub mod pool;
 pub mod video;
 
 use std::io::Cursor;
@@ -11,9 +13,10 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageFormat, ImageReader};
 
 pub use fetch::{FetchConfig, Fetched, MediaFetcher};
-pub use video::{DecodedVideo, VideoMeta, decode_video};
+pub use pool::{JobFailed, MediaPool};
+pub use video::{Frames, VideoMeta, VideoSource, open_video};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MediaLimits {
     /// Most pixels (width x height) of one image or video frame.
     pub max_image_pixels: u64,

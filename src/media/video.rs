@@ -1,10 +1,13 @@
 //! Videos from requests, decoded by FFmpeg's libraries (through `ffmpeg-next`): the
-//! container's header gives the frame count and rate, the processor picks the frames, and
-//! only those are converted to RGB. Animated GIFs are read by the `image` crate.
+//! container's header gives the frame count and rate (`open_video`), the caller picks the
+//! frames from that and the decoder hands over only those, one at a time, converted to RGB
+//! (`VideoSource::frames`): a video's frames are never all held at full size (64 4K frames
+//! would be 1.6 GB). Animated GIFs are read by the `image` crate.
 //!
 //! The bytes never touch the file system, and FFmpeg may open nothing else: a playlist or
 //! concat script dressed as a video would otherwise make it fetch URLs or read local files.
 
+use std::collections::VecDeque;
 use std::io::Cursor;
 use std::sync::Once;
 
@@ -27,41 +30,120 @@ pub struct VideoMeta {
     pub fps: f64,
     /// `total_frames / fps`, in seconds.
     pub duration: f64,
+    pub width: u32,
+    pub height: u32,
 }
 
-/// Where decoded frames go, one at a time, in order: a video's frames are never all held at
-/// full size (64 4K frames would be 1.6 GB).
-pub type FrameSink<'a> = &'a mut dyn FnMut(RgbImage) -> Result<(), MediaError>;
-
-/// What was decoded: the stream's metadata and the indices of the frames sent to the sink.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecodedVideo {
+/// A video whose header has been read and checked (type, pixels, duration); no frame has
+/// been decoded yet (a GIF's frames were only counted).
+pub struct VideoSource<'a> {
     pub meta: VideoMeta,
-    pub frame_indices: Vec<usize>,
+    container: Container<'a>,
+    limits: MediaLimits,
 }
 
-/// Decodes the frames `pick` chooses from what the header says (frame count, rate), and
-/// hands each to `sink`.
-pub fn decode_video(
-    fetched: &Fetched,
-    limits: &MediaLimits,
-    pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-    sink: FrameSink,
-) -> Result<DecodedVideo, MediaError> {
+enum Container<'a> {
+    Ffmpeg {
+        input: ffmpeg::format::context::Input,
+        decoder: ffmpeg::decoder::Video,
+        stream: usize,
+    },
+    Gif(&'a [u8]),
+}
+
+/// Reads a video's header: its frame count, rate and size, checked against the limits.
+pub fn open_video<'a>(fetched: &'a Fetched, limits: &MediaLimits) -> Result<VideoSource<'a>, MediaError> {
     let bytes = &fetched.bytes;
     if bytes.is_empty() {
         return Err(MediaError::NotAVideo("the file is empty".into()));
     }
     check_declared_type(fetched)?;
-    let decoded = if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
-        decode_gif(bytes, limits, pick, sink)?
+    let (meta, container) = if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        (gif_meta(bytes, limits)?, Container::Gif(bytes))
     } else {
-        decode_with_ffmpeg(bytes, limits, pick, sink)?
+        open_with_ffmpeg(bytes, limits)?
     };
-    if decoded.frame_indices.is_empty() {
-        return Err(MediaError::CorruptVideo("no frame could be decoded".into()));
+    if meta.duration > limits.max_video_seconds {
+        return Err(MediaError::VideoTooLong {
+            seconds: meta.duration,
+            limit: limits.max_video_seconds,
+        });
     }
-    Ok(decoded)
+    Ok(VideoSource {
+        meta,
+        container,
+        limits: *limits,
+    })
+}
+
+impl<'a> VideoSource<'a> {
+    /// The frames at `indices` (ascending), decoded as the iterator is advanced. A header
+    /// that promised more frames than the stream holds yields those that exist; a video of
+    /// which none can be decoded yields an error.
+    pub fn frames(self, indices: Vec<usize>) -> Frames<'a> {
+        let inner = match self.container {
+            Container::Ffmpeg { input, decoder, stream } => Inner::Ffmpeg(Box::new(FfmpegFrames {
+                input,
+                decoder,
+                stream,
+                scaler: None,
+                ready: VecDeque::new(),
+                seen: 0,
+                finished: false,
+            })),
+            Container::Gif(bytes) => Inner::Gif(gif(bytes).map(|d| d.into_frames().enumerate())),
+        };
+        Frames {
+            inner,
+            wanted: indices,
+            delivered: 0,
+            limits: self.limits,
+            failed: false,
+        }
+    }
+}
+
+/// The picked frames of a video, in order, as packed RGB.
+pub struct Frames<'a> {
+    inner: Inner<'a>,
+    wanted: Vec<usize>,
+    delivered: usize,
+    limits: MediaLimits,
+    failed: bool,
+}
+
+enum Inner<'a> {
+    Ffmpeg(Box<FfmpegFrames>),
+    Gif(Result<std::iter::Enumerate<image::Frames<'a>>, MediaError>),
+}
+
+impl Iterator for Frames<'_> {
+    type Item = Result<RgbImage, MediaError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.delivered == self.wanted.len() {
+            return None;
+        }
+        let want = self.wanted[self.delivered];
+        let frame = match &mut self.inner {
+            Inner::Ffmpeg(frames) => frames.next_at(want, &self.limits),
+            Inner::Gif(frames) => next_gif_frame(frames, want),
+        };
+        match frame {
+            Ok(Some(frame)) => {
+                self.delivered += 1;
+                Some(Ok(frame))
+            }
+            Ok(None) => {
+                self.failed = true;
+                (self.delivered == 0).then(|| Err(MediaError::CorruptVideo("no frame could be decoded".into())))
+            }
+            Err(err) => {
+                self.failed = true;
+                Some(Err(err))
+            }
+        }
+    }
 }
 
 fn check_declared_type(fetched: &Fetched) -> Result<(), MediaError> {
@@ -105,13 +187,8 @@ fn corrupt(e: ffmpeg::Error) -> MediaError {
     MediaError::CorruptVideo(e.to_string())
 }
 
-fn decode_with_ffmpeg(
-    bytes: &[u8],
-    limits: &MediaLimits,
-    pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-    sink: FrameSink,
-) -> Result<DecodedVideo, MediaError> {
-    let mut input = open(bytes)?;
+fn open_with_ffmpeg(bytes: &[u8], limits: &MediaLimits) -> Result<(VideoMeta, Container<'static>), MediaError> {
+    let input = open(bytes)?;
     let stream = input
         .streams()
         .best(ffmpeg::media::Type::Video)
@@ -119,7 +196,7 @@ fn decode_with_ffmpeg(
     let index = stream.index();
     let rate = stream.avg_frame_rate();
     let header_frames = stream.frames();
-    let mut decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
+    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
         .and_then(|mut ctx| {
             // Frame threading on every core: decoding is most of a long video's cost.
             ctx.set_threading(ffmpeg::codec::threading::Config {
@@ -144,64 +221,83 @@ fn decode_with_ffmpeg(
         let mut counting = open(bytes)?;
         counting.packets().filter(|(s, _)| s.index() == index).count()
     };
-    let (meta, wanted) = plan(total_frames, fps, limits, pick)?;
-    let Some(&last) = wanted.last() else {
-        return Err(MediaError::NotAVideo("the video has no frames".into()));
+    let meta = VideoMeta {
+        total_frames,
+        fps,
+        duration: total_frames as f64 / fps,
+        width,
+        height,
     };
-
-    let mut taker = FrameTaker {
-        wanted: &wanted,
-        delivered: 0,
-        seen: 0,
-        scaler: None,
-        sink,
-    };
-    for (s, packet) in input.packets() {
-        if s.index() != index {
-            continue;
-        }
-        decoder.send_packet(&packet).map_err(corrupt)?;
-        taker.drain(&mut decoder, limits)?;
-        if taker.done() || taker.seen > last {
-            break;
-        }
-    }
-    if !taker.done() {
-        decoder.send_eof().map_err(corrupt)?;
-        taker.drain(&mut decoder, limits)?;
-    }
-    // A header that promised more frames than the stream holds: keep those that exist.
-    let mut frame_indices = wanted.clone();
-    frame_indices.truncate(taker.delivered);
-    Ok(DecodedVideo { meta, frame_indices })
+    Ok((
+        meta,
+        Container::Ffmpeg {
+            input,
+            decoder,
+            stream: index,
+        },
+    ))
 }
 
-/// Passes on the decoded frames whose indices were picked.
-struct FrameTaker<'a, 's> {
-    wanted: &'a [usize],
-    /// Frames passed to the sink so far.
-    delivered: usize,
+/// An FFmpeg stream being decoded: packets go in, frames come out (several per packet, or
+/// none, with frame threading), and the ones asked for are converted.
+struct FfmpegFrames {
+    input: ffmpeg::format::context::Input,
+    decoder: ffmpeg::decoder::Video,
+    stream: usize,
+    scaler: Option<scaling::Context>,
+    /// Decoded frames not yet looked at, with their indices.
+    ready: VecDeque<(usize, ffmpeg::util::frame::Video)>,
     /// Frames decoded so far.
     seen: usize,
-    scaler: Option<scaling::Context>,
-    sink: FrameSink<'s>,
+    /// The stream is drained.
+    finished: bool,
 }
 
-impl FrameTaker<'_, '_> {
-    fn drain(&mut self, decoder: &mut ffmpeg::decoder::Video, limits: &MediaLimits) -> Result<(), MediaError> {
-        let mut decoded = ffmpeg::util::frame::Video::empty();
-        while decoder.receive_frame(&mut decoded).is_ok() {
-            if self.wanted.get(self.delivered) == Some(&self.seen) {
-                (self.sink)(to_rgb(&decoded, &mut self.scaler, limits)?)?;
-                self.delivered += 1;
+impl FfmpegFrames {
+    /// Frame `want` (past every frame handed over before), or `None` once the stream ends.
+    fn next_at(&mut self, want: usize, limits: &MediaLimits) -> Result<Option<RgbImage>, MediaError> {
+        loop {
+            while let Some((index, frame)) = self.ready.pop_front() {
+                if index == want {
+                    return to_rgb(&frame, &mut self.scaler, limits).map(Some);
+                }
             }
+            if self.finished {
+                return Ok(None);
+            }
+            self.decode_more()?;
+        }
+    }
+
+    /// Feeds the decoder one packet of the stream (or the end), and takes what it gives.
+    fn decode_more(&mut self) -> Result<(), MediaError> {
+        let mut packet = ffmpeg::Packet::empty();
+        loop {
+            match packet.read(&mut self.input) {
+                Ok(()) if packet.stream() != self.stream => continue,
+                Ok(()) => {
+                    self.decoder.send_packet(&packet).map_err(corrupt)?;
+                    break;
+                }
+                // A corrupt packet: the demuxer resyncs past it.
+                Err(ffmpeg::Error::InvalidData) => continue,
+                Err(ffmpeg::Error::Eof) => {
+                    self.decoder.send_eof().map_err(corrupt)?;
+                    self.finished = true;
+                    break;
+                }
+                Err(e) => return Err(corrupt(e)),
+            }
+        }
+        let mut decoded = ffmpeg::util::frame::Video::empty();
+        while self.decoder.receive_frame(&mut decoded).is_ok() {
+            self.ready.push_back((
+                self.seen,
+                std::mem::replace(&mut decoded, ffmpeg::util::frame::Video::empty()),
+            ));
             self.seen += 1;
         }
         Ok(())
-    }
-
-    fn done(&self) -> bool {
-        self.delivered == self.wanted.len()
     }
 }
 
@@ -245,38 +341,13 @@ fn check_pixels(width: u32, height: u32, limits: &MediaLimits) -> Result<(), Med
     super::check_pixel_limit(width, height, limits)
 }
 
-/// The stream's metadata, checked against the duration limit, and the frames to take.
-fn plan(
-    total_frames: usize,
-    fps: f64,
-    limits: &MediaLimits,
-    pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-) -> Result<(VideoMeta, Vec<usize>), MediaError> {
-    let meta = VideoMeta {
-        total_frames,
-        fps,
-        duration: total_frames as f64 / fps,
-    };
-    if meta.duration > limits.max_video_seconds {
-        return Err(MediaError::VideoTooLong {
-            seconds: meta.duration,
-            limit: limits.max_video_seconds,
-        });
-    }
-    Ok((meta, pick(&meta)))
+fn gif(bytes: &[u8]) -> Result<image::codecs::gif::GifDecoder<Cursor<&[u8]>>, MediaError> {
+    image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(|e| MediaError::CorruptVideo(e.to_string()))
 }
 
-/// An animated GIF: its frames composited as browsers show them, the frame rate from the
-/// delays. Counted first (cheap), then decoded again for the frames picked.
-fn decode_gif(
-    bytes: &[u8],
-    limits: &MediaLimits,
-    pick: impl FnOnce(&VideoMeta) -> Vec<usize>,
-    sink: FrameSink,
-) -> Result<DecodedVideo, MediaError> {
-    let gif = |bytes| {
-        image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(|e| MediaError::CorruptVideo(e.to_string()))
-    };
+/// An animated GIF's header: its frames counted (without keeping them) and the frame rate
+/// from their delays.
+fn gif_meta(bytes: &[u8], limits: &MediaLimits) -> Result<VideoMeta, MediaError> {
     let (width, height) = gif(bytes)?.dimensions();
     check_pixels(width, height, limits)?;
     let mut total_frames = 0usize;
@@ -292,17 +363,26 @@ fn decode_gif(
     } else {
         GIF_DEFAULT_FPS
     };
-    let (meta, wanted) = plan(total_frames, fps, limits, pick)?;
-    let mut delivered = 0;
-    for (i, frame) in gif(bytes)?.into_frames().enumerate() {
-        let Some(&want) = wanted.get(delivered) else { break };
-        let frame = frame.map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
+    Ok(VideoMeta {
+        total_frames,
+        fps,
+        duration: total_frames as f64 / fps,
+        width,
+        height,
+    })
+}
+
+/// The GIF frame at `want`, composited as browsers show it.
+fn next_gif_frame(
+    frames: &mut Result<std::iter::Enumerate<image::Frames<'_>>, MediaError>,
+    want: usize,
+) -> Result<Option<RgbImage>, MediaError> {
+    let frames = frames.as_mut().map_err(|e| e.clone())?;
+    for (i, frame) in frames.by_ref() {
         if i == want {
-            sink(image::DynamicImage::ImageRgba8(frame.into_buffer()).to_rgb8())?;
-            delivered += 1;
+            let frame = frame.map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
+            return Ok(Some(image::DynamicImage::ImageRgba8(frame.into_buffer()).to_rgb8()));
         }
     }
-    let mut frame_indices = wanted;
-    frame_indices.truncate(delivered);
-    Ok(DecodedVideo { meta, frame_indices })
+    Ok(None)
 }

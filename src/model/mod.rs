@@ -1,17 +1,17 @@
-//! The models Ocellus runs, behind one trait, and how they are loaded: a Hugging Face
-//! folder or hub id, safetensors in one file or shards, a chosen dtype and device.
+//! The models Ocellus runs, behind traits, and how they are loaded: a Hugging Face folder,
+//! safetensors in one file or shards, a chosen dtype and device. Each family is a folder
+//! (`smolvlm/`) that the architecture registry (`registry`) names; what differs between
+//! families stays in its folder, behind `VisionLanguageModel` (the weights) and
+//! `InputProcessor` (what it makes of images and videos).
 
-pub mod decode_attention;
-pub mod epilogue;
 pub mod error;
-pub mod exact_bf16;
-pub mod few_rows;
 pub mod files;
 pub mod hub;
-pub mod kernels;
+pub mod input;
 pub mod lora;
-pub mod norm;
-pub mod proj;
+pub mod ops;
+pub mod registry;
+pub mod resample;
 pub mod smolvlm;
 pub mod weights;
 
@@ -19,46 +19,140 @@ use candle_core::{DType, Device, Result, Tensor};
 
 pub use error::LoadError;
 pub use files::ModelFiles;
+pub use input::{Detail, FrameSampling, InputProcessor, MediaItem, ProcessedMedia, VideoInfo, VideoProcessor};
+pub use registry::{load, load_input_processor};
 
 use crate::kv::{KvPool, KvSpec, SequenceKv};
-
-/// The dtype weights are loaded in (`--dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WeightDType {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<WeightDType> for DType {
-    fn from(d: WeightDType) -> Self {
-        match d {
-            WeightDType::F32 => DType::F32,
-            WeightDType::Bf16 => DType::BF16,
-            WeightDType::F16 => DType::F16,
-        }
-    }
-}
 
 /// What the rest of the server needs to know about a model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub architecture: String,
-    pub image_token_id: u32,
-    /// Decoder tokens per image tile.
-    pub image_seq_len: usize,
-    /// Side of the square tiles the vision encoder takes.
-    pub tile_size: usize,
+    /// Tokens that stand for vision features in a prompt (images, video frames): each one
+    /// is replaced by one row of its image's features, in order.
+    pub image_token_ids: Vec<u32>,
     pub vocab_size: usize,
     pub max_positions: usize,
+}
+
+impl ModelInfo {
+    pub fn is_image_token(&self, token: u32) -> bool {
+        self.image_token_ids.contains(&token)
+    }
+}
+
+/// A hash of an image's preprocessed pixels (and their layout): equal keys mean equal
+/// model inputs, so vision features and KV blocks can be shared across requests. Keys are
+/// of content only, never of position or surrounding text.
+pub type ContentKey = [u8; 32];
+
+/// One image's (or video's) pixels, laid out by its family's processor for the same
+/// family's encoder: SmolVLM's tiles `[tiles, 3, S, S]`; a native-resolution family's
+/// flattened patches `[patches, C·T·P·P]` with their grid (frames, rows, columns) in
+/// patches. f32, on the CPU.
+#[derive(Debug, Clone)]
+pub struct Pixels {
+    pub values: Tensor,
+    pub grid: Option<[usize; 3]>,
+}
+
+impl Pixels {
+    /// Pixels from their values, with the key of their content (values and layout).
+    pub fn keyed(values: Vec<f32>, shape: &[usize], grid: Option<[usize; 3]>) -> Result<(Self, ContentKey)> {
+        let mut hasher = blake3::Hasher::new();
+        for dim in shape.iter().chain(grid.iter().flatten()) {
+            hasher.update(&(*dim as u64).to_le_bytes());
+        }
+        hasher.update(bytemuck::cast_slice(&values));
+        let values = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        Ok((Self { values, grid }, *hasher.finalize().as_bytes()))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.values.elem_count() * self.values.dtype().size_in_bytes()
+    }
+}
+
+/// What the vision side makes of one image: a row per placeholder token.
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    /// Rows that replace the placeholder tokens' embeddings, `[rows, hidden]`.
+    pub embeds: Tensor,
+    /// Rows added to the hidden states of the first decoder layers at the same positions,
+    /// one tensor per layer (Qwen3-VL's DeepStack); empty for families without them.
+    pub deepstack: Vec<Tensor>,
+}
+
+impl ImageFeatures {
+    pub fn rows(&self) -> usize {
+        self.embeds.dim(0).unwrap_or(0)
+    }
+
+    /// Rows `start..start + len` of every tensor.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            embeds: self.embeds.narrow(0, start, len)?,
+            deepstack: self
+                .deepstack
+                .iter()
+                .map(|t| t.narrow(0, start, len))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// The rows of several images, one after the other.
+    pub fn cat(parts: &[&ImageFeatures]) -> Result<Self> {
+        let embeds: Vec<&Tensor> = parts.iter().map(|p| &p.embeds).collect();
+        let levels = parts.first().map_or(0, |p| p.deepstack.len());
+        let deepstack = (0..levels)
+            .map(|level| Tensor::cat(&parts.iter().map(|p| &p.deepstack[level]).collect::<Vec<_>>(), 0))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embeds: Tensor::cat(&embeds, 0)?,
+            deepstack,
+        })
+    }
+
+    /// Memory held (for the vision cache's budget): the tensors must own their storage.
+    pub fn bytes(&self) -> usize {
+        std::iter::once(&self.embeds)
+            .chain(&self.deepstack)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Where a prompt's tokens sit for rotary embeddings when that is not their index: Qwen-VL's
+/// M-RoPE gives every token three coordinates (time, row, column), image tokens those of
+/// their patch and text tokens their index shifted past the images before them. Tokens after
+/// the prompt continue from it: token `i` sits at `i + offset` on all three.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPositions {
+    pub prompt: Vec<[u32; 3]>,
+    pub offset: i64,
+}
+
+impl TokenPositions {
+    /// The positions of tokens `start..start + len`.
+    pub fn range(&self, start: usize, len: usize) -> Vec<[u32; 3]> {
+        (start..start + len)
+            .map(|i| match self.prompt.get(i) {
+                Some(&p) => p,
+                None => [(i as i64 + self.offset).max(0) as u32; 3],
+            })
+            .collect()
+    }
 }
 
 /// One sequence's part of a step: a prefill chunk or one decode token.
 pub struct SequenceInput<'a> {
     pub tokens: &'a [u32],
-    /// Vision features for the image tokens among `tokens`, in order (`[n, hidden]`).
-    /// `None` for decode steps and text: their tokens keep plain embeddings.
-    pub image_features: Option<Tensor>,
+    /// Where its tokens sit when not at their index (`TokenPositions`); `None`: at their
+    /// index in the sequence.
+    pub positions: Option<&'a TokenPositions>,
+    /// Vision features for the image tokens among `tokens`, in order. `None` for decode
+    /// steps and text: their tokens keep plain embeddings.
+    pub image_features: Option<ImageFeatures>,
     pub kv: &'a mut SequenceKv,
     /// Whether this step needs the next-token logits of the sequence (a decode step or
     /// the last chunk of a prompt).
@@ -67,15 +161,18 @@ pub struct SequenceInput<'a> {
     pub adapter: Option<&'a lora::Adapter>,
 }
 
-/// A vision-language model. It holds weights only: KV caches are owned by the caller and
-/// lent per step, so one instance serves any number of sequences.
+/// A generative vision-language model. It holds weights only: KV caches are owned by the
+/// caller and lent per step, so one instance serves any number of sequences. Contrastive and
+/// matching families (CLIP, SigLIP, BLIP's image-text matching) need no KV cache and no
+/// generation; they will get a trait of their own beside this one.
 pub trait VisionLanguageModel: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
     fn kv_spec(&self) -> KvSpec;
 
-    /// Vision features of image tiles: `[tiles, 3, S, S]` -> `[tiles * image_seq_len, hidden]`.
-    fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// Vision features of images, one result per image, in order: as many rows as the
+    /// image has placeholder tokens. The images may be encoded together.
+    fn encode_images(&self, images: &[&Pixels]) -> Result<Vec<ImageFeatures>>;
 
     /// One step over a ragged batch. Each input's KV blocks (in `pool`) must already have
     /// room for its tokens; they are written and committed. Returns f32 logits `[k, vocab]`
@@ -102,23 +199,11 @@ pub trait VisionLanguageModel: Send + Sync {
     fn compact_text(&mut self) -> Result<usize>;
 }
 
-/// Weight quantization (`--quantize`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Weight quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
     /// ggml's Q8_0: blocks of 32 int8 weights with one f16 scale.
-    #[value(name = "q8_0")]
     Q8_0,
-}
-
-/// Loads the model of a located folder, picking the implementation by architecture.
-pub fn load(
-    files: &ModelFiles,
-    dtype: WeightDType,
-    device: &Device,
-) -> std::result::Result<Box<dyn VisionLanguageModel>, LoadError> {
-    let config = smolvlm::SmolVlmConfig::load(&files.config)?;
-    let model = smolvlm::SmolVlm::load(config, files, dtype.into(), device)?;
-    Ok(Box::new(model))
 }
 
 /// Runs `f` on a worker of rayon's global pool, where candle's CPU backend and gemm

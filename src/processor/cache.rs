@@ -1,15 +1,16 @@
 //! Preprocessed images of recent requests, so that the same image sent again (a burst of
 //! requests about one photo, a chat resending its history) is not resized and normalised
 //! again: at 16 concurrent requests about one photo, resampling was 7% of the server's CPU
-//! time. Keyed by the decoded pixels and the tiling choice; bounded in bytes, least recently
-//! used first out. vLLM keeps the same kind of cache (its multi-modal processor cache).
+//! time. Keyed by the decoded pixels and the detail asked for; bounded in bytes, least
+//! recently used first out. vLLM keeps the same kind of cache (its multi-modal processor
+//! cache). Entries share their pixels' storage with the prompts made from them.
 
 use std::sync::Mutex;
 
 use ::image::DynamicImage;
 use lru::LruCache;
 
-use super::ProcessedImage;
+use crate::model::{Detail, ProcessedMedia};
 
 type Key = [u8; 32];
 
@@ -18,7 +19,7 @@ pub struct PreprocessCache {
 }
 
 struct Inner {
-    entries: LruCache<Key, ProcessedImage>,
+    entries: LruCache<Key, ProcessedMedia>,
     bytes: usize,
     capacity: usize,
     hits: u64,
@@ -45,31 +46,31 @@ impl PreprocessCache {
         inner.evict();
     }
 
-    /// The cached result for `image` tiled as `split` says, or `preprocess`'s, remembered.
-    pub fn get_or_insert(
+    /// The cached result for `image` shown with `detail`, or `preprocess`'s, remembered.
+    pub fn get_or_insert<E>(
         &self,
         image: &DynamicImage,
-        split: bool,
-        preprocess: impl FnOnce() -> ProcessedImage,
-    ) -> ProcessedImage {
-        let key = key(image, split);
+        detail: Detail,
+        preprocess: impl FnOnce() -> Result<ProcessedMedia, E>,
+    ) -> Result<ProcessedMedia, E> {
+        let key = key(image, detail);
         {
             let mut inner = self.lock();
             if let Some(found) = inner.entries.get(&key).cloned() {
                 inner.hits += 1;
-                return found;
+                return Ok(found);
             }
             inner.misses += 1;
         }
         // Preprocessing runs outside the lock: other requests' images go on meanwhile.
-        let processed = preprocess();
+        let processed = preprocess()?;
         let size = bytes(&processed);
         let mut inner = self.lock();
         if size <= inner.capacity && inner.entries.put(key, processed.clone()).is_none() {
             inner.bytes += size;
             inner.evict();
         }
-        processed
+        Ok(processed)
     }
 
     /// (hits, misses) so far.
@@ -95,17 +96,17 @@ impl Inner {
     }
 }
 
-fn bytes(processed: &ProcessedImage) -> usize {
-    std::mem::size_of_val(processed.pixel_values.as_slice())
+fn bytes(processed: &ProcessedMedia) -> usize {
+    processed.items.iter().map(|i| i.pixels.bytes()).sum()
 }
 
-/// blake3 over the pixel layout and bytes, and the tiling choice.
-fn key(image: &DynamicImage, split: bool) -> Key {
+/// blake3 over the pixel layout and bytes, and the detail asked for.
+fn key(image: &DynamicImage, detail: Detail) -> Key {
     let mut hasher = blake3::Hasher::new();
     hasher.update(&image.width().to_le_bytes());
     hasher.update(&image.height().to_le_bytes());
     hasher.update(format!("{:?}", image.color()).as_bytes());
-    hasher.update(&[u8::from(split)]);
+    hasher.update(format!("{detail:?}").as_bytes());
     hasher.update(image.as_bytes());
     *hasher.finalize().as_bytes()
 }
@@ -114,28 +115,34 @@ fn key(image: &DynamicImage, split: bool) -> Key {
 mod tests {
     use super::*;
 
-    fn processed(value: f32, len: usize) -> ProcessedImage {
-        ProcessedImage {
-            pixel_values: vec![value; len],
-            tiles: 1,
-            rows: 0,
-            cols: 0,
-            key: [0; 32],
-        }
+    type Made = Result<ProcessedMedia, ()>;
+
+    fn processed(value: f32, len: usize) -> Made {
+        let (pixels, key) = crate::model::Pixels::keyed(vec![value; len], &[len], None).unwrap();
+        let item = crate::model::MediaItem { pixels, key, tokens: 1 };
+        Ok(ProcessedMedia {
+            items: vec![item],
+            text: String::new(),
+        })
+    }
+
+    fn values(made: Made) -> Vec<f32> {
+        made.unwrap().items[0].pixels.values.to_vec1().unwrap()
     }
 
     #[test]
     fn the_same_pixels_and_tiling_hit_and_anything_else_misses() {
         let cache = PreprocessCache::new(1 << 20);
         let image = DynamicImage::new_rgb8(4, 4);
-        let first = cache.get_or_insert(&image, true, || processed(1.0, 8));
-        let again = cache.get_or_insert(&image, true, || panic!("a hit does not preprocess"));
-        assert_eq!(again.pixel_values, first.pixel_values);
-        cache.get_or_insert(&image, false, || processed(2.0, 8));
+        let first = values(cache.get_or_insert(&image, Detail::Auto, || processed(1.0, 8)));
+        let again =
+            values(cache.get_or_insert(&image, Detail::Auto, || -> Made { panic!("a hit does not preprocess") }));
+        assert_eq!(again, first);
+        let _ = cache.get_or_insert(&image, Detail::Low, || processed(2.0, 8));
         let mut other = image.to_rgb8();
         other.put_pixel(3, 3, ::image::Rgb([1, 0, 0]));
-        cache.get_or_insert(&DynamicImage::ImageRgb8(other), true, || processed(3.0, 8));
-        cache.get_or_insert(&DynamicImage::new_rgba8(4, 4), true, || processed(4.0, 8));
+        let _ = cache.get_or_insert(&DynamicImage::ImageRgb8(other), Detail::Auto, || processed(3.0, 8));
+        let _ = cache.get_or_insert(&DynamicImage::new_rgba8(4, 4), Detail::Auto, || processed(4.0, 8));
         assert_eq!(cache.stats(), (1, 4));
     }
 
@@ -144,17 +151,17 @@ mod tests {
         // Room for two entries of 8 f32s.
         let cache = PreprocessCache::new(64);
         let images: Vec<_> = (1..=3).map(|w| DynamicImage::new_rgb8(w, 1)).collect();
-        cache.get_or_insert(&images[0], true, || processed(0.0, 8));
-        cache.get_or_insert(&images[1], true, || processed(1.0, 8));
-        cache.get_or_insert(&images[0], true, || panic!("cached"));
-        cache.get_or_insert(&images[2], true, || processed(2.0, 8));
+        let _ = cache.get_or_insert(&images[0], Detail::Auto, || processed(0.0, 8));
+        let _ = cache.get_or_insert(&images[1], Detail::Auto, || processed(1.0, 8));
+        let _ = cache.get_or_insert(&images[0], Detail::Auto, || -> Made { panic!("cached") });
+        let _ = cache.get_or_insert(&images[2], Detail::Auto, || processed(2.0, 8));
         // images[1] was the least recently used.
-        cache.get_or_insert(&images[0], true, || panic!("cached"));
-        cache.get_or_insert(&images[1], true, || processed(1.0, 8));
+        let _ = cache.get_or_insert(&images[0], Detail::Auto, || -> Made { panic!("cached") });
+        let _ = cache.get_or_insert(&images[1], Detail::Auto, || processed(1.0, 8));
         assert_eq!(cache.stats(), (2, 4));
         let empty = PreprocessCache::new(0);
-        empty.get_or_insert(&images[0], true, || processed(0.0, 8));
-        empty.get_or_insert(&images[0], true, || processed(0.0, 8));
+        let _ = empty.get_or_insert(&images[0], Detail::Auto, || processed(0.0, 8));
+        let _ = empty.get_or_insert(&images[0], Detail::Auto, || processed(0.0, 8));
         assert_eq!(empty.stats(), (0, 2));
     }
 }

@@ -1,11 +1,13 @@
-//! From messages and images to what the model takes: the chat template, the image
-//! processor, the expansion of each image placeholder into its tile tokens, tokenization.
-//! Identical to transformers' SmolVLM processor, so the token ids and pixel values match.
+//! From a request to what the engine takes (`engine::Prompt`): the model's chat template,
+//! its tokenizer, and the family's input processor (`model::InputProcessor`: pixels and
+//! placeholder text for each image and video). `prepare` is the whole path for a validated
+//! OpenAI request, media fetched and decoded through `media/`; `Processor::process` is the
+//! same for messages and images already in hand (the CLI, fine-tuning, tests).
 
 pub mod cache;
 pub mod error;
-pub mod image;
-pub mod resample;
+pub mod local;
+pub mod prepare;
 pub mod template;
 pub mod video;
 
@@ -13,88 +15,45 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ::image::DynamicImage;
-use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
-pub use error::ProcessorError;
-pub use image::{ImageProcessor, ImageProcessorConfig, ProcessedImage};
+pub use error::{PrepareError, ProcessorError};
+pub use prepare::{PrepareLimits, PrepareObserver, Prepared, Preparer};
 pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
-pub use video::{FrameSampling, VideoInput, VideoMeta, VideoProcessor, VideoProcessorConfig};
 
+use crate::engine::{Prompt, PromptImage};
 use crate::model::files::read_json;
-use crate::model::{LoadError, ModelFiles, ModelInfo};
+use crate::model::{Detail, InputProcessor, LoadError, ModelFiles, ModelInfo, ProcessedMedia, VideoProcessor};
 
-const IMAGE_TOKEN: &str = "<image>";
-const VIDEO_TOKEN: &str = "<video>";
-const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
-const GLOBAL_IMAGE_TOKEN: &str = "<global-img>";
-
-/// A prompt ready for the engine.
-#[derive(Debug, Clone)]
-pub struct Prompt {
-    pub token_ids: Vec<u32>,
-    /// All tiles of all images, in prompt order: `[tiles, 3, S, S]` (f32, CPU).
-    pub pixel_values: Option<Tensor>,
-    /// The images, in prompt order: how many of the tiles each has, and its content key.
-    pub images: Vec<PromptImage>,
-}
-
-/// A hash of an image's preprocessed pixels: equal keys mean equal model inputs, so the
-/// vision features can be reused across requests. Keys are of content only, never of
-/// position or surrounding text.
-pub type ImageKey = [u8; 32];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PromptImage {
-    pub tiles: usize,
-    pub key: ImageKey,
-}
-
-impl Prompt {
-    /// A prompt of text only.
-    pub fn text(token_ids: Vec<u32>) -> Self {
-        Self {
-            token_ids,
-            pixel_values: None,
-            images: Vec::new(),
-        }
-    }
-
-    /// Image tiles in all.
-    pub fn tiles(&self) -> usize {
-        self.images.iter().map(|i| i.tiles).sum()
-    }
-}
-
-/// An image of a request and how to present it to the model.
+/// An image of a request and how much of it to show the model.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
     pub image: DynamicImage,
-    /// Split into tiles (`None`: the model's default). `detail: "low"` sends `Some(false)`:
-    /// one global view.
-    pub split: Option<bool>,
+    pub detail: Detail,
 }
 
 impl ImageInput {
     pub fn new(image: DynamicImage) -> Self {
-        Self { image, split: None }
+        Self {
+            image,
+            detail: Detail::Auto,
+        }
     }
 }
 
 pub struct Processor {
     tokenizer: Arc<Tokenizer>,
     template: ChatTemplate,
-    images: ImageProcessor,
-    videos: Option<VideoProcessor>,
-    image_seq_len: usize,
-    image_token_id: u32,
+    input: Box<dyn InputProcessor>,
     eos_token_ids: Vec<u32>,
     /// Off (0 bytes) until `set_preprocess_cache_bytes`.
     preprocessed: cache::PreprocessCache,
 }
 
 impl Processor {
+    /// The processor of a located folder, for a model described by `info`.
     pub fn load(files: &ModelFiles, info: &ModelInfo) -> Result<Self, LoadError> {
+        let input = crate::model::load_input_processor(files)?;
         let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| LoadError::Tokenizer {
             file: files.tokenizer.clone(),
             message: e.to_string(),
@@ -110,40 +69,17 @@ impl Processor {
             pad_token: token("pad_token"),
             unk_token: token("unk_token"),
         };
-        let template = ChatTemplate::load(&files.chat_template, tokens.clone())?;
-        let (images, image_file) = load_image_processor(files)?;
-        let videos = load_video_processor(files)?;
-        if let Some(v) = videos.as_ref().filter(|v| v.tile_size() != info.tile_size) {
-            return Err(LoadError::invalid(
-                &image_file,
-                "max_image_size.longest_edge",
-                format!(
-                    "the video frames' size {} must equal the vision encoder's image_size {}",
-                    v.tile_size(),
-                    info.tile_size
-                ),
-            ));
-        }
-        let image_seq_len = load_image_seq_len(files, info)?;
-        if images.tile_size() != info.tile_size {
-            return Err(LoadError::invalid(
-                &image_file,
-                "max_image_size.longest_edge",
-                format!(
-                    "must equal the vision encoder's image_size {}, got {}",
-                    info.tile_size,
-                    images.tile_size()
-                ),
-            ));
-        }
-        let image_token_id = tokenizer.token_to_id(IMAGE_TOKEN);
-        if image_token_id != Some(info.image_token_id) {
+        let video_template = input.video().and_then(|v| v.chat_template());
+        let template = ChatTemplate::load(&files.chat_template, tokens.clone(), video_template)?;
+        let placeholder = input.image_placeholder();
+        let image_token_id = tokenizer.token_to_id(placeholder);
+        if !image_token_id.is_some_and(|id| info.is_image_token(id)) {
             return Err(LoadError::invalid(
                 &files.config,
                 "image_token_id",
                 format!(
-                    "is {} but the tokenizer's {IMAGE_TOKEN} is {image_token_id:?}",
-                    info.image_token_id
+                    "is {:?} but the tokenizer's {placeholder} is {image_token_id:?}",
+                    info.image_token_ids
                 ),
             ));
         }
@@ -161,10 +97,7 @@ impl Processor {
         Ok(Self {
             tokenizer: Arc::new(tokenizer),
             template,
-            images,
-            videos,
-            image_seq_len,
-            image_token_id: info.image_token_id,
+            input,
             eos_token_ids,
             preprocessed: cache::PreprocessCache::new(0),
         })
@@ -180,24 +113,14 @@ impl Processor {
         self.preprocessed.stats()
     }
 
-    /// Image tokens an image of this size becomes (its tiles times the tokens per tile).
-    pub fn image_tokens(&self, width: u32, height: u32, split: Option<bool>) -> usize {
-        let split = split.unwrap_or(self.images.splits_by_default());
-        self.images.tiles_for(width as usize, height as usize, split) * self.image_seq_len
+    /// The family's input processor.
+    pub fn input(&self) -> &dyn InputProcessor {
+        self.input.as_ref()
     }
 
-    /// The video processor, if the model's processor takes videos (SmolVLM2).
-    pub fn video_processor(&self) -> Option<&VideoProcessor> {
-        self.videos.as_ref()
-    }
-
-    /// Tokens one video frame becomes.
-    pub fn frame_tokens(&self) -> usize {
-        self.image_seq_len
-    }
-
-    pub fn image_token_id(&self) -> u32 {
-        self.image_token_id
+    /// The family's video processor, if the model takes videos.
+    pub fn video(&self) -> Option<&dyn VideoProcessor> {
+        self.input.video()
     }
 
     /// Tokens that end generation (generation_config.json's `eos_token_id`).
@@ -208,10 +131,6 @@ impl Processor {
     /// Shared with the engine, which detokenizes as it generates.
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
-    }
-
-    pub fn image_processor(&self) -> &ImageProcessor {
-        &self.images
     }
 
     /// Renders the chat template with the generation prompt appended.
@@ -231,98 +150,85 @@ impl Processor {
         self.template.render(messages, add_generation_prompt)
     }
 
-    /// The whole processor: template, images, placeholder expansion, tokenization.
+    /// An image as the family preprocesses it, from the cache when it was seen before.
+    pub fn preprocess_image(&self, input: &ImageInput) -> Result<ProcessedMedia, ProcessorError> {
+        self.preprocessed.get_or_insert(&input.image, input.detail, || {
+            (self.input.preprocess_image(&input.image, input.detail))
+                .map_err(|e| ProcessorError::Pixels { message: e.to_string() })
+        })
+    }
+
+    /// The whole processor for messages and images in hand: template, images, placeholder
+    /// expansion, tokenization.
     pub fn process(&self, messages: &[ChatMessage], images: &[ImageInput]) -> Result<Prompt, ProcessorError> {
-        self.process_media(messages, images, Vec::new())
-    }
-
-    /// `process` with videos too: each video becomes its frames, one tile each, introduced
-    /// and timestamped as SmolVLM2's processor does.
-    pub fn process_media(
-        &self,
-        messages: &[ChatMessage],
-        images: &[ImageInput],
-        videos: Vec<VideoInput>,
-    ) -> Result<Prompt, ProcessorError> {
         let text = self.render(messages)?;
-        self.process_rendered(&text, images, videos)
+        self.process_rendered(&text, images, Vec::new())
     }
 
-    /// `process_media` on a conversation already rendered by the chat template.
+    /// A conversation already rendered by the chat template, its images, and its videos
+    /// already processed: each placeholder becomes its media's text, then tokens.
     pub fn process_rendered(
         &self,
         text: &str,
         images: &[ImageInput],
-        videos: Vec<VideoInput>,
+        videos: Vec<ProcessedMedia>,
     ) -> Result<Prompt, ProcessorError> {
-        if !videos.is_empty() && self.videos.is_none() {
+        let images = (images.iter())
+            .map(|input| self.preprocess_image(input))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.expand(text, images, videos)
+    }
+
+    /// Replaces each placeholder of the rendered text by its media's text and tokenizes;
+    /// the media's items, in the order the prompt holds them, become the prompt's images.
+    pub fn expand(
+        &self,
+        text: &str,
+        images: Vec<ProcessedMedia>,
+        videos: Vec<ProcessedMedia>,
+    ) -> Result<Prompt, ProcessorError> {
+        let image_placeholder = self.input.image_placeholder();
+        let video_placeholder = self.video().map(|v| v.placeholder());
+        if !videos.is_empty() && video_placeholder.is_none() {
             return Err(ProcessorError::VideosNotSupported);
         }
-        let default_split = self.images.splits_by_default();
-        let mut processed: Vec<ProcessedImage> = images
-            .iter()
-            .map(|input| {
-                let split = input.split.unwrap_or(default_split);
-                (self.preprocessed).get_or_insert(&input.image, split, || self.images.preprocess(&input.image, split))
-            })
-            .collect();
-        let (expanded, order) = self.expand_placeholders(text, &processed, &videos)?;
-        let token_ids = self.tokenize(&expanded)?;
-        let by_video: Vec<usize> = videos.iter().map(|v| v.tiles.len()).collect();
-        let frames: Vec<ProcessedImage> = videos
-            .into_iter()
-            .flat_map(|v| v.tiles)
-            .map(|pixel_values| {
-                let key = *blake3::hash(image::bytes_of(&pixel_values)).as_bytes();
-                ProcessedImage {
-                    pixel_values,
-                    tiles: 1,
-                    rows: 0,
-                    cols: 0,
-                    key,
-                }
-            })
-            .collect();
-        // Images and frames in the order the prompt holds them.
-        let mut frames = frames.into_iter();
-        let mut by_video = by_video.into_iter();
-        let mut images = std::mem::take(&mut processed).into_iter();
-        let ordered: Vec<ProcessedImage> = order
-            .iter()
-            .flat_map(|kind| match kind {
-                Placeholder::Image => images.next().into_iter().collect::<Vec<_>>(),
-                Placeholder::Video => {
-                    let n = by_video.next().unwrap_or(0);
-                    frames.by_ref().take(n).collect()
-                }
-            })
-            .collect();
-        let tiles: usize = ordered.iter().map(|p| p.tiles).sum();
-        let found = token_ids.iter().filter(|&&t| t == self.image_token_id).count();
-        if found != tiles * self.image_seq_len {
-            return Err(ProcessorError::Tokenizer {
-                message: format!(
-                    "expected {} image tokens, the tokenizer produced {found}",
-                    tiles * self.image_seq_len
-                ),
+        let pieces = split_at_placeholders(text, image_placeholder, video_placeholder);
+        let count = |kind| pieces.iter().filter(|(_, k)| *k == Some(kind)).count();
+        let (image_slots, video_slots) = (count(Placeholder::Image), count(Placeholder::Video));
+        if image_slots != images.len() {
+            return Err(ProcessorError::ImageCount {
+                placeholders: image_slots,
+                images: images.len(),
             });
         }
-        let prompt_images = ordered
-            .iter()
-            .map(|p| PromptImage {
-                tiles: p.tiles,
-                key: p.key,
-            })
-            .collect();
-        let pixel_values = if ordered.is_empty() {
-            None
-        } else {
-            Some(stack_tiles(&ordered, self.images.tile_size()))
-        };
+        if video_slots != videos.len() {
+            return Err(ProcessorError::VideoCount {
+                placeholders: video_slots,
+                videos: videos.len(),
+            });
+        }
+        let (mut images, mut videos) = (images.into_iter(), videos.into_iter());
+        let mut expanded = String::with_capacity(text.len());
+        let mut prompt_images = Vec::new();
+        for (piece, kind) in pieces {
+            expanded.push_str(piece);
+            let media = match kind {
+                None => continue,
+                Some(Placeholder::Image) => images.next(),
+                Some(Placeholder::Video) => videos.next(),
+            };
+            let media = media.expect("placeholders and media were counted above. This is a bug.");
+            expanded.push_str(&media.text);
+            prompt_images.extend(media.items.into_iter().map(|item| PromptImage {
+                pixels: item.pixels,
+                key: item.key,
+                tokens: item.tokens,
+            }));
+        }
         Ok(Prompt {
-            token_ids,
-            pixel_values,
+            token_ids: self.tokenize(&expanded)?,
             images: prompt_images,
+            positions: None,
         })
     }
 
@@ -339,80 +245,6 @@ impl Processor {
             .decode(ids, true)
             .map_err(|e| ProcessorError::Tokenizer { message: e.to_string() })
     }
-
-    /// transformers' `Idefics3Processor`: each `<image>` in the rendered text becomes the
-    /// tokens of its tiles (`<row_r_col_c>` + image tokens, a newline after each row) and
-    /// of its global view (`<global-img>`), framed by `<fake_token_around_image>`. Each
-    /// `<video>` becomes SmolVLM2's video text, one global view per frame. Returns the text
-    /// and which placeholder came in which order.
-    fn expand_placeholders(
-        &self,
-        text: &str,
-        images: &[ProcessedImage],
-        videos: &[VideoInput],
-    ) -> Result<(String, Vec<Placeholder>), ProcessorError> {
-        let mut order = Vec::new();
-        let mut pieces = Vec::new();
-        let mut rest = text;
-        loop {
-            let image = rest
-                .find(IMAGE_TOKEN)
-                .map(|i| (i, Placeholder::Image, IMAGE_TOKEN.len()));
-            let video = rest
-                .find(VIDEO_TOKEN)
-                .map(|i| (i, Placeholder::Video, VIDEO_TOKEN.len()));
-            let next = match (image, video) {
-                (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
-                (a, b) => a.or(b),
-            };
-            let Some((at, kind, len)) = next else { break };
-            pieces.push(&rest[..at]);
-            order.push(kind);
-            rest = &rest[at + len..];
-        }
-        pieces.push(rest);
-        let count = |kind| order.iter().filter(|&&k| k == kind).count();
-        if count(Placeholder::Image) != images.len() {
-            return Err(ProcessorError::ImageCount {
-                placeholders: count(Placeholder::Image),
-                images: images.len(),
-            });
-        }
-        if count(Placeholder::Video) != videos.len() {
-            return Err(ProcessorError::VideoCount {
-                placeholders: count(Placeholder::Video),
-                videos: videos.len(),
-            });
-        }
-        let image_tokens = IMAGE_TOKEN.repeat(self.image_seq_len);
-        let global = format!("{FAKE_IMAGE_TOKEN}{GLOBAL_IMAGE_TOKEN}{image_tokens}{FAKE_IMAGE_TOKEN}");
-        let (mut images, mut videos) = (images.iter(), videos.iter());
-        let mut out = String::with_capacity(text.len() + order.len() * image_tokens.len() * 17);
-        for (piece, kind) in pieces.iter().zip(order.iter().map(Some).chain([None])) {
-            out.push_str(piece);
-            match kind {
-                None => break,
-                Some(Placeholder::Video) => {
-                    let video = videos.next().expect("counted above");
-                    out.push_str(&video::video_prompt(video, &global));
-                }
-                Some(Placeholder::Image) => {
-                    let image = images.next().expect("counted above");
-                    for r in 1..=image.rows {
-                        for c in 1..=image.cols {
-                            out.push_str(&format!("{FAKE_IMAGE_TOKEN}<row_{r}_col_{c}>{image_tokens}"));
-                        }
-                        out.push('\n');
-                    }
-                    if image.rows > 0 {
-                        out.push('\n');
-                    }
-                    out.push_str(&global);
-                }
-            }
-        }
-        Ok((out, order))
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,11 +253,24 @@ enum Placeholder {
     Video,
 }
 
-fn stack_tiles(images: &[ProcessedImage], size: usize) -> Tensor {
-    let tiles: usize = images.iter().map(|p| p.tiles).sum();
-    let data: Vec<f32> = images.iter().flat_map(|p| p.pixel_values.iter().copied()).collect();
-    Tensor::from_vec(data, (tiles, 3, size, size), &Device::Cpu)
-        .expect("every tile holds 3 * size * size values. This is a bug.")
+/// The rendered text cut at each placeholder: pieces of text, each followed by the
+/// placeholder that ended it (`None` after the last).
+fn split_at_placeholders<'a>(text: &'a str, image: &str, video: Option<&str>) -> Vec<(&'a str, Option<Placeholder>)> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    loop {
+        let image_at = rest.find(image).map(|i| (i, Placeholder::Image, image.len()));
+        let video_at = video.and_then(|v| rest.find(v).map(|i| (i, Placeholder::Video, v.len())));
+        let next = match (image_at, video_at) {
+            (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let Some((at, kind, len)) = next else { break };
+        pieces.push((&rest[..at], Some(kind)));
+        rest = &rest[at + len..];
+    }
+    pieces.push((rest, None));
+    pieces
 }
 
 /// A special token of tokenizer_config.json: a string, or an AddedToken object.
@@ -436,64 +281,12 @@ fn special_token(config: &serde_json::Value, name: &str) -> Option<String> {
     }
 }
 
-/// preprocessor_config.json, or the `image_processor` that transformers 5 nests in
-/// processor_config.json.
-fn load_image_processor(files: &ModelFiles) -> Result<(ImageProcessor, std::path::PathBuf), LoadError> {
-    if let Some(path) = &files.preprocessor_config {
-        let config: ImageProcessorConfig = read_json(path)?;
-        return Ok((ImageProcessor::new(config, path)?, path.clone()));
-    }
-    if let Some(path) = &files.processor_config {
-        #[derive(serde::Deserialize)]
-        struct Nested {
-            image_processor: Option<ImageProcessorConfig>,
-        }
-        if let Some(config) = read_json::<Nested>(path)?.image_processor {
-            return Ok((ImageProcessor::new(config, path)?, path.clone()));
-        }
-    }
-    Err(LoadError::MissingFile {
-        dir: files.dir.clone(),
-        file: "preprocessor_config.json (or processor_config.json with image_processor)".into(),
-    })
-}
-
-/// The video processor: preprocessor_config.json's `video_sampling` (hub layout), or the
-/// `video_processor` that transformers 5 nests in processor_config.json.
-fn load_video_processor(files: &ModelFiles) -> Result<Option<VideoProcessor>, LoadError> {
-    if let Some(path) = &files.processor_config {
-        #[derive(serde::Deserialize)]
-        struct Nested {
-            video_processor: Option<VideoProcessorConfig>,
-        }
-        if let Some(config) = read_json::<Nested>(path)?.video_processor {
-            return VideoProcessor::new(config, path);
-        }
-    }
-    match &files.preprocessor_config {
-        Some(path) => VideoProcessor::new(read_json(path)?, path),
-        None => Ok(None),
-    }
-}
-
-/// processor_config.json's `image_seq_len`, which must agree with the model; when the file
-/// is absent the model's own value is used (transformers would fall back to 169 and fail).
-fn load_image_seq_len(files: &ModelFiles, info: &ModelInfo) -> Result<usize, LoadError> {
-    let Some(path) = &files.processor_config else {
-        return Ok(info.image_seq_len);
-    };
-    #[derive(serde::Deserialize)]
-    struct ProcessorConfig {
-        image_seq_len: Option<usize>,
-    }
-    match read_json::<ProcessorConfig>(path)?.image_seq_len {
-        Some(n) if n != info.image_seq_len => Err(LoadError::invalid(
-            path,
-            "image_seq_len",
-            format!("must equal the model's tokens per tile {}, got {n}", info.image_seq_len),
-        )),
-        _ => Ok(info.image_seq_len),
-    }
+/// `eos_token_id` is an integer or a list of integers in HF configs.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+enum EosTokenIds {
+    One(u32),
+    Many(Vec<u32>),
 }
 
 /// generation_config.json's `eos_token_id` (one id or a list); without that file, the
@@ -502,10 +295,12 @@ fn eos_token_ids(files: &ModelFiles, tokenizer: &Tokenizer, eos_token: Option<&s
     if let Some(path) = &files.generation_config {
         #[derive(serde::Deserialize)]
         struct GenerationConfig {
-            eos_token_id: Option<crate::model::smolvlm::config::EosTokenIds>,
+            eos_token_id: Option<EosTokenIds>,
         }
-        if let Some(ids) = read_json::<GenerationConfig>(path)?.eos_token_id {
-            return Ok(ids.to_vec());
+        match read_json::<GenerationConfig>(path)?.eos_token_id {
+            Some(EosTokenIds::One(id)) => return Ok(vec![id]),
+            Some(EosTokenIds::Many(ids)) => return Ok(ids),
+            None => {}
         }
     }
     let id = eos_token.and_then(|t| tokenizer.token_to_id(t));

@@ -49,17 +49,21 @@ pub struct TemplateTokens {
     pub unk_token: Option<String>,
 }
 
-/// transformers' SmolVLMProcessor renders conversations that hold a video with this template
-/// instead of the model's (whose templates have no video branch).
-const VIDEO_TEMPLATE: &str = "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is string %}{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
-
 pub struct ChatTemplate {
     env: Environment<'static>,
     tokens: TemplateTokens,
+    /// Conversations that hold a video render with the family's own template, if it has one.
+    has_video_template: bool,
 }
 
 impl ChatTemplate {
-    pub fn load(source: &ChatTemplateFile, tokens: TemplateTokens) -> Result<Self, LoadError> {
+    /// The model's template, and `video_template`, which the family may use instead for
+    /// conversations that hold a video.
+    pub fn load(
+        source: &ChatTemplateFile,
+        tokens: TemplateTokens,
+        video_template: Option<&str>,
+    ) -> Result<Self, LoadError> {
         let (file, text) = read_source(source)?;
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -83,19 +87,30 @@ impl ChatTemplate {
             file: file.to_path_buf(),
             message: e.to_string(),
         })?;
-        env.add_template("video", VIDEO_TEMPLATE)
-            .expect("the built-in video template parses. This is a bug.");
-        Ok(Self { env, tokens })
+        if let Some(video) = video_template {
+            env.add_template_owned("video", video.to_string())
+                .map_err(|e| LoadError::Template {
+                    file: file.to_path_buf(),
+                    message: format!("the family's video template: {e}"),
+                })?;
+        }
+        Ok(Self {
+            env,
+            tokens,
+            has_video_template: video_template.is_some(),
+        })
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ProcessorError> {
         let has_video = messages
             .iter()
             .any(|m| m.content.iter().any(|p| matches!(p, ContentPart::Video)));
-        let template = self
-            .env
-            .get_template(if has_video { "video" } else { "chat" })
-            .expect("both templates were added at load. This is a bug.");
+        let name = if has_video && self.has_video_template {
+            "video"
+        } else {
+            "chat"
+        };
+        let template = (self.env.get_template(name)).expect("the templates were added at load. This is a bug.");
         let ctx = minijinja::context! {
             messages => Value::from(Serde(messages)),
             add_generation_prompt => add_generation_prompt,

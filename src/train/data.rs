@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::api::types::ChatMessageIn;
-use crate::api::validate::{self, RequestLimits};
-use crate::media::{Fetched, MediaLimits, decode_image, fetch::decode_data_uri, probe_image};
+use crate::openai::{self, ChatMessageIn, Message};
+use crate::processor::local::{LocalImageLimits, read_image};
+use crate::processor::prepare::{detail, template_messages};
 use crate::processor::{ChatMessage, ImageInput, Processor};
 
 /// One conversation, tokenized.
@@ -22,6 +22,7 @@ pub struct Example {
     pub token_ids: Vec<u32>,
     /// `targets[t]`: token `t` is an assistant token, predicted from the tokens before it.
     pub targets: Vec<bool>,
+    /// Every image's tiles, in order, `[tiles, 3, S, S]`.
     pub pixel_values: Option<Tensor>,
 }
 
@@ -43,14 +44,21 @@ pub struct DataLimits {
 
 impl DataLimits {
     /// The API's message checks, as they apply here: images, no videos.
-    pub(crate) fn messages(&self) -> RequestLimits {
-        RequestLimits {
+    pub(crate) fn messages(&self) -> openai::Limits {
+        openai::Limits {
             max_n: 1,
             max_stop_sequences: 0,
             max_top_logprobs: 0,
             max_images_per_request: self.max_images,
             max_videos_per_request: 0,
             max_video_frames: 0,
+        }
+    }
+
+    pub(crate) fn images(&self) -> LocalImageLimits {
+        LocalImageLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
         }
     }
 }
@@ -109,7 +117,8 @@ fn parse_line(
     limits: &DataLimits,
 ) -> Result<Example, String> {
     let parsed: Line = serde_json::from_str(line).map_err(|e| format!("not a JSON object with `messages`: {e}"))?;
-    let (messages, media) = validate::messages(&parsed.messages, &limits.messages()).map_err(|e| e.to_string())?;
+    let validated = openai::messages(&parsed.messages, &limits.messages()).map_err(|e| e.to_string())?;
+    let messages = template_messages(&validated);
     let assistant_turns: Vec<usize> = (messages.iter().enumerate())
         .filter(|(_, m)| m.role == "assistant")
         .map(|(i, _)| i)
@@ -117,14 +126,7 @@ fn parse_line(
     if assistant_turns.is_empty() {
         return Err("no assistant message: there is nothing to learn from".into());
     }
-    let mut images = Vec::with_capacity(media.images.len());
-    for image in &media.images {
-        let decoded = read_image(&image.url, folder, limits).map_err(|e| format!("{}: {e}", image.param))?;
-        images.push(ImageInput {
-            image: decoded,
-            split: image.split,
-        });
-    }
+    let images = read_images(&validated, folder, limits)?;
     let tokens = |messages: &[ChatMessage], generation_prompt: bool| -> Result<Vec<u32>, String> {
         let text = (processor.render_with(messages, generation_prompt)).map_err(|e| e.to_string())?;
         let shown = count_images(messages);
@@ -157,12 +159,31 @@ fn parse_line(
     if !targets.iter().any(|&t| t) {
         return Err("the assistant messages render to no tokens".into());
     }
+    let tiles: Vec<Tensor> = prompt.images.iter().map(|i| i.pixels.values.clone()).collect();
+    let pixel_values = match tiles.is_empty() {
+        true => None,
+        false => Some(Tensor::cat(&tiles, 0).map_err(|e| e.to_string())?),
+    };
     Ok(Example {
         line: number,
         token_ids: prompt.token_ids,
         targets,
-        pixel_values: prompt.pixel_values,
+        pixel_values,
     })
+}
+
+/// The images of validated messages, read from paths relative to `folder`, `file://` URLs
+/// or `data:` URIs; an error names the part.
+pub(crate) fn read_images(messages: &[Message], folder: &Path, limits: &DataLimits) -> Result<Vec<ImageInput>, String> {
+    (messages.iter().flat_map(Message::images))
+        .map(|part| {
+            let image = read_image(&part.url, folder, &limits.images()).map_err(|e| format!("{}: {e}", part.param))?;
+            Ok(ImageInput {
+                image,
+                detail: detail(part),
+            })
+        })
+        .collect()
 }
 
 fn count_images(messages: &[ChatMessage]) -> usize {
@@ -173,26 +194,4 @@ fn count_images(messages: &[ChatMessage]) -> usize {
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-pub(crate) fn read_image(url: &str, folder: &Path, limits: &DataLimits) -> Result<image::DynamicImage, String> {
-    let fetched = if url.starts_with("data:") {
-        decode_data_uri(url, limits.max_image_bytes).map_err(|e| e.to_string())?
-    } else {
-        let path = folder.join(url.strip_prefix("file://").unwrap_or(url));
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if bytes.len() > limits.max_image_bytes {
-            return Err(format!("{}: over {} bytes", path.display(), limits.max_image_bytes));
-        }
-        Fetched {
-            bytes,
-            declared_type: None,
-        }
-    };
-    let media = MediaLimits {
-        max_image_pixels: limits.max_image_pixels,
-        max_video_seconds: 0.0,
-    };
-    let header = probe_image(&fetched, &media).map_err(|e| e.to_string())?;
-    decode_image(&fetched, &header).map_err(|e| e.to_string())
 }

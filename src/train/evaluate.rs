@@ -1,22 +1,26 @@
-//! `ocellus evaluate`: greedy answers to held-out conversations, scored by exact match
-//! (after trimming whitespace) against each conversation's last assistant turn, overall and
-//! per `kind` (the demo task's question types).
+//! `ocellus evaluate`'s data and scoring: held-out conversations whose last assistant turn
+//! is the expected answer, and greedy answers scored by exact match (after trimming
+//! whitespace), overall and per `kind` (the demo task's question types). `runtime::evaluate`
+//! generates the answers between the two.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::Device;
 
-use super::data::{DataLimits, read_image};
-use crate::api::types::{ChatMessageIn, MessageContent};
-use crate::api::validate;
-use crate::config::EvaluateArgs;
-use crate::engine::{EngineConfig, GenerationRequest};
-use crate::kv::blocks_for;
-use crate::model::lora::Adapter;
-use crate::processor::ImageInput;
+use super::data::{DataLimits, read_images};
+use crate::openai::{ChatMessageIn, MessageContent};
+use crate::processor::prepare::template_messages;
+use crate::processor::{ChatMessage, ImageInput};
+
+/// One held-out conversation: the messages before the answer and their images, its kind
+/// and the answer.
+pub struct Case {
+    pub messages: Vec<ChatMessage>,
+    pub images: Vec<ImageInput>,
+    pub kind: String,
+    pub answer: String,
+}
 
 #[derive(serde::Deserialize)]
 struct Line {
@@ -25,36 +29,19 @@ struct Line {
     messages: Vec<ChatMessageIn>,
 }
 
-pub fn run(args: &EvaluateArgs) -> anyhow::Result<serde_json::Value> {
-    let loaded = crate::load_model(&args.model, crate::model::WeightDType::F32, &Device::Cpu)?;
-    let adapter = match &args.lora {
-        Some(dir) => {
-            let model = &loaded.model;
-            let adapter = Adapter::load(
-                "eval",
-                dir,
-                &model.adapter_layout(),
-                usize::MAX,
-                model.dtype(),
-                model.device(),
-            )?;
-            Some(Arc::new(adapter))
-        }
-        None => None,
-    };
-    let text = std::fs::read_to_string(&args.data).with_context(|| args.data.display().to_string())?;
-    let folder = args.data.parent().unwrap_or(Path::new("."));
+/// Every conversation of a JSONL file, its images read relative to the file.
+pub fn read_cases(file: &Path) -> anyhow::Result<Vec<Case>> {
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let folder = file.parent().unwrap_or(Path::new("."));
     let limits = DataLimits {
         max_seq_len: usize::MAX,
         max_images: 64,
         max_image_bytes: 64 << 20,
         max_image_pixels: 100_000_000,
     };
-    let mut requests = Vec::new();
-    let mut expected = Vec::new();
-    let mut longest = 0;
+    let mut cases = Vec::new();
     for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let at = || format!("{}:{}", args.data.display(), index + 1);
+        let at = || format!("{}:{}", file.display(), index + 1);
         let mut parsed: Line = serde_json::from_str(line).with_context(at)?;
         let answer = match parsed.messages.pop() {
             Some(ChatMessageIn {
@@ -64,39 +51,25 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<serde_json::Value> {
             }) if role == "assistant" => answer,
             _ => anyhow::bail!("{}: the last message must be the assistant's answer, as text", at()),
         };
-        let (messages, media) = validate::messages(&parsed.messages, &limits.messages()).with_context(at)?;
-        let images = (media.images.iter())
-            .map(|i| {
-                let image =
-                    read_image(&i.url, folder, &limits).map_err(|e| anyhow::anyhow!("{}: {}: {e}", at(), i.param))?;
-                Ok(ImageInput { image, split: i.split })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let prompt = loaded.processor.process(&messages, &images).with_context(at)?;
-        longest = longest.max(prompt.token_ids.len());
-        let mut request = GenerationRequest::greedy(prompt, args.max_tokens);
-        request.adapter = adapter.clone();
-        requests.push(request);
-        expected.push((parsed.kind.unwrap_or_else(|| "all".into()), answer));
+        let messages = crate::openai::messages(&parsed.messages, &limits.messages()).with_context(at)?;
+        let images = read_images(&messages, folder, &limits).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        cases.push(Case {
+            messages: template_messages(&messages),
+            images,
+            kind: parsed.kind.unwrap_or_else(|| "all".into()),
+            answer,
+        });
     }
-    anyhow::ensure!(!requests.is_empty(), "{}: no conversations", args.data.display());
-    let config = EngineConfig {
-        max_num_seqs: 64,
-        max_batch_tokens: 4096.max(longest + 64),
-        max_model_len: loaded.model.info().max_positions,
-        vision_cache_bytes: 64 << 20,
-        prefix_caching: true,
-    };
-    let blocks = 64 * blocks_for(longest + args.max_tokens);
-    let tokenizer = loaded.processor.tokenizer().clone();
-    let (_processor, mut engine) = loaded.into_engine(config, blocks)?;
-    let (generations, _) = crate::engine::generate(&mut engine, requests, |_| {})?;
+    anyhow::ensure!(!cases.is_empty(), "{}: no conversations", file.display());
+    Ok(cases)
+}
+
+/// Exact-match accuracy of `answers` against the expected `(kind, answer)` pairs, per kind
+/// and over all, with the first few wrong answers.
+pub fn score(expected: &[(String, String)], answers: &[String]) -> serde_json::Value {
     let mut tally: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut wrong = Vec::new();
-    for (generation, (kind, answer)) in generations.iter().zip(&expected) {
-        let got = tokenizer
-            .decode(&generation.tokens, true)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (got, (kind, answer)) in answers.iter().zip(expected) {
         let right = got.trim() == answer.trim();
         let keys: &[&str] = if kind == "all" { &["all"] } else { &[kind, "all"] };
         for &key in keys {
@@ -115,5 +88,5 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<serde_json::Value> {
             (kind.clone(), score)
         })
         .collect();
-    Ok(serde_json::json!({"accuracy": accuracy, "first_wrong": wrong}))
+    serde_json::json!({"accuracy": accuracy, "first_wrong": wrong})
 }

@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{FinetuneArgs, FinetuneMethod};
 use crate::model::smolvlm::SmolVlmConfig;
 use crate::model::weights::SafetensorsWeights;
+use crate::model::{ModelFiles, Pixels, VisionLanguageModel};
+use crate::processor::Processor;
 use adamw::{AdamW, AdamWParams};
 use data::{DataLimits, Example};
 use text::{LoraSpec, Method, Sequence, TrainText, Trainable};
@@ -50,39 +52,25 @@ pub struct Summary {
 }
 
 pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
-    let loaded = crate::load_folder(Path::new(&args.model), crate::model::WeightDType::F32, &Device::Cpu)?;
-    let files = loaded.files.clone();
+    // The served model's vision encoder gives the features a LoRA run trains on.
+    let files = ModelFiles::locate(Path::new(&args.model))?;
+    let served = crate::model::load(&files, DType::F32, &Device::Cpu)?;
+    let processor = Processor::load(&files, served.info())?;
     let limits = DataLimits {
-        max_seq_len: args.max_seq_len.min(loaded.model.info().max_positions),
+        max_seq_len: args.max_seq_len.min(served.info().max_positions),
         max_images: args.max_images,
         max_image_bytes: args.max_image_size.as_u64() as usize,
         max_image_pixels: args.max_image_pixels,
     };
-    let train = data::load(&args.data, &loaded.processor, &limits)?;
+    let train = data::load(&args.data, &processor, &limits)?;
     let eval = args
         .eval
         .as_ref()
-        .map(|f| data::load(f, &loaded.processor, &limits))
+        .map(|f| data::load(f, &processor, &limits))
         .transpose()?;
     let method = method(args)?;
     let config = SmolVlmConfig::load(&files.config)?;
-    let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
-    // Under --method full the vision encoder and connector train too.
-    let (train_vision, mut trainables) = match method {
-        Method::Full => {
-            let (vision, vars) = vision::TrainVision::new(
-                &config.vision_config,
-                config.scale_factor,
-                config.text_config.hidden_size,
-                &vb,
-            )?;
-            (Some(vision), vars)
-        }
-        Method::Lora(_) => (None, Vec::new()),
-    };
-    let (model, text_trainables) =
-        TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &method, args.seed)?;
-    trainables.extend(text_trainables);
+    let (train_vision, model, trainables) = build(&config, &files, &method, args.seed)?;
     let vars: Vec<Var> = trainables.iter().map(|t| t.var.clone()).collect();
     let params = AdamWParams {
         lr: args.lr,
@@ -104,88 +92,170 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     let trainer = Trainer {
         args,
         model: &model,
-        vision: loaded.model.as_ref(),
+        vision: served.as_ref(),
         train_vision: train_vision.as_ref(),
-        image_token: loaded.model.info().image_token_id,
+        image_token: config.image_token_id,
     };
-    let per_step = args.batch_size.max(1) * args.gradient_accumulation_steps.max(1);
-    let groups_per_epoch = train.len().div_ceil(per_step);
-    let total_steps = args.max_steps.unwrap_or(groups_per_epoch * args.epochs);
-    let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
-    eprintln!(
-        "{} training and {} eval examples; {trainable} trainable parameters; {total_steps} steps",
-        train.len(),
-        eval.as_ref().map_or(0, Vec::len)
-    );
-    let mut summary = Summary::default();
-    // The step of the last eval loss, so that a run ending mid-epoch reports one too.
-    let mut evaluated_at = None;
-    if let Some(eval) = &eval
-        && args.resume.is_none()
-    {
-        let loss = trainer.eval_loss(eval)?;
-        eprintln!("eval loss before training: {loss:.4}");
-        summary.eval_losses.push(loss);
-        evaluated_at = Some(state.step);
-    }
-    let progress = indicatif::ProgressBar::new(total_steps as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
-            .expect("a valid template. This is a bug."),
-    );
-    progress.set_position(state.step as u64);
-    let started = Instant::now();
-    let mut tokens_seen = 0usize;
-    'epochs: while state.epoch < args.epochs && state.step < total_steps {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(args.seed ^ (state.epoch as u64 + 1)));
-        let groups: Vec<&[usize]> = order.chunks(per_step).collect();
-        while state.group < groups.len() {
-            if state.step >= total_steps {
-                break 'epochs;
-            }
-            let batch: Vec<&Example> = groups[state.group].iter().map(|&i| &train[i]).collect();
-            let lr = learning_rate(args.lr, args.warmup_steps, total_steps, state.step);
-            let loss = trainer.step(&batch, &vars, &mut optimizer, lr, state.step)?;
-            state.step += 1;
-            state.group += 1;
-            tokens_seen += batch.iter().map(|e| e.token_ids.len()).sum::<usize>();
-            if summary.steps == 0 {
-                summary.first_loss = loss;
-            }
-            summary.last_loss = loss;
-            summary.steps += 1;
-            let rate = tokens_seen as f64 / started.elapsed().as_secs_f64();
-            progress.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s"));
-            progress.set_position(state.step as u64);
-            if progress.is_hidden() && state.step.is_multiple_of(args.logging_steps.max(1)) {
-                eprintln!(
-                    "step {} epoch {} loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s",
-                    state.step, state.epoch
-                );
-            }
-            checkpoint(args, &method, &files, &trainables, &optimizer, state, &progress)?;
-        }
-        state.epoch += 1;
-        state.group = 0;
-        if let Some(eval) = &eval {
-            let loss = trainer.eval_loss(eval)?;
-            say(&progress, format!("epoch {}: eval loss {loss:.4}", state.epoch));
-            summary.eval_losses.push(loss);
-            evaluated_at = Some(state.step);
-        }
-    }
-    if let Some(eval) = &eval
-        && evaluated_at != Some(state.step)
-    {
-        let loss = trainer.eval_loss(eval)?;
-        say(&progress, format!("step {}: eval loss {loss:.4}", state.step));
-        summary.eval_losses.push(loss);
-    }
-    progress.finish_and_clear();
+    let mut run = Run {
+        trainer: &trainer,
+        method: &method,
+        files: &files,
+        trainables: &trainables,
+        vars: &vars,
+        optimizer,
+        state,
+        summary: Summary::default(),
+        evaluated_at: None,
+    };
+    run.train(&train, eval.as_deref())?;
     write_output(&args.out, args, &method, &files, &trainables)?;
     eprintln!("saved to {}", args.out.display());
-    Ok(summary)
+    Ok(run.summary)
+}
+
+/// The models a run trains: the text model with the method's trainable weights and, under
+/// `--method full`, the vision encoder and connector too.
+fn build(
+    config: &SmolVlmConfig,
+    files: &ModelFiles,
+    method: &Method,
+    seed: u64,
+) -> anyhow::Result<(Option<vision::TrainVision>, TrainText, Vec<Trainable>)> {
+    let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
+    let (train_vision, mut trainables) = match method {
+        Method::Full => {
+            let hidden = config.text_config.hidden_size;
+            let (vision, vars) = vision::TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb)?;
+            (Some(vision), vars)
+        }
+        Method::Lora(_) => (None, Vec::new()),
+    };
+    let (model, text) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, method, seed)?;
+    trainables.extend(text);
+    Ok((train_vision, model, trainables))
+}
+
+/// A run under way: the optimizer, where it stands, and what it measured.
+struct Run<'a> {
+    trainer: &'a Trainer<'a>,
+    method: &'a Method,
+    files: &'a ModelFiles,
+    trainables: &'a [Trainable],
+    vars: &'a [Var],
+    optimizer: AdamW,
+    state: TrainerState,
+    summary: Summary,
+    /// The step of the last eval loss, so that a run ending mid-epoch reports one too.
+    evaluated_at: Option<usize>,
+}
+
+impl Run<'_> {
+    /// Epochs over `train` up to `--epochs` or `--max-steps`, with eval losses before (unless
+    /// resumed), after each epoch and at the end.
+    fn train(&mut self, train: &[Example], eval: Option<&[Example]>) -> anyhow::Result<()> {
+        let args = self.trainer.args;
+        let per_step = args.batch_size.max(1) * args.gradient_accumulation_steps.max(1);
+        let total_steps = args.max_steps.unwrap_or(train.len().div_ceil(per_step) * args.epochs);
+        let trainable: usize = self.vars.iter().map(|v| v.elem_count()).sum();
+        eprintln!(
+            "{} training and {} eval examples; {trainable} trainable parameters; {total_steps} steps",
+            train.len(),
+            eval.map_or(0, <[Example]>::len)
+        );
+        if let Some(eval) = eval
+            && args.resume.is_none()
+        {
+            let loss = self.evaluate(eval)?;
+            eprintln!("eval loss before training: {loss:.4}");
+        }
+        let progress = indicatif::ProgressBar::new(total_steps as u64);
+        progress.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+                .expect("a valid template. This is a bug."),
+        );
+        progress.set_position(self.state.step as u64);
+        let mut throughput = (Instant::now(), 0usize);
+        while self.state.epoch < args.epochs && self.state.step < total_steps {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                args.seed ^ (self.state.epoch as u64 + 1),
+            ));
+            let groups: Vec<&[usize]> = order.chunks(per_step).collect();
+            while self.state.group < groups.len() && self.state.step < total_steps {
+                let batch: Vec<&Example> = groups[self.state.group].iter().map(|&i| &train[i]).collect();
+                self.step(&batch, total_steps, &mut throughput, &progress)?;
+            }
+            if self.state.group < groups.len() {
+                break;
+            }
+            self.state.epoch += 1;
+            self.state.group = 0;
+            if let Some(eval) = eval {
+                let loss = self.evaluate(eval)?;
+                say(&progress, format!("epoch {}: eval loss {loss:.4}", self.state.epoch));
+            }
+        }
+        if let Some(eval) = eval
+            && self.evaluated_at != Some(self.state.step)
+        {
+            let loss = self.evaluate(eval)?;
+            say(&progress, format!("step {}: eval loss {loss:.4}", self.state.step));
+        }
+        progress.finish_and_clear();
+        Ok(())
+    }
+
+    /// One optimizer step over `batch`, with its progress, log line and checkpoint.
+    fn step(
+        &mut self,
+        batch: &[&Example],
+        total_steps: usize,
+        (started, tokens_seen): &mut (Instant, usize),
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<()> {
+        let args = self.trainer.args;
+        let state = &mut self.state;
+        let lr = learning_rate(args.lr, args.warmup_steps, total_steps, state.step);
+        let loss = self
+            .trainer
+            .step(batch, self.vars, &mut self.optimizer, lr, state.step)?;
+        state.step += 1;
+        state.group += 1;
+        *tokens_seen += batch.iter().map(|e| e.token_ids.len()).sum::<usize>();
+        let summary = &mut self.summary;
+        if summary.steps == 0 {
+            summary.first_loss = loss;
+        }
+        summary.last_loss = loss;
+        summary.steps += 1;
+        let rate = *tokens_seen as f64 / started.elapsed().as_secs_f64();
+        progress.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s"));
+        progress.set_position(state.step as u64);
+        if progress.is_hidden() && state.step.is_multiple_of(args.logging_steps.max(1)) {
+            eprintln!(
+                "step {} epoch {} loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s",
+                state.step, state.epoch
+            );
+        }
+        let state = *state;
+        checkpoint(
+            args,
+            self.method,
+            self.files,
+            self.trainables,
+            &self.optimizer,
+            state,
+            progress,
+        )
+    }
+
+    /// The eval loss now, recorded.
+    fn evaluate(&mut self, eval: &[Example]) -> anyhow::Result<f64> {
+        let loss = self.trainer.eval_loss(eval)?;
+        self.summary.eval_losses.push(loss);
+        self.evaluated_at = Some(self.state.step);
+        Ok(loss)
+    }
 }
 
 /// A line above the progress bar, or on stderr where there is no bar (no terminal).
@@ -201,7 +271,7 @@ fn say(progress: &indicatif::ProgressBar, line: String) {
 fn checkpoint(
     args: &FinetuneArgs,
     method: &Method,
-    files: &crate::model::ModelFiles,
+    files: &ModelFiles,
     trainables: &[Trainable],
     optimizer: &AdamW,
     state: TrainerState,
@@ -226,7 +296,7 @@ fn write_output(
     dir: &Path,
     args: &FinetuneArgs,
     method: &Method,
-    files: &crate::model::ModelFiles,
+    files: &ModelFiles,
     trainables: &[Trainable],
 ) -> anyhow::Result<()> {
     match method {
@@ -309,7 +379,7 @@ fn learning_rate(peak: f64, warmup: usize, total: usize, step: usize) -> f64 {
 struct Trainer<'a> {
     args: &'a FinetuneArgs,
     model: &'a TrainText,
-    vision: &'a dyn crate::model::VisionLanguageModel,
+    vision: &'a dyn VisionLanguageModel,
     /// The trainable encoder (`--method full`); otherwise the serving model's, frozen.
     train_vision: Option<&'a vision::TrainVision>,
     image_token: u32,
@@ -326,7 +396,14 @@ impl Trainer<'_> {
             let pixels = Tensor::cat(&pixels, 0)?;
             let rows = match self.train_vision {
                 Some(vision) => vision.forward(&pixels)?,
-                None => self.vision.encode_images(&pixels)?.detach(),
+                None => {
+                    let tiles = Pixels {
+                        values: pixels.clone(),
+                        grid: None,
+                    };
+                    let mut encoded = self.vision.encode_images(&[&tiles])?;
+                    encoded.remove(0).embeds.detach()
+                }
             };
             Some((rows.dim(0)? / pixels.dim(0)?, rows, 0))
         };

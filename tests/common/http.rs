@@ -1,8 +1,9 @@
 //! Starting servers on port 0 with the fixture model, and talking to them over real HTTP.
 
 use base64::Engine;
-use ocellus::api::server::{ServerHandle, start};
+use ocellus::api::server::ServerHandle;
 use ocellus::config::ServeArgs;
+use ocellus::runtime::start;
 use serde_json::Value;
 
 use super::fixtures;

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use image::DynamicImage;
-use ocellus::LoadedModel;
-use ocellus::engine::{EngineConfig, EngineCore, GenerationRequest};
+use ocellus::config::WeightDType;
+use ocellus::engine::{EngineConfig, EngineCore, GenerationRequest, Prompt};
 use ocellus::kv::{KvPool, SequenceKv, blocks_for};
-use ocellus::model::WeightDType;
-use ocellus::model::{SequenceInput, VisionLanguageModel};
-use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Processor, Prompt, open_image};
+use ocellus::model::{Detail, ImageFeatures, ProcessedMedia, SequenceInput, VideoInfo, VisionLanguageModel};
+use ocellus::processor::{ChatMessage, ContentPart, ImageInput, Processor, open_image};
+use ocellus::runtime::{KvBudget, Loaded};
 use serde::Deserialize;
 
 pub fn fixtures() -> PathBuf {
@@ -118,14 +118,12 @@ pub fn video_parts(messages: &[serde_json::Value], root: &Path) -> Vec<VideoPart
         .collect()
 }
 
-/// Decodes a video file and samples it as the server does (the part's overrides, else the
-/// model's defaults).
-pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> ocellus::processor::VideoInput {
-    let defaults = processor
-        .video_processor()
-        .expect("a SmolVLM2 processor")
-        .default_sampling();
-    let sampling = ocellus::processor::FrameSampling {
+/// A video file decoded and sampled as the server does it (the part's overrides, else the
+/// model's defaults): the frames picked, and the video as the family processes it.
+pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> (Vec<usize>, ProcessedMedia) {
+    let family = processor.video().expect("a SmolVLM2 processor");
+    let defaults = family.default_sampling();
+    let sampling = ocellus::model::FrameSampling {
         fps: part.fps.unwrap_or(defaults.fps),
         max_frames: part.max_frames.unwrap_or(defaults.max_frames),
     };
@@ -137,14 +135,16 @@ pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> ocellus:
         max_image_pixels: 1 << 24,
         max_video_seconds: 3600.0,
     };
-    processor
-        .video_processor()
-        .unwrap()
-        .preprocess_streaming(|sink| {
-            let pick = |meta: &_| ocellus::processor::video::sample_frames(meta, &sampling);
-            ocellus::media::decode_video(&fetched, &limits, pick, sink)
-        })
-        .unwrap()
+    let source = ocellus::media::open_video(&fetched, &limits).unwrap();
+    let info = VideoInfo {
+        total_frames: source.meta.total_frames,
+        fps: source.meta.fps,
+        duration: source.meta.duration,
+    };
+    let indices = family.sample_frames(&info, &sampling);
+    let frames = ocellus::processor::video::preprocess_frames(family, source.frames(indices.clone())).unwrap();
+    let video = family.finish(frames, &info, &indices).unwrap();
+    (indices, video)
 }
 
 /// Maps OpenAI chat messages (content as a string or parts) onto the processor's types,
@@ -179,38 +179,50 @@ pub fn openai_messages(messages: &[serde_json::Value], root: &Path) -> (Vec<Chat
     (messages, images)
 }
 
-pub fn load_fixture_model(name: &str) -> LoadedModel {
-    ocellus::load_folder(&fixtures().join("models").join(name), WeightDType::F32, &Device::Cpu).unwrap()
+pub fn load_fixture_model(name: &str) -> Loaded {
+    ocellus::runtime::load_folder(&fixtures().join("models").join(name), WeightDType::F32, &Device::Cpu).unwrap()
+}
+
+/// The images of a fixture case as the processor takes them: `do_image_splitting: false`
+/// cases are low detail (one view); the fixture models split by default.
+pub fn image_inputs(images: Vec<DynamicImage>, do_image_splitting: bool) -> Vec<ImageInput> {
+    let detail = if do_image_splitting { Detail::Auto } else { Detail::Low };
+    images.into_iter().map(|image| ImageInput { image, detail }).collect()
 }
 
 pub fn prompt_for(processor: &Processor, reference: &Reference, case: &Case) -> Prompt {
     let (messages, images) = reference.inputs(case);
-    let split = Some(case.do_image_splitting);
-    let images: Vec<ImageInput> = images.into_iter().map(|image| ImageInput { image, split }).collect();
-    let videos: Vec<_> = video_parts(&case.messages, &reference.root)
+    let images = image_inputs(images, case.do_image_splitting);
+    let (sampled, videos): (Vec<Vec<usize>>, Vec<ProcessedMedia>) = video_parts(&case.messages, &reference.root)
         .iter()
         .map(|part| decode_fixture_video(processor, part))
-        .collect();
-    let sampled: Vec<Vec<usize>> = videos.iter().map(|v| v.frame_indices.clone()).collect();
+        .unzip();
     assert_eq!(sampled, case.frame_indices, "sampled frames differ from transformers'");
-    processor.process_media(&messages, &images, videos).unwrap()
+    let text = processor.render(&messages).unwrap();
+    processor.process_rendered(&text, &images, videos).unwrap()
+}
+
+/// All the pixel values of a prompt, image after image.
+pub fn pixel_values(prompt: &Prompt) -> Vec<f32> {
+    (prompt.images.iter())
+        .flat_map(|i| i.pixels.values.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 /// Greedy, exactly `tokens` tokens: the recorded references used min_new_tokens too.
 pub fn greedy(prompt: Prompt, tokens: usize) -> GenerationRequest {
-    GenerationRequest {
-        min_tokens: tokens,
-        ..GenerationRequest::greedy(prompt, tokens)
-    }
+    let mut request = GenerationRequest::greedy(prompt, tokens);
+    request.params.min_tokens = tokens;
+    request
 }
 
 /// An engine over a loaded model with room for `kv_blocks` blocks, prefix caching on.
-pub fn engine(loaded: LoadedModel, max_batch_tokens: usize, kv_blocks: usize) -> (Processor, EngineCore) {
+pub fn engine(loaded: Loaded, max_batch_tokens: usize, kv_blocks: usize) -> (Processor, EngineCore) {
     engine_with(loaded, max_batch_tokens, kv_blocks, true)
 }
 
 pub fn engine_with(
-    loaded: LoadedModel,
+    loaded: Loaded,
     max_batch_tokens: usize,
     kv_blocks: usize,
     prefix_caching: bool,
@@ -222,11 +234,12 @@ pub fn engine_with(
         vision_cache_bytes: 64 << 20,
         prefix_caching,
     };
-    loaded.into_engine(config, kv_blocks).unwrap()
+    let tokens = kv_blocks * ocellus::kv::BLOCK_TOKENS;
+    loaded.into_engine(config, KvBudget::Tokens(tokens)).unwrap()
 }
 
 /// The logits after the whole prompt, straight from the model.
-pub fn first_step_logits(model: &dyn VisionLanguageModel, prompt: &ocellus::processor::Prompt) -> Vec<f32> {
+pub fn first_step_logits(model: &dyn VisionLanguageModel, prompt: &Prompt) -> Vec<f32> {
     first_step_logits_kv(model, model.kv_spec().dtype, prompt)
 }
 
@@ -234,7 +247,7 @@ pub fn first_step_logits(model: &dyn VisionLanguageModel, prompt: &ocellus::proc
 pub fn first_step_logits_kv(
     model: &dyn VisionLanguageModel,
     kv_dtype: candle_core::DType,
-    prompt: &ocellus::processor::Prompt,
+    prompt: &Prompt,
 ) -> Vec<f32> {
     first_step_logits_with(model, kv_dtype, prompt, None)
 }
@@ -243,10 +256,10 @@ pub fn first_step_logits_kv(
 pub fn first_step_logits_with(
     model: &dyn VisionLanguageModel,
     kv_dtype: candle_core::DType,
-    prompt: &ocellus::processor::Prompt,
+    prompt: &Prompt,
     adapter: Option<&ocellus::model::lora::Adapter>,
 ) -> Vec<f32> {
-    let features = prompt.pixel_values.as_ref().map(|p| model.encode_images(p).unwrap());
+    let features = prompt_features(model, prompt);
     let n = prompt.token_ids.len();
     let spec = ocellus::kv::KvSpec {
         dtype: kv_dtype,
@@ -257,6 +270,7 @@ pub fn first_step_logits_with(
     assert!(pool.grow(&mut kv, n));
     let mut batch = [SequenceInput {
         tokens: &prompt.token_ids,
+        positions: prompt.positions.as_ref(),
         image_features: features,
         kv: &mut kv,
         wants_logits: true,
@@ -269,6 +283,15 @@ pub fn first_step_logits_with(
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+/// The vision features of all a prompt's images, in order (`None` without images).
+pub fn prompt_features(model: &dyn VisionLanguageModel, prompt: &Prompt) -> Option<ImageFeatures> {
+    let pixels: Vec<_> = prompt.images.iter().map(|i| &i.pixels).collect();
+    (!pixels.is_empty()).then(|| {
+        let encoded = model.encode_images(&pixels).unwrap();
+        ImageFeatures::cat(&encoded.iter().collect::<Vec<_>>()).unwrap()
+    })
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

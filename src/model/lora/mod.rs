@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::proj::Proj;
+use super::ops::proj::Proj;
 
 pub use batch::LoraBatch;
 pub use config::LoraConfig;

@@ -11,8 +11,6 @@ use crate::model::error::LoadError;
 /// A bound on the RoPE table Ocellus precomputes (2^20 positions).
 const MAX_POSITIONS: usize = 1 << 20;
 
-pub const ARCHITECTURES: &[&str] = &["Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"];
-
 #[derive(Debug, Clone, Deserialize)]
 pub struct SmolVlmConfig {
     #[serde(default)]
@@ -97,25 +95,6 @@ pub struct TextConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
-    #[serde(default)]
-    pub eos_token_id: Option<EosTokenIds>,
-}
-
-/// `eos_token_id` is an integer or a list of integers in HF configs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum EosTokenIds {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl EosTokenIds {
-    pub fn to_vec(&self) -> Vec<u32> {
-        match self {
-            Self::One(id) => vec![*id],
-            Self::Many(ids) => ids.clone(),
-        }
-    }
 }
 
 impl TextConfig {
@@ -148,9 +127,7 @@ impl SmolVlmConfig {
     pub fn info(&self) -> crate::model::ModelInfo {
         crate::model::ModelInfo {
             architecture: self.architectures[0].clone(),
-            image_token_id: self.image_token_id,
-            image_seq_len: self.image_seq_len(),
-            tile_size: self.vision_config.image_size,
+            image_token_ids: vec![self.image_token_id],
             vocab_size: self.text_config.vocab_size,
             max_positions: self.text_config.max_position_embeddings,
         }
@@ -163,38 +140,39 @@ impl SmolVlmConfig {
     }
 
     fn validate(&self, file: &Path) -> Result<(), LoadError> {
-        let Some(arch) = self.architectures.first() else {
+        // Which architectures load as SmolVLM is the registry's to say.
+        if self.architectures.is_empty() {
             return Err(LoadError::invalid(file, "architectures", "is missing or empty"));
-        };
-        if !ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(LoadError::UnknownArchitecture {
-                file: file.to_path_buf(),
-                name: arch.clone(),
-                supported: ARCHITECTURES.join(", "),
-            });
         }
-        let v = &self.vision_config;
+        let rules = self.text_rules().into_iter().chain(self.vision_rules());
+        if let Some((_, field, message)) = rules.into_iter().find(|(ok, _, _)| !ok) {
+            return Err(LoadError::invalid(file, field, message));
+        }
         let t = &self.text_config;
-        let rules: [(bool, &str, String); 13] = [
-            (
-                t.num_attention_heads > 0,
-                "text_config.num_attention_heads",
-                "must be positive, got 0".into(),
-            ),
+        for (field, rope) in [
+            ("text_config.rope_parameters", &t.rope_parameters),
+            ("text_config.rope_scaling", &t.rope_scaling),
+        ] {
+            let kind = rope.as_ref().and_then(|r| r.rope_type.as_deref()).unwrap_or("default");
+            if kind != "default" {
+                return Err(LoadError::invalid(
+                    file,
+                    field,
+                    format!("rope type `{kind}` is not supported (only default)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the vision side needs: (holds, field, message otherwise).
+    fn vision_rules(&self) -> [Rule; 6] {
+        let v = &self.vision_config;
+        [
             (
                 v.hidden_size > 0,
                 "vision_config.hidden_size",
                 "must be positive, got 0".into(),
-            ),
-            (
-                t.hidden_size > 0,
-                "text_config.hidden_size",
-                "must be positive, got 0".into(),
-            ),
-            (
-                t.max_position_embeddings <= MAX_POSITIONS,
-                "text_config.max_position_embeddings",
-                format!("must be <= {MAX_POSITIONS}, got {}", t.max_position_embeddings),
             ),
             (
                 v.num_attention_heads > 0 && v.hidden_size.is_multiple_of(v.num_attention_heads),
@@ -228,6 +206,28 @@ impl SmolVlmConfig {
                 "vision_config.num_channels",
                 format!("must be 3, got {}", v.num_channels),
             ),
+        ]
+    }
+
+    /// What the text side needs: (holds, field, message otherwise).
+    fn text_rules(&self) -> [Rule; 7] {
+        let t = &self.text_config;
+        [
+            (
+                t.num_attention_heads > 0,
+                "text_config.num_attention_heads",
+                "must be positive, got 0".into(),
+            ),
+            (
+                t.hidden_size > 0,
+                "text_config.hidden_size",
+                "must be positive, got 0".into(),
+            ),
+            (
+                t.max_position_embeddings <= MAX_POSITIONS,
+                "text_config.max_position_embeddings",
+                format!("must be <= {MAX_POSITIONS}, got {}", t.max_position_embeddings),
+            ),
             (
                 t.hidden_act == "silu",
                 "text_config.hidden_act",
@@ -257,26 +257,12 @@ impl SmolVlmConfig {
                     t.vocab_size, self.image_token_id
                 ),
             ),
-        ];
-        if let Some((_, field, message)) = rules.into_iter().find(|(ok, _, _)| !ok) {
-            return Err(LoadError::invalid(file, field, message));
-        }
-        for (field, rope) in [
-            ("text_config.rope_parameters", &t.rope_parameters),
-            ("text_config.rope_scaling", &t.rope_scaling),
-        ] {
-            let kind = rope.as_ref().and_then(|r| r.rope_type.as_deref()).unwrap_or("default");
-            if kind != "default" {
-                return Err(LoadError::invalid(
-                    file,
-                    field,
-                    format!("rope type `{kind}` is not supported (only default)"),
-                ));
-            }
-        }
-        Ok(())
+        ]
     }
 }
+
+/// A config rule: whether it holds, the field, and the message when it does not.
+type Rule = (bool, &'static str, String);
 
 mod defaults {
     // transformers' defaults (Idefics3Config / SmolVLMConfig, their vision config, LlamaConfig).

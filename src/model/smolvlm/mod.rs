@@ -1,24 +1,55 @@
 //! SmolVLM and SmolVLM2 (Marafioti et al., "SmolVLM: Redefining small and efficient
 //! multimodal models", arXiv:2504.05299): SigLIP vision encoder, pixel-shuffle connector,
 //! Llama decoder. Weights follow transformers' tree (`model.vision_model`,
-//! `model.connector`, `model.text_model`, `lm_head`).
+//! `model.connector`, `model.text_model`, `lm_head`). SmolVLM2 adds videos (`video`).
 
 pub mod config;
 pub mod connector;
+pub mod image;
+pub mod processor;
 pub mod text;
+pub mod video;
 pub mod vision;
 
 use candle_core::{DType, Device, Result, Tensor};
 
 pub use config::SmolVlmConfig;
+pub use processor::SmolVlmProcessor;
 
 use crate::kv::{KvPool, KvSpec};
 use crate::model::lora::{Adapter, AdapterLayout, LoraBatch};
+use crate::model::registry::Family;
 use crate::model::weights::SafetensorsWeights;
-use crate::model::{LoadError, ModelFiles, ModelInfo, SequenceInput, VisionLanguageModel, on_compute_pool};
+use crate::model::{
+    ImageFeatures, InputProcessor, LoadError, ModelFiles, ModelInfo, Pixels, SequenceInput, VisionLanguageModel,
+    on_compute_pool,
+};
 use connector::Connector;
 use text::{SequenceRows, TextModel};
 use vision::VisionTransformer;
+
+/// SmolVLM (v1): images only.
+pub const SMOLVLM: Family = Family {
+    architectures: &["Idefics3ForConditionalGeneration"],
+    load: load_model,
+    input_processor: |files| Ok(Box::new(SmolVlmProcessor::load(files, false)?) as Box<dyn InputProcessor>),
+};
+
+/// SmolVLM2: images and videos.
+pub const SMOLVLM2: Family = Family {
+    architectures: &["SmolVLMForConditionalGeneration"],
+    load: load_model,
+    input_processor: |files| Ok(Box::new(SmolVlmProcessor::load(files, true)?) as Box<dyn InputProcessor>),
+};
+
+fn load_model(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<Box<dyn VisionLanguageModel>, LoadError> {
+    let config = SmolVlmConfig::load(&files.config)?;
+    Ok(Box::new(SmolVlm::load(config, files, dtype, device)?))
+}
 
 pub struct SmolVlm {
     vision: VisionTransformer,
@@ -66,7 +97,10 @@ impl SmolVlm {
     /// an image token id, as transformers does once the prompt is prefilled.
     fn embed(&self, ids: &[u32], batch: &[SequenceInput<'_>]) -> Result<Tensor> {
         let embeds = self.text.embed(&Tensor::new(ids, &self.device)?)?;
-        let features: Vec<Tensor> = batch.iter().filter_map(|i| i.image_features.clone()).collect();
+        let features: Vec<Tensor> = batch
+            .iter()
+            .filter_map(|i| i.image_features.as_ref().map(|f| f.embeds.clone()))
+            .collect();
         if features.is_empty() {
             return Ok(embeds);
         }
@@ -76,7 +110,7 @@ impl SmolVlm {
         for input in batch {
             if input.image_features.is_some() {
                 for (i, &id) in input.tokens.iter().enumerate() {
-                    if id == self.info.image_token_id {
+                    if id == self.config.image_token_id {
                         index[offset + i] = next_feature;
                         next_feature += 1;
                     }
@@ -111,11 +145,34 @@ impl VisionLanguageModel for SmolVlm {
         }
     }
 
-    fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        on_compute_pool(|| {
-            let hidden = self.vision.forward(&pixel_values.to_dtype(self.dtype)?)?;
+    /// The tiles of every image in one pass, split back per image.
+    fn encode_images(&self, images: &[&Pixels]) -> Result<Vec<ImageFeatures>> {
+        let tiles: Vec<Tensor> = images.iter().map(|p| p.values.clone()).collect();
+        let counts: Vec<usize> = images.iter().map(|p| p.values.dim(0)).collect::<Result<_>>()?;
+        let features = on_compute_pool(|| {
+            let pixels = Tensor::cat(&tiles, 0)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let hidden = self.vision.forward(&pixels)?;
             self.connector.forward(&hidden)
-        })
+        })?;
+        let rows_per_tile = self.config.image_seq_len();
+        let mut first = 0;
+        counts
+            .iter()
+            .map(|&tiles| {
+                let rows = tiles * rows_per_tile;
+                // A copy when the output holds several images, so each owns its rows (the
+                // vision cache counts what it holds).
+                let embeds = match images.len() {
+                    1 => features.clone(),
+                    _ => features.narrow(0, first, rows)?.copy()?,
+                };
+                first += rows;
+                Ok(ImageFeatures {
+                    embeds,
+                    deepstack: Vec::new(),
+                })
+            })
+            .collect()
     }
 
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
@@ -164,12 +221,19 @@ impl SmolVlm {
                     self.info.max_positions
                 )
             }
+            if input.positions.is_some() {
+                candle_core::bail!("SmolVLM places tokens at their index; it takes no other positions. This is a bug.")
+            }
             if let Some(features) = &input.image_features {
-                let image_tokens = input.tokens.iter().filter(|&&t| t == self.info.image_token_id).count();
-                if features.dim(0)? != image_tokens {
+                let image_tokens = input
+                    .tokens
+                    .iter()
+                    .filter(|&&t| t == self.config.image_token_id)
+                    .count();
+                if features.rows() != image_tokens || !features.deepstack.is_empty() {
                     candle_core::bail!(
                         "{image_tokens} image tokens in a chunk but {} feature rows",
-                        features.dim(0)?
+                        features.rows()
                     )
                 }
             }

@@ -9,11 +9,11 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
-use crate::model::decode_attention::decode_attention;
-use crate::model::kernels;
 use crate::model::lora::{AdapterLayout, LoraBatch, ModuleSpec};
-use crate::model::norm::RmsNorm;
-use crate::model::proj::Proj;
+use crate::model::ops::decode_attention::decode_attention;
+use crate::model::ops::kernels;
+use crate::model::ops::norm::RmsNorm;
+use crate::model::ops::proj::Proj;
 
 use super::config::TextConfig;
 use crate::kv::{KvPool, SequenceKv};

@@ -10,9 +10,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
-use crate::model::epilogue::{self, Then};
-use crate::model::kernels;
-use crate::model::norm::LayerNorm;
+use crate::model::ops::epilogue::{self, Then};
+use crate::model::ops::kernels;
+use crate::model::ops::norm::LayerNorm;
 
 use super::config::VisionConfig;
 

@@ -153,7 +153,7 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
             let expected = xs.matmul(&weight.t().unwrap()).unwrap();
             let got = linear(&xs, &compact(&weight).unwrap().unwrap()).unwrap();
-            let difference = crate::model::few_rows::tests::max_difference(&got, &expected);
+            let difference = crate::model::ops::few_rows::tests::max_difference(&got, &expected);
             assert!(difference <= 1e-5 * width as f32, "{rows}x{out}x{width}: {difference}");
         }
     }

@@ -5,7 +5,10 @@
 
 use tokio::sync::Semaphore;
 
-use super::error::ApiError;
+/// A media job that panicked: a bug, reported as a server error.
+#[derive(Debug, thiserror::Error)]
+#[error("media job: {0}")]
+pub struct JobFailed(String);
 
 pub struct MediaPool {
     permits: Semaphore,
@@ -20,12 +23,9 @@ impl MediaPool {
         }
     }
 
-    pub async fn run<T: Send + 'static>(
-        &self,
-        job: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, JobFailed> {
         if self.inline {
-            return job();
+            return Ok(job());
         }
         let _permit = self
             .permits
@@ -34,6 +34,6 @@ impl MediaPool {
             .expect("the pool's semaphore is never closed. This is a bug.");
         tokio::task::spawn_blocking(job)
             .await
-            .map_err(|e| ApiError::Internal(format!("media job: {e}")))?
+            .map_err(|e| JobFailed(e.to_string()))
     }
 }

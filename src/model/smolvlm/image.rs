@@ -8,8 +8,8 @@ use std::path::Path;
 use image::DynamicImage;
 use serde::Deserialize;
 
-use super::resample::{self, Filter, Image8};
 use crate::model::LoadError;
+use crate::model::resample::{self, Filter, Image8};
 
 /// transformers' cap on either side after the longest-edge resize.
 const MAX_IMAGE_SIZE: usize = 4096;
@@ -68,15 +68,13 @@ fn default_rescale() -> f64 {
 
 /// One image after preprocessing: its tiles, row-major, then the global view.
 #[derive(Debug, Clone)]
-pub struct ProcessedImage {
+pub struct Tiles {
     /// `tiles * 3 * tile_size * tile_size` values, channels first.
     pub pixel_values: Vec<f32>,
     pub tiles: usize,
     /// 0 and 0 when the image is not split (one global view only).
     pub rows: usize,
     pub cols: usize,
-    /// blake3 of the pixel values' bytes.
-    pub key: super::ImageKey,
 }
 
 #[derive(Debug, Clone)]
@@ -134,7 +132,7 @@ impl ImageProcessor {
         }
     }
 
-    pub fn preprocess(&self, image: &DynamicImage, split: bool) -> ProcessedImage {
+    pub fn preprocess(&self, image: &DynamicImage, split: bool) -> Tiles {
         let c = &self.config;
         let mut img = if c.do_convert_rgb {
             to_rgb(image)
@@ -167,13 +165,11 @@ impl ImageProcessor {
         for tile in &tiles {
             self.normalize_into(tile, &mut pixel_values);
         }
-        let key = *blake3::hash(bytes_of(&pixel_values)).as_bytes();
-        ProcessedImage {
+        Tiles {
             pixel_values,
             tiles: tiles.len(),
             rows,
             cols,
-            key,
         }
     }
 
@@ -235,12 +231,6 @@ fn vision_encoder_size(height: usize, width: usize, tile: usize) -> (usize, usiz
         let w = (h as f64 * aspect) as usize;
         (h, up(w as f64))
     }
-}
-
-pub(super) fn bytes_of(values: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the slice covers
-    // exactly the floats' memory.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 fn crop(img: &Image8, x: usize, y: usize, size: usize) -> Image8 {

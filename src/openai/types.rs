@@ -1,11 +1,12 @@
 //! OpenAI's wire types for chat completions, completions and models, as clients send and
 //! expect them. Requests are untrusted: numbers are parsed wide (i64, f64) so that a
 //! negative or out-of-range value reaches validation and gets a message naming the field,
-//! and unknown fields are ignored, as OpenAI does.
+//! and unknown fields are ignored, as OpenAI does. The gRPC API builds the same request
+//! types from its messages.
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessageIn>,
@@ -49,7 +50,7 @@ pub struct SamplingFields {
     pub stop_token_ids: Option<Vec<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }

@@ -1,0 +1,107 @@
+//! A family's side of request preparation: how an image or a video becomes pixels for its
+//! encoder and text for its prompt. The processor layer owns the chat template, the
+//! tokenizer and the media; it asks the family, through these traits, for everything that
+//! differs between families (tiles or patches at native resolution, the frame-sampling
+//! rule, the placeholder expansion).
+
+use image::{DynamicImage, RgbImage};
+
+use super::{ContentKey, Pixels};
+
+/// How much of an image the request asks the model to see (OpenAI's `detail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Detail {
+    /// The model's own preprocessing (`auto`, `high`).
+    #[default]
+    Auto,
+    /// The family's small budget (`low`): SmolVLM shows one global view, no tiles.
+    Low,
+}
+
+/// A unit of vision encoding: an image, or a part of a video (SmolVLM2: one frame).
+#[derive(Debug, Clone)]
+pub struct MediaItem {
+    pub pixels: Pixels,
+    pub key: ContentKey,
+    /// Placeholder tokens it fills: rows of features the encoder makes of it.
+    pub tokens: usize,
+}
+
+/// An image or a video ready for the encoder and the prompt.
+#[derive(Debug, Clone)]
+pub struct ProcessedMedia {
+    pub items: Vec<MediaItem>,
+    /// What replaces its placeholder in the rendered prompt: its items' placeholder tokens
+    /// with the family's markers around them.
+    pub text: String,
+}
+
+impl ProcessedMedia {
+    pub fn tokens(&self) -> usize {
+        self.items.iter().map(|i| i.tokens).sum()
+    }
+}
+
+/// What a container's header says of a video.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VideoInfo {
+    pub total_frames: usize,
+    pub fps: f64,
+    /// `total_frames / fps`, in seconds.
+    pub duration: f64,
+}
+
+/// How densely to sample a video: about `fps` frames a second, at most `max_frames`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameSampling {
+    pub fps: f64,
+    pub max_frames: usize,
+}
+
+/// What a family makes of images.
+pub trait InputProcessor: Send + Sync {
+    /// What the chat template writes where an image goes (`<image>`).
+    fn image_placeholder(&self) -> &str;
+
+    /// Placeholder tokens an image of this size becomes, from its header alone: a request's
+    /// token budget is checked before any image is decoded.
+    fn image_tokens(&self, width: u32, height: u32, detail: Detail) -> usize;
+
+    /// An image's pixels and the text that replaces its placeholder.
+    fn preprocess_image(&self, image: &DynamicImage, detail: Detail) -> candle_core::Result<ProcessedMedia>;
+
+    /// What the family does with videos; `None`: it takes none, and a request with one is
+    /// refused.
+    fn video(&self) -> Option<&dyn VideoProcessor>;
+}
+
+/// What a family makes of videos. The frames it picks are decoded (by the media layer)
+/// and handed back one by one.
+pub trait VideoProcessor: Send + Sync {
+    /// What the chat template writes where a video goes (`<video>`).
+    fn placeholder(&self) -> &str;
+
+    /// A chat template for conversations that hold a video, used instead of the model's
+    /// (SmolVLM2's processor does this: its models' templates have no video branch).
+    fn chat_template(&self) -> Option<&str>;
+
+    /// The model's own sampling, which a request may change within the server's bounds.
+    fn default_sampling(&self) -> FrameSampling;
+
+    /// The frames to take from a video, by index, ascending.
+    fn sample_frames(&self, video: &VideoInfo, sampling: &FrameSampling) -> Vec<usize>;
+
+    /// Placeholder tokens `frames` frames of this size become, before any is decoded.
+    fn video_tokens(&self, width: u32, height: u32, frames: usize) -> usize;
+
+    /// One frame's pixel values; called on several threads at once, as frames are decoded.
+    fn preprocess_frame(&self, frame: &RgbImage) -> Vec<f32>;
+
+    /// The video from its frames' values (in order) and the indices they were taken at.
+    fn finish(
+        &self,
+        frames: Vec<Vec<f32>>,
+        video: &VideoInfo,
+        indices: &[usize],
+    ) -> candle_core::Result<ProcessedMedia>;
+}

@@ -1,0 +1,97 @@
+//! Tests of `few_rows`, beside it to keep each file short.
+
+use super::*;
+
+pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn equals_candles_matmul_for_every_row_count_and_ragged_edges() {
+    // 133 outputs: three tasks, the last one ending in a block of 1; width 70: a tail
+    // past the last full vector.
+    for (rows, out, width) in [(1, 133, 70), (3, 133, 64), (4, 5, 16), (9, 133, 70), (16, 576, 576)] {
+        let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out, width), &Device::Cpu).unwrap();
+        let expected = xs.matmul(&w.t().unwrap()).unwrap();
+        let got = linear(&xs, &w).unwrap();
+        assert_eq!(got.dims(), &[rows, out]);
+        let tolerance = 1e-5 * width as f32;
+        assert!(max_difference(&got, &expected) < tolerance, "{rows}x{out}x{width}");
+    }
+}
+
+#[test]
+fn bf16_pairs_equal_the_f32_weights_for_every_row_count_and_ragged_edges() {
+    // width 70: 35 pairs, a tail of 3 past two 16-pair vectors (AVX-512); 133 outputs:
+    // three tasks, the last one ending in a block of 1.
+    for (rows, out, width) in [(1, 133, 70), (4, 5, 16), (9, 133, 70), (16, 576, 576), (2, 3, 2)] {
+        let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out, width), &Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap();
+        let expected = xs
+            .matmul(&w.to_dtype(candle_core::DType::F32).unwrap().t().unwrap())
+            .unwrap();
+        let got = linear_bf16(&xs, &w).unwrap();
+        assert_eq!(got.dims(), &[rows, out]);
+        assert!(
+            max_difference(&got, &expected) < 1e-5 * width as f32,
+            "{rows}x{out}x{width}"
+        );
+    }
+    let odd = Tensor::zeros((4, 9), candle_core::DType::BF16, &Device::Cpu).unwrap();
+    let xs = Tensor::zeros((1, 9), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(linear_bf16(&xs, &odd).is_err());
+}
+
+#[test]
+fn q8_0_equals_the_dequantized_weights_times_the_activations() {
+    // One row: even and odd block counts (the AVX-512 kernel takes blocks in pairs).
+    for (rows, out, width) in [(1, 133, 64), (1, 70, 96), (1, 9, 32), (5, 67, 96), (16, 576, 576)] {
+        let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out, width), &Device::Cpu).unwrap();
+        let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
+        let expected = xs.matmul(&dequantized.t().unwrap()).unwrap();
+        // One row goes to candle's matmul unless the CPU has AVX-512 (CI's does not);
+        // the portable kernel still computes it, so it is checked either way.
+        #[cfg(target_arch = "x86_64")]
+        let one_row = avx512::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let one_row = false;
+        assert_eq!(applies_q8_0(&xs, &quantized, rows), rows > 1 || one_row);
+        let got = linear_q8_0(&xs, &quantized).unwrap();
+        assert_eq!(got.dims(), &[rows, out]);
+        assert!(
+            max_difference(&got, &expected) < 1e-5 * width as f32,
+            "{rows}x{out}x{width}"
+        );
+        // and not the unquantized product: the weights really are the blocks'
+        assert!(max_difference(&got, &xs.matmul(&w.t().unwrap()).unwrap()) > 1e-4);
+    }
+    let other = QTensor::quantize(
+        &Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::Q4_0,
+    )
+    .unwrap();
+    let xs = Tensor::zeros((1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(!applies_q8_0(&xs, &other, 1) && linear_q8_0(&xs, &other).is_err());
+}
+
+#[test]
+fn refuses_mismatched_widths() {
+    let xs = Tensor::zeros((2, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((4, 9), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(linear(&xs, &w).is_err());
+}
