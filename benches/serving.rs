@@ -72,6 +72,9 @@ struct RequestTiming {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // reqwest is built without a TLS crypto provider of its own (as the server's fetcher,
+    // which installs ring; with --url no server runs here to do it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -78,10 +78,13 @@ def imports(paths):
     for path in paths:
         source = layer_of(path)
         for number, line in enumerate(code_lines(path), 1):
-            for match in re.finditer(r"crate::(\w+)", line):
+            for match in re.finditer(r"crate::(\w+)((::\w+)*)", line):
                 target = match.group(1)
                 if target != source:
-                    edges[(source, target)].append((path.relative_to(ROOT), number, line.strip()))
+                    named = match.group(0)
+                    if "{" in line[match.end() : match.end() + 3]:
+                        named += "::{…}"
+                    edges[(source, target)].append((path.relative_to(ROOT), number, named))
     return edges
 
 
@@ -121,7 +124,8 @@ def main():
         allowed = MAY_CALL.get(source, set())
         ok = allowed is None or target in allowed
         if args.graph:
-            print(f"{source} -> {target}: {len(uses)} {'' if ok else '  NOT ALLOWED'}")
+            named = sorted({use for _, _, use in uses})
+            print(f"{source} -> {target} ({len(uses)}){'' if ok else '  NOT ALLOWED'}: {', '.join(named)}")
         if not ok:
             for file, number, line in uses:
                 failures.append(f"{file}:{number}: `{source}` may not call `{target}`: {line}")

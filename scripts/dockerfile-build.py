@@ -13,6 +13,7 @@ its COPY --from sources are checked to exist.
 
 import argparse
 import fnmatch
+import json
 import os
 import pathlib
 import shlex
@@ -143,7 +144,6 @@ def main():
                 name, _, value = assignment.partition("=")
                 stage.env[name] = expand(value, stage.env)
         elif keyword == "SHELL":
-            import json
             stage.shell = json.loads(rest)
         elif keyword == "WORKDIR":
             stage.workdir = os.path.join(stage.workdir, rest)
@@ -161,7 +161,9 @@ def main():
             copy(paths, stage.path(dest), dest.endswith("/") or len(sources) > 1, ignore)
         elif keyword == "RUN":
             print(f"-- {rest}", flush=True)
-            subprocess.run([*stage.shell, rest], cwd=stage.path("."), env=stage.env, check=True)
+            done = subprocess.run([*stage.shell, rest], cwd=stage.path("."), env=stage.env)
+            if done.returncode != 0:
+                sys.exit(f"Dockerfile, stage {stage.name}: `RUN {rest}` failed (exit {done.returncode})")
         elif keyword in ("LABEL", "EXPOSE", "USER", "HEALTHCHECK", "CMD", "ENTRYPOINT"):
             pass
         else:

@@ -65,6 +65,17 @@ async fn video_server() -> String {
                 typed("video/mp4", bytes)
             }),
         )
+        .route(
+            "/frames-zeroed.mp4",
+            get(|| async {
+                // The header (moov, at the end) intact, every frame's data zeroed: a video
+                // that opens and cannot be decoded.
+                let mut bytes = video("clip.mp4");
+                let moov = bytes.windows(4).rposition(|w| w == b"moov").unwrap() - 4;
+                bytes[48..moov].fill(0);
+                typed("video/mp4", bytes)
+            }),
+        )
         .route("/empty.mp4", get(|| async { typed("video/mp4", Vec::new()) }))
         .route("/image.png", get(|| async { typed("image/png", png(8, 8, [1, 2, 3])) }))
         .route("/image-untyped", get(|| async { png(8, 8, [1, 2, 3]).into_response() }))
@@ -172,6 +183,7 @@ async fn videos_from_anywhere_answer_as_transformers_and_bad_ones_get_a_clear_40
     for (name, path, code) in [
         ("truncated", "truncated.mp4", "invalid_video"),
         ("corrupt", "corrupt.mp4", "invalid_video"),
+        ("frames zeroed", "frames-zeroed.mp4", "invalid_video"),
         ("empty", "empty.mp4", "invalid_video"),
         ("an image declared as one", "image.png", "content_type_mismatch"),
         ("an image, untyped", "image-untyped", "invalid_video"),
@@ -251,6 +263,16 @@ async fn each_video_limit_has_its_error() {
     // Three frames of 16 tokens: 48 > 40.
     let result = post(&client, &tokens, &ask(VIDEO_MODEL, vec![video_part(&clip)])).await;
     assert_error("frame tokens past the budget", result, "image_tokens_exceeded", param);
+    // The budget is checked from the header, before any frame is decoded: a video whose
+    // frames cannot be decoded (invalid_video within the budget) is refused for its tokens.
+    let undecodable = format!("{media}/frames-zeroed.mp4");
+    let result = post(&client, &tokens, &ask(VIDEO_MODEL, vec![video_part(&undecodable)])).await;
+    assert_error(
+        "undecodable frames past the budget",
+        result,
+        "image_tokens_exceeded",
+        param,
+    );
 
     // A model whose processor takes no videos (SmolVLM v1) says so.
     let v1 = common::http::server(|_| {}).await;

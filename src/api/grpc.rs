@@ -319,3 +319,59 @@ impl Ocellus for GrpcApi {
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(part: Option<Part>) -> pb::ContentPart {
+        pb::ContentPart { part }
+    }
+
+    #[test]
+    fn messages_and_sampling_map_onto_the_chat_types() {
+        let request = pb::GenerateRequest {
+            model: String::new(),
+            messages: vec![pb::Message {
+                role: "user".into(),
+                content: vec![
+                    part(Some(Part::ImageUrl(pb::ImageUrl {
+                        url: "data:x".into(),
+                        detail: "low".into(),
+                    }))),
+                    part(Some(Part::Text("hi".into()))),
+                ],
+            }],
+            sampling: Some(pb::SamplingOptions {
+                temperature: Some(0.5),
+                stop: vec!["\n".into()],
+                ..Default::default()
+            }),
+        };
+        let (chat, fields) = to_openai(&request).unwrap();
+        assert_eq!(chat.model, None, "an empty model is the served one");
+        let Some(MessageContent::Parts(parts)) = &chat.messages[0].content else {
+            panic!("parts")
+        };
+        assert!(
+            matches!(&parts[0], ContentPartIn::ImageUrl { image_url } if image_url.detail.as_deref() == Some("low"))
+        );
+        assert_eq!(fields.temperature, Some(0.5));
+        assert!(matches!(&fields.stop, Some(StopField::Many(stop)) if stop == &["\n"]));
+        assert_eq!((fields.stop_token_ids, fields.n), (None, None));
+    }
+
+    #[test]
+    fn a_part_with_nothing_set_is_refused_by_its_place() {
+        let request = pb::GenerateRequest {
+            messages: vec![pb::Message {
+                role: "user".into(),
+                content: vec![part(Some(Part::Text("hi".into()))), part(None)],
+            }],
+            ..Default::default()
+        };
+        let err = to_openai(&request).unwrap_err();
+        assert_eq!(err.param().as_deref(), Some("messages[0].content[1]"));
+        assert_eq!(err.code(), "invalid_value");
+    }
+}

@@ -107,8 +107,12 @@ pub struct Started {
 /// Starts getting a waiting sequence's image features: cached images are taken now, the
 /// others go to the worker (each distinct image once).
 pub fn start(seq: &mut Sequence, cache: &mut VisionCache, worker: &mut VisionWorker) -> candle_core::Result<Started> {
-    let Vision::Waiting(pixels) = std::mem::replace(&mut seq.vision, Vision::Ready(None)) else {
-        return Ok(Started::default());
+    let pixels = match std::mem::replace(&mut seq.vision, Vision::Ready(None)) {
+        Vision::Waiting(pixels) => pixels,
+        started => {
+            seq.vision = started;
+            return Ok(Started::default());
+        }
     };
     let parts: Vec<Option<ImageFeatures>> = seq.images.iter().map(|image| cache.get(&image.key)).collect();
     let hits = parts.iter().filter(|p| p.is_some()).count();
@@ -140,8 +144,12 @@ pub fn waits_on(seq: &Sequence, cache: &VisionCache, encoding: &HashMap<SeqId, V
 /// Completes a sequence's features with the worker's output (one per encoded image, in
 /// order) and caches each newly encoded image.
 pub fn finish(seq: &mut Sequence, features: Vec<ImageFeatures>, cache: &mut VisionCache) -> candle_core::Result<()> {
-    let Vision::Encoding(mut parts) = std::mem::replace(&mut seq.vision, Vision::Ready(None)) else {
-        candle_core::bail!("vision results for a sequence that is not encoding. This is a bug.")
+    let mut parts = match std::mem::replace(&mut seq.vision, Vision::Ready(None)) {
+        Vision::Encoding(parts) => parts,
+        other => {
+            seq.vision = other;
+            candle_core::bail!("vision results for a sequence that is not encoding. This is a bug.")
+        }
     };
     let encoded: Vec<usize> = (0..seq.images.len())
         .filter(|&i| to_encode(&seq.images, &parts, i))

@@ -322,3 +322,28 @@ fn eos_token_ids(files: &ModelFiles, tokenizer: &Tokenizer, eos_token: Option<&s
 pub fn open_image(path: &Path) -> Result<DynamicImage, ::image::ImageError> {
     ::image::ImageReader::open(path)?.with_guessed_format()?.decode()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_split_the_text_in_order() {
+        let pieces = split_at_placeholders("a<image>b<video>c<image>", "<image>", Some("<video>"));
+        let kinds: Vec<_> = pieces.iter().map(|(_, k)| *k).collect();
+        assert_eq!(
+            kinds,
+            [
+                Some(Placeholder::Image),
+                Some(Placeholder::Video),
+                Some(Placeholder::Image),
+                None
+            ]
+        );
+        let text: Vec<&str> = pieces.iter().map(|(t, _)| *t).collect();
+        assert_eq!(text, ["a", "b", "c", ""]);
+        // A family without videos leaves `<video>` as text.
+        let pieces = split_at_placeholders("<video><image>", "<image>", None);
+        assert_eq!(pieces[0], ("<video>", Some(Placeholder::Image)));
+    }
+}
