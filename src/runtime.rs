@@ -196,7 +196,7 @@ fn build_server_engine(args: &ServeArgs, metrics: Arc<crate::metrics::Metrics>) 
     let max_model_len = args.max_model_len.unwrap_or(max_positions).min(max_positions);
     let spec = loaded.kv_spec();
     let budget = args.kv_cache_memory.as_u64() as usize;
-    let capacity = budget / spec.bytes_per_block() * crate::kv::BLOCK_TOKENS;
+    let capacity = spec.blocks_in(budget) * crate::kv::BLOCK_TOKENS;
     anyhow::ensure!(
         capacity >= max_model_len,
         "--kv-cache-memory {} holds {capacity} tokens ({} bytes each), fewer than the maximum context length \

@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 
 use super::request::{AddError, EngineFailure, EventSender, GenerationRequest, SequenceEvent, admit};
 use super::scheduler::{Limits, Plan, Waiting, Who, plan_step};
-use super::sequence::{SeqId, Sequence, SequenceParts};
+use super::sequence::{SeqId, Sequence, Vision};
 use super::vision::{self, VisionDone, VisionWorker};
 use super::vision_cache::VisionCache;
 use crate::kv::{BLOCK_TOKENS, BlockHash, ImageSlots, KvPool, block_hashes};
@@ -182,14 +182,7 @@ impl EngineCore {
         } else {
             Vec::new()
         };
-        let mut seq = Sequence::new(SequenceParts {
-            id,
-            choice,
-            request,
-            max_tokens,
-            events,
-            seed,
-        });
+        let mut seq = Sequence::new(id, choice, request, max_tokens, events, seed);
         seq.block_hashes = hashes;
         if !vision::waits_on(&seq, &self.vision_cache, &self.encoding)
             && let Err(err) = self.start_vision(&mut seq)
@@ -218,7 +211,7 @@ impl EngineCore {
         let mut i = 0;
         while i < self.waiting.len() {
             let seq = &self.waiting[i];
-            let deferred = matches!(seq.vision, super::sequence::Vision::Waiting(_));
+            let deferred = matches!(seq.vision, Vision::Waiting(_));
             if !deferred || vision::waits_on(seq, &self.vision_cache, &self.encoding) {
                 i += 1;
                 continue;

@@ -8,7 +8,9 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 
 use super::detokenizer::Detokenizer;
-use super::request::{ChoiceEvent, EventSender, FinishReason, GenerationParams, SequenceEvent, Usage};
+use super::request::{
+    ChoiceEvent, EventSender, FinishReason, GenerationParams, GenerationRequest, SequenceEvent, Usage,
+};
 use super::sampling::{Sampler, logprobs};
 use super::scheduler::{Running, Waiting};
 use super::stop::{StopCheck, StopStrings};
@@ -65,26 +67,16 @@ pub struct Sequence {
     stops: StopStrings,
 }
 
-/// What a sequence is made from: an admitted request's parts.
-pub struct SequenceParts {
-    pub id: SeqId,
-    pub choice: usize,
-    pub request: super::request::GenerationRequest,
-    pub max_tokens: usize,
-    pub events: EventSender,
-    pub seed: u64,
-}
-
 impl Sequence {
-    pub fn new(parts: SequenceParts) -> Self {
-        let SequenceParts {
-            id,
-            choice,
-            request,
-            max_tokens,
-            events,
-            seed,
-        } = parts;
+    /// Choice `choice` of an admitted request; `max_tokens` is its resolved budget.
+    pub fn new(
+        id: SeqId,
+        choice: usize,
+        request: GenerationRequest,
+        max_tokens: usize,
+        events: EventSender,
+        seed: u64,
+    ) -> Self {
         let prompt = request.prompt;
         let sampler = Sampler::new(request.params.sampling.clone(), seed);
         let stops = StopStrings::new(request.params.stop.clone());

@@ -41,6 +41,11 @@ impl KvSpec {
     pub fn bytes_per_block(&self) -> usize {
         self.bytes_per_token() * BLOCK_TOKENS
     }
+
+    /// Whole blocks that fit in `bytes`.
+    pub fn blocks_in(&self, bytes: usize) -> usize {
+        bytes / self.bytes_per_block()
+    }
 }
 
 /// Blocks that hold `tokens` tokens.
@@ -151,7 +156,7 @@ impl KvPool {
 
     /// As many blocks as fit in `bytes`.
     pub fn with_memory(spec: &KvSpec, bytes: usize) -> Result<Self> {
-        Self::new(spec, bytes / spec.bytes_per_block())
+        Self::new(spec, spec.blocks_in(bytes))
     }
 
     pub fn spec(&self) -> &KvSpec {

@@ -194,15 +194,7 @@ fn video_part(video: &VideoUrl, param: String, limits: &Limits) -> Result<VideoP
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const LIMITS: Limits = Limits {
-        max_n: 4,
-        max_stop_sequences: 2,
-        max_top_logprobs: 5,
-        max_images_per_request: 1,
-        max_videos_per_request: 1,
-        max_video_frames: 8,
-    };
+    use crate::openai::validate::tests::LIMITS;
 
     fn parse(messages: serde_json::Value) -> Result<Vec<Message>, ValidationError> {
         let input: Vec<ChatMessageIn> = serde_json::from_value(messages).unwrap();

@@ -253,7 +253,7 @@ fn chat_logprobs(logprobs: Option<bool>, top_logprobs: Option<i64>) -> Result<Op
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const LIMITS: Limits = Limits {
