@@ -59,6 +59,8 @@ fn main() {
             total_frames: meta.total_frames,
             fps: meta.fps,
             duration: meta.duration,
+            width: meta.width,
+            height: meta.height,
         };
         let indices = processor.sample_frames(&info, &sampling);
         (source, indices)
@@ -71,7 +73,8 @@ fn main() {
         let start = Instant::now();
         let (source, indices) = pick();
         let meta = source.meta;
-        let tiles = preprocess_frames(&processor, source.frames(indices)).unwrap();
+        let count = indices.len();
+        let tiles = preprocess_frames(&processor, source.frames(indices), count).unwrap();
         total.push(start.elapsed());
         summary = format!(
             "{}: {} frames, {} bytes, {:.1} s at {:.2} fps; sampled {frames} frames into {} tiles of {} values",

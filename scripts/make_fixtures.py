@@ -6,6 +6,8 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py adapters      # PEFT LoRA adapters of tiny-idefics3 + references (part of tiny)
   python scripts/make_fixtures.py ocellus-adapter  # a LoRA trained by `ocellus finetune`, run in PEFT (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
+  python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
+  python scripts/make_fixtures.py qwen3vl-big OUT_DIR  # the real Qwen3-VL-2B config, random weights (not committed)
   python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
   python scripts/make_fixtures.py demo-base OUT # the untrained demo model, for `ocellus finetune --method full`
 
@@ -29,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+import fixtures_qwen3vl
 import transformers
 from transformers import (
     AutoProcessor,
@@ -730,6 +733,9 @@ def main() -> None:
     demo.add_argument("out", type=Path)
     big = sub.add_parser("big")
     big.add_argument("out", type=Path)
+    sub.add_parser("qwen3vl")
+    qwen_big = sub.add_parser("qwen3vl-big")
+    qwen_big.add_argument("out", type=Path)
     video = sub.add_parser("video")
     video.add_argument("out", type=Path)
     args = parser.parse_args()
@@ -739,6 +745,12 @@ def main() -> None:
 
     if args.what == "demo-base":
         return build_demo_base(args.out)
+
+    if args.what == "qwen3vl":
+        return fixtures_qwen3vl.make_tiny(FIXTURES)
+
+    if args.what == "qwen3vl-big":
+        return fixtures_qwen3vl.make_big(args.out, FIXTURES)
 
     if args.what == "ocellus-adapter":
         return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
@@ -769,6 +781,7 @@ def main() -> None:
         record_processor(SHARED_REF, FIXTURES, PROCESSOR_CASES, refs / "smolvlm-256m-processor.json")
         make_adapters(models / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", refs)
         make_ocellus_adapter(models / "tiny-idefics3", refs)
+        fixtures_qwen3vl.make_tiny(FIXTURES)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"

@@ -297,6 +297,11 @@ pub struct LimitArgs {
     /// model's own `max_frames` is the default when it is lower).
     #[arg(long, env = "OCELLUS_MAX_VIDEO_FRAMES", default_value_t = 64)]
     pub max_video_frames: usize,
+    /// The largest pixel budget (`min_pixels`, `max_pixels` on an image part or in
+    /// `mm_processor_kwargs`) a request may give one image, for models that resize images to
+    /// a budget (Qwen3-VL). The default is Qwen3-VL's own largest (16384 blocks of 32x32).
+    #[arg(long, env = "OCELLUS_MAX_PIXELS_PER_IMAGE", default_value_t = 16_777_216)]
+    pub max_pixels_per_image: usize,
     /// Longest video, in seconds, read from the container's header before decoding.
     #[arg(long, env = "OCELLUS_MAX_VIDEO_SECONDS", default_value_t = 1800.0)]
     pub max_video_seconds: f64,

@@ -294,10 +294,7 @@ fn warm_up(processor: &Processor, core: &mut EngineCore) -> anyhow::Result<()> {
             },
         ],
     }];
-    let image = ImageInput {
-        image: image::DynamicImage::new_rgb8(64, 64),
-        detail: crate::model::Detail::Low,
-    };
+    let image = ImageInput::with_detail(image::DynamicImage::new_rgb8(64, 64), crate::model::Detail::Low);
     let prompt = processor.process(&messages, &[image])?;
     crate::engine::generate(core, vec![GenerationRequest::greedy(prompt, 2)], |_| {})?;
     tracing::info!(took = ?started.elapsed(), "warmed up");
@@ -327,7 +324,10 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         crate::model::Detail::Auto
     };
-    let images: Vec<ImageInput> = images.into_iter().map(|image| ImageInput { image, detail }).collect();
+    let images: Vec<ImageInput> = images
+        .into_iter()
+        .map(|image| ImageInput::with_detail(image, detail))
+        .collect();
     let prompt = loaded.processor.process(&messages, &images)?;
     let prompt_tokens = prompt.token_ids.len();
     // The encoder's units: SmolVLM's tiles.

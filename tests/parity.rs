@@ -79,6 +79,11 @@ fn tiny_smolvlm2_sharded_tied_matches_transformers() {
     check_parity(&fixtures(), "tiny-smolvlm2");
 }
 
+#[test]
+fn tiny_qwen3vl_matches_transformers() {
+    check_parity(&fixtures(), "tiny-qwen3vl");
+}
+
 /// The SmolVLM-256M-shaped random model: `python scripts/make_fixtures.py big DIR`, then
 /// `OCELLUS_PARITY_DIR=DIR cargo test --release --test parity -- --ignored`.
 #[test]

@@ -97,6 +97,8 @@ fn to_openai(request: &pb::GenerateRequest) -> Result<(ChatCompletionRequest, Sa
                         image_url: ImageUrl {
                             url: image.url.clone(),
                             detail: (!image.detail.is_empty()).then(|| image.detail.clone()),
+                            min_pixels: None,
+                            max_pixels: None,
                         },
                     }),
                     Some(Part::VideoUrl(video)) => Ok(ContentPartIn::VideoUrl {

@@ -214,6 +214,7 @@ fn api_settings(args: &ServeArgs) -> ApiSettings {
             max_images_per_request: limits.max_images_per_request,
             max_videos_per_request: limits.max_videos_per_request,
             max_video_frames: limits.max_video_frames,
+            max_image_budget_pixels: limits.max_pixels_per_image,
         },
         max_body_bytes: limits.max_body_size.as_u64() as usize,
         request_timeout: args.request_timeout,

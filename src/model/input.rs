@@ -6,7 +6,7 @@
 
 use image::{DynamicImage, RgbImage};
 
-use super::{ContentKey, Pixels};
+use super::{ContentKey, Pixels, TokenPositions};
 
 /// How much of an image the request asks the model to see (OpenAI's `detail`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -16,6 +16,24 @@ pub enum Detail {
     Auto,
     /// The family's small budget (`low`): SmolVLM shows one global view, no tiles.
     Low,
+}
+
+/// How a request asks an image to be shown: its `detail`, and the pixel budget (families
+/// that resize to one, Qwen-VL) in place of the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ImageOptions {
+    pub detail: Detail,
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+}
+
+impl From<Detail> for ImageOptions {
+    fn from(detail: Detail) -> Self {
+        Self {
+            detail,
+            ..Self::default()
+        }
+    }
 }
 
 /// A unit of vision encoding: an image, or a part of a video (SmolVLM2: one frame).
@@ -49,6 +67,8 @@ pub struct VideoInfo {
     pub fps: f64,
     /// `total_frames / fps`, in seconds.
     pub duration: f64,
+    pub width: u32,
+    pub height: u32,
 }
 
 /// How densely to sample a video: about `fps` frames a second, at most `max_frames`.
@@ -65,14 +85,27 @@ pub trait InputProcessor: Send + Sync {
 
     /// Placeholder tokens an image of this size becomes, from its header alone: a request's
     /// token budget is checked before any image is decoded.
-    fn image_tokens(&self, width: u32, height: u32, detail: Detail) -> usize;
+    fn image_tokens(&self, width: u32, height: u32, options: &ImageOptions) -> usize;
 
     /// An image's pixels and the text that replaces its placeholder.
-    fn preprocess_image(&self, image: &DynamicImage, detail: Detail) -> candle_core::Result<ProcessedMedia>;
+    fn preprocess_image(&self, image: &DynamicImage, options: &ImageOptions) -> candle_core::Result<ProcessedMedia>;
+
+    /// Whether a request may set an image's pixel budget (`ImageOptions::min_pixels`,
+    /// `max_pixels`); where not, one that does is refused.
+    fn takes_pixel_budget(&self) -> bool {
+        false
+    }
 
     /// What the family does with videos; `None`: it takes none, and a request with one is
     /// refused.
     fn video(&self) -> Option<&dyn VideoProcessor>;
+
+    /// Where a prompt's tokens sit for rotary embeddings when not at their index (Qwen-VL's
+    /// M-RoPE), from its token ids and the grids (`[frames, rows, columns]` in patches) of
+    /// its media items, in order. `None`: at their index.
+    fn positions(&self, _tokens: &[u32], _grids: &[[usize; 3]]) -> Option<TokenPositions> {
+        None
+    }
 }
 
 /// What a family makes of videos. The frames it picks are decoded (by the media layer)
@@ -94,8 +127,9 @@ pub trait VideoProcessor: Send + Sync {
     /// Placeholder tokens `frames` frames of this size become, before any is decoded.
     fn video_tokens(&self, width: u32, height: u32, frames: usize) -> usize;
 
-    /// One frame's pixel values; called on several threads at once, as frames are decoded.
-    fn preprocess_frame(&self, frame: &RgbImage) -> Vec<f32>;
+    /// One frame's pixel values, `frames` being how many were sampled (a budget over the
+    /// whole clip may size each); called on several threads at once, as frames are decoded.
+    fn preprocess_frame(&self, frame: &RgbImage, frames: usize) -> Vec<f32>;
 
     /// The video from its frames' values (in order) and the indices they were taken at.
     fn finish(

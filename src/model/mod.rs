@@ -4,12 +4,14 @@
 //! families stays in its folder, behind `VisionLanguageModel` (the weights) and
 //! `InputProcessor` (what it makes of images and videos).
 
+pub mod decoder;
 pub mod error;
 pub mod files;
 pub mod hub;
 pub mod input;
 pub mod lora;
 pub mod ops;
+pub mod qwen3vl;
 pub mod registry;
 pub mod resample;
 pub mod smolvlm;
@@ -19,7 +21,9 @@ use candle_core::{DType, Device, Result, Tensor};
 
 pub use error::LoadError;
 pub use files::ModelFiles;
-pub use input::{Detail, FrameSampling, InputProcessor, MediaItem, ProcessedMedia, VideoInfo, VideoProcessor};
+pub use input::{
+    Detail, FrameSampling, ImageOptions, InputProcessor, MediaItem, ProcessedMedia, VideoInfo, VideoProcessor,
+};
 pub use registry::{load, load_input_processor};
 
 use crate::kv::{KvPool, KvSpec, SequenceKv};

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device};
 
 use super::files::read_json;
-use super::{InputProcessor, LoadError, ModelFiles, VisionLanguageModel, smolvlm};
+use super::{InputProcessor, LoadError, ModelFiles, VisionLanguageModel, qwen3vl, smolvlm};
 
 /// Loads a family's weights from a located folder, in a dtype, onto a device.
 pub type LoadModel = fn(&ModelFiles, DType, &Device) -> Result<Box<dyn VisionLanguageModel>, LoadError>;
@@ -17,7 +17,12 @@ pub struct Family {
     pub input_processor: fn(&ModelFiles) -> Result<Box<dyn InputProcessor>, LoadError>,
 }
 
-const FAMILIES: &[Family] = &[smolvlm::SMOLVLM, smolvlm::SMOLVLM2];
+const FAMILIES: &[Family] = &[
+    smolvlm::SMOLVLM,
+    smolvlm::SMOLVLM2,
+    qwen3vl::QWEN3_VL,
+    qwen3vl::QWEN3_VL_MOE,
+];
 
 /// The family of a located folder.
 pub fn family(files: &ModelFiles) -> Result<&'static Family, LoadError> {

@@ -10,6 +10,8 @@
 //! chosen per axis, and always horizontal first. Their results differ from Pillow's by a
 //! level here and there, so both are kept.
 
+use image::DynamicImage;
+
 /// Pillow's resampling filters, by the numbers `resample` uses in preprocessor configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
@@ -312,6 +314,52 @@ fn vertical_pass(src: &Image8, height: usize, row_offset: usize, coeffs: &Coeffi
         channels: c,
         data,
     }
+}
+
+pub fn as_rgb8(image: &DynamicImage) -> Image8 {
+    let rgb = image.to_rgb8();
+    Image8 {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        channels: 3,
+        data: rgb.into_raw(),
+    }
+}
+
+/// transformers' `convert_to_rgb` on a PIL image: images with alpha are composited on
+/// opaque white with Pillow's integer `alpha_composite`; others are converted directly.
+pub fn to_rgb(image: &DynamicImage) -> Image8 {
+    if !image.color().has_alpha() {
+        return as_rgb8(image);
+    }
+    let rgba = image.to_rgba8();
+    let (width, height) = (rgba.width() as usize, rgba.height() as usize);
+    let mut data = Vec::with_capacity(width * height * 3);
+    for px in rgba.pixels() {
+        let [r, g, b, a] = px.0;
+        data.extend([r, g, b].map(|s| composite_on_white(s, a)));
+    }
+    Image8 {
+        width,
+        height,
+        channels: 3,
+        data,
+    }
+}
+
+/// Pillow's ImagingAlphaComposite for one channel of `src` over opaque white.
+pub fn composite_on_white(src: u8, alpha: u8) -> u8 {
+    const PRECISION: u32 = 7;
+    if alpha == 0 {
+        return 255;
+    }
+    let (s, a) = (src as u32, alpha as u32);
+    let blend = 255 * (255 - a);
+    let out_a255 = a * 255 + blend;
+    let coef1 = a * 255 * 255 * (1 << PRECISION) / out_a255;
+    let coef2 = 255 * (1 << PRECISION) - coef1;
+    let tmp = s * coef1 + 255 * coef2 + (0x80 << PRECISION);
+    ((((tmp >> 8) + tmp) >> 8) >> PRECISION) as u8
 }
 
 #[cfg(test)]

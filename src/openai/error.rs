@@ -60,6 +60,14 @@ pub enum ValidationError {
     TooManyVideos { limit: usize, count: usize },
     #[error("`{param}` may be at most {limit} on this server, got {value}")]
     TooManyVideoFrames { param: String, limit: usize, value: i64 },
+    #[error("`{param}` may be at most {limit} on this server, got {value}")]
+    TooManyPixels { param: String, limit: usize, value: i64 },
+    #[error("`{param}` ({min_pixels}) must not exceed max_pixels ({max_pixels})")]
+    PixelBounds {
+        param: String,
+        min_pixels: usize,
+        max_pixels: usize,
+    },
     #[error("one prompt per request, got {count}")]
     PromptCount { count: usize },
     #[error("`prompt` must not be empty")]
@@ -92,6 +100,7 @@ impl ValidationError {
             Self::TooManyImages { .. } => "too_many_images",
             Self::TooManyVideos { .. } => "too_many_videos",
             Self::TooManyVideoFrames { .. } => "too_many_video_frames",
+            Self::TooManyPixels { .. } => "too_many_pixels",
             _ => "invalid_value",
         }
     }
@@ -108,7 +117,9 @@ impl ValidationError {
             | Self::EmptyPart { param }
             | Self::MediaOutsideUserMessage { param, .. }
             | Self::UnknownDetail { param, .. }
-            | Self::TooManyVideoFrames { param, .. } => Some(param.clone()),
+            | Self::TooManyVideoFrames { param, .. }
+            | Self::TooManyPixels { param, .. }
+            | Self::PixelBounds { param, .. } => Some(param.clone()),
             Self::Negative { param, .. } => fixed(param),
             Self::TopK { .. } => fixed("top_k"),
             Self::TooManyChoices { .. } => fixed("n"),

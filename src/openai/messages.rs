@@ -3,7 +3,7 @@
 //! (`param`), so that an error about it later names the field.
 
 use super::error::ValidationError;
-use super::types::{ChatMessageIn, ContentPartIn, MessageContent, VideoUrl};
+use super::types::{ChatMessageIn, ContentPartIn, MessageContent, MmProcessorKwargs, VideoUrl};
 use super::validate::{Limits, positive, range};
 
 /// Highest sampling rate a request may ask for: beyond it frames are nearly identical.
@@ -48,10 +48,63 @@ pub enum Detail {
     High,
 }
 
+/// The pixel budget a request gives an image (`min_pixels`, `max_pixels`), for families that
+/// resize to one; `None`: the model's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PixelBudget {
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+}
+
+impl PixelBudget {
+    pub fn is_set(&self) -> bool {
+        self.min_pixels.is_some() || self.max_pixels.is_some()
+    }
+
+    /// The request's `mm_processor_kwargs`, checked.
+    pub fn of_request(kwargs: Option<&MmProcessorKwargs>, limits: &Limits) -> Result<Self, ValidationError> {
+        let Some(kwargs) = kwargs else {
+            return Ok(Self::default());
+        };
+        Self::default().with(kwargs.min_pixels, kwargs.max_pixels, "mm_processor_kwargs", limits)
+    }
+
+    /// This budget with a part's own values in place of its, checked (`at`: where they are).
+    fn with(self, min: Option<i64>, max: Option<i64>, at: &str, limits: &Limits) -> Result<Self, ValidationError> {
+        let checked = |value: Option<i64>, name: &str| -> Result<Option<usize>, ValidationError> {
+            let Some(value) = value else { return Ok(None) };
+            let param = format!("{at}.{name}");
+            if value > limits.max_image_budget_pixels as i64 {
+                return Err(ValidationError::TooManyPixels {
+                    param,
+                    limit: limits.max_image_budget_pixels,
+                    value,
+                });
+            }
+            Ok(Some(positive(&param, value)?))
+        };
+        let budget = Self {
+            min_pixels: checked(min, "min_pixels")?.or(self.min_pixels),
+            max_pixels: checked(max, "max_pixels")?.or(self.max_pixels),
+        };
+        if let (Some(min_pixels), Some(max_pixels)) = (budget.min_pixels, budget.max_pixels)
+            && min_pixels > max_pixels
+        {
+            return Err(ValidationError::PixelBounds {
+                param: format!("{at}.min_pixels"),
+                min_pixels,
+                max_pixels,
+            });
+        }
+        Ok(budget)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImagePart {
     pub url: String,
     pub detail: Detail,
+    pub budget: PixelBudget,
     /// Its place in the request (`messages[1].content[0].image_url`).
     pub param: String,
 }
@@ -81,13 +134,18 @@ impl Message {
     }
 }
 
-/// OpenAI messages, checked, with their media parts in place.
-pub fn messages(input: &[ChatMessageIn], limits: &Limits) -> Result<Vec<Message>, ValidationError> {
+/// OpenAI messages, checked, with their media parts in place; `budget`: the request's pixel
+/// budget for images that set none.
+pub fn messages(
+    input: &[ChatMessageIn],
+    limits: &Limits,
+    budget: PixelBudget,
+) -> Result<Vec<Message>, ValidationError> {
     if input.is_empty() {
         return Err(ValidationError::NoMessages);
     }
     let out = (input.iter().enumerate())
-        .map(|(index, message)| one_message(index, message, limits))
+        .map(|(index, message)| one_message(index, message, limits, budget))
         .collect::<Result<Vec<_>, _>>()?;
     let images = out.iter().flat_map(Message::images).count();
     if images > limits.max_images_per_request {
@@ -106,7 +164,12 @@ pub fn messages(input: &[ChatMessageIn], limits: &Limits) -> Result<Vec<Message>
     Ok(out)
 }
 
-fn one_message(index: usize, message: &ChatMessageIn, limits: &Limits) -> Result<Message, ValidationError> {
+fn one_message(
+    index: usize,
+    message: &ChatMessageIn,
+    limits: &Limits,
+    budget: PixelBudget,
+) -> Result<Message, ValidationError> {
     let role = match message.role.as_str() {
         "system" | "developer" => Role::System,
         "user" => Role::User,
@@ -124,13 +187,19 @@ fn one_message(index: usize, message: &ChatMessageIn, limits: &Limits) -> Result
         Some(MessageContent::Text(text)) => vec![Part::Text(text.clone())],
         Some(MessageContent::Parts(parts)) if parts.is_empty() => return Err(ValidationError::EmptyContent { param }),
         Some(MessageContent::Parts(parts)) => (parts.iter().enumerate())
-            .map(|(j, part)| one_part(role, &format!("{param}[{j}]"), part, limits))
+            .map(|(j, part)| one_part(role, &format!("{param}[{j}]"), part, limits, budget))
             .collect::<Result<_, _>>()?,
     };
     Ok(Message { role, content })
 }
 
-fn one_part(role: Role, at: &str, part: &ContentPartIn, limits: &Limits) -> Result<Part, ValidationError> {
+fn one_part(
+    role: Role,
+    at: &str,
+    part: &ContentPartIn,
+    limits: &Limits,
+    budget: PixelBudget,
+) -> Result<Part, ValidationError> {
     let user_only = |kind, param: &str| match role {
         Role::User => Ok(()),
         _ => Err(ValidationError::MediaOutsideUserMessage {
@@ -154,9 +223,11 @@ fn one_part(role: Role, at: &str, part: &ContentPartIn, limits: &Limits) -> Resu
                     });
                 }
             };
+            let budget = budget.with(image_url.min_pixels, image_url.max_pixels, &param, limits)?;
             Part::Image(ImagePart {
                 url: image_url.url.clone(),
                 detail,
+                budget,
                 param,
             })
         }
@@ -198,7 +269,7 @@ mod tests {
 
     fn parse(messages: serde_json::Value) -> Result<Vec<Message>, ValidationError> {
         let input: Vec<ChatMessageIn> = serde_json::from_value(messages).unwrap();
-        super::messages(&input, &LIMITS)
+        super::messages(&input, &LIMITS, PixelBudget::default())
     }
 
     #[test]

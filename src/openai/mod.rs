@@ -9,7 +9,7 @@ pub mod types;
 pub mod validate;
 
 pub use error::ValidationError;
-pub use messages::{Detail, ImagePart, Message, Part, Role, VideoPart, messages};
+pub use messages::{Detail, ImagePart, Message, Part, PixelBudget, Role, VideoPart, messages};
 pub use types::*;
 pub use validate::{Limits, Options, ValidChat, ValidCompletion, chat, completion};
 

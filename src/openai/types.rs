@@ -13,6 +13,18 @@ pub struct ChatCompletionRequest {
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
+    /// vLLM's per-request processor settings; here the pixel budget of every image that does
+    /// not set its own.
+    pub mm_processor_kwargs: Option<MmProcessorKwargs>,
+}
+
+/// The processor settings a request may change (`mm_processor_kwargs`); any other key is
+/// refused by name rather than ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmProcessorKwargs {
+    pub min_pixels: Option<i64>,
+    pub max_pixels: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +122,10 @@ pub struct VideoUrl {
 pub struct ImageUrl {
     pub url: String,
     pub detail: Option<String>,
+    /// The image's pixel budget for families that resize to one (Qwen-VL), as vLLM's
+    /// `mm_processor_kwargs`.
+    pub min_pixels: Option<i64>,
+    pub max_pixels: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 //! fields both endpoints share.
 
 use super::error::{MAX_STOP_BYTES, ValidationError};
-use super::messages::{Message, messages};
+use super::messages::{Message, PixelBudget, messages};
 use super::types::{ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields, StopField};
 
 /// Bounds on what a request may ask for (server flags).
@@ -15,6 +15,8 @@ pub struct Limits {
     pub max_images_per_request: usize,
     pub max_videos_per_request: usize,
     pub max_video_frames: usize,
+    /// The largest pixel budget (`max_pixels`) a request may give an image.
+    pub max_image_budget_pixels: usize,
 }
 
 /// OpenAI's default `max_tokens` for completions (chat has none).
@@ -72,7 +74,8 @@ pub fn chat(
     let logprobs = chat_logprobs(request.logprobs, request.top_logprobs)?;
     let max_tokens = request.max_completion_tokens.or(fields.max_tokens);
     let options = options(fields, max_tokens, logprobs, limits, vocab_size)?;
-    let messages = messages(&request.messages, limits)?;
+    let budget = PixelBudget::of_request(request.mm_processor_kwargs.as_ref(), limits)?;
+    let messages = messages(&request.messages, limits, budget)?;
     Ok(ValidChat {
         model: request.model.clone(),
         messages,
@@ -263,6 +266,7 @@ pub(crate) mod tests {
         max_images_per_request: 1,
         max_videos_per_request: 1,
         max_video_frames: 8,
+        max_image_budget_pixels: 1 << 20,
     };
 
     fn check(fields: serde_json::Value) -> Result<Options, ValidationError> {

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use ::image::DynamicImage;
 use lru::LruCache;
 
-use crate::model::{Detail, ProcessedMedia};
+use crate::model::{ImageOptions, ProcessedMedia};
 
 type Key = [u8; 32];
 
@@ -46,14 +46,14 @@ impl PreprocessCache {
         inner.evict();
     }
 
-    /// The cached result for `image` shown with `detail`, or `preprocess`'s, remembered.
+    /// The cached result for `image` shown with `options`, or `preprocess`'s, remembered.
     pub fn get_or_insert<E>(
         &self,
         image: &DynamicImage,
-        detail: Detail,
+        options: &ImageOptions,
         preprocess: impl FnOnce() -> Result<ProcessedMedia, E>,
     ) -> Result<ProcessedMedia, E> {
-        let key = key(image, detail);
+        let key = key(image, options);
         {
             let mut inner = self.lock();
             if let Some(found) = inner.entries.get(&key).cloned() {
@@ -100,13 +100,13 @@ fn bytes(processed: &ProcessedMedia) -> usize {
     processed.items.iter().map(|i| i.pixels.bytes()).sum()
 }
 
-/// blake3 over the pixel layout and bytes, and the detail asked for.
-fn key(image: &DynamicImage, detail: Detail) -> Key {
+/// blake3 over the pixel layout and bytes, and how the image is to be shown.
+fn key(image: &DynamicImage, options: &ImageOptions) -> Key {
     let mut hasher = blake3::Hasher::new();
     hasher.update(&image.width().to_le_bytes());
     hasher.update(&image.height().to_le_bytes());
     hasher.update(format!("{:?}", image.color()).as_bytes());
-    hasher.update(format!("{detail:?}").as_bytes());
+    hasher.update(format!("{options:?}").as_bytes());
     hasher.update(image.as_bytes());
     *hasher.finalize().as_bytes()
 }
@@ -114,6 +114,7 @@ fn key(image: &DynamicImage, detail: Detail) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Detail;
 
     type Made = Result<ProcessedMedia, ()>;
 
@@ -134,15 +135,20 @@ mod tests {
     fn the_same_pixels_and_tiling_hit_and_anything_else_misses() {
         let cache = PreprocessCache::new(1 << 20);
         let image = DynamicImage::new_rgb8(4, 4);
-        let first = values(cache.get_or_insert(&image, Detail::Auto, || processed(1.0, 8)));
-        let again =
-            values(cache.get_or_insert(&image, Detail::Auto, || -> Made { panic!("a hit does not preprocess") }));
+        let first = values(cache.get_or_insert(&image, &Detail::Auto.into(), || processed(1.0, 8)));
+        let again = values(cache.get_or_insert(&image, &Detail::Auto.into(), || -> Made {
+            panic!("a hit does not preprocess")
+        }));
         assert_eq!(again, first);
-        let _ = cache.get_or_insert(&image, Detail::Low, || processed(2.0, 8));
+        let _ = cache.get_or_insert(&image, &Detail::Low.into(), || processed(2.0, 8));
         let mut other = image.to_rgb8();
         other.put_pixel(3, 3, ::image::Rgb([1, 0, 0]));
-        let _ = cache.get_or_insert(&DynamicImage::ImageRgb8(other), Detail::Auto, || processed(3.0, 8));
-        let _ = cache.get_or_insert(&DynamicImage::new_rgba8(4, 4), Detail::Auto, || processed(4.0, 8));
+        let _ = cache.get_or_insert(&DynamicImage::ImageRgb8(other), &Detail::Auto.into(), || {
+            processed(3.0, 8)
+        });
+        let _ = cache.get_or_insert(&DynamicImage::new_rgba8(4, 4), &Detail::Auto.into(), || {
+            processed(4.0, 8)
+        });
         assert_eq!(cache.stats(), (1, 4));
     }
 
@@ -151,17 +157,17 @@ mod tests {
         // Room for two entries of 8 f32s.
         let cache = PreprocessCache::new(64);
         let images: Vec<_> = (1..=3).map(|w| DynamicImage::new_rgb8(w, 1)).collect();
-        let _ = cache.get_or_insert(&images[0], Detail::Auto, || processed(0.0, 8));
-        let _ = cache.get_or_insert(&images[1], Detail::Auto, || processed(1.0, 8));
-        let _ = cache.get_or_insert(&images[0], Detail::Auto, || -> Made { panic!("cached") });
-        let _ = cache.get_or_insert(&images[2], Detail::Auto, || processed(2.0, 8));
+        let _ = cache.get_or_insert(&images[0], &Detail::Auto.into(), || processed(0.0, 8));
+        let _ = cache.get_or_insert(&images[1], &Detail::Auto.into(), || processed(1.0, 8));
+        let _ = cache.get_or_insert(&images[0], &Detail::Auto.into(), || -> Made { panic!("cached") });
+        let _ = cache.get_or_insert(&images[2], &Detail::Auto.into(), || processed(2.0, 8));
         // images[1] was the least recently used.
-        let _ = cache.get_or_insert(&images[0], Detail::Auto, || -> Made { panic!("cached") });
-        let _ = cache.get_or_insert(&images[1], Detail::Auto, || processed(1.0, 8));
+        let _ = cache.get_or_insert(&images[0], &Detail::Auto.into(), || -> Made { panic!("cached") });
+        let _ = cache.get_or_insert(&images[1], &Detail::Auto.into(), || processed(1.0, 8));
         assert_eq!(cache.stats(), (2, 4));
         let empty = PreprocessCache::new(0);
-        let _ = empty.get_or_insert(&images[0], Detail::Auto, || processed(0.0, 8));
-        let _ = empty.get_or_insert(&images[0], Detail::Auto, || processed(0.0, 8));
+        let _ = empty.get_or_insert(&images[0], &Detail::Auto.into(), || processed(0.0, 8));
+        let _ = empty.get_or_insert(&images[0], &Detail::Auto.into(), || processed(0.0, 8));
         assert_eq!(empty.stats(), (0, 2));
     }
 }

@@ -35,6 +35,8 @@ pub enum PrepareError {
     ImageTokens { tokens: usize, limit: usize, param: String },
     #[error("{}", ProcessorError::VideosNotSupported)]
     VideosNotSupported { param: String },
+    #[error("this model's processor has no pixel budget: `min_pixels` and `max_pixels` do not apply to it")]
+    PixelBudgetNotSupported { param: String },
     /// A media worker died: a bug.
     #[error("{0}")]
     Failed(String),
@@ -63,6 +65,7 @@ impl PrepareError {
             Self::Processor(_) => "invalid_value",
             Self::Media { error, .. } => media_code(error),
             Self::ImageTokens { .. } => "image_tokens_exceeded",
+            Self::PixelBudgetNotSupported { .. } => "unsupported_parameter",
             Self::Failed(_) => "internal_error",
         }
     }
@@ -76,6 +79,7 @@ impl PrepareError {
             Self::Media { param, .. } | Self::ImageTokens { param, .. } | Self::VideosNotSupported { param } => {
                 Some(param.clone())
             }
+            Self::PixelBudgetNotSupported { param } => Some(format!("{param}.max_pixels")),
             Self::Failed(_) => None,
         }
     }

@@ -23,20 +23,29 @@ pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
 
 use crate::engine::{Prompt, PromptImage};
 use crate::model::files::read_json;
-use crate::model::{Detail, InputProcessor, LoadError, ModelFiles, ModelInfo, ProcessedMedia, VideoProcessor};
+use crate::model::{
+    Detail, ImageOptions, InputProcessor, LoadError, ModelFiles, ModelInfo, ProcessedMedia, VideoProcessor,
+};
 
-/// An image of a request and how much of it to show the model.
+/// An image of a request and how to show it to the model.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
     pub image: DynamicImage,
-    pub detail: Detail,
+    pub options: ImageOptions,
 }
 
 impl ImageInput {
     pub fn new(image: DynamicImage) -> Self {
         Self {
             image,
-            detail: Detail::Auto,
+            options: ImageOptions::default(),
+        }
+    }
+
+    pub fn with_detail(image: DynamicImage, detail: Detail) -> Self {
+        Self {
+            image,
+            options: detail.into(),
         }
     }
 }
@@ -152,8 +161,8 @@ impl Processor {
 
     /// An image as the family preprocesses it, from the cache when it was seen before.
     pub fn preprocess_image(&self, input: &ImageInput) -> Result<ProcessedMedia, ProcessorError> {
-        self.preprocessed.get_or_insert(&input.image, input.detail, || {
-            (self.input.preprocess_image(&input.image, input.detail))
+        self.preprocessed.get_or_insert(&input.image, &input.options, || {
+            (self.input.preprocess_image(&input.image, &input.options))
                 .map_err(|e| ProcessorError::Pixels { message: e.to_string() })
         })
     }
@@ -225,10 +234,13 @@ impl Processor {
                 tokens: item.tokens,
             }));
         }
+        let token_ids = self.tokenize(&expanded)?;
+        let grids: Vec<[usize; 3]> = prompt_images.iter().filter_map(|i| i.pixels.grid).collect();
+        let positions = self.input.positions(&token_ids, &grids);
         Ok(Prompt {
-            token_ids: self.tokenize(&expanded)?,
+            token_ids,
             images: prompt_images,
-            positions: None,
+            positions,
         })
     }
 

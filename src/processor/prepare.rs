@@ -12,7 +12,7 @@ use super::video::preprocess_frames;
 use super::{ChatMessage, ContentPart, ImageInput, PrepareError, Processor, ProcessorError};
 use crate::engine::{GenerationParams, Prompt, SamplingParams};
 use crate::media::{Fetched, MediaFetcher, MediaLimits, MediaPool, decode_image, open_video, probe_image};
-use crate::model::{Detail, FrameSampling, ProcessedMedia, VideoInfo};
+use crate::model::{Detail, FrameSampling, ImageOptions, ProcessedMedia, VideoInfo};
 use crate::openai::{self, ImagePart, Message, Part, VideoPart};
 
 /// Bounds on a request's media (server flags).
@@ -167,11 +167,16 @@ pub fn template_messages(messages: &[Message]) -> Vec<ChatMessage> {
         .collect()
 }
 
-/// What the family's processor calls an image part's `detail`.
-pub fn detail(part: &ImagePart) -> Detail {
-    match part.detail {
+/// How the family's processor is to show an image part: its `detail` and pixel budget.
+pub fn image_options(part: &ImagePart) -> ImageOptions {
+    let detail = match part.detail {
         openai::Detail::Low => Detail::Low,
         openai::Detail::Auto | openai::Detail::High => Detail::Auto,
+    };
+    ImageOptions {
+        detail,
+        min_pixels: part.budget.min_pixels,
+        max_pixels: part.budget.max_pixels,
     }
 }
 
@@ -201,7 +206,12 @@ impl Media<'_> {
                 param: image.param.clone(),
             };
             let header = probe_image(bytes, &self.limits.media).map_err(media)?;
-            let tokens = (self.processor.input()).image_tokens(header.width, header.height, detail(image));
+            if image.budget.is_set() && !self.processor.input().takes_pixel_budget() {
+                return Err(PrepareError::PixelBudgetNotSupported {
+                    param: image.param.clone(),
+                });
+            }
+            let tokens = (self.processor.input()).image_tokens(header.width, header.height, &image_options(image));
             budget.spend(tokens, &image.param)?;
             headers.push(header);
         }
@@ -217,7 +227,7 @@ impl Media<'_> {
                 })?;
                 Ok(ImageInput {
                     image: decoded,
-                    detail: detail(image),
+                    options: image_options(image),
                 })
             })
             .collect::<Result<Vec<_>, PrepareError>>()?;
@@ -252,6 +262,8 @@ impl Media<'_> {
             total_frames: meta.total_frames,
             fps: meta.fps,
             duration: meta.duration,
+            width: meta.width,
+            height: meta.height,
         };
         let defaults = family.default_sampling();
         let sampling = FrameSampling {
@@ -281,7 +293,8 @@ impl Media<'_> {
             error,
             param: video.param.to_string(),
         };
-        let frames = preprocess_frames(family, video.source.frames(video.indices.clone())).map_err(media)?;
+        let count = video.indices.len();
+        let frames = preprocess_frames(family, video.source.frames(video.indices.clone()), count).map_err(media)?;
         // A header that promised more frames than the stream holds: those that exist.
         let indices = &video.indices[..frames.len()];
         (family.finish(frames, &video.info, indices))

@@ -6,10 +6,12 @@ use ::image::RgbImage;
 
 use crate::model::VideoProcessor;
 
-/// Each frame's values, in order; the first error of `frames` stops it.
+/// Each frame's values, in order (`count`: how many were sampled); the first error of
+/// `frames` stops it.
 pub fn preprocess_frames<E>(
     family: &dyn VideoProcessor,
     frames: impl Iterator<Item = Result<RgbImage, E>>,
+    count: usize,
 ) -> Result<Vec<Vec<f32>>, E> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (frames_in, frames_out) = crossbeam_channel::bounded::<(usize, RgbImage)>(threads);
@@ -20,7 +22,7 @@ pub fn preprocess_frames<E>(
             scope.spawn(move || {
                 for (i, frame) in frames_out {
                     // The receiver lives until the scope ends.
-                    let _ = values_in.send((i, family.preprocess_frame(&frame)));
+                    let _ = values_in.send((i, family.preprocess_frame(&frame, count)));
                 }
             });
         }

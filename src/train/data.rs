@@ -12,7 +12,7 @@ use candle_core::Tensor;
 
 use crate::openai::{self, ChatMessageIn, Message};
 use crate::processor::local::{LocalImageLimits, read_image};
-use crate::processor::prepare::{detail, template_messages};
+use crate::processor::prepare::{image_options, template_messages};
 use crate::processor::{ChatMessage, ImageInput, Processor};
 
 /// One conversation, tokenized.
@@ -52,6 +52,8 @@ impl DataLimits {
             max_images_per_request: self.max_images,
             max_videos_per_request: 0,
             max_video_frames: 0,
+            // Training data sets no pixel budget of its own: the model's applies.
+            max_image_budget_pixels: 0,
         }
     }
 
@@ -117,7 +119,8 @@ fn parse_line(
     limits: &DataLimits,
 ) -> Result<Example, String> {
     let parsed: Line = serde_json::from_str(line).map_err(|e| format!("not a JSON object with `messages`: {e}"))?;
-    let validated = openai::messages(&parsed.messages, &limits.messages()).map_err(|e| e.to_string())?;
+    let validated = openai::messages(&parsed.messages, &limits.messages(), openai::PixelBudget::default())
+        .map_err(|e| e.to_string())?;
     let messages = template_messages(&validated);
     let assistant_turns: Vec<usize> = (messages.iter().enumerate())
         .filter(|(_, m)| m.role == "assistant")
@@ -180,7 +183,7 @@ pub(crate) fn read_images(messages: &[Message], folder: &Path, limits: &DataLimi
             let image = read_image(&part.url, folder, &limits.images()).map_err(|e| format!("{}: {e}", part.param))?;
             Ok(ImageInput {
                 image,
-                detail: detail(part),
+                options: image_options(part),
             })
         })
         .collect()

@@ -51,7 +51,12 @@ pub fn read_cases(file: &Path) -> anyhow::Result<Vec<Case>> {
             }) if role == "assistant" => answer,
             _ => anyhow::bail!("{}: the last message must be the assistant's answer, as text", at()),
         };
-        let messages = crate::openai::messages(&parsed.messages, &limits.messages()).with_context(at)?;
+        let messages = crate::openai::messages(
+            &parsed.messages,
+            &limits.messages(),
+            crate::openai::PixelBudget::default(),
+        )
+        .with_context(at)?;
         let images = read_images(&messages, folder, &limits).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         cases.push(Case {
             messages: template_messages(&messages),

@@ -1,4 +1,4 @@
-//! SmolVLM's decoder for training: the same Llama math as `model::smolvlm::text`, written
+//! SmolVLM's decoder for training: the same Llama math as `model::decoder`, written
 //! only in candle ops that have gradients (the serving path's fused CPU kernels, rotary
 //! embedding and softmax have none), over one whole sequence with a causal mask and no KV
 //! cache. Trainable are either LoRA pairs on chosen projections (PEFT's layout and scaling)
@@ -400,7 +400,8 @@ fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// cos and sin of every position at every frequency, duplicated to the head's width.
 fn rotary(cfg: &TextConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let freqs = crate::model::smolvlm::text::rotary_angles(cfg, device)?;
+    let freqs =
+        crate::model::decoder::rotary_angles(cfg.head_dim(), cfg.rope_theta(), cfg.max_position_embeddings, device)?;
     let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }

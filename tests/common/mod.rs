@@ -29,6 +29,8 @@ pub fn shared_reference() -> PathBuf {
 #[derive(Debug, Deserialize)]
 pub struct Case {
     pub messages: Vec<serde_json::Value>,
+    /// SmolVLM's cases only; others take the model's own preprocessing.
+    #[serde(default = "yes")]
     pub do_image_splitting: bool,
     pub prompt: String,
     pub input_ids: Vec<u32>,
@@ -36,6 +38,10 @@ pub struct Case {
     /// Per video, the frames transformers sampled.
     #[serde(default)]
     pub frame_indices: Vec<Vec<usize>>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,8 +79,10 @@ impl Reference {
 
     /// Transformers' pixel values: stored raw (video frames), or as their lossless u8 levels.
     pub fn pixel_values(&self, case: &str) -> Option<Vec<f32>> {
-        if let Some(raw) = self.tensors.get(&format!("{case}.pixel_values")) {
-            return Some(raw.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for key in ["pixel_values", "pixel_values_videos"] {
+            if let Some(raw) = self.tensors.get(&format!("{case}.{key}")) {
+                return Some(raw.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
         }
         let levels = self.tensors.get(&format!("{case}.pixel_levels"))?;
         let levels = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
@@ -121,7 +129,7 @@ pub fn video_parts(messages: &[serde_json::Value], root: &Path) -> Vec<VideoPart
 /// A video file decoded and sampled as the server does it (the part's overrides, else the
 /// model's defaults): the frames picked, and the video as the family processes it.
 pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> (Vec<usize>, ProcessedMedia) {
-    let family = processor.video().expect("a SmolVLM2 processor");
+    let family = processor.video().expect("a processor that takes videos");
     let defaults = family.default_sampling();
     let sampling = ocellus::model::FrameSampling {
         fps: part.fps.unwrap_or(defaults.fps),
@@ -140,9 +148,12 @@ pub fn decode_fixture_video(processor: &Processor, part: &VideoPart) -> (Vec<usi
         total_frames: source.meta.total_frames,
         fps: source.meta.fps,
         duration: source.meta.duration,
+        width: source.meta.width,
+        height: source.meta.height,
     };
     let indices = family.sample_frames(&info, &sampling);
-    let frames = ocellus::processor::video::preprocess_frames(family, source.frames(indices.clone())).unwrap();
+    let frames =
+        ocellus::processor::video::preprocess_frames(family, source.frames(indices.clone()), indices.len()).unwrap();
     let video = family.finish(frames, &info, &indices).unwrap();
     (indices, video)
 }
@@ -187,12 +198,25 @@ pub fn load_fixture_model(name: &str) -> Loaded {
 /// cases are low detail (one view); the fixture models split by default.
 pub fn image_inputs(images: Vec<DynamicImage>, do_image_splitting: bool) -> Vec<ImageInput> {
     let detail = if do_image_splitting { Detail::Auto } else { Detail::Low };
-    images.into_iter().map(|image| ImageInput { image, detail }).collect()
+    images
+        .into_iter()
+        .map(|image| ImageInput::with_detail(image, detail))
+        .collect()
 }
 
 pub fn prompt_for(processor: &Processor, reference: &Reference, case: &Case) -> Prompt {
     let (messages, images) = reference.inputs(case);
-    let images = image_inputs(images, case.do_image_splitting);
+    let mut images = image_inputs(images, case.do_image_splitting);
+    // A part's own pixel budget, as the API reads `image_url.min_pixels` / `max_pixels`.
+    let parts = (case.messages.iter())
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|p| p["type"] == "image_url");
+    for (input, part) in images.iter_mut().zip(parts) {
+        let pixels = |key: &str| part["image_url"][key].as_u64().map(|n| n as usize);
+        input.options.min_pixels = pixels("min_pixels");
+        input.options.max_pixels = pixels("max_pixels");
+    }
     let (sampled, videos): (Vec<Vec<usize>>, Vec<ProcessedMedia>) = video_parts(&case.messages, &reference.root)
         .iter()
         .map(|part| decode_fixture_video(processor, part))

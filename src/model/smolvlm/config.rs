@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::model::decoder::DecoderConfig;
 use crate::model::error::LoadError;
 
 /// A bound on the RoPE table Ocellus precomputes (2^20 positions).
@@ -98,6 +99,25 @@ pub struct TextConfig {
 }
 
 impl TextConfig {
+    /// The decoder's shape; its weights live under `model.text_model`.
+    pub fn decoder(&self, tie_word_embeddings: bool) -> DecoderConfig {
+        DecoderConfig {
+            prefix: "model.text_model".into(),
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_kv_heads: self.num_kv_heads(),
+            head_dim: self.head_dim(),
+            rms_norm_eps: self.rms_norm_eps,
+            attention_bias: self.attention_bias,
+            mlp_bias: self.mlp_bias,
+            qk_norm: false,
+            tie_word_embeddings,
+        }
+    }
+
     pub fn num_kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

@@ -7,7 +7,6 @@ pub mod config;
 pub mod connector;
 pub mod image;
 pub mod processor;
-pub mod text;
 pub mod video;
 pub mod vision;
 
@@ -17,7 +16,8 @@ pub use config::SmolVlmConfig;
 pub use processor::SmolVlmProcessor;
 
 use crate::kv::{KvPool, KvSpec};
-use crate::model::lora::{Adapter, AdapterLayout, LoraBatch};
+use crate::model::decoder::{RotaryTable, StepRules, TextModel};
+use crate::model::lora::AdapterLayout;
 use crate::model::registry::Family;
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{
@@ -25,7 +25,6 @@ use crate::model::{
     on_compute_pool,
 };
 use connector::Connector;
-use text::{SequenceRows, TextModel};
 use vision::VisionTransformer;
 
 /// SmolVLM (v1): images only.
@@ -55,6 +54,7 @@ pub struct SmolVlm {
     vision: VisionTransformer,
     connector: Connector,
     text: TextModel,
+    rope: RotaryTable,
     config: SmolVlmConfig,
     info: ModelInfo,
     device: Device,
@@ -79,53 +79,21 @@ impl SmolVlm {
             vb.pp("model.connector"),
         )
         .map_err(tensor_error)?;
-        let text = TextModel::new(&config.text_config, config.tie_word_embeddings, vb).map_err(tensor_error)?;
+        let t = &config.text_config;
+        let rope = RotaryTable::new(t.head_dim(), t.rope_theta(), t.max_position_embeddings, dtype, device)
+            .map_err(tensor_error)?;
+        let text = TextModel::new(&t.decoder(config.tie_word_embeddings), vb).map_err(tensor_error)?;
         let info = config.info();
         Ok(Self {
             vision,
             connector,
             text,
+            rope,
             config,
             info,
             device: device.clone(),
             dtype,
         })
-    }
-
-    /// Token embeddings, with the image features of each input put in place of its image
-    /// tokens. Inputs without features (decode steps, text) keep plain embeddings even for
-    /// an image token id, as transformers does once the prompt is prefilled.
-    fn embed(&self, ids: &[u32], batch: &[SequenceInput<'_>]) -> Result<Tensor> {
-        let embeds = self.text.embed(&Tensor::new(ids, &self.device)?)?;
-        let features: Vec<Tensor> = batch
-            .iter()
-            .filter_map(|i| i.image_features.as_ref().map(|f| f.embeds.clone()))
-            .collect();
-        if features.is_empty() {
-            return Ok(embeds);
-        }
-        let mut next_feature = ids.len() as u32;
-        let mut index: Vec<u32> = (0..ids.len() as u32).collect();
-        let mut offset = 0;
-        for input in batch {
-            if input.image_features.is_some() {
-                for (i, &id) in input.tokens.iter().enumerate() {
-                    if id == self.config.image_token_id {
-                        index[offset + i] = next_feature;
-                        next_feature += 1;
-                    }
-                }
-            }
-            offset += input.tokens.len();
-        }
-        let mut sources = vec![embeds];
-        sources.extend(
-            features
-                .iter()
-                .map(|f| f.to_dtype(self.dtype))
-                .collect::<Result<Vec<_>>>()?,
-        );
-        Tensor::cat(&sources, 0)?.index_select(&Tensor::new(index, &self.device)?, 0)
     }
 }
 
@@ -176,7 +144,7 @@ impl VisionLanguageModel for SmolVlm {
     }
 
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
-        on_compute_pool(|| self.forward_batch(batch, pool))
+        on_compute_pool(|| (self.text).step(batch, pool, self.info.max_positions, self))
     }
     fn adapter_layout(&self) -> AdapterLayout {
         self.text.adapter_layout().clone()
@@ -201,73 +169,21 @@ impl VisionLanguageModel for SmolVlm {
     }
 }
 
-impl SmolVlm {
-    fn forward_batch(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
-        let mut ids = Vec::new();
+impl StepRules for SmolVlm {
+    fn is_image_token(&self, token: u32) -> bool {
+        token == self.config.image_token_id
+    }
+
+    /// Every token at its index in its sequence.
+    fn rope(&self, batch: &[SequenceInput<'_>]) -> Result<(Tensor, Tensor)> {
         let mut positions = Vec::new();
-        let mut logit_rows = Vec::new();
-        let mut token_adapters: Vec<Option<&Adapter>> = Vec::new();
-        let mut logit_adapters = Vec::new();
-        for input in batch.iter() {
-            let start = input.kv.len();
-            let n = input.tokens.len();
-            if n == 0 || start + n > input.kv.capacity() {
-                candle_core::bail!("{n} tokens do not fit the sequence's KV blocks (len {start}). This is a bug.")
-            }
-            if start + n > self.info.max_positions {
-                candle_core::bail!(
-                    "sequence of {} tokens exceeds max_position_embeddings {}",
-                    start + n,
-                    self.info.max_positions
-                )
-            }
+        for input in batch {
             if input.positions.is_some() {
                 candle_core::bail!("SmolVLM places tokens at their index; it takes no other positions. This is a bug.")
             }
-            if let Some(features) = &input.image_features {
-                let image_tokens = input
-                    .tokens
-                    .iter()
-                    .filter(|&&t| t == self.config.image_token_id)
-                    .count();
-                if features.rows() != image_tokens || !features.deepstack.is_empty() {
-                    candle_core::bail!(
-                        "{image_tokens} image tokens in a chunk but {} feature rows",
-                        features.rows()
-                    )
-                }
-            }
-            ids.extend_from_slice(input.tokens);
-            positions.extend((start..start + n).map(|p| p as u32));
-            if input.wants_logits {
-                logit_rows.push((ids.len() - 1) as u32);
-                logit_adapters.push(input.adapter);
-            }
-            token_adapters.resize(ids.len(), input.adapter);
+            let start = input.kv.len();
+            positions.extend((start..start + input.tokens.len()).map(|p| p as u32));
         }
-        // Without adapters these are empty: no tensors, and `apply` returns its input.
-        let token_lora = LoraBatch::new(&token_adapters, &self.device)?;
-        let logit_lora = LoraBatch::new(&logit_adapters, &self.device)?;
-        let embeds = self.embed(&ids, batch)?;
-        let positions = Tensor::new(positions, &self.device)?;
-        let mut offset = 0;
-        let mut rows: Vec<SequenceRows> = batch
-            .iter_mut()
-            .map(|input| {
-                let len = input.tokens.len();
-                offset += len;
-                SequenceRows {
-                    offset: offset - len,
-                    len,
-                    kv: &mut *input.kv,
-                }
-            })
-            .collect();
-        let hidden = self.text.forward(&embeds, &positions, &mut rows, pool, &token_lora)?;
-        if logit_rows.is_empty() {
-            return Tensor::zeros((0, self.info.vocab_size), DType::F32, &self.device);
-        }
-        let last = hidden.index_select(&Tensor::new(logit_rows, &self.device)?, 0)?;
-        self.text.logits(&last, &logit_lora)
+        self.rope.select(&Tensor::new(positions, &self.device)?)
     }
 }

@@ -11,7 +11,7 @@ use super::config::SmolVlmConfig;
 use super::image::{ImageProcessor, ImageProcessorConfig, Tiles};
 use super::video::{SmolVlm2Video, VideoProcessorConfig};
 use crate::model::files::read_json;
-use crate::model::input::{Detail, InputProcessor, MediaItem, ProcessedMedia, VideoProcessor};
+use crate::model::input::{Detail, ImageOptions, InputProcessor, MediaItem, ProcessedMedia, VideoProcessor};
 use crate::model::{LoadError, ModelFiles, Pixels};
 
 const IMAGE_TOKEN: &str = "<image>";
@@ -97,15 +97,15 @@ impl InputProcessor for SmolVlmProcessor {
         IMAGE_TOKEN
     }
 
-    fn image_tokens(&self, width: u32, height: u32, detail: Detail) -> usize {
+    fn image_tokens(&self, width: u32, height: u32, options: &ImageOptions) -> usize {
         let tiles = self
             .images
-            .tiles_for(width as usize, height as usize, self.split(detail));
+            .tiles_for(width as usize, height as usize, self.split(options.detail));
         tiles * self.image_seq_len
     }
 
-    fn preprocess_image(&self, image: &DynamicImage, detail: Detail) -> candle_core::Result<ProcessedMedia> {
-        let tiles = self.images.preprocess(image, self.split(detail));
+    fn preprocess_image(&self, image: &DynamicImage, options: &ImageOptions) -> candle_core::Result<ProcessedMedia> {
+        let tiles = self.images.preprocess(image, self.split(options.detail));
         let text = self.image_text(&tiles);
         let size = self.images.tile_size();
         let (pixels, key) = Pixels::keyed(tiles.pixel_values, &[tiles.tiles, 3, size, size], None)?;

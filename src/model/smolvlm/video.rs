@@ -147,7 +147,7 @@ impl VideoProcessor for SmolVlm2Video {
 
     /// One frame's tile, channels first: resized to the frame edge, then to the square tile
     /// (frames are never split), rescaled and normalised.
-    fn preprocess_frame(&self, frame: &RgbImage) -> Vec<f32> {
+    fn preprocess_frame(&self, frame: &RgbImage, _frames: usize) -> Vec<f32> {
         let src = Image8 {
             width: frame.width() as usize,
             height: frame.height() as usize,
@@ -396,6 +396,8 @@ mod tests {
             total_frames,
             fps,
             duration: total_frames as f64 / fps,
+            width: 96,
+            height: 72,
         }
     }
 
