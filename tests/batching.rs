@@ -8,11 +8,17 @@ use common::*;
 use ocellus::engine::{AddError, generate};
 
 const CASES: [&str; 4] = ["wide", "rgba", "multi_turn", "text_only"];
+/// Qwen3-VL's: M-RoPE positions, DeepStack rows and a video's frame pairs.
+const QWEN_CASES: [&str; 4] = ["wide", "two_images", "video", "multi_turn"];
 
 fn alone_and_reference() -> Vec<Vec<u32>> {
-    let reference = Reference::load(&fixtures(), "tiny-idefics3");
-    let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), 4096, 256);
-    CASES
+    alone_and_reference_of("tiny-idefics3", &CASES)
+}
+
+fn alone_and_reference_of(model: &str, cases: &[&str]) -> Vec<Vec<u32>> {
+    let reference = Reference::load(&fixtures(), model);
+    let (processor, mut engine) = engine(load_fixture_model(model), 4096, 256);
+    cases
         .iter()
         .map(|name| {
             let case = &reference.cases[*name];
@@ -27,11 +33,21 @@ fn alone_and_reference() -> Vec<Vec<u32>> {
 /// The four cases at once: (tokens, steps mixing prefill and decode, preemptions, prefix
 /// cache hits in tokens).
 fn together(max_batch_tokens: usize, kv_blocks: usize, prefix_caching: bool) -> (Vec<Vec<u32>>, usize, usize, usize) {
-    let reference = Reference::load(&fixtures(), "tiny-idefics3");
-    let loaded = load_fixture_model("tiny-idefics3");
+    together_of("tiny-idefics3", &CASES, max_batch_tokens, kv_blocks, prefix_caching)
+}
+
+fn together_of(
+    model: &str,
+    cases: &[&str],
+    max_batch_tokens: usize,
+    kv_blocks: usize,
+    prefix_caching: bool,
+) -> (Vec<Vec<u32>>, usize, usize, usize) {
+    let reference = Reference::load(&fixtures(), model);
+    let loaded = load_fixture_model(model);
     let (processor, mut engine) = engine_with(loaded, max_batch_tokens, kv_blocks, prefix_caching);
     let requests = |tokens: Option<usize>| {
-        CASES
+        cases
             .iter()
             .map(|name| {
                 let case = &reference.cases[*name];
@@ -78,6 +94,24 @@ fn preempted_sequences_are_recomputed_to_the_same_tokens() {
     // entirely, with it from the prompt blocks cached before (the warm-up's and its own).
     for prefix_caching in [false, true] {
         let (batched, _, preempted, hits) = together(512, 50, prefix_caching);
+        assert!(preempted > 0, "the pool was large enough; nothing was preempted");
+        assert_eq!(hits > 0, prefix_caching);
+        assert_eq!(batched, alone, "prefix caching {prefix_caching}");
+    }
+}
+
+#[test]
+fn qwen3vl_ragged_batches_and_preemption_give_each_sequence_its_unbatched_tokens() {
+    let alone = alone_and_reference_of("tiny-qwen3vl", &QWEN_CASES);
+    // 12 tokens a step: every image and frame pair (18 and 6 tokens) is split across
+    // chunks, its DeepStack rows and M-RoPE positions with it.
+    let (batched, mixed_steps, _, _) = together_of("tiny-qwen3vl", &QWEN_CASES, 12, 256, false);
+    assert!(mixed_steps >= 3, "only {mixed_steps} steps mixed prefill and decode");
+    assert_eq!(batched, alone);
+    // 12 blocks (192 tokens) cannot hold all four (223 prompt tokens plus 96 generated):
+    // preempted sequences are recomputed, with their positions past the prompt.
+    for prefix_caching in [false, true] {
+        let (batched, _, preempted, hits) = together_of("tiny-qwen3vl", &QWEN_CASES, 512, 12, prefix_caching);
         assert!(preempted > 0, "the pool was large enough; nothing was preempted");
         assert_eq!(hits > 0, prefix_caching);
         assert_eq!(batched, alone, "prefix caching {prefix_caching}");

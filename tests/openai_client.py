@@ -1,8 +1,10 @@
 """The official `openai` Python package against a running Ocellus server, unchanged.
 
-    python tests/openai_client.py BASE_URL MODEL IMAGE_PNG API_KEY
+    python tests/openai_client.py BASE_URL MODEL IMAGE_PNG API_KEY PROMPT_TOKENS [VIDEO_MP4]
 
 Run by tests/openai_client.rs, which starts the server; exits non-zero on any failure.
+PROMPT_TOKENS: what the image question comes to for this model; VIDEO_MP4, when given, is
+also asked about (vLLM's `video_url` part, which the client passes through).
 """
 
 import base64
@@ -10,7 +12,8 @@ import sys
 
 import openai
 
-base_url, model, image_path, api_key = sys.argv[1:5]
+base_url, model, image_path, api_key, prompt_tokens = sys.argv[1:6]
+video_path = sys.argv[6] if len(sys.argv) > 6 else None
 client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
 image = "data:image/png;base64," + base64.b64encode(open(image_path, "rb").read()).decode()
 messages = [
@@ -32,7 +35,7 @@ answer = chat.choices[0].message.content
 assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
 assert answer, "empty answer"
 assert chat.choices[0].finish_reason in ("stop", "length")
-assert chat.usage.prompt_tokens == 187, chat.usage  # 9 tiles of 16 image tokens plus text
+assert chat.usage.prompt_tokens == int(prompt_tokens), chat.usage
 assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
 
 # Chat, streamed, with usage: the same greedy answer
@@ -57,6 +60,15 @@ chat = client.chat.completions.create(
 )
 content = chat.choices[0].logprobs.content
 assert len(content) == 3 and len(content[0].top_logprobs) == 2 and content[0].logprob <= 0
+
+# A video, as a data URI
+if video_path:
+    video = "data:video/mp4;base64," + base64.b64encode(open(video_path, "rb").read()).decode()
+    parts = [{"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": "What happens?"}]
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": parts}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].message.content and chat.usage.prompt_tokens > 20, chat
 
 # Completions
 completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)

@@ -83,6 +83,12 @@ pub trait InputProcessor: Send + Sync {
     /// What the chat template writes where an image goes (`<image>`).
     fn image_placeholder(&self) -> &str;
 
+    /// Why the family's processor refuses an image of this size, from its header alone
+    /// (Qwen-VL's: an aspect ratio over 200); `None`: it takes it.
+    fn refuses_image(&self, _width: u32, _height: u32) -> Option<String> {
+        None
+    }
+
     /// Placeholder tokens an image of this size becomes, from its header alone: a request's
     /// token budget is checked before any image is decoded.
     fn image_tokens(&self, width: u32, height: u32, options: &ImageOptions) -> usize;

@@ -35,6 +35,8 @@ pub enum PrepareError {
     ImageTokens { tokens: usize, limit: usize, param: String },
     #[error("{}", ProcessorError::VideosNotSupported)]
     VideosNotSupported { param: String },
+    #[error("{message}")]
+    ImageRefused { message: String, param: String },
     #[error("this model's processor has no pixel budget: `min_pixels` and `max_pixels` do not apply to it")]
     PixelBudgetNotSupported { param: String },
     /// A media worker died: a bug.
@@ -66,6 +68,7 @@ impl PrepareError {
             Self::Media { error, .. } => media_code(error),
             Self::ImageTokens { .. } => "image_tokens_exceeded",
             Self::PixelBudgetNotSupported { .. } => "unsupported_parameter",
+            Self::ImageRefused { .. } => "invalid_image",
             Self::Failed(_) => "internal_error",
         }
     }
@@ -80,6 +83,7 @@ impl PrepareError {
                 Some(param.clone())
             }
             Self::PixelBudgetNotSupported { param } => Some(format!("{param}.max_pixels")),
+            Self::ImageRefused { param, .. } => Some(param.clone()),
             Self::Failed(_) => None,
         }
     }

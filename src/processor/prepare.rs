@@ -206,6 +206,12 @@ impl Media<'_> {
                 param: image.param.clone(),
             };
             let header = probe_image(bytes, &self.limits.media).map_err(media)?;
+            if let Some(message) = self.processor.input().refuses_image(header.width, header.height) {
+                return Err(PrepareError::ImageRefused {
+                    message,
+                    param: image.param.clone(),
+                });
+            }
             if image.budget.is_set() && !self.processor.input().takes_pixel_budget() {
                 return Err(PrepareError::PixelBudgetNotSupported {
                     param: image.param.clone(),

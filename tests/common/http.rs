@@ -12,7 +12,12 @@ pub const MODEL: &str = "tiny-idefics3";
 
 /// A ready server on the tiny fixture; `configure` adjusts its flags.
 pub async fn server(configure: impl FnOnce(&mut ServeArgs)) -> ServerHandle {
-    let path = fixtures().join("models").join(MODEL);
+    server_on(MODEL, configure).await
+}
+
+/// A ready server on a fixture model (`tests/fixtures/models/<model>`).
+pub async fn server_on(model: &str, configure: impl FnOnce(&mut ServeArgs)) -> ServerHandle {
+    let path = fixtures().join("models").join(model);
     let mut args = ServeArgs::for_model(path.to_str().unwrap(), &[]);
     args.kv_cache_memory = "64MiB".parse().unwrap();
     configure(&mut args);

@@ -23,6 +23,9 @@ pub const VIDEO_TOKEN: &str = "<|video_pad|>";
 /// `detail: "low"`: at most this many image tokens (64 at 32-pixel blocks: 256×256 pixels).
 pub const LOW_DETAIL_TOKENS: usize = 64;
 
+/// transformers refuses images longer than this many times their width (or wider).
+const MAX_ASPECT_RATIO: f64 = 200.0;
+
 /// What Qwen-VL's image and video processors share in their files.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PatchConfig {
@@ -191,7 +194,7 @@ pub fn smart_resize(
     max_pixels: usize,
 ) -> Option<(usize, usize)> {
     let (h, w) = (height as f64, width as f64);
-    if height == 0 || width == 0 || h.max(w) / h.min(w) > 200.0 {
+    if height == 0 || width == 0 || h.max(w) / h.min(w) > MAX_ASPECT_RATIO {
         return None;
     }
     let f = factor as f64;
@@ -293,6 +296,13 @@ fn check_against_model(patcher: &Patcher, config: &Qwen3VlConfig, file: &Path) -
 impl InputProcessor for Qwen3VlProcessor {
     fn image_placeholder(&self) -> &str {
         IMAGE_TOKEN
+    }
+
+    fn refuses_image(&self, width: u32, height: u32) -> Option<String> {
+        let (long, short) = (width.max(height), width.min(height));
+        (short == 0 || long as f64 / short as f64 > MAX_ASPECT_RATIO).then(|| {
+            format!("a {width}x{height} image has an aspect ratio over {MAX_ASPECT_RATIO}, which Qwen3-VL's processor refuses")
+        })
     }
 
     fn image_tokens(&self, width: u32, height: u32, options: &ImageOptions) -> usize {
