@@ -221,10 +221,15 @@ def load_videos(processor, root: Path, messages):
     return videos, metadata
 
 
+def load_model(model_dir: Path):
+    return Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 @torch.no_grad()
-def record(model_dir: Path, root: Path, cases: dict, out: Path) -> None:
+def record(model_dir: Path, root: Path, cases: dict, out: Path, model=None) -> None:
+    """`model`: one already loaded (a PEFT model with its adapter), else the folder's."""
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = model if model is not None else load_model(model_dir)
     eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
     results, tensors = {}, {}
     for name, case in cases.items():
@@ -269,12 +274,38 @@ def record(model_dir: Path, root: Path, cases: dict, out: Path) -> None:
     save_file(tensors, str(out.with_suffix(".safetensors")))
 
 
+ADAPTER = "lang-r4"
+ADAPTER_CASES = ["wide", "video", "multi_turn"]
+
+
+def make_adapter(model_dir: Path, fixtures: Path) -> None:
+    """A PEFT LoRA on every projection of the decoder, A and B both random
+    (`init_lora_weights=False`: no training needed for its answers to differ), and what
+    transformers+PEFT computes with it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(SEED + 1)
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(load_model(model_dir), config).eval()
+    dst = fixtures / "adapters" / model_dir.name / ADAPTER
+    shutil.rmtree(dst, ignore_errors=True)
+    model.save_pretrained(dst)
+    (dst / "README.md").unlink(missing_ok=True)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = model_dir.name  # not this machine's path
+    (dst / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    out = fixtures / "reference" / f"{model_dir.name}-lora-{ADAPTER}"
+    record(model_dir, fixtures, {c: CASES[c] for c in ADAPTER_CASES}, out, model=model)
+
+
 def make_tiny(fixtures: Path) -> None:
     dst = fixtures / "models" / "tiny-qwen3vl"
     shutil.rmtree(dst, ignore_errors=True)
     build_tiny(dst)
     print(f"tiny-qwen3vl: recording transformers {transformers.__version__}")
     record(dst, fixtures, CASES, fixtures / "reference" / "tiny-qwen3vl")
+    make_adapter(dst, fixtures)
 
 
 def make_big(out: Path, fixtures: Path) -> None:

@@ -308,3 +308,16 @@ fn stacked_tiles(prompt: &ocellus::engine::Prompt) -> Option<candle_core::Tensor
     let tiles: Vec<_> = prompt.images.iter().map(|i| i.pixels.values.clone()).collect();
     (!tiles.is_empty()).then(|| candle_core::Tensor::cat(&tiles, 0).unwrap())
 }
+
+#[test]
+fn a_family_without_a_training_form_is_refused_by_name() {
+    let out = scratch("qwen");
+    let model = fixtures().join("models").join("tiny-qwen3vl");
+    let mut args = args(&out, &[]);
+    args.model = model.to_str().unwrap().to_string();
+    let err = ocellus::train::finetune(&args).unwrap_err().to_string();
+    assert!(
+        err.contains("Qwen3VLForConditionalGeneration") && err.contains("not supported"),
+        "{err}"
+    );
+}

@@ -102,6 +102,31 @@ fn peft_adapters_give_transformers_peft_logits_and_greedy_tokens() {
 }
 
 #[test]
+fn a_peft_adapter_on_qwen3vl_gives_transformers_peft_logits_and_greedy_tokens() {
+    let model = "tiny-qwen3vl";
+    let (processor, mut engine) = engine(load_fixture_model(model), 4096, 1024);
+    let dir = fixtures().join("adapters").join(model).join("lang-r4");
+    let adapter = try_load(&engine, &dir, MAX_RANK).unwrap();
+    let reference = Reference::load(&fixtures(), &format!("{model}-lora-lang-r4"));
+    let base = Reference::load(&fixtures(), model);
+    for (name, case) in &reference.cases {
+        assert_ne!(
+            case.greedy_tokens, base.cases[name].greedy_tokens,
+            "{name}: the adapter changes nothing"
+        );
+        let prompt = prompt_for(&processor, &reference, case);
+        let kv_dtype = engine.model().kv_spec().dtype;
+        let logits = first_step_logits_with(engine.model(), kv_dtype, &prompt, Some(&adapter));
+        let diff = max_abs_diff(&logits, &reference.logits(name));
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: first-step logits differ by {diff}");
+        let mut request = greedy(prompt, case.greedy_tokens.len());
+        request.adapter = Some(adapter.clone());
+        let (generations, _) = ocellus::engine::generate(&mut engine, vec![request], |_| {}).unwrap();
+        assert_eq!(generations[0].tokens, case.greedy_tokens, "{name}");
+    }
+}
+
+#[test]
 fn every_adapter_and_the_base_model_in_one_batch_each_give_what_they_give_alone() {
     let (processor, mut engine) = fixture_engine();
     let adapters: Vec<Arc<Adapter>> = ADAPTERS.iter().map(|n| load_adapter(&engine, n)).collect();

@@ -51,9 +51,22 @@ pub struct Summary {
     pub eval_losses: Vec<f64>,
 }
 
+/// The families `finetune` trains: SmolVLM's decoder and vision encoder have a training
+/// form (`text`, `vision`); Qwen3-VL's do not yet.
+const TRAINABLE: &[&str] = &["Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"];
+
 pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     // The served model's vision encoder gives the features a LoRA run trains on.
     let files = ModelFiles::locate(Path::new(&args.model))?;
+    let family = crate::model::registry::family(&files)?;
+    if !TRAINABLE.contains(&family.architectures[0]) {
+        anyhow::bail!(
+            "{}: fine-tuning {} is not supported yet (Ocellus trains {}); the model can be served",
+            files.config.display(),
+            family.architectures[0],
+            TRAINABLE.join(", ")
+        )
+    }
     let served = crate::model::load(&files, DType::F32, &Device::Cpu)?;
     let processor = Processor::load(&files, served.info())?;
     let limits = DataLimits {
