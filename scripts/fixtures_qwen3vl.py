@@ -56,7 +56,7 @@ def write_tokenizer(dst: Path, tok: dict) -> dict:
     config["added_tokens_decoder"] = {str(ids[c]): config["added_tokens_decoder"][str(i)] for c, i in old.items()}
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     for name in ["chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json"]:
-        shutil.copy(QWEN_REF / name, dst / name)
+        shutil.copyfile(QWEN_REF / name, dst / name)
     return ids
 
 
@@ -139,15 +139,15 @@ def build_big(dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in ["config.json", "generation_config.json", "chat_template.json", "preprocessor_config.json",
                  "video_preprocessor_config.json", "tokenizer_config.json", "vocab.json", "merges.txt"]:
-        shutil.copy(QWEN_REF / name, dst / name)
-    shutil.copy(HUB_TOKENIZER, dst / "tokenizer.json")
+        shutil.copyfile(QWEN_REF / name, dst / name)
+    shutil.copyfile(HUB_TOKENIZER, dst / "tokenizer.json")
     cfg = Qwen3VLConfig.from_pretrained(dst)
     cfg.text_config.dtype = "float32"
     torch.manual_seed(SEED)
     model = Qwen3VLForConditionalGeneration(cfg).float().eval()
     model.save_pretrained(dst, max_shard_size="2GB")
     for name in ["config.json", "generation_config.json"]:
-        shutil.copy(QWEN_REF / name, dst / name)
+        shutil.copyfile(QWEN_REF / name, dst / name)
 
 
 def image_part(name, **extra):

@@ -93,3 +93,14 @@ fn smolvlm_256m_shaped_matches_transformers() {
         std::env::var("OCELLUS_PARITY_DIR").expect("set OCELLUS_PARITY_DIR to the folder make_fixtures.py big wrote");
     check_parity(std::path::Path::new(&root), "smolvlm-256m-random");
 }
+
+/// Qwen3-VL-2B's real config and tokenizer with random weights: `python
+/// scripts/make_fixtures.py qwen3vl-big DIR`, then
+/// `OCELLUS_PARITY_DIR=DIR cargo test --release --test parity qwen3vl_2b -- --ignored`.
+#[test]
+#[ignore = "needs the 2B-shaped model built by scripts/make_fixtures.py qwen3vl-big (OCELLUS_PARITY_DIR)"]
+fn qwen3vl_2b_shaped_matches_transformers() {
+    let root =
+        std::env::var("OCELLUS_PARITY_DIR").expect("set OCELLUS_PARITY_DIR to the folder make_fixtures.py wrote");
+    check_parity(std::path::Path::new(&root), "qwen3vl-2b-random");
+}

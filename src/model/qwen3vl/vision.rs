@@ -18,6 +18,8 @@ use crate::model::ops::norm::LayerNorm;
 use super::config::VisionConfig;
 
 const NORM_EPS: f64 = 1e-6;
+/// At most this many bytes of attention scores at a time (at least one query row's).
+const SCORES_BYTES: usize = 4 << 20;
 
 pub struct VisionModel {
     patch_weight: Tensor,
@@ -34,6 +36,8 @@ pub struct VisionModel {
     /// The 2-D rotary embedding's frequencies (a quarter of a head's width each for rows
     /// and columns).
     inv_freq: Vec<f32>,
+    /// `SCORES_BYTES`, or less in tests.
+    scores_bytes: usize,
 }
 
 struct Block {
@@ -104,6 +108,7 @@ impl VisionModel {
             hidden: d,
             heads: cfg.num_heads,
             inv_freq,
+            scores_bytes: SCORES_BYTES,
         })
     }
 
@@ -135,7 +140,7 @@ impl VisionModel {
         let sin = Tensor::from_vec(sin, (rows, half), device)?;
         let mut deepstack = Vec::with_capacity(self.deepstack.len());
         for (index, block) in self.blocks.iter().enumerate() {
-            xs = block.forward(&xs, &frames, (&cos, &sin), self.heads)?;
+            xs = block.forward(&xs, &frames, (&cos, &sin), self.heads, self.scores_bytes)?;
             for (_, merger) in self.deepstack.iter().filter(|(layer, _)| *layer == index) {
                 deepstack.push(merger.forward(&xs, self.merge)?);
             }
@@ -217,8 +222,15 @@ impl Block {
         })
     }
 
-    fn forward(&self, xs: &Tensor, frames: &[usize], rope: (&Tensor, &Tensor), heads: usize) -> Result<Tensor> {
-        let hs = self.attention(&self.norm1.forward(xs)?, frames, rope, heads, xs)?;
+    fn forward(
+        &self,
+        xs: &Tensor,
+        frames: &[usize],
+        rope: (&Tensor, &Tensor),
+        heads: usize,
+        scores_bytes: usize,
+    ) -> Result<Tensor> {
+        let hs = self.attention(&self.norm1.forward(xs)?, frames, rope, heads, xs, scores_bytes)?;
         let mlp = epilogue::linear(&self.fc1, &self.norm2.forward(&hs)?, Then::GeluTanh)?;
         epilogue::linear(&self.fc2, &mlp, Then::Add(&hs))
     }
@@ -231,6 +243,7 @@ impl Block {
         (cos, sin): (&Tensor, &Tensor),
         heads: usize,
         residual: &Tensor,
+        scores_bytes: usize,
     ) -> Result<Tensor> {
         let (rows, d) = xs.dims2()?;
         let head_dim = d / heads;
@@ -250,14 +263,25 @@ impl Block {
         for &len in frames {
             let part = |t: &Tensor| -> Result<Tensor> { t.narrow(0, first, len)?.transpose(0, 1)?.contiguous() };
             let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
-            let scores = q.matmul(&k.t()?)?;
-            let probs = if kernels::applies(&scores) && scores.is_contiguous() {
-                kernels::softmax_last_dim_in_place(&scores)?;
-                scores
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
-            };
-            outputs.push(probs.matmul(&v)?.transpose(0, 1)?);
+            let kt = k.t()?;
+            // Queries a block at a time: every head's scores for a block stay within
+            // `scores_bytes` (a 1024x768 image is 3072 patches: all its scores are 600 MB),
+            // so they are still in cache when the softmax and the second matmul read them.
+            // Softmax is per row, so blocks of rows give the same result.
+            let block = (scores_bytes / (heads * len * 4)).clamp(1, len);
+            let mut blocks = Vec::with_capacity(len.div_ceil(block));
+            for start in (0..len).step_by(block) {
+                let n = block.min(len - start);
+                let scores = q.narrow(1, start, n)?.matmul(&kt)?;
+                let probs = if kernels::applies(&scores) && scores.is_contiguous() {
+                    kernels::softmax_last_dim_in_place(&scores)?;
+                    scores
+                } else {
+                    candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+                };
+                blocks.push(probs.matmul(&v)?);
+            }
+            outputs.push(Tensor::cat(&blocks, 1)?.transpose(0, 1)?);
             first += len;
         }
         let out = Tensor::cat(&outputs, 0)?.reshape((rows, d))?;
@@ -291,7 +315,63 @@ impl Merger {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Shape;
+    use candle_nn::Init;
+
     use super::*;
+
+    /// Every weight random, whatever its name.
+    struct Random;
+
+    impl candle_nn::var_builder::SimpleBackend for Random {
+        fn get(&self, shape: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+            Tensor::randn(0f32, 0.5, shape, dev)?.to_dtype(dtype)
+        }
+
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+            candle_core::bail!("{name}: no shape")
+        }
+
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn attention_a_block_of_queries_at_a_time_equals_all_at_once() -> Result<()> {
+        let cfg: VisionConfig = serde_json::from_str(
+            r#"{"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
+                "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": 16,
+                "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}"#,
+        )
+        .expect("a vision config");
+        let vb = VarBuilder::from_backend(Box::new(Random), DType::F32, Device::Cpu);
+        let mut model = VisionModel::new(&cfg, vb)?;
+        // Two images, one of two frames: 8x6 and 2x(4x4) patches.
+        let a = Tensor::randn(0f32, 1.0, (48, cfg.patch_values()), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (32, cfg.patch_values()), &Device::Cpu)?;
+        let images = [(&a, [1, 8, 6]), (&b, [2, 4, 4])];
+        let run = |model: &VisionModel| -> Result<Vec<f32>> {
+            let out = model.forward(&images, DType::F32, &Device::Cpu)?;
+            assert_eq!(out.embeds.dims(), [20, 16]);
+            let all = Tensor::cat(&[&out.embeds, &out.deepstack[0]], 0)?;
+            all.flatten_all()?.to_vec1::<f32>()
+        };
+        let whole = run(&model)?;
+        // One query row per block (2 heads x 48 keys x 4 bytes), then three rows.
+        for rows in [1, 3] {
+            model.scores_bytes = rows * 2 * 48 * 4;
+            // Equal up to the summation order of the matmuls, which changes with their size.
+            let diff = run(&model)?
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let scale = whole.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{rows} rows at a time: {diff} of {scale}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn patches_are_ordered_block_by_block() {
