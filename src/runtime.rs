@@ -330,7 +330,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         .collect();
     let prompt = loaded.processor.process(&messages, &images)?;
     let prompt_tokens = prompt.token_ids.len();
-    // The encoder's units: SmolVLM's tiles.
+    // The encoder's units: SmolVLM's tiles, Qwen-VL's patches.
     let tiles: usize = prompt.images.iter().map(|i| i.pixels.values.dim(0).unwrap_or(0)).sum();
     let mut request = GenerationRequest::greedy(prompt, args.max_tokens);
     request.params.sampling = crate::engine::SamplingParams {
@@ -358,7 +358,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         n => t.vision.as_secs_f64() * 1e3 / n as f64,
     };
     eprintln!(
-        "prompt {prompt_tokens} tokens, {tiles} image tiles | vision encode {:.3} s ({per_tile:.1} ms/tile) | \
+        "prompt {prompt_tokens} tokens, {tiles} image tiles/patches | vision encode {:.3} s ({per_tile:.1} ms each) | \
          prefill {:.3} s ({:.0} tokens/s) | decode {} tokens in {:.3} s ({:.1} tokens/s) | finish {}",
         t.vision.as_secs_f64(),
         t.prefill.as_secs_f64(),
