@@ -262,31 +262,42 @@ impl Block {
         let mut first = 0;
         for &len in frames {
             let part = |t: &Tensor| -> Result<Tensor> { t.narrow(0, first, len)?.transpose(0, 1)?.contiguous() };
-            let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
-            let kt = k.t()?;
-            // Queries a block at a time: every head's scores for a block stay within
-            // `scores_bytes` (a 1024x768 image is 3072 patches: all its scores are 600 MB),
-            // so they are still in cache when the softmax and the second matmul read them.
-            // Softmax is per row, so blocks of rows give the same result.
-            let block = (scores_bytes / (heads * len * 4)).clamp(1, len);
-            let mut blocks = Vec::with_capacity(len.div_ceil(block));
-            for start in (0..len).step_by(block) {
-                let n = block.min(len - start);
-                let scores = q.narrow(1, start, n)?.matmul(&kt)?;
-                let probs = if kernels::applies(&scores) && scores.is_contiguous() {
-                    kernels::softmax_last_dim_in_place(&scores)?;
-                    scores
-                } else {
-                    candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
-                };
-                blocks.push(probs.matmul(&v)?);
-            }
-            outputs.push(Tensor::cat(&blocks, 1)?.transpose(0, 1)?);
+            outputs.push(attend(&part(&q)?, &part(&k)?, &part(&v)?, scores_bytes)?.transpose(0, 1)?);
             first += len;
         }
         let out = Tensor::cat(&outputs, 0)?.reshape((rows, d))?;
         epilogue::linear(&self.proj, &out, Then::Add(residual))
     }
+}
+
+/// Attention of one frame: `q`, `k`, `v` `[heads, patches, head_dim]` (q already scaled).
+/// A few heads and a block of queries at a time: their scores stay within `scores_bytes`
+/// (a 1024x768 image is 3072 patches: all its scores are 600 MB), so they are still in
+/// cache when the softmax and the second matmul read them. Softmax is per row, so blocks of
+/// rows give the same result.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scores_bytes: usize) -> Result<Tensor> {
+    let (heads, len, _) = q.dims3()?;
+    let block_rows = (scores_bytes / (len * 4)).clamp(1, len);
+    let group = (scores_bytes / (block_rows * len * 4)).clamp(1, heads);
+    let mut per_head = Vec::with_capacity(heads.div_ceil(group));
+    for h in (0..heads).step_by(group) {
+        let hn = group.min(heads - h);
+        let (q, kt, v) = (q.narrow(0, h, hn)?, k.narrow(0, h, hn)?.t()?, v.narrow(0, h, hn)?);
+        let mut blocks = Vec::with_capacity(len.div_ceil(block_rows));
+        for start in (0..len).step_by(block_rows) {
+            let n = block_rows.min(len - start);
+            let scores = q.narrow(1, start, n)?.matmul(&kt)?;
+            let probs = if kernels::applies(&scores) && scores.is_contiguous() {
+                kernels::softmax_last_dim_in_place(&scores)?;
+                scores
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
+            };
+            blocks.push(probs.matmul(&v)?);
+        }
+        per_head.push(Tensor::cat(&blocks, 1)?);
+    }
+    Tensor::cat(&per_head, 0)
 }
 
 impl Merger {
@@ -358,9 +369,9 @@ mod tests {
             all.flatten_all()?.to_vec1::<f32>()
         };
         let whole = run(&model)?;
-        // One query row per block (2 heads x 48 keys x 4 bytes), then three rows.
+        // One head and one query row at a time (48 keys x 4 bytes), then three rows.
         for rows in [1, 3] {
-            model.scores_bytes = rows * 2 * 48 * 4;
+            model.scores_bytes = rows * 48 * 4;
             // Equal up to the summation order of the matmuls, which changes with their size.
             let diff = run(&model)?
                 .iter()
