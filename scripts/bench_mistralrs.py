@@ -3,7 +3,7 @@
 benches/serving.rs: time to first token for the 640x480 photo (13 tiles on SmolVLM-256M)
 and decode tokens/s at batch 1 (a text prompt, 64 tokens, streamed). Prints JSON.
 
-  python scripts/bench_mistralrs.py MODEL_DIR [--decode-tokens 64]
+  python scripts/bench_mistralrs.py MODEL_DIR [--decode-tokens 64] [--arch Idefics3|Qwen3VL] [--image PNG]
 Threads: RAYON_NUM_THREADS (mistral.rs runs on candle, as Ocellus does).
 """
 
@@ -35,13 +35,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model", type=Path)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--arch", default="Idefics3", help="mistralrs.MultimodalArchitecture's name")
+    parser.add_argument("--image", type=Path, default=REPO / "tests/fixtures/images/photo.png")
     args = parser.parse_args()
     runner = Runner(
         which=Which.MultimodalPlain(
-            model_id=str(args.model), arch=MultimodalArchitecture.Idefics3, dtype=ModelDType.F32
+            model_id=str(args.model), arch=getattr(MultimodalArchitecture, args.arch), dtype=ModelDType.F32
         )
     )
-    photo = base64.b64encode((REPO / "tests/fixtures/images/photo.png").read_bytes()).decode()
+    photo = base64.b64encode(args.image.read_bytes()).decode()
     image_messages = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo}"}},
         {"type": "text", "text": "Can you describe this image?"},

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Qwen3-VL side by side: transformers' vision encoder on one 1024x768 image and its decode
-at batch 1 (f32), then Ocellus's (`ocellus generate`, which reports the same phases), on the
-same model folder and thread count; prints both and the ratios as JSON.
+at batch 1 (f32), Ocellus's (`ocellus generate`, which reports the same phases; f32 and
+q8_0), and mistral.rs's (PyPI `mistralrs`, when installed: time to first token of the same
+image, decode at batch 1), on the same model folder and thread count; prints them and the
+ratios as JSON.
 
     python scripts/bench_qwen3vl.py MODEL_DIR --ocellus target/release/ocellus [--threads 2]
 
@@ -14,6 +16,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +80,18 @@ def ocellus_side(binary: str, model_dir: Path, image: Path, quantize: str | None
     }
 
 
+def mistralrs_side(model_dir: Path, image: Path) -> dict:
+    try:
+        import mistralrs  # noqa: F401
+    except ImportError:
+        return {}
+    script = REPO / "scripts/bench_mistralrs.py"
+    flags = ["--arch", "Qwen3VL", "--image", str(image), "--decode-tokens", str(DECODE_TOKENS)]
+    out = subprocess.run([sys.executable, str(script), str(model_dir), *flags],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -91,15 +106,20 @@ def main() -> None:
         ours = ocellus_side(args.ocellus, args.model, image, None)
         ours_q8 = ocellus_side(args.ocellus, args.model, image, "q8_0")
         theirs = transformers_side(args.model, image, args.runs)
+        mistral = mistralrs_side(args.model, image)
     result = {
         "threads": args.threads,
         "transformers": theirs,
         "ocellus_f32": ours,
         "ocellus_q8_0": ours_q8,
+        "mistralrs": mistral,
         "vision_time_ratio": ours["vision_s"] / theirs["vision_s"],
         "decode_ratio_f32": ours["decode_tok_s"] / theirs["decode_tok_s"],
         "decode_ratio_q8_0": ours_q8["decode_tok_s"] / theirs["decode_tok_s"],
     }
+    if mistral:
+        result["decode_ratio_f32_vs_mistralrs"] = ours["decode_tok_s"] / mistral["decode_tokens_per_s_batch1"]
+        result["decode_ratio_q8_0_vs_mistralrs"] = ours_q8["decode_tok_s"] / mistral["decode_tokens_per_s_batch1"]
     print(json.dumps(result, indent=1))
 
 

@@ -111,7 +111,51 @@ pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
             .for_each(|(ys, w)| unsafe { avx512::q8_0_gemv(x, w, ys) });
         return Tensor::from_vec(ys, (1, out), &Device::Cpu);
     }
-    multiply::<Q8_0>(xs, &data, width, out)
+    if rows == 1 {
+        return multiply::<Q8_0>(xs, &data, width, out);
+    }
+    let row_len = Q8_0::row_len(width);
+    multiply_tasks(xs, &data, row_len, out, |x, w, part| expanded_q8_0(x, w, width, part))
+}
+
+/// Weight rows expanded to f32 at a time by `expanded_q8_0`: 16 rows of the widest layer
+/// (SmolVLM's 1536, Qwen3-VL-2B's 6144 inputs) are 96 to 384 KB, within L2.
+const EXPANDED_ROWS: usize = 16;
+
+/// `out` (`[rows, w rows]`) for several input rows: each weight row is expanded to f32 once,
+/// a few rows at a time, and then multiplied with every input row as f32 weights are.
+/// (Expanding inside the 4x4 kernel expanded every block once per 4 input rows: at batch 16
+/// q8_0 was slower than f32.)
+fn expanded_q8_0(x: &[f32], w: &[u8], width: usize, out: &mut [f32]) {
+    let row_len = Q8_0::row_len(width);
+    let (columns, rows) = (w.len() / row_len, x.len() / width);
+    let mut expanded = vec![0f32; EXPANDED_ROWS.min(columns) * width];
+    let mut part = vec![0f32; rows * EXPANDED_ROWS];
+    for (first, chunk) in (0..columns)
+        .step_by(EXPANDED_ROWS)
+        .zip(w.chunks(EXPANDED_ROWS * row_len))
+    {
+        let n = chunk.len() / row_len;
+        for (block, values) in chunk
+            .chunks_exact(Q8_0_BYTES)
+            .zip(expanded.chunks_exact_mut(Q8_0_WEIGHTS))
+        {
+            let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            for (value, &q) in values.iter_mut().zip(&block[2..]) {
+                *value = f32::from(q as i8) * scale;
+            }
+        }
+        pulp::Arch::new().dispatch(Block::<F32> {
+            x,
+            w: &expanded[..n * width],
+            width,
+            row_len: width,
+            out: &mut part[..rows * n],
+        });
+        for r in 0..rows {
+            out[r * columns + first..r * columns + first + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+        }
+    }
 }
 
 /// Whether `linear_q8_0` takes `rows` rows of `xs` and is faster there than candle's Q8_0
