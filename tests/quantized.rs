@@ -25,13 +25,18 @@ fn q8_0_stays_close_to_f32_on_the_fixture_prompts() {
     // Two layers of four matrices (q/k/v stacked, o, gate/up stacked, down), and the head.
     let mut loaded = quantized(load_fixture_model("tiny-idefics3"), 9);
     loaded.kv_dtype = DType::F32;
-    let (agreeing, total) = check_closeness(&fixtures(), "tiny-idefics3", loaded, "q8_0 with an f32 KV cache");
+    let (agreeing, total, worst) = check_closeness(&fixtures(), "tiny-idefics3", loaded, "q8_0 with an f32 KV cache");
+    // Prompts (more than 16 rows) multiply the weights' f32 values with f32 activations, as
+    // decode steps do: logits correlate at 0.9991 or more. (Through candle's Q8_0 matmul,
+    // which rounds the activations to 8 bits too, it was 0.9964.) How many greedy tokens
+    // agree before the first difference hinges on this random model's near-ties: 80 of
+    // 192 (candle's kernel: 106).
+    assert!(worst >= 0.999, "q8_0 logits correlate only {worst} with f32's");
     assert!(
-        agreeing * 2 > total,
-        "fewer than half the greedy tokens agree: {agreeing} of {total}"
+        agreeing * 3 > total,
+        "fewer than a third of the greedy tokens agree: {agreeing} of {total}"
     );
-    // With its default f16 cache the greedy answers part at other near-ties (92 of 192
-    // tokens agreed where the f32 cache's 106 did); the logits stay as close.
+    // With its default f16 cache: 77 of 192, the logits as close.
     check_closeness(
         &fixtures(),
         "tiny-idefics3",
@@ -46,7 +51,7 @@ fn a_16_bit_kv_cache_stays_close_to_f32_on_the_fixture_prompts() {
     for (dtype, least) in [(DType::F16, 0.9), (DType::BF16, 0.5)] {
         let mut loaded = load_fixture_model("tiny-idefics3");
         loaded.kv_dtype = dtype;
-        let (agreeing, total) = check_closeness(&fixtures(), "tiny-idefics3", loaded, &format!("{dtype:?} KV"));
+        let (agreeing, total, _) = check_closeness(&fixtures(), "tiny-idefics3", loaded, &format!("{dtype:?} KV"));
         assert!(
             agreeing as f64 >= least * total as f64,
             "{dtype:?}: {agreeing} of {total} greedy tokens agree, fewer than {least}"
@@ -61,7 +66,7 @@ fn qwen3vl_q8_0_and_a_16_bit_kv_cache_stay_close_to_f32() {
     check_closeness(&fixtures(), model, quantized(load_fixture_model(model), 9), "q8_0");
     let mut loaded = load_fixture_model(model);
     loaded.kv_dtype = DType::F16;
-    let (agreeing, total) = check_closeness(&fixtures(), model, loaded, "f16 KV");
+    let (agreeing, total, _) = check_closeness(&fixtures(), model, loaded, "f16 KV");
     assert!(
         agreeing as f64 >= 0.9 * total as f64,
         "f16 KV: {agreeing} of {total} greedy tokens agree"
@@ -94,13 +99,14 @@ fn q8_0_stays_close_to_f32_on_the_256m_shaped_model() {
 const NEAR_TIE: f32 = 0.05;
 
 /// Logits correlate with f32's (transformers') above 0.99 and the first token is the same
-/// in every case whose first choice is not a near-tie; returns how many greedy tokens agree before the first difference.
+/// in every case whose first choice is not a near-tie; returns how many greedy tokens agree
+/// before the first difference, of how many, and the lowest correlation.
 fn check_closeness(
     root: &std::path::Path,
     model: &str,
     loaded: ocellus::runtime::Loaded,
     form: &str,
-) -> (usize, usize) {
+) -> (usize, usize, f32) {
     let reference = Reference::load(root, model);
     let kv_dtype = loaded.kv_dtype;
     let (processor, mut engine) = engine(loaded, 4096, 512);
@@ -137,7 +143,7 @@ fn check_closeness(
     }
     eprintln!("{form} vs f32: {agreeing} of {total} greedy tokens agree (prefix), lowest logit correlation {worst:.4}");
     assert!(worst > 0.99, "{form} logits drifted: correlation {worst}");
-    (agreeing, total)
+    (agreeing, total, worst)
 }
 
 fn pearson(a: &[f32], b: &[f32]) -> f32 {

@@ -95,3 +95,17 @@ fn refuses_mismatched_widths() {
     let w = Tensor::zeros((4, 9), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(linear(&xs, &w).is_err());
 }
+
+#[test]
+fn q8_0_expands_to_candles_dequantized_values() {
+    // 70 rows: tasks of uneven length over the threads.
+    let w = Tensor::randn(0f32, 1.0, (70, 96), &Device::Cpu).unwrap();
+    let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+    let ours = dequantize_q8_0(&quantized).unwrap();
+    let candles = quantized.dequantize(&Device::Cpu).unwrap();
+    assert_eq!(max_difference(&ours, &candles), 0.0);
+    assert!(
+        max_difference(&ours, &w) > 1e-4,
+        "the values are the blocks', not the weights'"
+    );
+}

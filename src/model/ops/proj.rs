@@ -18,8 +18,9 @@ pub enum Proj {
         weight: Tensor,
         bias: Option<Tensor>,
     },
-    /// Weights in Q8_0 blocks; candle's kernel quantizes the activations to 8 bits too and
-    /// multiplies in integers.
+    /// Weights in Q8_0 blocks. Few rows go to `few_rows::linear_q8_0`, many to gemm on the
+    /// blocks expanded to f32 (both keep the activations in f32); candle's kernel, which
+    /// rounds the activations to 8 bits too, takes one row without AVX-512 and GPU devices.
     Q8_0 {
         weight: QMatMul,
         /// The same blocks, for `few_rows::linear_q8_0`.
@@ -94,6 +95,11 @@ impl Module for Proj {
                 let ys = if few_rows::applies_q8_0(&flat, blocks, rows) {
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
                     few_rows::linear_q8_0(&flat, blocks)?
+                } else if rows > FEW_ROWS && flat.device().is_cpu() {
+                    // A prefill chunk: gemm on the weights expanded to f32 (see
+                    // `few_rows::dequantize_q8_0`).
+                    let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
+                    flat.matmul(&few_rows::dequantize_q8_0(blocks)?.t()?)?
                 } else {
                     weight.forward(&flat)?
                 };
