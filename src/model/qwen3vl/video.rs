@@ -68,7 +68,8 @@ impl Qwen3VlVideo {
                 "must be at most max_frames, which must be positive",
             ));
         }
-        if !(config.fps > 0.0) {
+        // NaN is not positive either.
+        if config.fps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(LoadError::invalid(
                 file,
                 "fps",
