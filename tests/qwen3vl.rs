@@ -252,3 +252,48 @@ async fn a_pixel_budget_for_a_model_without_one_is_refused_by_name() {
     );
     server.shutdown();
 }
+
+/// A one-frame animated GIF of `width`x`height`.
+fn one_frame_gif(width: u32, height: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut encoder = image::codecs::gif::GifEncoder::new(&mut out);
+        let frame = image::RgbaImage::from_pixel(width, height, image::Rgba([200, 40, 40, 255]));
+        encoder.encode_frame(image::Frame::new(frame)).unwrap();
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degenerate_media_is_answered_not_a_panic() {
+    let server = qwen_server(None, 1 << 24).await;
+    let client = reqwest::Client::new();
+    let chat = url(&server, "/v1/chat/completions");
+    let tokens = |body: &Value| body["usage"]["prompt_tokens"].as_u64();
+    // A 1x1 image is scaled up to the smallest budget (64x64 here: 4 tokens), as
+    // transformers does; a budget below one block still gives one block.
+    let pixel = data_uri(&png(1, 1, [1, 2, 3]), "image/png");
+    let (status, one) = post(&client, &chat, &ask(json!([image_part(&pixel, json!({}))]))).await;
+    assert_eq!(status, 200, "{one}");
+    let (status, tiny) = post(
+        &client,
+        &chat,
+        &ask(json!([image_part(&pixel, json!({"max_pixels": 1}))])),
+    )
+    .await;
+    assert_eq!(status, 200, "{tiny}");
+    assert_eq!(tokens(&one).unwrap() - tokens(&tiny).unwrap(), 4 - 1);
+    // A video of one frame (transformers' video processor refuses fewer frames than a
+    // temporal patch; here the frame is repeated, as for any odd count).
+    let gif = data_uri(&one_frame_gif(40, 30), "image/gif");
+    let (status, body) = post(
+        &client,
+        &chat,
+        &ask(json!([{"type": "video_url", "video_url": {"url": gif}}])),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post(&client, &chat, &ask(json!([{"type": "text", "text": "still there?"}]))).await;
+    assert_eq!(status, 200, "the server still serves");
+    server.shutdown();
+}
