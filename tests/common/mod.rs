@@ -77,12 +77,18 @@ impl Reference {
         root.join("models").join(model)
     }
 
-    /// Transformers' pixel values: stored raw (video frames), or as their lossless u8 levels.
+    /// Transformers' pixel values: stored raw (SmolVLM2's video frames), or as their lossless
+    /// u8 levels (under Pillow's or torchvision's normalisation).
     pub fn pixel_values(&self, case: &str) -> Option<Vec<f32>> {
         for key in ["pixel_values", "pixel_values_videos"] {
             if let Some(raw) = self.tensors.get(&format!("{case}.{key}")) {
                 return Some(raw.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
+        }
+        // torchvision's normalisation (Qwen3-VL): (u8 - 127.5) / 127.5 in f32.
+        if let Some(levels) = self.tensors.get(&format!("{case}.pixel_levels_torch")) {
+            let levels = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            return Some(levels.iter().map(|&l| (l as f32 - 127.5) / 127.5).collect());
         }
         let levels = self.tensors.get(&format!("{case}.pixel_levels"))?;
         let levels = levels.flatten_all().unwrap().to_vec1::<u8>().unwrap();
