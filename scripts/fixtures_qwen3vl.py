@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fixture_messages import image_part, text_part, to_hf_messages, user, video_part
 import transformers
 from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -150,22 +151,6 @@ def build_big(dst: Path) -> None:
         shutil.copyfile(QWEN_REF / name, dst / name)
 
 
-def image_part(name, **extra):
-    return {"type": "image_url", "image_url": dict(url=f"images/{name}.png", **extra)}
-
-
-def video_part(name, **sampling):
-    return {"type": "video_url", "video_url": dict(url=f"videos/{name}.mp4", **sampling)}
-
-
-def text_part(text):
-    return {"type": "text", "text": text}
-
-
-def user(*parts):
-    return {"role": "user", "content": list(parts)}
-
-
 CASES = {
     "small": dict(messages=[user(image_part("small"), text_part("Describe this image."))]),
     "wide": dict(messages=[user(image_part("wide"), text_part("What is in this picture?"))]),
@@ -187,17 +172,6 @@ CASES = {
         ]
     ),
 }
-
-
-def to_hf_messages(messages):
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            content = [text_part(content)]
-        kinds = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
-        out.append({"role": m["role"], "content": [kinds.get(p["type"], p) for p in content]})
-    return out
 
 
 def parts(messages, kind):

@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from fixture_messages import image_part, text_part, to_hf_messages, user, video_part
 import fixtures_qwen3vl
 import transformers
 from transformers import (
@@ -224,22 +225,6 @@ def make_videos(dst: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def image_part(name):
-    return {"type": "image_url", "image_url": {"url": f"images/{name}.png"}}
-
-
-def video_part(name, **sampling):
-    return {"type": "video_url", "video_url": dict(url=f"videos/{name}.mp4", **sampling)}
-
-
-def text_part(text):
-    return {"type": "text", "text": text}
-
-
-def user(*parts):
-    return {"role": "user", "content": list(parts)}
-
-
 CASES = {
     "small_nosplit": dict(
         messages=[user(image_part("small"), text_part("Describe this image."))], do_image_splitting=False
@@ -283,19 +268,6 @@ VIDEO_CASES = {
 # The real SmolVLM-256M processor (no weights needed): token ids and pixel hashes, so CI
 # checks the real config and tokenizer too. A 640x480 photo is 4x3 tiles + 1 = 832 tokens.
 PROCESSOR_CASES = dict(CASES, photo=dict(messages=[user(image_part("photo"), text_part("Can you describe this image?"))]))
-
-
-def to_hf_messages(messages):
-    """OpenAI content (string or parts) -> the list-of-parts shape HF chat templates expect."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            content = [text_part(content)]
-        kinds = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
-        parts = [kinds.get(p["type"], p) for p in content]
-        out.append({"role": m["role"], "content": parts})
-    return out
 
 
 def image_paths(messages):

@@ -11,28 +11,6 @@ use common::*;
 use ocellus::config::WeightDType;
 use ocellus::model::hub::resolve_model;
 
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join("models").join(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    dir
-}
-
-fn load_error(dir: &Path) -> String {
-    match ocellus::runtime::load_folder(dir, WeightDType::F32, &Device::Cpu) {
-        Ok(_) => panic!("{} loaded although it is broken", dir.display()),
-        Err(err) => err.to_string(),
-    }
-}
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    edit(&mut value);
-    std::fs::write(path, serde_json::to_string(&value).unwrap()).unwrap();
-}
-
 fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
         assert!(message.contains(part), "error {message:?} does not mention {part:?}");

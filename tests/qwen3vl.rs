@@ -11,26 +11,6 @@ use serde_json::{Value, json};
 
 const QWEN: &str = "tiny-qwen3vl";
 
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join("models").join(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    dir
-}
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
-    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    edit(&mut value);
-    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
-}
-
-fn load_error(dir: &Path) -> String {
-    let loaded = ocellus::runtime::load_folder(dir, ocellus::config::WeightDType::F32, &candle_core::Device::Cpu);
-    format!("{:#}", loaded.err().expect("the folder is refused"))
-}
-
 #[test]
 fn rope_settings_it_cannot_honour_are_refused_by_field() {
     let cases: [(&str, Value, &[&str]); 3] = [

@@ -12,14 +12,14 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder, embedding, linear_no_bias};
 
-use crate::model::SequenceInput;
 use crate::model::lora::{Adapter, AdapterLayout, LoraBatch, ModuleSpec};
 use crate::model::ops::decode_attention::decode_attention;
 use crate::model::ops::kernels;
 use crate::model::ops::norm::RmsNorm;
 use crate::model::ops::proj::Proj;
+use crate::model::{Quantization, SequenceInput};
 
-use crate::kv::{KvPool, SequenceKv};
+use crate::kv::{KvPool, KvSpec, SequenceKv};
 
 /// Where one sequence's rows lie in the stacked batch.
 pub struct SequenceRows<'a> {
@@ -61,6 +61,8 @@ pub struct TextModel {
     norm: RmsNorm,
     lm_head: Proj,
     layout: AdapterLayout,
+    num_kv_heads: usize,
+    head_dim: usize,
 }
 
 struct DecoderLayer {
@@ -144,7 +146,20 @@ impl TextModel {
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, text.pp("norm"))?,
             lm_head,
             layout: adapter_layout(cfg),
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
         })
+    }
+
+    /// The KV cache its layers write, in `dtype` on `device`.
+    pub fn kv_spec(&self, dtype: DType, device: &Device) -> KvSpec {
+        KvSpec {
+            num_layers: self.layers.len(),
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            dtype,
+            device: device.clone(),
+        }
     }
 
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
@@ -185,9 +200,11 @@ impl TextModel {
         Ok(xs)
     }
 
-    /// Quantizes every projection and the head to Q8_0 (see `VisionLanguageModel::quantize_text`).
-    pub fn quantize_q8_0(&mut self) -> Result<usize> {
-        self.each_proj(Proj::quantize_q8_0)
+    /// Quantizes every projection and the head (see `VisionLanguageModel::quantize_text`).
+    pub fn quantize(&mut self, quantization: Quantization) -> Result<usize> {
+        match quantization {
+            Quantization::Q8_0 => self.each_proj(Proj::quantize_q8_0),
+        }
     }
 
     /// Keeps every f32 projection whose weights are all bf16 values in bf16 (see

@@ -104,6 +104,27 @@ impl ImageFeatures {
         })
     }
 
+    /// These rows split into consecutive parts of `rows` each (the images encoded together).
+    /// Each part is a copy when there are several, so that each owns its rows (the vision
+    /// cache counts what it holds).
+    pub fn split(self, rows: &[usize]) -> Result<Vec<Self>> {
+        if rows.len() == 1 {
+            return Ok(vec![self]);
+        }
+        let mut first = 0;
+        rows.iter()
+            .map(|&n| {
+                let part = |t: &Tensor| t.narrow(0, first, n)?.copy();
+                let features = Self {
+                    embeds: part(&self.embeds)?,
+                    deepstack: self.deepstack.iter().map(part).collect::<Result<_>>()?,
+                };
+                first += n;
+                Ok(features)
+            })
+            .collect()
+    }
+
     /// The rows of several images, one after the other.
     pub fn cat(parts: &[&ImageFeatures]) -> Result<Self> {
         let embeds: Vec<&Tensor> = parts.iter().map(|p| &p.embeds).collect();

@@ -83,3 +83,28 @@ impl SimpleBackend for SafetensorsWeights {
         self.routing.contains_key(name)
     }
 }
+
+/// A `VarBuilder` whose every weight is random (normal, std 0.5), whatever its name and
+/// shape: for tests of a forward pass's structure, not of its values.
+#[cfg(test)]
+pub(crate) fn random_var_builder() -> VarBuilder<'static> {
+    use candle_nn::Init;
+
+    struct Random;
+
+    impl SimpleBackend for Random {
+        fn get(&self, shape: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            Tensor::randn(0f32, 0.5, shape, dev)?.to_dtype(dtype)
+        }
+
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("{name}: no shape")
+        }
+
+        fn contains_tensor(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    VarBuilder::from_backend(Box::new(Random), DType::F32, Device::Cpu)
+}

@@ -149,14 +149,7 @@ impl VisionLanguageModel for Qwen3Vl {
     }
 
     fn kv_spec(&self) -> KvSpec {
-        let t = &self.config.text_config;
-        KvSpec {
-            num_layers: t.num_hidden_layers,
-            num_kv_heads: t.num_kv_heads(),
-            head_dim: t.head_dim(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-        }
+        self.text.kv_spec(self.dtype, &self.device)
     }
 
     /// All images in one pass (attention stays within each), split back per image.
@@ -170,25 +163,12 @@ impl VisionLanguageModel for Qwen3Vl {
         }
         let out = on_compute_pool(|| self.vision.forward(&batch, self.dtype, &self.device))?;
         let merge = self.config.vision_config.spatial_merge_size.pow(2);
-        let mut first = 0;
-        batch
-            .iter()
-            .map(|(_, [t, h, w])| {
-                let rows = t * h * w / merge;
-                // A copy when the output holds several images, so each owns its rows (the
-                // vision cache counts what it holds).
-                let part = |x: &Tensor| match images.len() {
-                    1 => Ok(x.clone()),
-                    _ => x.narrow(0, first, rows)?.copy(),
-                };
-                let features = ImageFeatures {
-                    embeds: part(&out.embeds)?,
-                    deepstack: out.deepstack.iter().map(part).collect::<Result<_>>()?,
-                };
-                first += rows;
-                Ok(features)
-            })
-            .collect()
+        let rows: Vec<usize> = batch.iter().map(|(_, [t, h, w])| t * h * w / merge).collect();
+        let all = ImageFeatures {
+            embeds: out.embeds,
+            deepstack: out.deepstack,
+        };
+        all.split(&rows)
     }
 
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
@@ -208,9 +188,7 @@ impl VisionLanguageModel for Qwen3Vl {
     }
 
     fn quantize_text(&mut self, quantization: crate::model::Quantization) -> Result<usize> {
-        match quantization {
-            crate::model::Quantization::Q8_0 => self.text.quantize_q8_0(),
-        }
+        self.text.quantize(quantization)
     }
 
     fn compact_text(&mut self) -> Result<usize> {

@@ -326,27 +326,7 @@ impl Merger {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Shape;
-    use candle_nn::Init;
-
     use super::*;
-
-    /// Every weight random, whatever its name.
-    struct Random;
-
-    impl candle_nn::var_builder::SimpleBackend for Random {
-        fn get(&self, shape: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-            Tensor::randn(0f32, 0.5, shape, dev)?.to_dtype(dtype)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-            candle_core::bail!("{name}: no shape")
-        }
-
-        fn contains_tensor(&self, _: &str) -> bool {
-            true
-        }
-    }
 
     #[test]
     fn attention_a_block_of_queries_at_a_time_equals_all_at_once() -> Result<()> {
@@ -356,7 +336,7 @@ mod tests {
                 "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}"#,
         )
         .expect("a vision config");
-        let vb = VarBuilder::from_backend(Box::new(Random), DType::F32, Device::Cpu);
+        let vb = crate::model::weights::random_var_builder();
         let mut model = VisionModel::new(&cfg, vb)?;
         // Two images, one of two frames: 8x6 and 2x(4x4) patches.
         let a = Tensor::randn(0f32, 1.0, (48, cfg.patch_values()), &Device::Cpu)?;

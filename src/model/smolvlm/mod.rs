@@ -103,14 +103,7 @@ impl VisionLanguageModel for SmolVlm {
     }
 
     fn kv_spec(&self) -> KvSpec {
-        let t = &self.config.text_config;
-        KvSpec {
-            num_layers: t.num_hidden_layers,
-            num_kv_heads: t.num_kv_heads(),
-            head_dim: t.head_dim(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-        }
+        self.text.kv_spec(self.dtype, &self.device)
     }
 
     /// The tiles of every image in one pass, split back per image.
@@ -122,25 +115,12 @@ impl VisionLanguageModel for SmolVlm {
             let hidden = self.vision.forward(&pixels)?;
             self.connector.forward(&hidden)
         })?;
-        let rows_per_tile = self.config.image_seq_len();
-        let mut first = 0;
-        counts
-            .iter()
-            .map(|&tiles| {
-                let rows = tiles * rows_per_tile;
-                // A copy when the output holds several images, so each owns its rows (the
-                // vision cache counts what it holds).
-                let embeds = match images.len() {
-                    1 => features.clone(),
-                    _ => features.narrow(0, first, rows)?.copy()?,
-                };
-                first += rows;
-                Ok(ImageFeatures {
-                    embeds,
-                    deepstack: Vec::new(),
-                })
-            })
-            .collect()
+        let rows: Vec<usize> = counts.iter().map(|tiles| tiles * self.config.image_seq_len()).collect();
+        let all = ImageFeatures {
+            embeds: features,
+            deepstack: Vec::new(),
+        };
+        all.split(&rows)
     }
 
     fn forward(&self, batch: &mut [SequenceInput<'_>], pool: &mut KvPool) -> Result<Tensor> {
@@ -159,9 +139,7 @@ impl VisionLanguageModel for SmolVlm {
     }
 
     fn quantize_text(&mut self, quantization: crate::model::Quantization) -> Result<usize> {
-        match quantization {
-            crate::model::Quantization::Q8_0 => self.text.quantize_q8_0(),
-        }
+        self.text.quantize(quantization)
     }
 
     fn compact_text(&mut self) -> Result<usize> {

@@ -204,27 +204,9 @@ impl EncoderLayer {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Shape};
-    use candle_nn::Init;
+    use candle_core::Device;
 
     use super::*;
-
-    /// Every weight random, whatever its name.
-    struct Random;
-
-    impl candle_nn::var_builder::SimpleBackend for Random {
-        fn get(&self, shape: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-            Tensor::randn(0f32, 0.5, shape, dev)?.to_dtype(dtype)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-            candle_core::bail!("{name}: no shape")
-        }
-
-        fn contains_tensor(&self, _: &str) -> bool {
-            true
-        }
-    }
 
     #[test]
     fn attention_a_head_at_a_time_equals_all_heads_at_once() -> Result<()> {
@@ -233,7 +215,7 @@ mod tests {
                 "num_attention_heads": 4, "image_size": 64, "patch_size": 8}"#,
         )
         .expect("a vision config");
-        let vb = VarBuilder::from_backend(Box::new(Random), DType::F32, Device::Cpu);
+        let vb = crate::model::weights::random_var_builder();
         let mut model = VisionTransformer::new(&cfg, vb)?;
         let pixels = Tensor::randn(0f32, 1.0, (2, 3, 64, 64), &Device::Cpu)?;
         let all = model.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
