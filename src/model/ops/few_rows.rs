@@ -14,6 +14,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 use super::kernels::{cpu_bf16, cpu_f32};
 
@@ -54,7 +55,7 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// `exact_bf16`; `in` even): the products of the f32 weights from half the memory traffic.
 /// Each 32-bit load holds two neighbouring weights, which become f32 in registers (the even
 /// one shifted up, the odd one masked), so the activations are split into their even and odd
-/// columns once per call to meet them.
+/// columns (per chunk of `CHUNK` columns) to meet them.
 pub fn linear_bf16(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (rows, width) = xs.dims2()?;
     let (out, weight_width) = weight.dims2()?;
@@ -66,16 +67,7 @@ pub fn linear_bf16(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let Ok(pairs) = bytemuck::try_cast_slice::<_, u32>(w) else {
         bail!("few-row bf16 linear: weights not aligned to 4 bytes")
     };
-    let xs = xs.contiguous()?;
-    let (x_storage, x_layout) = xs.storage_and_layout();
-    let x = cpu_f32(&x_storage, x_layout, "few-row bf16 linear")?;
-    let mut split: Vec<f32> = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(width) {
-        split.extend(row.iter().step_by(2));
-        split.extend(row.iter().skip(1).step_by(2));
-    }
-    let split = Tensor::from_vec(split, (rows, width), &Device::Cpu)?;
-    multiply::<Bf16Pairs>(&split, pairs, width, out)
+    multiply::<Bf16Pairs>(xs, pairs, width, out)
 }
 
 /// `xs · weightᵀ` with `weight` `[out, in]` in Q8_0 blocks (GGML's: per 32 weights an f16
@@ -111,23 +103,26 @@ pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
             .for_each(|(ys, w)| unsafe { avx512::q8_0_gemv(x, w, ys) });
         return Tensor::from_vec(ys, (1, out), &Device::Cpu);
     }
-    if rows == 1 {
-        return multiply::<Q8_0>(xs, &data, width, out);
-    }
-    let row_len = Q8_0::row_len(width);
-    multiply_tasks(xs, &data, row_len, out, |x, w, part| expanded_q8_0(x, w, width, part))
+    multiply::<Q8_0>(xs, &data, width, out)
 }
 
 /// Q8_0 blocks to their f32 values (exactly: an f16 scale times an i8), block by block.
+#[inline(always)]
 fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
     for (block, values) in blocks
         .chunks_exact(Q8_0_BYTES)
         .zip(values.chunks_exact_mut(Q8_0_WEIGHTS))
     {
         let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-        for (value, &q) in values.iter_mut().zip(&block[2..]) {
+        // Through arrays of their own: converted in place between the slices, the loop
+        // stayed scalar (one `cvtsi2ss` per weight), and q8_0 at batch 16 ran at half f32's
+        // speed.
+        let quants: [u8; Q8_0_WEIGHTS] = block[2..].try_into().expect("a block's 32 weights");
+        let mut expanded = [0f32; Q8_0_WEIGHTS];
+        for (value, q) in expanded.iter_mut().zip(quants) {
             *value = f32::from(q as i8) * scale;
         }
+        values.copy_from_slice(&expanded);
     }
 }
 
@@ -153,40 +148,14 @@ pub fn dequantize_q8_0(weight: &QTensor) -> Result<Tensor> {
     Tensor::from_vec(values, (out, width), &Device::Cpu)
 }
 
-/// Weight rows expanded to f32 at a time by `expanded_q8_0`: 16 rows of the widest layer
-/// (SmolVLM's 1536, Qwen3-VL-2B's 6144 inputs) are 96 to 384 KB, within L2.
-const EXPANDED_ROWS: usize = 16;
-
-/// `out` (`[rows, w rows]`) for several input rows: each weight row is expanded to f32 once,
-/// a few rows at a time, and then multiplied with every input row as f32 weights are.
-/// (Expanding inside the 4x4 kernel expanded every block once per 4 input rows: at batch 16
-/// q8_0 was slower than f32.)
-fn expanded_q8_0(x: &[f32], w: &[u8], width: usize, out: &mut [f32]) {
-    let row_len = Q8_0::row_len(width);
-    let (columns, rows) = (w.len() / row_len, x.len() / width);
-    let mut expanded = vec![0f32; EXPANDED_ROWS.min(columns) * width];
-    let mut part = vec![0f32; rows * EXPANDED_ROWS];
-    for (first, chunk) in (0..columns)
-        .step_by(EXPANDED_ROWS)
-        .zip(w.chunks(EXPANDED_ROWS * row_len))
-    {
-        let n = chunk.len() / row_len;
-        expand_q8_0(chunk, &mut expanded[..n * width]);
-        pulp::Arch::new().dispatch(Block::<F32> {
-            x,
-            w: &expanded[..n * width],
-            width,
-            row_len: width,
-            out: &mut part[..rows * n],
-        });
-        for r in 0..rows {
-            out[r * columns + first..r * columns + first + n].copy_from_slice(&part[r * n..(r + 1) * n]);
-        }
-    }
-}
+/// Up to this many rows `linear_q8_0` is ahead of gemm on the weights expanded whole
+/// (`dequantize_q8_0`): one Qwen3-VL-2B layer's projections at 32 rows in 32 ms against
+/// 63, at 64 in 62 against 80; at 256 gemm's 193 against 246 (`cargo bench --bench
+/// few_rows`, AVX2, 2 threads).
+pub const Q8_0_ROWS: usize = 64;
 
 /// Whether `linear_q8_0` takes `rows` rows of `xs` and is faster there than candle's Q8_0
-/// matmul: from 2 to 16 rows, and on one row with AVX-512 (the portable kernel expands each
+/// matmul: from 2 to `Q8_0_ROWS` rows, and on one row with AVX-512 (the portable kernel expands each
 /// block to f32 first, which costs more than the one FMA per weight it feeds on one row).
 pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -196,7 +165,7 @@ pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
     super::kernels::applies(xs)
         && weight.device().is_cpu()
         && weight.dtype() == GgmlDType::Q8_0
-        && ((2..=16).contains(&rows) || (rows == 1 && one_row))
+        && ((2..=Q8_0_ROWS).contains(&rows) || (rows == 1 && one_row))
 }
 
 /// A matrix-vector product with Q8_0 weights in AVX-512, for decode at batch 1: per block,
@@ -212,26 +181,28 @@ mod avx512;
 const Q8_0_WEIGHTS: usize = 32;
 const Q8_0_BYTES: usize = 34;
 
-/// A weight layout: how one weight row is stored, and how blocks of weight rows are dotted
-/// with input rows.
+/// A weight layout: how one weight row is stored, how it is dotted with one input row, and
+/// how a chunk of it becomes f32 for several.
 trait Format {
     type Elem: Sync;
     /// Stored elements per weight row of `width` weights.
     fn row_len(width: usize) -> usize;
-    fn dots<S: pulp::Simd, const W: usize, const X: usize>(
-        simd: S,
-        w: [&[Self::Elem]; W],
-        x: [&[f32]; X],
-    ) -> [[f32; X]; W];
 
-    /// One weight row with one input row, for a single input row (decode at batch 1). There
-    /// `dots`' four weight rows at a time are four memory streams, which this machine's
-    /// prefetchers follow at half the speed of one: a one-row GEMV read 13 GB/s per core
-    /// that way and 22 GB/s row by row.
-    #[inline(always)]
-    fn dot<S: pulp::Simd>(simd: S, w: &[Self::Elem], x: &[f32]) -> f32 {
-        Self::dots::<S, 1, 1>(simd, [w], [x])[0][0]
+    /// The input rows (`width` wide) with each chunk of `chunk` columns in the order
+    /// `weights` and `dot` give the weights.
+    fn arrange(x: &[f32], _width: usize, _chunk: usize) -> Cow<'_, [f32]> {
+        Cow::Borrowed(x)
     }
+
+    /// The weights of columns `k0..k0 + kc` of weight row `w` as f32 (in `buffer` or in
+    /// place).
+    fn weights<'a>(w: &'a [Self::Elem], k0: usize, kc: usize, buffer: &'a mut [f32]) -> &'a [f32];
+
+    /// One weight row with one input row (arranged in one chunk), for a single input row
+    /// (decode at batch 1). There 4 weight rows at a time are four memory streams, which
+    /// this machine's prefetchers follow at half the speed of one: a one-row GEMV read 13
+    /// GB/s per core that way and 22 GB/s row by row.
+    fn dot<S: pulp::Simd>(simd: S, w: &[Self::Elem], x: &[f32]) -> f32;
 }
 
 fn multiply<F: Format>(xs: &Tensor, w: &[F::Elem], width: usize, out: usize) -> Result<Tensor> {
@@ -281,6 +252,12 @@ fn multiply_tasks<E: Sync>(
     Tensor::from_vec(ys, (rows, out), &Device::Cpu)
 }
 
+/// Input columns multiplied at a time on several rows: 4 weight rows of a chunk, as f32,
+/// are 16 KB, which stay in L1 while every input row passes them. (Whole rows of Qwen3-VL's
+/// 6144-wide down projection are 96 KB: from L2, the weights' loads on top of the inputs'
+/// exceeded what L2 delivers.)
+const CHUNK: usize = 1024;
+
 /// `out[r][c] = x_r · w_c` for every input row r and weight row c of one task.
 struct Block<'a, F: Format> {
     x: &'a [f32],
@@ -294,58 +271,108 @@ struct Block<'a, F: Format> {
 impl<F: Format> pulp::WithSimd for Block<'_, F> {
     type Output = ();
 
+    /// One row: each weight row dotted with it in turn (bound by memory). Several: per 4
+    /// weight rows and chunk of `CHUNK` columns, the weights are made f32 once (`weights`)
+    /// and dotted with every input row, a few rows at a time.
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let (width, row_len) = (self.width, self.row_len);
         let rows = self.x.len() / width;
         let columns = self.w.len() / row_len;
-        let (x, w) = (self.x, self.w);
+        let w = self.w;
         if rows == 1 {
+            let x = F::arrange(self.x, width, width);
             for (c, out) in self.out.iter_mut().enumerate() {
-                *out = F::dot(simd, row(w, c, row_len), x);
+                *out = F::dot(simd, row(w, c, row_len), &x);
             }
             return;
         }
-        let mut c = 0;
-        while c < columns {
-            let mut r = 0;
-            if c + 4 <= columns {
-                let w = [
-                    row(w, c, row_len),
-                    row(w, c + 1, row_len),
-                    row(w, c + 2, row_len),
-                    row(w, c + 3, row_len),
-                ];
-                while r + 4 <= rows {
-                    let x = [
-                        row(x, r, width),
-                        row(x, r + 1, width),
-                        row(x, r + 2, width),
-                        row(x, r + 3, width),
-                    ];
-                    let dots = F::dots::<S, 4, 4>(simd, w, x);
-                    for (i, dots) in dots.iter().enumerate() {
-                        for (j, &d) in dots.iter().enumerate() {
-                            self.out[(r + j) * columns + c + i] = d;
+        let x = F::arrange(self.x, width, CHUNK);
+        let out = self.out;
+        out.fill(0.0);
+        let mut buffers = vec![0f32; 4 * CHUNK];
+        for c in (0..columns).step_by(4) {
+            let n = (columns - c).min(4);
+            for k0 in (0..width).step_by(CHUNK) {
+                let kc = CHUNK.min(width - k0);
+                let mut parts = buffers.chunks_exact_mut(CHUNK);
+                let ws: [&[f32]; 4] = std::array::from_fn(|i| match parts.next() {
+                    Some(buffer) if i < n => F::weights(row(w, c + i, row_len), k0, kc, buffer),
+                    _ => &[],
+                });
+                let chunk = Chunk {
+                    x: &x,
+                    width,
+                    k0,
+                    kc,
+                    columns,
+                    c,
+                };
+                if n == 4 {
+                    chunk.rows_times_4(simd, ws, rows, out);
+                } else {
+                    for (i, w) in ws.iter().enumerate().take(n) {
+                        for r in 0..rows {
+                            out[r * columns + c + i] += F32::dots::<S, 1, 1>(simd, [w], [chunk.x(r)])[0][0];
                         }
                     }
-                    r += 4;
                 }
-                while r < rows {
-                    let dots = F::dots::<S, 4, 1>(simd, w, [row(x, r, width)]);
-                    for (i, dots) in dots.iter().enumerate() {
-                        self.out[r * columns + c + i] = dots[0];
-                    }
-                    r += 1;
-                }
-                c += 4;
-            } else {
-                while r < rows {
-                    self.out[r * columns + c] =
-                        F::dots::<S, 1, 1>(simd, [row(w, c, row_len)], [row(x, r, width)])[0][0];
-                    r += 1;
-                }
-                c += 1;
+            }
+        }
+    }
+}
+
+/// One chunk of columns (`k0..k0 + kc`) of the input rows, multiplied into output columns
+/// from `c` of `[rows, columns]`.
+struct Chunk<'a> {
+    x: &'a [f32],
+    width: usize,
+    k0: usize,
+    kc: usize,
+    columns: usize,
+    c: usize,
+}
+
+impl Chunk<'_> {
+    #[inline(always)]
+    fn x(&self, r: usize) -> &[f32] {
+        &self.x[r * self.width + self.k0..r * self.width + self.k0 + self.kc]
+    }
+
+    /// Four weight rows with every input row, `X` input rows at a time: 4·X vector
+    /// accumulators, which with AVX2's 16 registers leaves room for 3 rows (with 4, the
+    /// accumulators spilled to memory and batch 16 ran at 52–74 GFLOP/s of the 2 cores'
+    /// ~175), with AVX-512's 32 for 4.
+    #[inline(always)]
+    fn rows_times_4<S: pulp::Simd>(&self, simd: S, ws: [&[f32]; 4], rows: usize, out: &mut [f32]) {
+        let mut r = 0;
+        if S::F32_LANES >= 16 {
+            while r + 4 <= rows {
+                self.add::<S, 4>(simd, ws, r, out);
+                r += 4;
+            }
+        } else {
+            while r + 3 <= rows {
+                self.add::<S, 3>(simd, ws, r, out);
+                r += 3;
+            }
+        }
+        while r + 2 <= rows {
+            self.add::<S, 2>(simd, ws, r, out);
+            r += 2;
+        }
+        if r < rows {
+            self.add::<S, 1>(simd, ws, r, out);
+        }
+    }
+
+    #[inline(always)]
+    fn add<S: pulp::Simd, const X: usize>(&self, simd: S, ws: [&[f32]; 4], r: usize, out: &mut [f32]) {
+        let xs: [&[f32]; X] = std::array::from_fn(|j| self.x(r + j));
+        let dots = F32::dots::<S, 4, X>(simd, ws, xs);
+        for (i, dots) in dots.iter().enumerate() {
+            for (j, &d) in dots.iter().enumerate() {
+                out[(r + j) * self.columns + self.c + i] += d;
             }
         }
     }
@@ -368,15 +395,30 @@ fn reduce<S: pulp::Simd, const W: usize, const X: usize>(simd: S, sums: [[S::f32
     dots
 }
 
+/// One vector of every weight row times the same vector of every input row, into `sums`.
+#[inline(always)]
+fn step<S: pulp::Simd, const W: usize, const X: usize>(
+    simd: S,
+    sums: &mut [[S::f32s; X]; W],
+    w: &[&[S::f32s]; W],
+    x: &[&[S::f32s]; X],
+    v: usize,
+) {
+    let mut xv = [simd.splat_f32s(0.0); X];
+    for j in 0..X {
+        xv[j] = x[j][v];
+    }
+    for i in 0..W {
+        let wv = w[i][v];
+        for j in 0..X {
+            sums[i][j] = simd.mul_add_f32s(wv, xv[j], sums[i][j]);
+        }
+    }
+}
+
 struct F32;
 
-impl Format for F32 {
-    type Elem = f32;
-
-    fn row_len(width: usize) -> usize {
-        width
-    }
-
+impl F32 {
     /// One vector accumulator per dot product, reduced at the end. Written with pulp's
     /// vector types: the same loops on arrays were left scalar by LLVM (accumulators in
     /// memory). No closures: they would not be inlined into the vectorised caller.
@@ -393,17 +435,17 @@ impl Format for F32 {
             (x_vectors[j], x_tails[j]) = S::as_simd_f32s(x[j]);
         }
         let mut sums = [[simd.splat_f32s(0.0); X]; W];
-        for v in 0..w_vectors[0].len() {
-            let mut xv = [simd.splat_f32s(0.0); X];
-            for j in 0..X {
-                xv[j] = x_vectors[j][v];
-            }
-            for i in 0..W {
-                let wv = w_vectors[i][v];
-                for j in 0..X {
-                    sums[i][j] = simd.mul_add_f32s(wv, xv[j], sums[i][j]);
-                }
-            }
+        // Two vectors per turn: the loop's own instructions (six pointers advanced, a
+        // compare) shared by 24 FMAs rather than 12.
+        let vectors = w_vectors[0].len();
+        let mut v = 0;
+        while v + 2 <= vectors {
+            step(simd, &mut sums, &w_vectors, &x_vectors, v);
+            step(simd, &mut sums, &w_vectors, &x_vectors, v + 1);
+            v += 2;
+        }
+        if v < vectors {
+            step(simd, &mut sums, &w_vectors, &x_vectors, v);
         }
         let mut dots = reduce(simd, sums);
         for i in 0..W {
@@ -414,6 +456,19 @@ impl Format for F32 {
             }
         }
         dots
+    }
+}
+
+impl Format for F32 {
+    type Elem = f32;
+
+    fn row_len(width: usize) -> usize {
+        width
+    }
+
+    #[inline(always)]
+    fn weights<'a>(w: &'a [f32], k0: usize, kc: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &w[k0..k0 + kc]
     }
 
     /// Four accumulators along the row, so that the FMAs' latency does not bind.
@@ -442,7 +497,7 @@ impl Format for F32 {
 }
 
 /// bf16 weights read two at a time as `u32`s; the activations come split into their even
-/// columns followed by their odd ones (`linear_bf16`).
+/// columns followed by their odd ones (`arrange`).
 struct Bf16Pairs;
 
 impl Format for Bf16Pairs {
@@ -452,53 +507,27 @@ impl Format for Bf16Pairs {
         width / 2
     }
 
-    /// As `F32`'s, with each loaded vector of pairs giving an even-column and an odd-column
-    /// vector of f32 weights (a bf16 is the top half of its f32).
+    /// Per chunk, the even columns followed by the odd ones.
+    fn arrange(x: &[f32], width: usize, chunk: usize) -> Cow<'_, [f32]> {
+        let mut split = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(width) {
+            for part in row.chunks(chunk) {
+                split.extend(part.iter().step_by(2));
+                split.extend(part.iter().skip(1).step_by(2));
+            }
+        }
+        Cow::Owned(split)
+    }
+
+    /// The even weights then the odd ones (a bf16 is the top half of its f32).
     #[inline(always)]
-    fn dots<S: pulp::Simd, const W: usize, const X: usize>(simd: S, w: [&[u32]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
-        let half = x[0].len() / 2;
-        let mut w_vectors = [&[][..]; W];
-        let mut w_tails = [&[][..]; W];
-        for i in 0..W {
-            (w_vectors[i], w_tails[i]) = S::as_simd_u32s(w[i]);
+    fn weights<'a>(w: &'a [u32], k0: usize, kc: usize, buffer: &'a mut [f32]) -> &'a [f32] {
+        let (even, odd) = buffer[..kc].split_at_mut(kc / 2);
+        for ((pair, even), odd) in w[k0 / 2..(k0 + kc) / 2].iter().zip(even).zip(odd) {
+            *even = f32::from_bits(pair << 16);
+            *odd = f32::from_bits(pair & 0xffff_0000);
         }
-        let mut even_vectors = [&[][..]; X];
-        let mut odd_vectors = [&[][..]; X];
-        for j in 0..X {
-            even_vectors[j] = S::as_simd_f32s(&x[j][..half]).0;
-            odd_vectors[j] = S::as_simd_f32s(&x[j][half..]).0;
-        }
-        let (shift, high) = (simd.splat_u32s(16), simd.splat_u32s(0xffff_0000));
-        let mut sums = [[simd.splat_f32s(0.0); X]; W];
-        for v in 0..w_vectors[0].len() {
-            let mut even = [simd.splat_f32s(0.0); X];
-            let mut odd = [simd.splat_f32s(0.0); X];
-            for j in 0..X {
-                even[j] = even_vectors[j][v];
-                odd[j] = odd_vectors[j][v];
-            }
-            for i in 0..W {
-                let pairs = w_vectors[i][v];
-                let w_even = simd.transmute_f32s_u32s(simd.wrapping_dyn_shl_u32s(pairs, shift));
-                let w_odd = simd.transmute_f32s_u32s(simd.and_u32s(pairs, high));
-                for j in 0..X {
-                    sums[i][j] = simd.mul_add_f32s(w_even, even[j], sums[i][j]);
-                    sums[i][j] = simd.mul_add_f32s(w_odd, odd[j], sums[i][j]);
-                }
-            }
-        }
-        let mut dots = reduce(simd, sums);
-        let done = w[0].len() - w_tails[0].len();
-        for i in 0..W {
-            for j in 0..X {
-                for (k, &pair) in w_tails[i].iter().enumerate() {
-                    let (even, odd) = (f32::from_bits(pair << 16), f32::from_bits(pair & 0xffff_0000));
-                    dots[i][j] = even.mul_add(x[j][done + k], dots[i][j]);
-                    dots[i][j] = odd.mul_add(x[j][half + done + k], dots[i][j]);
-                }
-            }
-        }
-        dots
+        &buffer[..kc]
     }
 
     /// Four accumulators: the even and odd weights of two vectors of pairs at a time.
@@ -549,31 +578,26 @@ impl Format for Q8_0 {
         width / Q8_0_WEIGHTS * Q8_0_BYTES
     }
 
-    /// Each weight row's block is expanded to 32 f32s (scale times integer) in a buffer the
-    /// compiler keeps in L1, then dotted like `F32`'s.
+    /// Each block's scale times its integers (exactly: an f16 times an i8 fits f32's
+    /// mantissa); vectorised by the compiler under the dispatched CPU features.
     #[inline(always)]
-    fn dots<S: pulp::Simd, const W: usize, const X: usize>(simd: S, w: [&[u8]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
-        let mut sums = [[simd.splat_f32s(0.0); X]; W];
-        let mut expanded = [[0f32; Q8_0_WEIGHTS]; W];
-        for b in 0..w[0].len() / Q8_0_BYTES {
-            for i in 0..W {
-                let block = &w[i][b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
-                let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-                for l in 0..Q8_0_WEIGHTS {
-                    expanded[i][l] = f32::from(block[2 + l] as i8) * scale;
-                }
-            }
-            for j in 0..X {
-                let (xv, _) = S::as_simd_f32s(&x[j][b * Q8_0_WEIGHTS..(b + 1) * Q8_0_WEIGHTS]);
-                for i in 0..W {
-                    let (wv, _) = S::as_simd_f32s(&expanded[i]);
-                    for v in 0..wv.len() {
-                        sums[i][j] = simd.mul_add_f32s(wv[v], xv[v], sums[i][j]);
-                    }
-                }
-            }
+    fn weights<'a>(w: &'a [u8], k0: usize, kc: usize, buffer: &'a mut [f32]) -> &'a [f32] {
+        let blocks = &w[k0 / Q8_0_WEIGHTS * Q8_0_BYTES..(k0 + kc) / Q8_0_WEIGHTS * Q8_0_BYTES];
+        expand_q8_0(blocks, &mut buffer[..kc]);
+        &buffer[..kc]
+    }
+
+    /// Block by block through a 32-value buffer (one row goes to candle's kernel or the
+    /// AVX-512 one in the server; this one keeps `linear_q8_0` whole).
+    #[inline(always)]
+    fn dot<S: pulp::Simd>(simd: S, w: &[u8], x: &[f32]) -> f32 {
+        let mut values = [0f32; Q8_0_WEIGHTS];
+        let mut sum = 0f32;
+        for (block, x) in w.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(Q8_0_WEIGHTS)) {
+            expand_q8_0(block, &mut values);
+            sum += F32::dot(simd, &values, x);
         }
-        reduce(simd, sums)
+        sum
     }
 }
 

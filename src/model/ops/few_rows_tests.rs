@@ -109,3 +109,39 @@ fn q8_0_expands_to_candles_dequantized_values() {
         "the values are the blocks', not the weights'"
     );
 }
+
+#[test]
+fn every_form_equals_the_f32_product_across_chunks_row_groups_and_column_tails() {
+    // Width 2112: two full chunks of CHUNK columns and a 64-wide one; rows 2 to 64 in
+    // groups of 4, 3, 2 and 1; 7 outputs: a group of 4 weight rows and 3 left over.
+    let width = 2 * CHUNK + 64;
+    for (rows, out) in [(2, 7), (5, 7), (16, 133), (33, 9), (64, 4)] {
+        let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out, width), &Device::Cpu).unwrap();
+        let tolerance = 1e-5 * width as f32;
+        let got = linear(&xs, &w).unwrap();
+        let expected = xs.matmul(&w.t().unwrap()).unwrap();
+        assert!(max_difference(&got, &expected) < tolerance, "f32 {rows}x{out}");
+
+        let bf16 = w.to_dtype(candle_core::DType::BF16).unwrap();
+        let got = linear_bf16(&xs, &bf16).unwrap();
+        let widened = bf16.to_dtype(candle_core::DType::F32).unwrap();
+        let expected = xs.matmul(&widened.t().unwrap()).unwrap();
+        assert!(max_difference(&got, &expected) < tolerance, "bf16 {rows}x{out}");
+
+        let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        assert_eq!(applies_q8_0(&xs, &quantized, rows), rows <= Q8_0_ROWS);
+        let got = linear_q8_0(&xs, &quantized).unwrap();
+        let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
+        let expected = xs.matmul(&dequantized.t().unwrap()).unwrap();
+        assert_eq!(got.dims(), &[rows, out]);
+        assert!(max_difference(&got, &expected) < tolerance, "q8_0 {rows}x{out}");
+    }
+    let xs = Tensor::zeros((Q8_0_ROWS + 1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let w = QTensor::quantize(
+        &Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::Q8_0,
+    )
+    .unwrap();
+    assert!(!applies_q8_0(&xs, &w, Q8_0_ROWS + 1));
+}

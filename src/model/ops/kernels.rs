@@ -43,6 +43,12 @@ pub fn softmax_last_dim_in_place(scores: &Tensor) -> Result<()> {
     scores.inplace_op1(&SoftmaxInPlace { causal: None })
 }
 
+/// Softmax over one row in place.
+pub fn softmax_row_in_place(row: &mut [f32]) {
+    let visible = row.len();
+    vectorized(SoftmaxRowInPlace { row, visible })
+}
+
 /// Causal softmax over `scores` in place, `[.., rows, keys]` with row `r` the query at
 /// position `start + r % queries` (heads' rows one after another): it sees keys
 /// `0..=start + r % queries`, and the rest get probability 0, exactly as adding a −∞ mask

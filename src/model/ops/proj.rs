@@ -82,7 +82,7 @@ impl Module for Proj {
             Self::ExactBf16 { weight, bias } => {
                 let (rows, width) = (rows(xs), xs.dim(candle_core::D::Minus1)?);
                 let flat = xs.reshape((rows, width))?;
-                let ys = if rows <= FEW_ROWS {
+                let ys = if rows <= FEW_ROWS_WIDENED {
                     few_rows::linear_bf16(&flat, weight)?
                 } else {
                     exact_bf16::linear(&flat, weight)?
@@ -95,7 +95,7 @@ impl Module for Proj {
                 let ys = if few_rows::applies_q8_0(&flat, blocks, rows) {
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
                     few_rows::linear_q8_0(&flat, blocks)?
-                } else if rows > FEW_ROWS && flat.device().is_cpu() {
+                } else if rows > few_rows::Q8_0_ROWS && flat.device().is_cpu() {
                     // A prefill chunk: gemm on the weights expanded to f32 (see
                     // `few_rows::dequantize_q8_0`).
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
@@ -153,3 +153,10 @@ fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
 /// shapes, AVX-512, 2 threads). Beyond, the activations no longer sit in L1 next to a block
 /// of weights, and gemm's packing pays for itself.
 const FEW_ROWS: usize = 16;
+
+/// Up to this many rows weights kept in bf16 go to `few_rows::linear_bf16`, which widens
+/// each chunk of 4 weight rows once for all the rows: one Qwen3-VL-2B layer's projections
+/// at 32 rows took 97 ms through `exact_bf16::linear` (the whole weight widened, then gemm)
+/// and ~35 ms so; at 256 rows the whole-weight route is ahead (`cargo bench --bench
+/// few_rows`, AVX2, 2 threads).
+const FEW_ROWS_WIDENED: usize = 64;

@@ -12,13 +12,14 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
 use crate::model::ops::epilogue::{self, Then};
-use crate::model::ops::kernels;
+use crate::model::ops::frame_attention;
 use crate::model::ops::norm::LayerNorm;
 
 use super::config::VisionConfig;
 
 const NORM_EPS: f64 = 1e-6;
-/// At most this many bytes of attention scores at a time (at least one query row's).
+/// At most this many bytes of attention scores per task of `frame_attention` (at least one
+/// query row's).
 const SCORES_BYTES: usize = 4 << 20;
 
 pub struct VisionModel {
@@ -258,46 +259,9 @@ impl Block {
         let q = (rotate(0)? * scale)?;
         let k = rotate(1)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
-        let mut outputs = Vec::with_capacity(frames.len());
-        let mut first = 0;
-        for &len in frames {
-            let part = |t: &Tensor| -> Result<Tensor> { t.narrow(0, first, len)?.transpose(0, 1)?.contiguous() };
-            outputs.push(attend(&part(&q)?, &part(&k)?, &part(&v)?, scores_bytes)?.transpose(0, 1)?);
-            first += len;
-        }
-        let out = Tensor::cat(&outputs, 0)?.reshape((rows, d))?;
+        let out = frame_attention::attention(&q, &k, &v, frames, scores_bytes)?;
         epilogue::linear(&self.proj, &out, Then::Add(residual))
     }
-}
-
-/// Attention of one frame: `q`, `k`, `v` `[heads, patches, head_dim]` (q already scaled).
-/// A few heads and a block of queries at a time: their scores stay within `scores_bytes`
-/// (a 1024x768 image is 3072 patches: all its scores are 600 MB), so they are still in
-/// cache when the softmax and the second matmul read them. Softmax is per row, so blocks of
-/// rows give the same result.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scores_bytes: usize) -> Result<Tensor> {
-    let (heads, len, _) = q.dims3()?;
-    let block_rows = (scores_bytes / (len * 4)).clamp(1, len);
-    let group = (scores_bytes / (block_rows * len * 4)).clamp(1, heads);
-    let mut per_head = Vec::with_capacity(heads.div_ceil(group));
-    for h in (0..heads).step_by(group) {
-        let hn = group.min(heads - h);
-        let (q, kt, v) = (q.narrow(0, h, hn)?, k.narrow(0, h, hn)?.t()?, v.narrow(0, h, hn)?);
-        let mut blocks = Vec::with_capacity(len.div_ceil(block_rows));
-        for start in (0..len).step_by(block_rows) {
-            let n = block_rows.min(len - start);
-            let scores = q.narrow(1, start, n)?.matmul(&kt)?;
-            let probs = if kernels::applies(&scores) && scores.is_contiguous() {
-                kernels::softmax_last_dim_in_place(&scores)?;
-                scores
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?
-            };
-            blocks.push(probs.matmul(&v)?);
-        }
-        per_head.push(Tensor::cat(&blocks, 1)?);
-    }
-    Tensor::cat(&per_head, 0)
 }
 
 impl Merger {

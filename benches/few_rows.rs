@@ -1,0 +1,105 @@
+//! The text model's projections at decode batch sizes, kernel by kernel: one Qwen3-VL-2B
+//! decoder layer's four projections (fused QKV, output, fused gate/up, down) with random
+//! weights, in each storage form the server uses (dense f32, f32 kept as exact bf16, Q8_0),
+//! at 1 to 256 rows, the forms taking turns; and `few_rows::linear_q8_0` at every row count,
+//! where the server takes it up to 16. Two layers' weights are cycled so that every
+//! step reads its weights from memory, as a decode step does.
+//!   RAYON_NUM_THREADS=2 cargo bench --bench few_rows
+//! Prints one JSON object: per rows and form, the median milliseconds for one layer and the
+//! GFLOP/s it reached.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+use ocellus::model::ops::{few_rows, proj::Proj};
+
+/// One projection in one form: through `Proj` (the server's choice of kernel by rows) or
+/// straight into `few_rows::linear_q8_0` at any rows (to compare its range).
+enum Layer {
+    Proj(Proj),
+    FewRowsQ8_0(QTensor),
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        match self {
+            Self::Proj(proj) => proj.forward(xs).unwrap(),
+            Self::FewRowsQ8_0(blocks) => few_rows::linear_q8_0(xs, blocks).unwrap(),
+        }
+    }
+}
+
+/// `[out, in]` of Qwen3-VL-2B's projections: QKV (16 + 2x8 heads of 128), o, gate/up, down.
+const SHAPES: [(usize, usize); 4] = [(4096, 2048), (2048, 2048), (12288, 2048), (2048, 6144)];
+const LAYERS: usize = 2;
+const TURNS: usize = 15;
+
+fn layer(form: &str) -> Vec<Layer> {
+    SHAPES
+        .iter()
+        .map(|&(out, width)| {
+            // bf16-valued weights, as a bf16 checkpoint loaded in f32 has.
+            let weight = (Tensor::randn(0f32, 0.02, (out, width), &Device::Cpu).unwrap())
+                .to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            if form == "q8_0_few_rows" {
+                return Layer::FewRowsQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap());
+            }
+            let mut proj = Proj::Dense(Linear::new(weight, None));
+            match form {
+                "f32" => {}
+                "f32_exact_bf16" => assert!(proj.compact().unwrap()),
+                "q8_0" => assert!(proj.quantize_q8_0().unwrap()),
+                other => panic!("no form {other}"),
+            }
+            Layer::Proj(proj)
+        })
+        .collect()
+}
+
+fn main() {
+    let forms = ["f32", "f32_exact_bf16", "q8_0", "q8_0_few_rows"];
+    let layers: Vec<Vec<Vec<Layer>>> = forms.iter().map(|f| (0..LAYERS).map(|_| layer(f)).collect()).collect();
+    let flops_per_row: f64 = SHAPES.iter().map(|&(o, i)| 2.0 * (o * i) as f64).sum();
+    let mut report = BTreeMap::new();
+    for rows in [1usize, 8, 16, 32, 64, 256] {
+        let inputs: Vec<Tensor> = SHAPES
+            .iter()
+            .map(|&(_, width)| Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap())
+            .collect();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); forms.len()];
+        for _ in 0..TURNS {
+            for (f, form_layers) in layers.iter().enumerate() {
+                for layer in form_layers {
+                    let start = Instant::now();
+                    for (proj, xs) in layer.iter().zip(&inputs) {
+                        std::hint::black_box(proj.forward(xs));
+                    }
+                    times[f].push(start.elapsed().as_secs_f64());
+                }
+            }
+        }
+        let mut per_form = BTreeMap::new();
+        for (form, mut t) in forms.iter().zip(times) {
+            t.sort_by(f64::total_cmp);
+            let median = t[t.len() / 2];
+            per_form.insert(
+                *form,
+                serde_json::json!({
+                    "ms": median * 1e3,
+                    "gflop_s": flops_per_row * rows as f64 / median / 1e9,
+                }),
+            );
+        }
+        report.insert(format!("rows_{rows}"), per_form);
+    }
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
