@@ -1,10 +1,11 @@
 //! The text model's projections at decode batch sizes, kernel by kernel: one Qwen3-VL-2B
 //! decoder layer's four projections (fused QKV, output, fused gate/up, down) with random
 //! weights, in each storage form the server uses (dense f32, f32 kept as exact bf16, Q8_0),
-//! at 1 to 256 rows, the forms taking turns; and `few_rows::linear_q8_0` at every row count,
-//! where the server takes it up to 16. Two layers' weights are cycled so that every
+//! at 1 to 256 rows, the forms taking turns; and Q8_0's two kernels (`few_rows::linear_q8_0`
+//! and `linear_q8_0_widened`) each at every row count, to place the switch between them. Two layers' weights are cycled so that every
 //! step reads its weights from memory, as a decode step does.
 //!   RAYON_NUM_THREADS=2 cargo bench --bench few_rows
+//! Then the head over the vocabulary (bf16-kept and q8_0) at 1 and 16 rows.
 //! Prints one JSON object: per rows and form, the median milliseconds for one layer and the
 //! GFLOP/s it reached.
 
@@ -20,10 +21,11 @@ use candle_nn::Linear;
 use ocellus::model::ops::{few_rows, proj::Proj};
 
 /// One projection in one form: through `Proj` (the server's choice of kernel by rows) or
-/// straight into `few_rows::linear_q8_0` at any rows (to compare its range).
+/// straight into one of Q8_0's two kernels at any rows (to compare their ranges).
 enum Layer {
     Proj(Proj),
     FewRowsQ8_0(QTensor),
+    WidenedQ8_0(QTensor),
 }
 
 impl Layer {
@@ -31,17 +33,20 @@ impl Layer {
         match self {
             Self::Proj(proj) => proj.forward(xs).unwrap(),
             Self::FewRowsQ8_0(blocks) => few_rows::linear_q8_0(xs, blocks).unwrap(),
+            Self::WidenedQ8_0(blocks) => few_rows::linear_q8_0_widened(xs, blocks).unwrap(),
         }
     }
 }
 
 /// `[out, in]` of Qwen3-VL-2B's projections: QKV (16 + 2x8 heads of 128), o, gate/up, down.
 const SHAPES: [(usize, usize); 4] = [(4096, 2048), (2048, 2048), (12288, 2048), (2048, 6144)];
+/// The tied head: the vocabulary by the hidden size.
+const HEAD: (usize, usize) = (151936, 2048);
 const LAYERS: usize = 2;
 const TURNS: usize = 15;
 
-fn layer(form: &str) -> Vec<Layer> {
-    SHAPES
+fn layer(form: &str, shapes: &[(usize, usize)]) -> Vec<Layer> {
+    shapes
         .iter()
         .map(|&(out, width)| {
             // bf16-valued weights, as a bf16 checkpoint loaded in f32 has.
@@ -50,8 +55,10 @@ fn layer(form: &str) -> Vec<Layer> {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            if form == "q8_0_few_rows" {
-                return Layer::FewRowsQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap());
+            match form {
+                "q8_0_few_rows" => return Layer::FewRowsQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
+                "q8_0_widened" => return Layer::WidenedQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
+                _ => {}
             }
             let mut proj = Proj::Dense(Linear::new(weight, None));
             match form {
@@ -66,8 +73,11 @@ fn layer(form: &str) -> Vec<Layer> {
 }
 
 fn main() {
-    let forms = ["f32", "f32_exact_bf16", "q8_0", "q8_0_few_rows"];
-    let layers: Vec<Vec<Vec<Layer>>> = forms.iter().map(|f| (0..LAYERS).map(|_| layer(f)).collect()).collect();
+    let forms = ["f32", "f32_exact_bf16", "q8_0", "q8_0_few_rows", "q8_0_widened"];
+    let layers: Vec<Vec<Vec<Layer>>> = forms
+        .iter()
+        .map(|f| (0..LAYERS).map(|_| layer(f, &SHAPES)).collect())
+        .collect();
     let flops_per_row: f64 = SHAPES.iter().map(|&(o, i)| 2.0 * (o * i) as f64).sum();
     let mut report = BTreeMap::new();
     for rows in [1usize, 8, 16, 32, 64, 256] {
@@ -100,6 +110,31 @@ fn main() {
             );
         }
         report.insert(format!("rows_{rows}"), per_form);
+    }
+    // The tied head over Qwen3-VL's vocabulary, in the forms a bf16 checkpoint takes.
+    let head_forms = ["f32_exact_bf16", "q8_0"];
+    let heads: Vec<Vec<Layer>> = head_forms.iter().map(|f| layer(f, &[HEAD])).collect();
+    for rows in [1usize, 16] {
+        let xs = Tensor::randn(0f32, 1.0, (rows, HEAD.1), &Device::Cpu).unwrap();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); head_forms.len()];
+        for _ in 0..TURNS {
+            for (head, times) in heads.iter().zip(&mut times) {
+                let start = Instant::now();
+                std::hint::black_box(head[0].forward(&xs));
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        let mut per_form = BTreeMap::new();
+        for (form, mut t) in head_forms.iter().zip(times) {
+            t.sort_by(f64::total_cmp);
+            let median = t[t.len() / 2];
+            let flops = 2.0 * (HEAD.0 * HEAD.1 * rows) as f64;
+            per_form.insert(
+                *form,
+                serde_json::json!({"ms": median * 1e3, "gflop_s": flops / median / 1e9}),
+            );
+        }
+        report.insert(format!("head_rows_{rows}"), per_form);
     }
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
 }

@@ -126,10 +126,11 @@ fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
     }
 }
 
-/// A Q8_0 weight `[out, in]` as f32, expanded on every thread: for many rows (a prefill
-/// chunk) gemm on the f32 values beats candle's Q8_0 matmul, which dots each row with each
-/// weight row in turn (a 782-token prefill of Qwen3-VL-2B: 9 tokens/s against f32's 48).
-pub fn dequantize_q8_0(weight: &QTensor) -> Result<Tensor> {
+/// `xs · weightᵀ` for many rows (a prefill chunk) with a Q8_0 weight: gemm on the blocks
+/// expanded to f32 slab by slab (`exact_bf16::linear_widened`), which beats candle's Q8_0
+/// matmul, which dots each row with each weight row in turn (a 782-token prefill of
+/// Qwen3-VL-2B: 9 tokens/s against f32's 48).
+pub fn linear_q8_0_widened(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
     let (out, width) = weight.shape().dims2()?;
     if weight.dtype() != GgmlDType::Q8_0 || width % Q8_0_WEIGHTS != 0 {
         bail!("Q8_0 expansion of {:?} [{out}, {width}]", weight.dtype())
@@ -139,18 +140,31 @@ pub fn dequantize_q8_0(weight: &QTensor) -> Result<Tensor> {
     if data.len() != out * row_len {
         bail!("Q8_0 expansion: {} bytes for [{out}, {width}]", data.len())
     }
-    let mut values = vec![0f32; out * width];
-    let rows = rows_per_task(out);
-    values
-        .par_chunks_mut(rows * width)
-        .zip(data.par_chunks(rows * row_len))
-        .for_each(|(values, blocks)| expand_q8_0(blocks, values));
-    Tensor::from_vec(values, (out, width), &Device::Cpu)
+    super::exact_bf16::linear_widened(xs, (out, width), |first, values| {
+        let rows = values.len() / width;
+        let blocks = &data[first * row_len..(first + rows) * row_len];
+        pulp::Arch::new().dispatch(ExpandQ8_0 { blocks, values })
+    })
+}
+
+/// `expand_q8_0` compiled for the CPU's vector extensions.
+struct ExpandQ8_0<'a> {
+    blocks: &'a [u8],
+    values: &'a mut [f32],
+}
+
+impl pulp::WithSimd for ExpandQ8_0<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        expand_q8_0(self.blocks, self.values)
+    }
 }
 
 /// Up to this many rows `linear_q8_0` is ahead of gemm on the weights expanded whole
-/// (`dequantize_q8_0`): one Qwen3-VL-2B layer's projections at 32 rows in 32 ms against
-/// 63, at 64 in 62 against 80; at 256 gemm's 193 against 246 (`cargo bench --bench
+/// (`linear_q8_0_widened`): one Qwen3-VL-2B layer's projections at 32 rows in 33 ms against
+/// 53, at 64 in 69 against 78; at 256 gemm's 197 against 271 (`cargo bench --bench
 /// few_rows`, AVX2, 2 threads).
 pub const Q8_0_ROWS: usize = 64;
 
@@ -205,40 +219,36 @@ trait Format {
     fn dot<S: pulp::Simd>(simd: S, w: &[Self::Elem], x: &[f32]) -> f32;
 }
 
+/// Splits the weight rows into tasks of `rows_per_task` over rayon's threads, each filling
+/// `[rows, its weight rows]` (`Block`).
 fn multiply<F: Format>(xs: &Tensor, w: &[F::Elem], width: usize, out: usize) -> Result<Tensor> {
-    multiply_tasks(xs, w, F::row_len(width), out, |x, w, part| {
-        pulp::Arch::new().dispatch(Block::<F> {
-            x,
-            w,
-            width,
-            row_len: F::row_len(width),
-            out: part,
-        })
-    })
-}
-
-/// Splits the weight rows into tasks of `rows_per_task` over rayon's threads; `task(xs,
-/// weight rows, out)` fills `out` (`[rows, weight rows]`) for its share.
-fn multiply_tasks<E: Sync>(
-    xs: &Tensor,
-    w: &[E],
-    row_len: usize,
-    out: usize,
-    task: impl Fn(&[f32], &[E], &mut [f32]) + Sync,
-) -> Result<Tensor> {
     let rows = xs.dim(0)?;
     let xs = xs.contiguous()?;
     let (x_storage, x_layout) = xs.storage_and_layout();
     let x = cpu_f32(&x_storage, x_layout, "few-row linear")?;
+    // Once for every task: split per task, bf16's 16 rows were copied 2374 times per step
+    // for Qwen3-VL's vocabulary, 300 MB.
+    let x = F::arrange(x, width, if rows == 1 { width } else { CHUNK });
+    let row_len = F::row_len(width);
     // Each task owns a range of output columns, computed as [rows, columns] and copied into
     // place (the output is a few rows: the copy is negligible next to the weights' traffic).
     let parts: Vec<Vec<f32>> = w
         .par_chunks(rows_per_task(out) * row_len)
-        .map(|w| {
-            let mut part = vec![0f32; rows * (w.len() / row_len)];
-            task(x, w, &mut part);
-            part
-        })
+        .map_init(
+            || vec![0f32; 4 * CHUNK],
+            |buffers, w| {
+                let mut part = vec![0f32; rows * (w.len() / row_len)];
+                pulp::Arch::new().dispatch(Block::<F> {
+                    x: &x,
+                    w,
+                    width,
+                    row_len,
+                    out: &mut part,
+                    buffers,
+                });
+                part
+            },
+        )
         .collect();
     let mut ys = vec![0f32; rows * out];
     let mut column = 0;
@@ -266,6 +276,8 @@ struct Block<'a, F: Format> {
     row_len: usize,
     /// `[rows, w rows]`.
     out: &'a mut [f32],
+    /// Room for 4 weight rows of a chunk as f32.
+    buffers: &'a mut [f32],
 }
 
 impl<F: Format> pulp::WithSimd for Block<'_, F> {
@@ -280,28 +292,26 @@ impl<F: Format> pulp::WithSimd for Block<'_, F> {
         let rows = self.x.len() / width;
         let columns = self.w.len() / row_len;
         let w = self.w;
+        let x = self.x;
         if rows == 1 {
-            let x = F::arrange(self.x, width, width);
             for (c, out) in self.out.iter_mut().enumerate() {
-                *out = F::dot(simd, row(w, c, row_len), &x);
+                *out = F::dot(simd, row(w, c, row_len), x);
             }
             return;
         }
-        let x = F::arrange(self.x, width, CHUNK);
         let out = self.out;
         out.fill(0.0);
-        let mut buffers = vec![0f32; 4 * CHUNK];
         for c in (0..columns).step_by(4) {
             let n = (columns - c).min(4);
             for k0 in (0..width).step_by(CHUNK) {
                 let kc = CHUNK.min(width - k0);
-                let mut parts = buffers.chunks_exact_mut(CHUNK);
+                let mut parts = self.buffers.chunks_exact_mut(CHUNK);
                 let ws: [&[f32]; 4] = std::array::from_fn(|i| match parts.next() {
                     Some(buffer) if i < n => F::weights(row(w, c + i, row_len), k0, kc, buffer),
                     _ => &[],
                 });
                 let chunk = Chunk {
-                    x: &x,
+                    x,
                     width,
                     k0,
                     kc,

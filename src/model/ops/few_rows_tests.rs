@@ -97,15 +97,17 @@ fn refuses_mismatched_widths() {
 }
 
 #[test]
-fn q8_0_expands_to_candles_dequantized_values() {
-    // 70 rows: tasks of uneven length over the threads.
+fn q8_0_widened_equals_candles_dequantized_weights_times_the_activations() {
+    // 70 rows: parts of uneven length over the threads.
     let w = Tensor::randn(0f32, 1.0, (70, 96), &Device::Cpu).unwrap();
     let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-    let ours = dequantize_q8_0(&quantized).unwrap();
+    let xs = Tensor::randn(0f32, 1.0, (100, 96), &Device::Cpu).unwrap();
+    let ours = linear_q8_0_widened(&xs, &quantized).unwrap();
     let candles = quantized.dequantize(&Device::Cpu).unwrap();
-    assert_eq!(max_difference(&ours, &candles), 0.0);
+    let expected = xs.matmul(&candles.t().unwrap()).unwrap();
+    assert!(max_difference(&ours, &expected) < 1e-3);
     assert!(
-        max_difference(&ours, &w) > 1e-4,
+        max_difference(&ours, &xs.matmul(&w.t().unwrap()).unwrap()) > 1e-3,
         "the values are the blocks', not the weights'"
     );
 }

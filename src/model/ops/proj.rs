@@ -19,7 +19,8 @@ pub enum Proj {
         bias: Option<Tensor>,
     },
     /// Weights in Q8_0 blocks. Few rows go to `few_rows::linear_q8_0`, many to gemm on the
-    /// blocks expanded to f32 (both keep the activations in f32); candle's kernel, which
+    /// blocks expanded to f32 (`few_rows::linear_q8_0_widened`; both keep the activations
+    /// in f32); candle's kernel, which
     /// rounds the activations to 8 bits too, takes one row without AVX-512 and GPU devices.
     Q8_0 {
         weight: QMatMul,
@@ -96,10 +97,9 @@ impl Module for Proj {
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
                     few_rows::linear_q8_0(&flat, blocks)?
                 } else if rows > few_rows::Q8_0_ROWS && flat.device().is_cpu() {
-                    // A prefill chunk: gemm on the weights expanded to f32 (see
-                    // `few_rows::dequantize_q8_0`).
+                    // A prefill chunk: gemm on the weights expanded to f32.
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
-                    flat.matmul(&few_rows::dequantize_q8_0(blocks)?.t()?)?
+                    few_rows::linear_q8_0_widened(&flat, blocks)?
                 } else {
                     weight.forward(&flat)?
                 };
@@ -155,8 +155,8 @@ fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
 const FEW_ROWS: usize = 16;
 
 /// Up to this many rows weights kept in bf16 go to `few_rows::linear_bf16`, which widens
-/// each chunk of 4 weight rows once for all the rows: one Qwen3-VL-2B layer's projections
-/// at 32 rows took 97 ms through `exact_bf16::linear` (the whole weight widened, then gemm)
-/// and ~35 ms so; at 256 rows the whole-weight route is ahead (`cargo bench --bench
-/// few_rows`, AVX2, 2 threads).
+/// each chunk of 4 weight rows once for all the rows; beyond, `exact_bf16::linear` widens
+/// the weight whole for gemm. One Qwen3-VL-2B layer's projections at 32 rows: 33 ms against
+/// ~53 (97 when the whole-weight route still widened 1 MiB slabs); at 256 the whole-weight
+/// route is ahead (`cargo bench --bench few_rows`, AVX2, 2 threads).
 const FEW_ROWS_WIDENED: usize = 64;
