@@ -2,7 +2,7 @@
 //! decoder layer's four projections (fused QKV, output, fused gate/up, down) with random
 //! weights, in each storage form the server uses (dense f32, f32 kept as exact bf16, Q8_0),
 //! at 1 to 256 rows, the forms taking turns; and Q8_0's two kernels (`few_rows::linear_q8_0`
-//! and `linear_q8_0_widened`) each at every row count, to place the switch between them. Two layers' weights are cycled so that every
+//! and `widened::linear_q8_0`) each at every row count, to place the switch between them. Two layers' weights are cycled so that every
 //! step reads its weights from memory, as a decode step does.
 //!   RAYON_NUM_THREADS=2 cargo bench --bench few_rows
 //! Then the head over the vocabulary (bf16-kept and q8_0) at 1 and 16 rows.
@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
-use ocellus::model::ops::{few_rows, proj::Proj};
+use ocellus::model::ops::{few_rows, proj::Proj, widened};
 
 /// One projection in one form: through `Proj` (the server's choice of kernel by rows) or
 /// straight into one of Q8_0's two kernels at any rows (to compare their ranges).
@@ -33,7 +33,7 @@ impl Layer {
         match self {
             Self::Proj(proj) => proj.forward(xs).unwrap(),
             Self::FewRowsQ8_0(blocks) => few_rows::linear_q8_0(xs, blocks).unwrap(),
-            Self::WidenedQ8_0(blocks) => few_rows::linear_q8_0_widened(xs, blocks).unwrap(),
+            Self::WidenedQ8_0(blocks) => widened::linear_q8_0(xs, blocks).unwrap(),
         }
     }
 }

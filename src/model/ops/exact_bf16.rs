@@ -5,20 +5,12 @@
 //! the f32 weight gives: the same outputs, bit for bit, from half the bytes. A decode step
 //! reads every weight once and is bound by memory bandwidth, so it runs up to twice as fast,
 //! and the weights take half the memory. Products over many rows (prefill) widen the weight
-//! (in slabs of at most 64 MiB) into a buffer kept per thread and hand it to gemm, as
-//! candle's matmul hands it the f32 weight.
+//! for gemm (`widened`).
 
-use candle_core::{DType, Device, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
 use super::kernels::{cpu_bf16, cpu_f32};
-
-/// Widened f32 weights per slab, at most: 64 MiB, which holds most projections whole. In
-/// slabs of 1 MiB (to stay in L2) each slab was its own gemm, which packed the activations
-/// again every time: one Qwen3-VL-2B layer at 256 rows took 235 ms against dense f32's 166;
-/// whole, 193 (`cargo bench --bench few_rows`).
-const SLAB_ELEMENTS: usize = 16 * 1024 * 1024;
 
 /// The weight as bf16 if it is an f32 CPU matrix of even width whose every value is exactly
 /// a bf16 (the low 16 bits of each f32 are zero); `None` otherwise.
@@ -39,12 +31,6 @@ pub fn compact(weight: &Tensor) -> Result<Option<Tensor>> {
         .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
         .collect();
     Ok(Some(Tensor::from_vec(halves, weight.shape(), &Device::Cpu)?))
-}
-
-thread_local! {
-    /// The widened slab, kept between calls: a fresh allocation of up to `SLAB_ELEMENTS`
-    /// f32s per projection was mapped and zeroed by the kernel page by page each time.
-    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Widen<'a> {
@@ -70,80 +56,13 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (out, width) = weight.dims2()?;
     let (w_storage, w_layout) = weight.storage_and_layout();
     let w = cpu_bf16(&w_storage, w_layout, "bf16 linear")?;
-    linear_widened(xs, (out, width), |first, values| {
+    super::widened::linear(xs, (out, width), |first, values| {
         let values_of = &w[first * width..first * width + values.len()];
         pulp::Arch::new().dispatch(Widen {
             values: values_of,
             out: values,
         })
     })
-}
-
-/// `xs · weightᵀ` for a weight `[out, width]` stored in another form: `widen(first, values)`
-/// writes weight rows from `first` as f32 into `values` (whole rows). The weight is widened
-/// slab by slab, on every thread, into a buffer kept per thread, and each slab handed to
-/// gemm.
-pub(super) fn linear_widened(
-    xs: &Tensor,
-    (out, width): (usize, usize),
-    widen: impl Fn(usize, &mut [f32]) + Sync,
-) -> Result<Tensor> {
-    let (rows, xs_width) = xs.dims2()?;
-    if width != xs_width || width == 0 {
-        bail!("widened linear: [{rows}, {xs_width}] times [{out}, {width}]ᵀ")
-    }
-    let xs = xs.contiguous()?;
-    let (x_storage, x_layout) = xs.storage_and_layout();
-    let x = cpu_f32(&x_storage, x_layout, "widened linear")?;
-    let slabs = (out * width).div_ceil(SLAB_ELEMENTS).max(1);
-    let slab_rows = out.div_ceil(slabs).next_multiple_of(16);
-    let mut ys = vec![0f32; rows * out];
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    WIDENED.with_borrow_mut(|widened| {
-        for first in (0..out).step_by(slab_rows) {
-            let columns = slab_rows.min(out - first);
-            if widened.len() < columns * width {
-                widened.resize(columns * width, 0.0);
-            }
-            let part_rows = columns.div_ceil(threads).max(1);
-            widened[..columns * width]
-                .par_chunks_mut(part_rows * width)
-                .enumerate()
-                .for_each(|(i, values)| widen(first + i * part_rows, values));
-            // SAFETY: dst is `ys` from column `first`, `rows` rows `out` apart, each `columns`
-            // wide (in bounds: the slabs partition the columns); lhs is `x`, `rows` rows of
-            // `width`; rhs is the widened slab read transposed (`columns` rows of `width`).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    columns,
-                    width,
-                    ys.as_mut_ptr().add(first),
-                    1,
-                    out as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    width as isize,
-                    widened.as_ptr(),
-                    width as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                )
-            }
-        }
-    });
-    Tensor::from_vec(ys, (rows, out), &Device::Cpu)
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
 
 /// Q8_0 blocks to their f32 values (exactly: an f16 scale times an i8), block by block.
 #[inline(always)]
-fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
+pub(super) fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
     for (block, values) in blocks
         .chunks_exact(Q8_0_BYTES)
         .zip(values.chunks_exact_mut(Q8_0_WEIGHTS))
@@ -126,44 +126,8 @@ fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
     }
 }
 
-/// `xs · weightᵀ` for many rows (a prefill chunk) with a Q8_0 weight: gemm on the blocks
-/// expanded to f32 slab by slab (`exact_bf16::linear_widened`), which beats candle's Q8_0
-/// matmul, which dots each row with each weight row in turn (a 782-token prefill of
-/// Qwen3-VL-2B: 9 tokens/s against f32's 48).
-pub fn linear_q8_0_widened(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
-    let (out, width) = weight.shape().dims2()?;
-    if weight.dtype() != GgmlDType::Q8_0 || width % Q8_0_WEIGHTS != 0 {
-        bail!("Q8_0 expansion of {:?} [{out}, {width}]", weight.dtype())
-    }
-    let data = weight.data()?;
-    let row_len = Q8_0::row_len(width);
-    if data.len() != out * row_len {
-        bail!("Q8_0 expansion: {} bytes for [{out}, {width}]", data.len())
-    }
-    super::exact_bf16::linear_widened(xs, (out, width), |first, values| {
-        let rows = values.len() / width;
-        let blocks = &data[first * row_len..(first + rows) * row_len];
-        pulp::Arch::new().dispatch(ExpandQ8_0 { blocks, values })
-    })
-}
-
-/// `expand_q8_0` compiled for the CPU's vector extensions.
-struct ExpandQ8_0<'a> {
-    blocks: &'a [u8],
-    values: &'a mut [f32],
-}
-
-impl pulp::WithSimd for ExpandQ8_0<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        expand_q8_0(self.blocks, self.values)
-    }
-}
-
 /// Up to this many rows `linear_q8_0` is ahead of gemm on the weights expanded whole
-/// (`linear_q8_0_widened`): one Qwen3-VL-2B layer's projections at 32 rows in 33 ms against
+/// (`widened::linear_q8_0`): one Qwen3-VL-2B layer's projections at 32 rows in 33 ms against
 /// 53, at 64 in 69 against 78; at 256 gemm's 197 against 271 (`cargo bench --bench
 /// few_rows`, AVX2, 2 threads).
 pub const Q8_0_ROWS: usize = 64;
@@ -192,8 +156,8 @@ pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
 #[path = "few_rows_avx512.rs"]
 mod avx512;
 
-const Q8_0_WEIGHTS: usize = 32;
-const Q8_0_BYTES: usize = 34;
+pub(super) const Q8_0_WEIGHTS: usize = 32;
+pub(super) const Q8_0_BYTES: usize = 34;
 
 /// A weight layout: how one weight row is stored, how it is dotted with one input row, and
 /// how a chunk of it becomes f32 for several.

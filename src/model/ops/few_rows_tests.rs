@@ -102,7 +102,7 @@ fn q8_0_widened_equals_candles_dequantized_weights_times_the_activations() {
     let w = Tensor::randn(0f32, 1.0, (70, 96), &Device::Cpu).unwrap();
     let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
     let xs = Tensor::randn(0f32, 1.0, (100, 96), &Device::Cpu).unwrap();
-    let ours = linear_q8_0_widened(&xs, &quantized).unwrap();
+    let ours = crate::model::ops::widened::linear_q8_0(&xs, &quantized).unwrap();
     let candles = quantized.dequantize(&Device::Cpu).unwrap();
     let expected = xs.matmul(&candles.t().unwrap()).unwrap();
     assert!(max_difference(&ours, &expected) < 1e-3);

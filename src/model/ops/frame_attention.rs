@@ -122,67 +122,102 @@ fn on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: us
         }
         first += len;
     }
+    let operands = Operands {
+        q,
+        k,
+        v,
+        head_dim,
+        width,
+    };
     tasks
         .into_par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (first, len, h, start, n)| {
-            scores.resize(n * len, 0.0);
-            // SAFETY: every operand pointer and stride stays within its storage (`operand`
-            // checked the last element of the whole view; these are rows `first..first +
-            // len` of head `h`); `scores` is `n` rows of `len`; the output region (rows
-            // `first + start..` of `n`, columns `h * head_dim..` of `head_dim`) is this
-            // task's alone.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    len,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    q.at(first + start, h),
-                    1,
-                    q.row as isize,
-                    k.at(first, h),
-                    k.row as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_exact_mut(len) {
-                kernels::softmax_row_in_place(row);
-            }
-            let dst = target.ptr();
-            unsafe {
-                gemm::gemm(
-                    n,
-                    head_dim,
-                    len,
-                    dst.add((first + start) * width + h * head_dim),
-                    1,
-                    width as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    len as isize,
-                    v.at(first, h),
-                    1,
-                    v.row as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+        .for_each_init(Vec::new, |scores, task| operands.task(task, scores, &target));
     Tensor::from_vec(out, (rows, width), &Device::Cpu)
+}
+
+/// The three operands of one call and the output's shape.
+struct Operands<'a> {
+    q: Operand<'a>,
+    k: Operand<'a>,
+    v: Operand<'a>,
+    head_dim: usize,
+    width: usize,
+}
+
+impl Operands<'_> {
+    /// One head of one block of a frame's queries: `(first row of the frame, its patches,
+    /// head, first query, queries)`.
+    fn task(
+        &self,
+        (first, len, h, start, n): (usize, usize, usize, usize, usize),
+        scores: &mut Vec<f32>,
+        target: &Out,
+    ) {
+        let Self {
+            q,
+            k,
+            v,
+            head_dim,
+            width,
+        } = self;
+        let (head_dim, width) = (*head_dim, *width);
+        scores.resize(n * len, 0.0);
+        // SAFETY: every operand pointer and stride stays within its storage (`operand`
+        // checked the last element of the whole view; these are rows `first..first +
+        // len` of head `h`); `scores` is `n` rows of `len`; the output region (rows
+        // `first + start..` of `n`, columns `h * head_dim..` of `head_dim`) is this
+        // task's alone.
+        unsafe {
+            gemm::gemm(
+                n,
+                len,
+                head_dim,
+                scores.as_mut_ptr(),
+                1,
+                len as isize,
+                false,
+                q.at(first + start, h),
+                1,
+                q.row as isize,
+                k.at(first, h),
+                k.row as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for row in scores.chunks_exact_mut(len) {
+            kernels::softmax_row_in_place(row);
+        }
+        let dst = target.ptr();
+        unsafe {
+            gemm::gemm(
+                n,
+                head_dim,
+                len,
+                dst.add((first + start) * width + h * head_dim),
+                1,
+                width as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                len as isize,
+                v.at(first, h),
+                1,
+                v.row as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
 }
 
 /// A `[rows, heads, head_dim]` view's storage and strides, checked to lie within it.

@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::Linear;
 
-use super::{exact_bf16, few_rows};
+use super::{exact_bf16, few_rows, widened};
 
 pub enum Proj {
     Dense(Linear),
@@ -19,7 +19,7 @@ pub enum Proj {
         bias: Option<Tensor>,
     },
     /// Weights in Q8_0 blocks. Few rows go to `few_rows::linear_q8_0`, many to gemm on the
-    /// blocks expanded to f32 (`few_rows::linear_q8_0_widened`; both keep the activations
+    /// blocks expanded to f32 (`widened::linear_q8_0`; both keep the activations
     /// in f32); candle's kernel, which
     /// rounds the activations to 8 bits too, takes one row without AVX-512 and GPU devices.
     Q8_0 {
@@ -99,7 +99,7 @@ impl Module for Proj {
                 } else if rows > few_rows::Q8_0_ROWS && flat.device().is_cpu() {
                     // A prefill chunk: gemm on the weights expanded to f32.
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
-                    few_rows::linear_q8_0_widened(&flat, blocks)?
+                    widened::linear_q8_0(&flat, blocks)?
                 } else {
                     weight.forward(&flat)?
                 };
