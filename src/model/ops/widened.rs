@@ -18,7 +18,7 @@ const SLAB_ELEMENTS: usize = 16 * 1024 * 1024;
 thread_local! {
     /// The widened slab, kept between calls: a fresh allocation of up to `SLAB_ELEMENTS`
     /// f32s per projection was mapped and zeroed by the kernel page by page each time.
-    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WIDENED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `xs · weightᵀ` for a weight `[out, width]` stored in another form: `widen(first, values)`
@@ -42,45 +42,48 @@ pub fn linear(xs: &Tensor, (out, width): (usize, usize), widen: impl Fn(usize, &
     } else {
         gemm::Parallelism::None
     };
-    WIDENED.with_borrow_mut(|widened| {
-        for first in (0..out).step_by(slab_rows) {
-            let columns = slab_rows.min(out - first);
-            if widened.len() < columns * width {
-                widened.resize(columns * width, 0.0);
-            }
-            let part_rows = columns.div_ceil(threads).max(1);
-            widened[..columns * width]
-                .par_chunks_mut(part_rows * width)
-                .enumerate()
-                .for_each(|(i, values)| widen(first + i * part_rows, values));
-            // SAFETY: dst is `ys` from column `first`, `rows` rows `out` apart, each `columns`
-            // wide (in bounds: the slabs partition the columns); lhs is `x`, `rows` rows of
-            // `width`; rhs is the widened slab read transposed (`columns` rows of `width`).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    columns,
-                    width,
-                    ys.as_mut_ptr().add(first),
-                    1,
-                    out as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    width as isize,
-                    widened.as_ptr(),
-                    width as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                )
-            }
+    // Taken out of the thread's slot for the call, and put back after: while gemm waits for
+    // its jobs this worker may steal another step's (another engine, or the vision thread's
+    // encode) and come back here with the slot empty, which then gets a buffer of its own.
+    let mut widened = WIDENED.take();
+    for first in (0..out).step_by(slab_rows) {
+        let columns = slab_rows.min(out - first);
+        if widened.len() < columns * width {
+            widened.resize(columns * width, 0.0);
         }
-    });
+        let part_rows = columns.div_ceil(threads).max(1);
+        widened[..columns * width]
+            .par_chunks_mut(part_rows * width)
+            .enumerate()
+            .for_each(|(i, values)| widen(first + i * part_rows, values));
+        // SAFETY: dst is `ys` from column `first`, `rows` rows `out` apart, each `columns`
+        // wide (in bounds: the slabs partition the columns); lhs is `x`, `rows` rows of
+        // `width`; rhs is the widened slab read transposed (`columns` rows of `width`).
+        unsafe {
+            gemm::gemm(
+                rows,
+                columns,
+                width,
+                ys.as_mut_ptr().add(first),
+                1,
+                out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                width as isize,
+                widened.as_ptr(),
+                width as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    }
+    WIDENED.set(widened);
     Tensor::from_vec(ys, (rows, out), &Device::Cpu)
 }
 
