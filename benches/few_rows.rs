@@ -72,21 +72,38 @@ fn layer(form: &str, shapes: &[(usize, usize)]) -> Vec<Layer> {
         .collect()
 }
 
+/// `cargo test --all-targets` runs this without `--bench`: then shapes an eighth as wide
+/// and one turn, to check that it runs, not to time it.
+fn smoke() -> bool {
+    !std::env::args().any(|a| a == "--bench")
+}
+
+/// `shape` (outputs, inputs), narrowed in a smoke run.
+fn sized((out, width): (usize, usize)) -> (usize, usize) {
+    match smoke() {
+        true => (out / 8, width / 8),
+        false => (out, width),
+    }
+}
+
 fn main() {
+    let shapes = SHAPES.map(sized);
+    let head = sized(HEAD);
+    let turns = if smoke() { 1 } else { TURNS };
     let forms = ["f32", "f32_exact_bf16", "q8_0", "q8_0_few_rows", "q8_0_widened"];
     let layers: Vec<Vec<Vec<Layer>>> = forms
         .iter()
-        .map(|f| (0..LAYERS).map(|_| layer(f, &SHAPES)).collect())
+        .map(|f| (0..LAYERS).map(|_| layer(f, &shapes)).collect())
         .collect();
-    let flops_per_row: f64 = SHAPES.iter().map(|&(o, i)| 2.0 * (o * i) as f64).sum();
+    let flops_per_row: f64 = shapes.iter().map(|&(o, i)| 2.0 * (o * i) as f64).sum();
     let mut report = BTreeMap::new();
     for rows in [1usize, 8, 16, 32, 64, 256] {
-        let inputs: Vec<Tensor> = SHAPES
+        let inputs: Vec<Tensor> = shapes
             .iter()
             .map(|&(_, width)| Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap())
             .collect();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); forms.len()];
-        for _ in 0..TURNS {
+        for _ in 0..turns {
             for (f, form_layers) in layers.iter().enumerate() {
                 for layer in form_layers {
                     let start = Instant::now();
@@ -113,11 +130,11 @@ fn main() {
     }
     // The tied head over Qwen3-VL's vocabulary, in the forms a bf16 checkpoint takes.
     let head_forms = ["f32_exact_bf16", "q8_0"];
-    let heads: Vec<Vec<Layer>> = head_forms.iter().map(|f| layer(f, &[HEAD])).collect();
+    let heads: Vec<Vec<Layer>> = head_forms.iter().map(|f| layer(f, &[head])).collect();
     for rows in [1usize, 16] {
-        let xs = Tensor::randn(0f32, 1.0, (rows, HEAD.1), &Device::Cpu).unwrap();
+        let xs = Tensor::randn(0f32, 1.0, (rows, head.1), &Device::Cpu).unwrap();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); head_forms.len()];
-        for _ in 0..TURNS {
+        for _ in 0..turns {
             for (head, times) in heads.iter().zip(&mut times) {
                 let start = Instant::now();
                 std::hint::black_box(head[0].forward(&xs));
@@ -128,7 +145,7 @@ fn main() {
         for (form, mut t) in head_forms.iter().zip(times) {
             t.sort_by(f64::total_cmp);
             let median = t[t.len() / 2];
-            let flops = 2.0 * (HEAD.0 * HEAD.1 * rows) as f64;
+            let flops = 2.0 * (head.0 * head.1 * rows) as f64;
             per_form.insert(
                 *form,
                 serde_json::json!({"ms": median * 1e3, "gflop_s": flops / median / 1e9}),

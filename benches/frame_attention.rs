@@ -46,22 +46,26 @@ fn composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
+    // `cargo test --all-targets` runs this without `--bench`: then an eighth of the patches
+    // and one turn, to check that it runs, not to time it.
+    let smoke = !std::env::args().any(|a| a == "--bench");
     let mut report = serde_json::Map::new();
     for (name, patches, heads) in SHAPES {
-        report.insert(name.into(), measure(patches, heads)?);
+        let (patches, turns) = if smoke { (patches / 8, 1) } else { (patches, TURNS) };
+        report.insert(name.into(), measure(patches, heads, turns)?);
     }
     println!("{}", serde_json::Value::Object(report));
     Ok(())
 }
 
-fn measure(patches: usize, heads: usize) -> Result<serde_json::Value> {
+fn measure(patches: usize, heads: usize, turns: usize) -> Result<serde_json::Value> {
     let qkv = Tensor::randn(0f32, 1.0, (patches, 3, heads, HEAD_DIM), &Device::Cpu)?;
     let part = |i| qkv.narrow(1, i, 1).and_then(|t| t.squeeze(1));
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let flops = 4.0 * (patches * patches * heads * HEAD_DIM) as f64;
     let sizes = [SCORES_BYTES, 1 << 20, 16 << 20];
     let (mut ours, mut theirs) = (vec![Vec::new(); sizes.len()], Vec::new());
-    for _ in 0..TURNS {
+    for _ in 0..turns {
         for (times, &bytes) in ours.iter_mut().zip(&sizes) {
             let start = Instant::now();
             std::hint::black_box(frame_attention::attention(&q, &k, &v, &[patches], bytes)?);
