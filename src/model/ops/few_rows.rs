@@ -6,9 +6,10 @@
 //! multiplication itself runs in gemm's narrow-edge kernels. At batch 16 a SmolVLM-256M
 //! decode step spent ~100–160 GFLOP/s in them on this 2-core AVX-512 machine, a third of
 //! what the FMA units allow. Here each weight row is read from memory once, straight from
-//! its `[out, in]` layout, and dotted with every row of `xs` while it sits in L1: blocks of
-//! 4 weight rows by 4 input rows keep 16 vector accumulators (one per output), which is the
-//! FMA units' throughput with 8 loads per 16 FMAs. The output columns are split across
+//! its `[out, in]` layout: 4 weight rows at a time, a chunk of columns at a time, are made
+//! f32 (bf16 widened, Q8_0 expanded, f32 as they are) and dotted with every row of `xs`
+//! while they sit in L1, 3 input rows at a time on AVX2 (12 vector accumulators, one per
+//! output, in its 16 registers), 4 with AVX-512's 32. The output columns are split across
 //! rayon's threads.
 
 use candle_core::quantized::{GgmlDType, QTensor};
