@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use candle_core::{CpuStorage, Layout, Storage};
 
-use super::kernels;
+use super::{Strided, gemm_f32, kernels};
 
 /// `q`, `k`, `v`: `[rows, heads, head_dim]` (q already scaled), the rows a run of frames
 /// of `frames[i]` patches each; returns `[rows, heads * head_dim]`. At most `scores_bytes`
@@ -168,52 +168,49 @@ impl Operands<'_> {
         // `first + start..` of `n`, columns `h * head_dim..` of `head_dim`) is this
         // task's alone.
         unsafe {
-            gemm::gemm(
-                n,
-                len,
-                head_dim,
-                scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
-                q.at(first + start, h),
-                1,
-                q.row as isize,
-                k.at(first, h),
-                k.row as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            gemm_f32(
+                (n, len, head_dim),
+                Strided {
+                    ptr: scores.as_mut_ptr(),
+                    row: len,
+                    col: 1,
+                },
+                Strided {
+                    ptr: q.at(first + start, h),
+                    row: q.row,
+                    col: 1,
+                },
+                // kᵀ: column j is key row j.
+                Strided {
+                    ptr: k.at(first, h),
+                    row: 1,
+                    col: k.row,
+                },
                 gemm::Parallelism::None,
             );
         }
         for row in scores.chunks_exact_mut(len) {
             kernels::softmax_row_in_place(row);
         }
-        let dst = target.ptr();
+        // SAFETY: as above; the output rows are `width` apart.
         unsafe {
-            gemm::gemm(
-                n,
-                head_dim,
-                len,
-                dst.add((first + start) * width + h * head_dim),
-                1,
-                width as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v.at(first, h),
-                1,
-                v.row as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            gemm_f32(
+                (n, head_dim, len),
+                Strided {
+                    ptr: target.ptr().add((first + start) * width + h * head_dim),
+                    row: width,
+                    col: 1,
+                },
+                Strided {
+                    ptr: scores.as_ptr(),
+                    row: len,
+                    col: 1,
+                },
+                Strided {
+                    ptr: v.at(first, h),
+                    row: v.row,
+                    col: 1,
+                },
                 gemm::Parallelism::None,
             );
         }

@@ -83,7 +83,7 @@ impl Module for Proj {
             Self::ExactBf16 { weight, bias } => {
                 let (rows, width) = (rows(xs), xs.dim(candle_core::D::Minus1)?);
                 let flat = xs.reshape((rows, width))?;
-                let ys = if rows <= FEW_ROWS_WIDENED {
+                let ys = if rows <= FEW_ROWS_BF16 {
                     few_rows::linear_bf16(&flat, weight)?
                 } else {
                     exact_bf16::linear(&flat, weight)?
@@ -159,4 +159,4 @@ const FEW_ROWS: usize = 16;
 /// the weight whole for gemm. One Qwen3-VL-2B layer's projections at 32 rows: 33 ms against
 /// ~53 (97 when the whole-weight route still widened 1 MiB slabs); at 256 the whole-weight
 /// route is ahead (`cargo bench --bench few_rows`, AVX2, 2 threads).
-const FEW_ROWS_WIDENED: usize = 64;
+const FEW_ROWS_BF16: usize = 64;

@@ -7,7 +7,8 @@ use candle_core::{Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use super::few_rows::{Q8_0_BYTES, Q8_0_WEIGHTS, expand_q8_0};
-use super::kernels::cpu_f32;
+use super::kernels::{Kernel, cpu_f32, vectorized};
+use super::{Strided, gemm_f32};
 
 /// Widened f32 weights per slab, at most: 64 MiB, which holds most projections whole. In
 /// slabs of 1 MiB (to stay in L2) each slab was its own gemm, which packed the activations
@@ -60,25 +61,23 @@ pub fn linear(xs: &Tensor, (out, width): (usize, usize), widen: impl Fn(usize, &
         // wide (in bounds: the slabs partition the columns); lhs is `x`, `rows` rows of
         // `width`; rhs is the widened slab read transposed (`columns` rows of `width`).
         unsafe {
-            gemm::gemm(
-                rows,
-                columns,
-                width,
-                ys.as_mut_ptr().add(first),
-                1,
-                out as isize,
-                false,
-                x.as_ptr(),
-                1,
-                width as isize,
-                widened.as_ptr(),
-                width as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            gemm_f32(
+                (rows, columns, width),
+                Strided {
+                    ptr: ys.as_mut_ptr().add(first),
+                    row: out,
+                    col: 1,
+                },
+                Strided {
+                    ptr: x.as_ptr(),
+                    row: width,
+                    col: 1,
+                },
+                Strided {
+                    ptr: widened.as_ptr(),
+                    row: 1,
+                    col: width,
+                },
                 parallelism,
             )
         }
@@ -88,8 +87,8 @@ pub fn linear(xs: &Tensor, (out, width): (usize, usize), widen: impl Fn(usize, &
 }
 
 /// `xs · weightᵀ` for many rows (a prefill chunk) with a Q8_0 weight: gemm on the blocks
-/// expanded to f32 (`linear`), which beats candle's Q8_0
-/// matmul, which dots each row with each weight row in turn (a 782-token prefill of
+/// expanded to f32 (`linear`), which beats candle's Q8_0 matmul, which dots each row with
+/// each weight row in turn (a 782-token prefill of
 /// Qwen3-VL-2B: 9 tokens/s against f32's 48).
 pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
     let (out, width) = weight.shape().dims2()?;
@@ -104,7 +103,7 @@ pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
     linear(xs, (out, width), |first, values| {
         let rows = values.len() / width;
         let blocks = &data[first * row_len..(first + rows) * row_len];
-        pulp::Arch::new().dispatch(ExpandQ8_0 { blocks, values })
+        vectorized(ExpandQ8_0 { blocks, values })
     })
 }
 
@@ -114,11 +113,11 @@ struct ExpandQ8_0<'a> {
     values: &'a mut [f32],
 }
 
-impl pulp::WithSimd for ExpandQ8_0<'_> {
+impl Kernel for ExpandQ8_0<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
+    fn run(self) {
         expand_q8_0(self.blocks, self.values)
     }
 }
