@@ -16,6 +16,7 @@ use crate::model::lora::{Adapter, AdapterLayout, LoraBatch, ModuleSpec};
 use crate::model::ops::decode_attention::decode_attention;
 use crate::model::ops::kernels;
 use crate::model::ops::norm::RmsNorm;
+use crate::model::ops::prefill_attention;
 use crate::model::ops::proj::Proj;
 use crate::model::{Quantization, SequenceInput};
 
@@ -532,60 +533,17 @@ impl DecoderLayer {
     }
 
     /// One sequence: `q` `[n, heads, head_dim]` for positions `start..start + n`, against
-    /// `keys`/`values` `[start + n, kv_heads, head_dim]`. Query heads that share a KV head
-    /// are grouped into one matmul instead of repeating the keys.
+    /// `keys`/`values` `[start + n, kv_heads, head_dim]`.
     fn attention(&self, q: &Tensor, keys: &Tensor, values: &Tensor, start: usize) -> Result<Tensor> {
-        let n = q.dim(0)?;
-        let total = keys.dim(0)?;
-        let group = self.num_heads / self.num_kv_heads;
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let q = (q.transpose(0, 1)?.contiguous()? * scale)?.reshape((self.num_kv_heads, group * n, self.head_dim))?;
+        let q = (q * (self.head_dim as f64).powf(-0.5))?;
         // A 16-bit cache (`--kv-cache-dtype`) is widened to the compute dtype.
-        let k = keys.to_dtype(q.dtype())?.transpose(0, 1)?;
-        let v = values.to_dtype(q.dtype())?.transpose(0, 1)?;
-        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let probs = if kernels::applies(&scores) && scores.is_contiguous() {
-            // Rows are (KV head, query head, query): query i is row % n.
-            kernels::causal_softmax_in_place(&scores, n, start)?;
-            scores
-        } else {
-            if n > 1 {
-                let mask = causal_mask(n, start, total, q.device())?;
-                scores = scores
-                    .reshape((self.num_kv_heads, group, n, total))?
-                    .broadcast_add(&mask)?;
-                scores = scores.reshape((self.num_kv_heads, group * n, total))?;
-            }
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let probs = probs.to_dtype(v.dtype())?;
-        probs
-            .matmul(&v)?
-            .reshape((self.num_heads, n, self.head_dim))?
-            .transpose(0, 1)?
-            .reshape((n, self.num_heads * self.head_dim))
+        prefill_attention::attention(&q, &keys.to_dtype(q.dtype())?, &values.to_dtype(q.dtype())?, start)
     }
-}
-
-/// `[n, total]`: query i (at position start + i) sees keys 0..=start + i.
-fn causal_mask(n: usize, start: usize, total: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(mask, (n, total), device)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn causal_mask_lets_a_chunk_see_the_cached_prefix() -> Result<()> {
-        let mask = causal_mask(2, 3, 5, &Device::Cpu)?.to_vec2::<f32>()?;
-        let inf = f32::NEG_INFINITY;
-        assert_eq!(mask, vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0; 5]]);
-        Ok(())
-    }
 
     #[test]
     fn rotary_table_matches_transformers_at_a_far_position() -> Result<()> {

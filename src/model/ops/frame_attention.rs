@@ -10,12 +10,10 @@
 //! products (`K` = 64, or `N` = 64) ran at 80–118 GFLOP/s of the 2 cores' ~175, half the
 //! encoder's time for a third of its FLOPs.
 
-use candle_core::{D, DType, Device, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use candle_core::{CpuStorage, Layout, Storage};
-
-use super::{Strided, gemm_f32, kernels};
+use super::{Operand, Out, Strided, gemm_f32, kernels, last_contiguous};
 
 /// `q`, `k`, `v`: `[rows, heads, head_dim]` (q already scaled), the rows a run of frames
 /// of `frames[i]` patches each; returns `[rows, heads * head_dim]`. At most `scores_bytes`
@@ -67,34 +65,6 @@ fn with_candle(q: &Tensor, k: &Tensor, v: &Tensor, scores_bytes: usize) -> Resul
     Tensor::cat(&per_head, 0)
 }
 
-/// A `[rows, heads, head_dim]` f32 operand as its storage, first element and row and head
-/// strides (the last dimension contiguous).
-struct Operand<'a> {
-    data: &'a [f32],
-    offset: usize,
-    row: usize,
-    head: usize,
-}
-
-impl Operand<'_> {
-    /// The element at `(row, head, 0)`, as a pointer.
-    fn at(&self, row: usize, head: usize) -> *const f32 {
-        self.data[self.offset + row * self.row + head * self.head..].as_ptr()
-    }
-}
-
-/// The output, written by every task at its own rows and head's columns.
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint `[block rows, head_dim]` regions of one live buffer.
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The buffer (a method, so that closures capture the `Sync` wrapper, not the pointer).
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 fn on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: usize) -> Result<Tensor> {
     let (rows, heads, head_dim) = q.dims3()?;
     let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
@@ -103,9 +73,9 @@ fn on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: us
     let (vs, vl) = v.storage_and_layout();
     let shape = (rows, heads, head_dim);
     let (q, k, v) = (
-        operand(&qs, ql, shape)?,
-        operand(&ks, kl, shape)?,
-        operand(&vs, vl, shape)?,
+        Operand::of(&qs, ql, shape)?,
+        Operand::of(&ks, kl, shape)?,
+        Operand::of(&vs, vl, shape)?,
     );
     let width = heads * head_dim;
     let mut out = vec![0f32; rows * width];
@@ -214,37 +184,6 @@ impl Operands<'_> {
                 gemm::Parallelism::None,
             );
         }
-    }
-}
-
-/// A `[rows, heads, head_dim]` view's storage and strides, checked to lie within it.
-fn operand<'a>(
-    storage: &'a Storage,
-    layout: &Layout,
-    (rows, heads, head_dim): (usize, usize, usize),
-) -> Result<Operand<'a>> {
-    let Storage::Cpu(CpuStorage::F32(data)) = storage else {
-        bail!("frame attention: f32 CPU tensors only")
-    };
-    let stride = layout.stride();
-    let operand = Operand {
-        data,
-        offset: layout.start_offset(),
-        row: stride[0],
-        head: stride[1],
-    };
-    let last = |rows: usize, heads: usize| operand.offset + (rows - 1) * operand.row + (heads - 1) * operand.head;
-    if rows > 0 && heads > 0 && last(rows, heads) + head_dim > data.len() {
-        bail!("frame attention: a view past its storage")
-    }
-    Ok(operand)
-}
-
-/// `t` as it is if its last dimension is contiguous, else copied.
-fn last_contiguous(t: &Tensor) -> Result<Tensor> {
-    match t.stride()[2] == 1 || t.dim(D::Minus1)? == 1 {
-        true => Ok(t.clone()),
-        false => t.contiguous(),
     }
 }
 

@@ -49,6 +49,12 @@ pub fn softmax_row_in_place(row: &mut [f32]) {
     vectorized(SoftmaxRowInPlace { row, visible })
 }
 
+/// Softmax over `row[..visible]` in place and the rest set to 0: a row of causal scores.
+pub fn masked_softmax_row_in_place(row: &mut [f32], visible: usize) {
+    let visible = visible.min(row.len());
+    vectorized(SoftmaxRowInPlace { row, visible })
+}
+
 /// Causal softmax over `scores` in place, `[.., rows, keys]` with row `r` the query at
 /// position `start + r % queries` (heads' rows one after another): it sees keys
 /// `0..=start + r % queries`, and the rest get probability 0, exactly as adding a −∞ mask

@@ -1,8 +1,8 @@
 //! CPU kernels the families share: the fused element-wise passes (`kernels`, `epilogue`,
 //! `norm`), matrix-vector products for few rows (`few_rows`, `exact_bf16`), products over
 //! many rows on weights widened to f32 (`widened`), the linear layer that picks among them
-//! (`proj`), paged decode attention (`decode_attention`) and the vision encoders' attention
-//! within frames (`frame_attention`).
+//! (`proj`), paged decode attention (`decode_attention`), a prompt chunk's causal attention
+//! (`prefill_attention`) and the vision encoders' attention within frames (`frame_attention`).
 //! Each computes what the composed candle ops compute; tests hold them to it.
 
 pub mod decode_attention;
@@ -12,8 +12,66 @@ pub mod few_rows;
 pub mod frame_attention;
 pub mod kernels;
 pub mod norm;
+pub mod prefill_attention;
 pub mod proj;
 pub mod widened;
+
+use candle_core::{CpuStorage, D, Layout, Result, Storage, Tensor, bail};
+
+/// A `[rows, heads, head_dim]` f32 operand of the attention kernels as its storage, first
+/// element and row and head strides (the last dimension contiguous).
+pub(crate) struct Operand<'a> {
+    data: &'a [f32],
+    offset: usize,
+    pub row: usize,
+    head: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A `[rows, heads, head_dim]` view's storage and strides, checked to lie within it.
+    pub fn of(storage: &'a Storage, layout: &Layout, (rows, heads, head_dim): (usize, usize, usize)) -> Result<Self> {
+        let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+            bail!("attention: f32 CPU tensors only")
+        };
+        let stride = layout.stride();
+        let operand = Self {
+            data,
+            offset: layout.start_offset(),
+            row: stride[0],
+            head: stride[1],
+        };
+        let last = |rows: usize, heads: usize| operand.offset + (rows - 1) * operand.row + (heads - 1) * operand.head;
+        if rows > 0 && heads > 0 && last(rows, heads) + head_dim > data.len() {
+            bail!("attention: a view past its storage")
+        }
+        Ok(operand)
+    }
+
+    /// The element at `(row, head, 0)`, as a pointer.
+    pub fn at(&self, row: usize, head: usize) -> *const f32 {
+        self.data[self.offset + row * self.row + head * self.head..].as_ptr()
+    }
+}
+
+/// An attention kernel's output, written by every task at its own rows and head's columns.
+pub(crate) struct Out(pub *mut f32);
+// SAFETY: tasks write disjoint `[block rows, head_dim]` regions of one live buffer.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The buffer (a method, so that closures capture the `Sync` wrapper, not the pointer).
+    pub fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `t` (rank 3) as it is if its last dimension is contiguous, else copied.
+pub(crate) fn last_contiguous(t: &Tensor) -> Result<Tensor> {
+    match t.stride()[2] == 1 || t.dim(D::Minus1)? == 1 {
+        true => Ok(t.clone()),
+        false => t.contiguous(),
+    }
+}
 
 /// An operand of `gemm_f32`: its first element and its row and column strides, in elements.
 pub(crate) struct Strided<P> {
