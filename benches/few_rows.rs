@@ -1,8 +1,9 @@
 //! The text model's projections at decode batch sizes, kernel by kernel: one Qwen3-VL-2B
 //! decoder layer's four projections (fused QKV, output, fused gate/up, down) with random
 //! weights, in each storage form the server uses (dense f32, f32 kept as exact bf16, Q8_0),
-//! at 1 to 256 rows, the forms taking turns; and Q8_0's two kernels (`few_rows::linear_q8_0`
-//! and `widened::linear_q8_0`) each at every row count, to place the switch between them. Two layers' weights are cycled so that every
+//! at 1 to 512 rows, the forms taking turns; and the kernels `Proj` chooses among
+//! (`few_rows`' for each form, `widened::linear_q8_0`) each at every row count, to place the
+//! switches between them. Two layers' weights are cycled so that every
 //! step reads its weights from memory, as a decode step does.
 //!   RAYON_NUM_THREADS=2 cargo bench --bench few_rows
 //! Then the head over the vocabulary (bf16-kept and q8_0) at 1 and 16 rows.
@@ -24,6 +25,8 @@ use ocellus::model::ops::{few_rows, proj::Proj, widened};
 /// straight into one of Q8_0's two kernels at any rows (to compare their ranges).
 enum Layer {
     Proj(Proj),
+    FewRowsF32(Tensor),
+    FewRowsBf16(Tensor),
     FewRowsQ8_0(QTensor),
     WidenedQ8_0(QTensor),
 }
@@ -32,6 +35,8 @@ impl Layer {
     fn forward(&self, xs: &Tensor) -> Tensor {
         match self {
             Self::Proj(proj) => proj.forward(xs).unwrap(),
+            Self::FewRowsF32(weight) => few_rows::linear(xs, weight).unwrap(),
+            Self::FewRowsBf16(weight) => few_rows::linear_bf16(xs, weight).unwrap(),
             Self::FewRowsQ8_0(blocks) => few_rows::linear_q8_0(xs, blocks).unwrap(),
             Self::WidenedQ8_0(blocks) => widened::linear_q8_0(xs, blocks).unwrap(),
         }
@@ -56,6 +61,8 @@ fn layer(form: &str, shapes: &[(usize, usize)]) -> Vec<Layer> {
                 .to_dtype(DType::F32)
                 .unwrap();
             match form {
+                "f32_few_rows" => return Layer::FewRowsF32(weight),
+                "bf16_few_rows" => return Layer::FewRowsBf16(weight.to_dtype(DType::BF16).unwrap()),
                 "q8_0_few_rows" => return Layer::FewRowsQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
                 "q8_0_widened" => return Layer::WidenedQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
                 _ => {}
@@ -90,14 +97,22 @@ fn main() {
     let shapes = SHAPES.map(sized);
     let head = sized(HEAD);
     let turns = if smoke() { 1 } else { TURNS };
-    let forms = ["f32", "f32_exact_bf16", "q8_0", "q8_0_few_rows", "q8_0_widened"];
+    let forms = [
+        "f32",
+        "f32_few_rows",
+        "f32_exact_bf16",
+        "bf16_few_rows",
+        "q8_0",
+        "q8_0_few_rows",
+        "q8_0_widened",
+    ];
     let layers: Vec<Vec<Vec<Layer>>> = forms
         .iter()
         .map(|f| (0..LAYERS).map(|_| layer(f, &shapes)).collect())
         .collect();
     let flops_per_row: f64 = shapes.iter().map(|&(o, i)| 2.0 * (o * i) as f64).sum();
     let mut report = BTreeMap::new();
-    for rows in [1usize, 8, 16, 32, 64, 256] {
+    for rows in [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 512] {
         let inputs: Vec<Tensor> = shapes
             .iter()
             .map(|&(_, width)| Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap())

@@ -9,8 +9,9 @@
 //! its `[out, in]` layout: 4 weight rows at a time, a chunk of columns at a time, are made
 //! f32 (bf16 widened, Q8_0 expanded, f32 as they are) and dotted with every row of `xs`
 //! while they sit in L1, 3 input rows at a time on AVX2 (12 vector accumulators, one per
-//! output, in its 16 registers), 4 with AVX-512's 32. The output columns are split across
-//! rayon's threads.
+//! output, in its 16 registers), 4 with AVX-512's 32. On AVX2 from 8 rows to a few hundred
+//! the `lanes` kernel takes over (the rows across the vector lanes, each weight broadcast).
+//! The output columns are split across rayon's threads.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
@@ -127,14 +128,27 @@ pub(super) fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
     }
 }
 
-/// Up to this many rows `linear_q8_0` is ahead of gemm on the weights expanded whole
-/// (`widened::linear_q8_0`): one Qwen3-VL-2B layer's projections at 32 rows in 33 ms against
-/// 53, at 64 in 69 against 78; at 256 gemm's 197 against 271 (`cargo bench --bench
-/// few_rows`, AVX2, 2 threads).
-pub const Q8_0_ROWS: usize = 64;
+/// Whether the lanes kernel runs on this CPU (`lanes::supported`, asked once).
+fn lanes_here() -> bool {
+    static HERE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HERE.get_or_init(lanes::supported)
+}
+
+/// Up to how many rows these kernels are ahead of gemm, for every storage form:
+/// `lanes::MAX_ROWS` where the lanes kernel runs; else (the dot kernel) 64 for weights kept
+/// in bf16 or Q8_0 (one Qwen3-VL-2B layer at 32 rows 33 ms against gemm's 53 on the weights
+/// widened whole, at 64 69 against 78, at 256 gemm ahead) and 16 for f32 weights, which
+/// gemm need not widen (SmolVLM-256M decode at batch 16 47.8 ms against 50.4, AVX-512).
+pub fn max_rows(kept: bool) -> usize {
+    match (lanes_here(), kept) {
+        (true, _) => lanes::MAX_ROWS,
+        (false, true) => 64,
+        (false, false) => 16,
+    }
+}
 
 /// Whether `linear_q8_0` takes `rows` rows of `xs` and is faster there than candle's Q8_0
-/// matmul: from 2 to `Q8_0_ROWS` rows, and on one row with AVX-512 (the portable kernel expands each
+/// matmul: from 2 to `max_rows` rows, and on one row with AVX-512 (the portable kernel expands each
 /// block to f32 first, which costs more than the one FMA per weight it feeds on one row).
 pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -144,7 +158,7 @@ pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
     super::kernels::applies(xs)
         && weight.device().is_cpu()
         && weight.dtype() == GgmlDType::Q8_0
-        && ((2..=Q8_0_ROWS).contains(&rows) || (rows == 1 && one_row))
+        && ((2..=max_rows(true)).contains(&rows) || (rows == 1 && one_row))
 }
 
 /// A matrix-vector product with Q8_0 weights in AVX-512, for decode at batch 1: per block,
@@ -177,6 +191,17 @@ trait Format {
     /// place).
     fn weights<'a>(w: &'a [Self::Elem], k0: usize, kc: usize, buffer: &'a mut [f32]) -> &'a [f32];
 
+    /// A whole weight row as f32, chunk by chunk in the order `arrange` gives the inputs:
+    /// in `buffer` (`width` long) for the formats whose `weights` fill the buffer given.
+    #[inline(always)]
+    fn row_f32<'a>(w: &'a [Self::Elem], width: usize, buffer: &'a mut [f32]) -> &'a [f32] {
+        for k0 in (0..width).step_by(CHUNK) {
+            let kc = CHUNK.min(width - k0);
+            Self::weights(w, k0, kc, &mut buffer[k0..k0 + kc]);
+        }
+        &buffer[..width]
+    }
+
     /// One weight row with one input row (arranged in one chunk), for a single input row
     /// (decode at batch 1). There 4 weight rows at a time are four memory streams, which
     /// this machine's prefetchers follow at half the speed of one: a one-row GEMV read 13
@@ -195,6 +220,7 @@ fn multiply<F: Format>(xs: &Tensor, w: &[F::Elem], width: usize, out: usize) -> 
     // for Qwen3-VL's vocabulary, 300 MB.
     let x = F::arrange(x, width, if rows == 1 { width } else { CHUNK });
     let row_len = F::row_len(width);
+    let packed = (rows >= lanes::LANES_FROM && lanes_here()).then(|| lanes::pack(&x, rows, width));
     // Each task owns a range of output columns, computed as [rows, columns] and copied into
     // place (the output is a few rows: the copy is negligible next to the weights' traffic).
     let parts: Vec<Vec<f32>> = w
@@ -203,14 +229,25 @@ fn multiply<F: Format>(xs: &Tensor, w: &[F::Elem], width: usize, out: usize) -> 
             || vec![0f32; 4 * CHUNK],
             |buffers, w| {
                 let mut part = vec![0f32; rows * (w.len() / row_len)];
-                pulp::Arch::new().dispatch(Block::<F> {
-                    x: &x,
-                    w,
-                    width,
-                    row_len,
-                    out: &mut part,
-                    buffers,
-                });
+                match &packed {
+                    Some(packed) => pulp::Arch::new().dispatch(lanes::Tile::<F> {
+                        packed,
+                        rows,
+                        w,
+                        width,
+                        row_len,
+                        out: &mut part,
+                        buffer: buffers,
+                    }),
+                    None => pulp::Arch::new().dispatch(dot::Block::<F> {
+                        x: &x,
+                        w,
+                        width,
+                        row_len,
+                        out: &mut part,
+                        buffers,
+                    }),
+                }
                 part
             },
         )
@@ -233,206 +270,7 @@ fn multiply<F: Format>(xs: &Tensor, w: &[F::Elem], width: usize, out: usize) -> 
 /// exceeded what L2 delivers.)
 const CHUNK: usize = 1024;
 
-/// `out[r][c] = x_r · w_c` for every input row r and weight row c of one task.
-struct Block<'a, F: Format> {
-    x: &'a [f32],
-    w: &'a [F::Elem],
-    width: usize,
-    row_len: usize,
-    /// `[rows, w rows]`.
-    out: &'a mut [f32],
-    /// Room for 4 weight rows of a chunk as f32.
-    buffers: &'a mut [f32],
-}
-
-impl<F: Format> pulp::WithSimd for Block<'_, F> {
-    type Output = ();
-
-    /// One row: each weight row dotted with it in turn (bound by memory). Several: per 4
-    /// weight rows and chunk of `CHUNK` columns, the weights are made f32 once (`weights`)
-    /// and dotted with every input row, a few rows at a time.
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let (width, row_len) = (self.width, self.row_len);
-        let rows = self.x.len() / width;
-        let columns = self.w.len() / row_len;
-        let w = self.w;
-        let x = self.x;
-        if rows == 1 {
-            for (c, out) in self.out.iter_mut().enumerate() {
-                *out = F::dot(simd, row(w, c, row_len), x);
-            }
-            return;
-        }
-        let out = self.out;
-        out.fill(0.0);
-        for c in (0..columns).step_by(4) {
-            let n = (columns - c).min(4);
-            for k0 in (0..width).step_by(CHUNK) {
-                let kc = CHUNK.min(width - k0);
-                let mut parts = self.buffers.chunks_exact_mut(CHUNK);
-                let ws: [&[f32]; 4] = std::array::from_fn(|i| match parts.next() {
-                    Some(buffer) if i < n => F::weights(row(w, c + i, row_len), k0, kc, buffer),
-                    _ => &[],
-                });
-                let chunk = Chunk {
-                    x,
-                    width,
-                    k0,
-                    kc,
-                    columns,
-                    c,
-                };
-                if n == 4 {
-                    chunk.rows_times_4(simd, ws, rows, out);
-                } else {
-                    for (i, w) in ws.iter().enumerate().take(n) {
-                        for r in 0..rows {
-                            out[r * columns + c + i] += F32::dots::<S, 1, 1>(simd, [w], [chunk.x(r)])[0][0];
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// One chunk of columns (`k0..k0 + kc`) of the input rows, multiplied into output columns
-/// from `c` of `[rows, columns]`.
-struct Chunk<'a> {
-    x: &'a [f32],
-    width: usize,
-    k0: usize,
-    kc: usize,
-    columns: usize,
-    c: usize,
-}
-
-impl Chunk<'_> {
-    #[inline(always)]
-    fn x(&self, r: usize) -> &[f32] {
-        &self.x[r * self.width + self.k0..r * self.width + self.k0 + self.kc]
-    }
-
-    /// Four weight rows with every input row, `X` input rows at a time: 4·X vector
-    /// accumulators, which with AVX2's 16 registers leaves room for 3 rows (with 4, the
-    /// accumulators spilled to memory and batch 16 ran at 52–74 GFLOP/s of the 2 cores'
-    /// ~175), with AVX-512's 32 for 4.
-    #[inline(always)]
-    fn rows_times_4<S: pulp::Simd>(&self, simd: S, ws: [&[f32]; 4], rows: usize, out: &mut [f32]) {
-        let mut r = 0;
-        if S::F32_LANES >= 16 {
-            while r + 4 <= rows {
-                self.add::<S, 4>(simd, ws, r, out);
-                r += 4;
-            }
-        } else {
-            while r + 3 <= rows {
-                self.add::<S, 3>(simd, ws, r, out);
-                r += 3;
-            }
-        }
-        while r + 2 <= rows {
-            self.add::<S, 2>(simd, ws, r, out);
-            r += 2;
-        }
-        if r < rows {
-            self.add::<S, 1>(simd, ws, r, out);
-        }
-    }
-
-    #[inline(always)]
-    fn add<S: pulp::Simd, const X: usize>(&self, simd: S, ws: [&[f32]; 4], r: usize, out: &mut [f32]) {
-        let xs: [&[f32]; X] = std::array::from_fn(|j| self.x(r + j));
-        let dots = F32::dots::<S, 4, X>(simd, ws, xs);
-        for (i, dots) in dots.iter().enumerate() {
-            for (j, &d) in dots.iter().enumerate() {
-                out[(r + j) * self.columns + self.c + i] += d;
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn row<T>(data: &[T], index: usize, len: usize) -> &[T] {
-    &data[index * len..(index + 1) * len]
-}
-
-/// Reduces each vector accumulator to its sum.
-#[inline(always)]
-fn reduce<S: pulp::Simd, const W: usize, const X: usize>(simd: S, sums: [[S::f32s; X]; W]) -> [[f32; X]; W] {
-    let mut dots = [[0f32; X]; W];
-    for i in 0..W {
-        for j in 0..X {
-            dots[i][j] = simd.reduce_sum_f32s(sums[i][j]);
-        }
-    }
-    dots
-}
-
-/// One vector of every weight row times the same vector of every input row, into `sums`.
-#[inline(always)]
-fn step<S: pulp::Simd, const W: usize, const X: usize>(
-    simd: S,
-    sums: &mut [[S::f32s; X]; W],
-    w: &[&[S::f32s]; W],
-    x: &[&[S::f32s]; X],
-    v: usize,
-) {
-    let mut xv = [simd.splat_f32s(0.0); X];
-    for j in 0..X {
-        xv[j] = x[j][v];
-    }
-    for i in 0..W {
-        let wv = w[i][v];
-        for j in 0..X {
-            sums[i][j] = simd.mul_add_f32s(wv, xv[j], sums[i][j]);
-        }
-    }
-}
-
 struct F32;
-
-impl F32 {
-    /// One vector accumulator per dot product, reduced at the end. Written with pulp's
-    /// vector types: the same loops on arrays were left scalar by LLVM (accumulators in
-    /// memory). No closures: they would not be inlined into the vectorised caller.
-    #[inline(always)]
-    fn dots<S: pulp::Simd, const W: usize, const X: usize>(simd: S, w: [&[f32]; W], x: [&[f32]; X]) -> [[f32; X]; W] {
-        let mut w_vectors = [&[][..]; W];
-        let mut w_tails = [&[][..]; W];
-        for i in 0..W {
-            (w_vectors[i], w_tails[i]) = S::as_simd_f32s(w[i]);
-        }
-        let mut x_vectors = [&[][..]; X];
-        let mut x_tails = [&[][..]; X];
-        for j in 0..X {
-            (x_vectors[j], x_tails[j]) = S::as_simd_f32s(x[j]);
-        }
-        let mut sums = [[simd.splat_f32s(0.0); X]; W];
-        // Two vectors per turn: the loop's own instructions (six pointers advanced, a
-        // compare) shared by 24 FMAs rather than 12.
-        let vectors = w_vectors[0].len();
-        let mut v = 0;
-        while v + 2 <= vectors {
-            step(simd, &mut sums, &w_vectors, &x_vectors, v);
-            step(simd, &mut sums, &w_vectors, &x_vectors, v + 1);
-            v += 2;
-        }
-        if v < vectors {
-            step(simd, &mut sums, &w_vectors, &x_vectors, v);
-        }
-        let mut dots = reduce(simd, sums);
-        for i in 0..W {
-            for j in 0..X {
-                for (a, b) in w_tails[i].iter().zip(x_tails[j]) {
-                    dots[i][j] = a.mul_add(*b, dots[i][j]);
-                }
-            }
-        }
-        dots
-    }
-}
 
 impl Format for F32 {
     type Elem = f32;
@@ -444,6 +282,12 @@ impl Format for F32 {
     #[inline(always)]
     fn weights<'a>(w: &'a [f32], k0: usize, kc: usize, _: &'a mut [f32]) -> &'a [f32] {
         &w[k0..k0 + kc]
+    }
+
+    /// The row itself.
+    #[inline(always)]
+    fn row_f32<'a>(w: &'a [f32], width: usize, _: &'a mut [f32]) -> &'a [f32] {
+        &w[..width]
     }
 
     /// Four accumulators along the row, so that the FMAs' latency does not bind.
@@ -575,6 +419,14 @@ impl Format for Q8_0 {
         sum
     }
 }
+
+/// Up to 8 rows: each weight row dotted with a few input rows at a time.
+#[path = "few_rows_dot.rs"]
+mod dot;
+
+/// From 8 rows: the input rows across the vector lanes, the weights broadcast.
+#[path = "few_rows_lanes.rs"]
+mod lanes;
 
 #[cfg(test)]
 #[path = "few_rows_tests.rs"]

@@ -115,9 +115,11 @@ fn q8_0_widened_equals_candles_dequantized_weights_times_the_activations() {
 #[test]
 fn every_form_equals_the_f32_product_across_chunks_row_groups_and_column_tails() {
     // Width 2112: two full chunks of CHUNK columns and a 64-wide one; rows 2 to 64 in
-    // groups of 4, 3, 2 and 1; 7 outputs: a group of 4 weight rows and 3 left over.
+    // groups of 4, 3, 2 and 1 (the dot kernel) or of 16 and a tail (`lanes`, from 8 rows:
+    // 8 in tiles of 12 weight rows, 29 = 12 + 12 + 5; 9 and 33 in tiles of 6 and a
+    // one-vector tail on AVX2); 7 outputs: a group of 4 weight rows and 3 left over.
     let width = 2 * CHUNK + 64;
-    for (rows, out) in [(2, 7), (5, 7), (16, 133), (33, 9), (64, 4)] {
+    for (rows, out) in [(2, 7), (5, 7), (8, 29), (9, 13), (16, 133), (33, 9), (64, 4), (200, 30)] {
         let xs = Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap();
         let w = Tensor::randn(0f32, 1.0, (out, width), &Device::Cpu).unwrap();
         let tolerance = 1e-5 * width as f32;
@@ -132,18 +134,18 @@ fn every_form_equals_the_f32_product_across_chunks_row_groups_and_column_tails()
         assert!(max_difference(&got, &expected) < tolerance, "bf16 {rows}x{out}");
 
         let quantized = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        assert_eq!(applies_q8_0(&xs, &quantized, rows), rows <= Q8_0_ROWS);
+        assert_eq!(applies_q8_0(&xs, &quantized, rows), rows <= max_rows(true));
         let got = linear_q8_0(&xs, &quantized).unwrap();
         let dequantized = quantized.dequantize(&Device::Cpu).unwrap();
         let expected = xs.matmul(&dequantized.t().unwrap()).unwrap();
         assert_eq!(got.dims(), &[rows, out]);
         assert!(max_difference(&got, &expected) < tolerance, "q8_0 {rows}x{out}");
     }
-    let xs = Tensor::zeros((Q8_0_ROWS + 1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let xs = Tensor::zeros((max_rows(true) + 1, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
     let w = QTensor::quantize(
         &Tensor::zeros((4, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
         GgmlDType::Q8_0,
     )
     .unwrap();
-    assert!(!applies_q8_0(&xs, &w, Q8_0_ROWS + 1));
+    assert!(!applies_q8_0(&xs, &w, max_rows(true) + 1));
 }

@@ -83,7 +83,7 @@ impl Module for Proj {
             Self::ExactBf16 { weight, bias } => {
                 let (rows, width) = (rows(xs), xs.dim(candle_core::D::Minus1)?);
                 let flat = xs.reshape((rows, width))?;
-                let ys = if rows <= FEW_ROWS_BF16 {
+                let ys = if rows <= few_rows::max_rows(true) {
                     few_rows::linear_bf16(&flat, weight)?
                 } else {
                     exact_bf16::linear(&flat, weight)?
@@ -96,7 +96,7 @@ impl Module for Proj {
                 let ys = if few_rows::applies_q8_0(&flat, blocks, rows) {
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
                     few_rows::linear_q8_0(&flat, blocks)?
-                } else if rows > few_rows::Q8_0_ROWS && flat.device().is_cpu() {
+                } else if rows > few_rows::max_rows(true) && flat.device().is_cpu() {
                     // A prefill chunk: gemm on the weights expanded to f32.
                     let flat = flat.reshape((rows, xs.dim(candle_core::D::Minus1)?))?;
                     widened::linear_q8_0(&flat, blocks)?
@@ -126,37 +126,26 @@ fn finish(ys: Tensor, bias: Option<&Tensor>, xs: &Tensor) -> Result<Tensor> {
 }
 
 /// `xs · Wᵀ (+ b)`. gemm (candle's CPU matmul) is weakest on few rows:
-/// - up to `FEW_ROWS` rows (decode) `few_rows::linear` reads each weight once, straight from
-///   its layout, where gemm packs it first: a matrix-vector product is bound by memory
-///   bandwidth, which gemm's single-threaded GEMV left a third short of (28 GB/s from one
-///   core of this 2-core machine, 41 GB/s from both);
-/// - on a few more rows against a tall weight gemm is slow ([8, 1536] x [1536, 576] took
-///   1.19 ms, the same product as (W · xsᵀ)ᵀ 0.25 ms: it vectorises along the rows), so up
-///   to 64 rows the product is computed the other way round.
+/// - up to `few_rows::max_rows` rows `few_rows::linear` reads each weight once, straight
+///   from its layout, where gemm packs it first: at one row a matrix-vector product is bound
+///   by memory bandwidth, which gemm's single-threaded GEMV left a third short of (28 GB/s
+///   from one core of this 2-core machine, 41 GB/s from both), and on AVX2 its lanes kernel
+///   is ahead of gemm to 256 rows;
+/// - without that kernel, from 17 to 64 rows against a tall weight gemm is slow ([8, 1536] x
+///   [1536, 576] took 1.19 ms, the same product as (W · xsᵀ)ᵀ 0.25 ms: it vectorises along
+///   the rows), so the product is computed the other way round.
 fn dense_forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     let rows = rows(xs);
-    if rows > 64 || !xs.device().is_cpu() {
+    let few = few_rows::max_rows(false);
+    if rows > few.max(64) || !xs.device().is_cpu() {
         return linear.forward(xs);
     }
     let (weight, width) = (linear.weight(), xs.dim(candle_core::D::Minus1)?);
     let flat = xs.reshape((rows, width))?;
-    let ys = if rows <= FEW_ROWS && few_rows::applies(&flat, weight) {
+    let ys = if rows <= few && few_rows::applies(&flat, weight) {
         few_rows::linear(&flat, weight)?
     } else {
         weight.matmul(&flat.t()?)?.t()?.contiguous()?
     };
     finish(ys, linear.bias(), xs)
 }
-
-/// Up to this many rows `few_rows::linear` is used: decode_step at batch 8 31.7 ms against
-/// 36.0 ms through gemm's (W · xsᵀ)ᵀ, at batch 16 47.8 against 50.4 ms (SmolVLM-256M
-/// shapes, AVX-512, 2 threads). Beyond, the activations no longer sit in L1 next to a block
-/// of weights, and gemm's packing pays for itself.
-const FEW_ROWS: usize = 16;
-
-/// Up to this many rows weights kept in bf16 go to `few_rows::linear_bf16`, which widens
-/// each chunk of 4 weight rows once for all the rows; beyond, `exact_bf16::linear` widens
-/// the weight whole for gemm. One Qwen3-VL-2B layer's projections at 32 rows: 33 ms against
-/// ~53 (97 when the whole-weight route still widened 1 MiB slabs); at 256 the whole-weight
-/// route is ahead (`cargo bench --bench few_rows`, AVX2, 2 threads).
-const FEW_ROWS_BF16: usize = 64;
