@@ -4,14 +4,15 @@
 //! vector of each for every FMA pair; from 8 rows its loads and the input rows' traffic
 //! (16 rows of a 1024-column chunk are 64 KB, twice L1) held a Qwen3-VL-2B layer at 16 rows
 //! to 66–76 GFLOP/s of the two cores' ~175. Here, as in gemm's microkernels, a column of 16
-//! input rows is one vector (AVX-512) or two (AVX2), each weight is broadcast, and 6 weight
-//! rows make 12 (6) accumulators: 8 loads per 12 FMAs, no reductions. The input rows are
+//! input rows is two AVX2 vectors, each weight is broadcast, and 6 weight rows make 12
+//! accumulators: 8 loads per 12 FMAs, no reductions. The input rows are
 //! packed once per call, transposed in groups of 16; the weights of 6 rows are made f32 (as
 //! for the dot kernel) into a per-thread buffer and read from it once per group.
 
 use super::Format;
 
-/// Input rows per packed group: two AVX2 vectors, one AVX-512 vector.
+/// Input rows per packed group: two AVX2 vectors (the kernel also computes for 16-lane
+/// vectors, one per group, but `supported` admits AVX2 alone: that form is unmeasured).
 pub(super) const GROUP: usize = 16;
 
 /// Weight rows per register tile: 6 of two vectors are 12 accumulators (AVX2 has 16
