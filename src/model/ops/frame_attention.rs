@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{Operand, Out, Strided, gemm_f32, kernels, last_contiguous};
+use super::{Operand, Out, Strided, attend_block, kernels, last_contiguous};
 
 /// `q`, `k`, `v`: `[rows, heads, head_dim]` (q already scaled), the rows a run of frames
 /// of `frames[i]` patches each; returns `[rows, heads * head_dim]`. At most `scores_bytes`
@@ -131,58 +131,20 @@ impl Operands<'_> {
             width,
         } = self;
         let (head_dim, width) = (*head_dim, *width);
-        scores.resize(n * len, 0.0);
-        // SAFETY: every operand pointer and stride stays within its storage (`operand`
-        // checked the last element of the whole view; these are rows `first..first +
-        // len` of head `h`); `scores` is `n` rows of `len`; the output region (rows
-        // `first + start..` of `n`, columns `h * head_dim..` of `head_dim`) is this
-        // task's alone.
+        // SAFETY: every operand pointer and stride stays within its storage (`Operand::of`
+        // checked the last element of the whole view; these are rows `first..first + len`
+        // of head `h`); the output region (rows `first + start..` of `n`, columns
+        // `h * head_dim..` of `head_dim`) is this task's alone.
         unsafe {
-            gemm_f32(
+            attend_block(
                 (n, len, head_dim),
-                Strided {
-                    ptr: scores.as_mut_ptr(),
-                    row: len,
-                    col: 1,
-                },
-                Strided {
-                    ptr: q.at(first + start, h),
-                    row: q.row,
-                    col: 1,
-                },
-                // kᵀ: column j is key row j.
-                Strided {
-                    ptr: k.at(first, h),
-                    row: 1,
-                    col: k.row,
-                },
-                gemm::Parallelism::None,
-            );
-        }
-        for row in scores.chunks_exact_mut(len) {
-            kernels::softmax_row_in_place(row);
-        }
-        // SAFETY: as above; the output rows are `width` apart.
-        unsafe {
-            gemm_f32(
-                (n, head_dim, len),
-                Strided {
-                    ptr: target.ptr().add((first + start) * width + h * head_dim),
-                    row: width,
-                    col: 1,
-                },
-                Strided {
-                    ptr: scores.as_ptr(),
-                    row: len,
-                    col: 1,
-                },
-                Strided {
-                    ptr: v.at(first, h),
-                    row: v.row,
-                    col: 1,
-                },
-                gemm::Parallelism::None,
-            );
+                Strided::rows(q.at(first + start, h), q.row),
+                Strided::rows(k.at(first, h), k.row),
+                Strided::rows(v.at(first, h), v.row),
+                Strided::rows(target.ptr().add((first + start) * width + h * head_dim), width),
+                scores,
+                |_| len,
+            )
         }
     }
 }

@@ -43,12 +43,6 @@ pub fn softmax_last_dim_in_place(scores: &Tensor) -> Result<()> {
     scores.inplace_op1(&SoftmaxInPlace { causal: None })
 }
 
-/// Softmax over one row in place.
-pub fn softmax_row_in_place(row: &mut [f32]) {
-    let visible = row.len();
-    vectorized(SoftmaxRowInPlace { row, visible })
-}
-
 /// Softmax over `row[..visible]` in place and the rest set to 0: a row of causal scores.
 pub fn masked_softmax_row_in_place(row: &mut [f32], visible: usize) {
     let visible = visible.min(row.len());

@@ -80,6 +80,13 @@ pub(crate) struct Strided<P> {
     pub col: usize,
 }
 
+impl<P> Strided<P> {
+    /// Rows `row` apart, each contiguous.
+    pub fn rows(ptr: P, row: usize) -> Self {
+        Self { ptr, row, col: 1 }
+    }
+}
+
 /// `dst = lhs · rhs` in f32 through gemm (`lhs` `m x k`, `rhs` `k x n`, `dst` `m x n`,
 /// overwritten), each operand read or written through its strides.
 ///
@@ -117,4 +124,53 @@ pub(crate) unsafe fn gemm_f32(
             parallelism,
         )
     }
+}
+
+/// One head's block of `rows` queries against `keys` keys, on the calling thread: the scores
+/// `q · kᵀ` (into `scores`), each row `i`'s softmax over its first `visible(i)` keys (the
+/// rest 0), times `v`, into `out`. `q`, `k` and `v` are rows of `head_dim` (`k`, `v`: `keys`
+/// rows), each at its operand's strides; the attention kernels' common step.
+///
+/// # Safety
+/// As `gemm_f32`'s: every row the shapes and strides reach lies within its operand, and
+/// `out`'s `rows` rows of `head_dim` are this call's alone.
+pub(crate) unsafe fn attend_block(
+    (rows, keys, head_dim): (usize, usize, usize),
+    q: Strided<*const f32>,
+    k: Strided<*const f32>,
+    v: Strided<*const f32>,
+    out: Strided<*mut f32>,
+    scores: &mut Vec<f32>,
+    visible: impl Fn(usize) -> usize,
+) {
+    scores.resize(rows * keys, 0.0);
+    // kᵀ: column j is key row j.
+    let kt = Strided {
+        ptr: k.ptr,
+        row: k.col,
+        col: k.row,
+    };
+    // SAFETY: the caller's; `scores` holds `rows` rows of `keys`.
+    unsafe {
+        gemm_f32(
+            (rows, keys, head_dim),
+            Strided::rows(scores.as_mut_ptr(), keys),
+            q,
+            kt,
+            gemm::Parallelism::None,
+        )
+    };
+    for (i, row) in scores.chunks_exact_mut(keys.max(1)).enumerate() {
+        kernels::masked_softmax_row_in_place(row, visible(i));
+    }
+    // SAFETY: as above.
+    unsafe {
+        gemm_f32(
+            (rows, head_dim, keys),
+            out,
+            Strided::rows(scores.as_ptr(), keys),
+            v,
+            gemm::Parallelism::None,
+        )
+    };
 }

@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::{Operand, Out, Strided, gemm_f32, kernels, last_contiguous};
+use super::{Operand, Out, Strided, attend_block, kernels, last_contiguous};
 
 /// Rows of a task's block of queries: enough that gemm's kernel runs full (its blocks are
 /// 16 rows), few enough that a chunk splits into many tasks (the later blocks see more keys:
@@ -135,57 +135,20 @@ impl Chunk<'_> {
         // The block's last query sees keys up to its own position: no later key is read.
         let seen = start + first + rows;
         let kv_head = h / group;
-        scores.resize(rows * seen, 0.0);
         // SAFETY: `Operand::of` checked the whole views; these are query rows
         // `first..first + rows` of head `h` and key rows `0..seen <= start + n` of its KV
-        // head; `scores` is `rows` rows of `seen`; the output region (rows `first..` of
-        // `rows`, columns `h * head_dim..` of `head_dim`) is this task's alone.
+        // head; the output region (rows `first..` of `rows`, columns `h * head_dim..` of
+        // `head_dim`) is this task's alone.
         unsafe {
-            gemm_f32(
+            attend_block(
                 (rows, seen, *head_dim),
-                Strided {
-                    ptr: scores.as_mut_ptr(),
-                    row: seen,
-                    col: 1,
-                },
-                Strided {
-                    ptr: q.at(first, h),
-                    row: q.row,
-                    col: 1,
-                },
-                // kᵀ: column j is key row j.
-                Strided {
-                    ptr: k.at(0, kv_head),
-                    row: 1,
-                    col: k.row,
-                },
-                gemm::Parallelism::None,
-            );
-        }
-        for (i, row) in scores.chunks_exact_mut(seen).enumerate() {
-            kernels::masked_softmax_row_in_place(row, start + first + i + 1);
-        }
-        // SAFETY: as above; the output rows are `width` apart.
-        unsafe {
-            gemm_f32(
-                (rows, *head_dim, seen),
-                Strided {
-                    ptr: target.ptr().add(first * width + h * head_dim),
-                    row: *width,
-                    col: 1,
-                },
-                Strided {
-                    ptr: scores.as_ptr(),
-                    row: seen,
-                    col: 1,
-                },
-                Strided {
-                    ptr: v.at(0, kv_head),
-                    row: v.row,
-                    col: 1,
-                },
-                gemm::Parallelism::None,
-            );
+                Strided::rows(q.at(first, h), q.row),
+                Strided::rows(k.at(0, kv_head), k.row),
+                Strided::rows(v.at(0, kv_head), v.row),
+                Strided::rows(target.ptr().add(first * width + h * head_dim), *width),
+                scores,
+                |i| start + first + i + 1,
+            )
         }
     }
 }

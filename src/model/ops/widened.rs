@@ -63,16 +63,8 @@ pub fn linear(xs: &Tensor, (out, width): (usize, usize), widen: impl Fn(usize, &
         unsafe {
             gemm_f32(
                 (rows, columns, width),
-                Strided {
-                    ptr: ys.as_mut_ptr().add(first),
-                    row: out,
-                    col: 1,
-                },
-                Strided {
-                    ptr: x.as_ptr(),
-                    row: width,
-                    col: 1,
-                },
+                Strided::rows(ys.as_mut_ptr().add(first), out),
+                Strided::rows(x.as_ptr(), width),
                 Strided {
                     ptr: widened.as_ptr(),
                     row: 1,
