@@ -1,11 +1,11 @@
 //! The text model's projections at decode batch sizes, kernel by kernel: one Qwen3-VL-2B
 //! decoder layer's four projections (fused QKV, output, fused gate/up, down) with random
 //! weights, in each storage form the server uses (dense f32, f32 kept as exact bf16, Q8_0),
-//! at 1 to 512 rows, the forms taking turns; and the kernels `Proj` chooses among
-//! (`few_rows`' for each form, `widened::linear_q8_0`) each at every row count, to place the
-//! switches between them. Two layers' weights are cycled so that every
-//! step reads its weights from memory, as a decode step does.
+//! at 1 to 1024 rows, the forms taking turns; and `few_rows`' kernels for f32 and bf16 at
+//! every row count, to place `Proj`'s switch to gemm. Two layers' weights are cycled so that
+//! every step reads its weights from memory, as a decode step does.
 //!   RAYON_NUM_THREADS=2 cargo bench --bench few_rows
+//! (`OCELLUS_BENCH_ROWS=1,16` and `OCELLUS_BENCH_FORMS=f32,q8_0` to run some of them.)
 //! Then the head over the vocabulary (bf16-kept and q8_0) at 1 and 16 rows.
 //! Prints one JSON object: per rows and form, the median milliseconds for one layer and the
 //! GFLOP/s it reached.
@@ -16,19 +16,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
-use ocellus::model::ops::{few_rows, proj::Proj, widened};
+use ocellus::model::ops::{few_rows, proj::Proj};
 
 /// One projection in one form: through `Proj` (the server's choice of kernel by rows) or
-/// straight into one of Q8_0's two kernels at any rows (to compare their ranges).
+/// straight into `few_rows` at any rows (to compare its range with gemm's).
 enum Layer {
     Proj(Proj),
     FewRowsF32(Tensor),
     FewRowsBf16(Tensor),
-    FewRowsQ8_0(QTensor),
-    WidenedQ8_0(QTensor),
 }
 
 impl Layer {
@@ -37,8 +34,6 @@ impl Layer {
             Self::Proj(proj) => proj.forward(xs).unwrap(),
             Self::FewRowsF32(weight) => few_rows::linear(xs, weight).unwrap(),
             Self::FewRowsBf16(weight) => few_rows::linear_bf16(xs, weight).unwrap(),
-            Self::FewRowsQ8_0(blocks) => few_rows::linear_q8_0(xs, blocks).unwrap(),
-            Self::WidenedQ8_0(blocks) => widened::linear_q8_0(xs, blocks).unwrap(),
         }
     }
 }
@@ -63,8 +58,6 @@ fn layer(form: &str, shapes: &[(usize, usize)]) -> Vec<Layer> {
             match form {
                 "f32_few_rows" => return Layer::FewRowsF32(weight),
                 "bf16_few_rows" => return Layer::FewRowsBf16(weight.to_dtype(DType::BF16).unwrap()),
-                "q8_0_few_rows" => return Layer::FewRowsQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
-                "q8_0_widened" => return Layer::WidenedQ8_0(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
                 _ => {}
             }
             let mut proj = Proj::Dense(Linear::new(weight, None));
@@ -77,6 +70,14 @@ fn layer(form: &str, shapes: &[(usize, usize)]) -> Vec<Layer> {
             Layer::Proj(proj)
         })
         .collect()
+}
+
+/// `all`, or those of them named in `OCELLUS_BENCH_<what>` (commas between).
+fn chosen(what: &str, all: Vec<&'static str>) -> Vec<&'static str> {
+    match std::env::var(format!("OCELLUS_BENCH_{what}")) {
+        Ok(names) => all.into_iter().filter(|a| names.split(',').any(|n| n == *a)).collect(),
+        Err(_) => all,
+    }
 }
 
 /// `cargo test --all-targets` runs this without `--bench`: then shapes an eighth as wide
@@ -97,22 +98,19 @@ fn main() {
     let shapes = SHAPES.map(sized);
     let head = sized(HEAD);
     let turns = if smoke() { 1 } else { TURNS };
-    let forms = [
-        "f32",
-        "f32_few_rows",
-        "f32_exact_bf16",
-        "bf16_few_rows",
-        "q8_0",
-        "q8_0_few_rows",
-        "q8_0_widened",
-    ];
+    let all_forms = ["f32", "f32_few_rows", "f32_exact_bf16", "bf16_few_rows", "q8_0"];
+    let forms = chosen("FORMS", all_forms.to_vec());
     let layers: Vec<Vec<Vec<Layer>>> = forms
         .iter()
         .map(|f| (0..LAYERS).map(|_| layer(f, &shapes)).collect())
         .collect();
     let flops_per_row: f64 = shapes.iter().map(|&(o, i)| 2.0 * (o * i) as f64).sum();
     let mut report = BTreeMap::new();
-    for rows in [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 512] {
+    let all_rows = ["1", "2", "4", "8", "16", "32", "64", "128", "256", "512", "1024"];
+    for rows in chosen("ROWS", all_rows.to_vec())
+        .iter()
+        .map(|r| r.parse::<usize>().unwrap())
+    {
         let inputs: Vec<Tensor> = shapes
             .iter()
             .map(|&(_, width)| Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).unwrap())
@@ -143,7 +141,12 @@ fn main() {
         }
         report.insert(format!("rows_{rows}"), per_form);
     }
-    // The tied head over Qwen3-VL's vocabulary, in the forms a bf16 checkpoint takes.
+    head_report(&mut report, head, turns);
+}
+
+/// The tied head over Qwen3-VL's vocabulary, in the forms a bf16 checkpoint takes, at 1 and
+/// 16 rows.
+fn head_report(report: &mut BTreeMap<String, BTreeMap<&str, serde_json::Value>>, head: (usize, usize), turns: usize) {
     let head_forms = ["f32_exact_bf16", "q8_0"];
     let heads: Vec<Vec<Layer>> = head_forms.iter().map(|f| layer(f, &[head])).collect();
     for rows in [1usize, 16] {

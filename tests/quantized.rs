@@ -26,12 +26,12 @@ fn q8_0_stays_close_to_f32_on_the_fixture_prompts() {
     let mut loaded = quantized(load_fixture_model("tiny-idefics3"), 9);
     loaded.kv_dtype = DType::F32;
     let (agreeing, total, worst) = check_closeness(&fixtures(), "tiny-idefics3", loaded, "q8_0 with an f32 KV cache");
-    // Prompts (more than 16 rows) multiply the weights' f32 values with f32 activations, as
-    // decode steps do: logits correlate at 0.9991 or more. (Through candle's Q8_0 matmul,
-    // which rounds the activations to 8 bits too, it was 0.9964.) How many greedy tokens
-    // agree before the first difference hinges on this random model's near-ties: 80 of
-    // 192 (candle's kernel: 106).
-    assert!(worst >= 0.999, "q8_0 logits correlate only {worst} with f32's");
+    // Every row's activations are rounded to 8 bits per block of 32 as well (as llama.cpp
+    // and candle round them): logits correlate at 0.9969 or more, greedy answers agree for
+    // 92 of 192 tokens before the first difference (near-ties of this random model). With
+    // the activations kept in f32 (the kernels before, 1.4x slower at 16 rows) it was
+    // 0.9991 and 80 of 192; through candle's Q8_0 matmul 0.9964 and 106.
+    assert!(worst >= 0.996, "q8_0 logits correlate only {worst} with f32's");
     assert!(
         agreeing * 3 > total,
         "fewer than a third of the greedy tokens agree: {agreeing} of {total}"

@@ -7,13 +7,12 @@
 //! decode step spent ~100–160 GFLOP/s in them on this 2-core AVX-512 machine, a third of
 //! what the FMA units allow. Here each weight row is read from memory once, straight from
 //! its `[out, in]` layout: 4 weight rows at a time, a chunk of columns at a time, are made
-//! f32 (bf16 widened, Q8_0 expanded, f32 as they are) and dotted with every row of `xs`
+//! f32 (bf16 widened, f32 as they are) and dotted with every row of `xs`
 //! while they sit in L1, 3 input rows at a time on AVX2 (12 vector accumulators, one per
 //! output, in its 16 registers), 4 with AVX-512's 32. On AVX2 from 8 rows to a few hundred
 //! the `lanes` kernel takes over (the rows across the vector lanes, each weight broadcast).
 //! The output columns are split across rayon's threads.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -72,62 +71,6 @@ pub fn linear_bf16(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     multiply::<Bf16Pairs>(xs, pairs, width, out)
 }
 
-/// `xs · weightᵀ` with `weight` `[out, in]` in Q8_0 blocks (GGML's: per 32 weights an f16
-/// scale and 32 `i8`s) and `xs` f32 on the CPU: each block is expanded to f32 in L1 (exactly:
-/// an f16 times an i8 fits f32's mantissa) and multiplied with the unquantized activations.
-/// candle's Q8_0 matmul quantizes the activations to 8 bits as well and multiplies in
-/// integers; this reads the same 8.5 bits per weight, keeps the activations' precision, and
-/// runs in the FMA units.
-pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
-    let (rows, width) = xs.dims2()?;
-    let (out, weight_width) = weight.shape().dims2()?;
-    if weight.dtype() != GgmlDType::Q8_0 || width != weight_width || width % Q8_0_WEIGHTS != 0 {
-        bail!(
-            "few-row Q8_0 linear: [{rows}, {width}] times {:?} [{out}, {weight_width}]ᵀ",
-            weight.dtype()
-        )
-    }
-    let data = weight.data()?;
-    if data.len() != out * width / Q8_0_WEIGHTS * Q8_0_BYTES {
-        bail!("few-row Q8_0 linear: {} bytes for [{out}, {width}]", data.len())
-    }
-    #[cfg(target_arch = "x86_64")]
-    if rows == 1 && avx512::available() {
-        let xs = xs.contiguous()?;
-        let (x_storage, x_layout) = xs.storage_and_layout();
-        let x = cpu_f32(&x_storage, x_layout, "few-row Q8_0 linear")?;
-        let row_len = Q8_0::row_len(width);
-        let mut ys = vec![0f32; out];
-        let task = rows_per_task(out);
-        ys.par_chunks_mut(task)
-            .zip(data.par_chunks(task * row_len))
-            // SAFETY: `available()` checked the CPU's features.
-            .for_each(|(ys, w)| unsafe { avx512::q8_0_gemv(x, w, ys) });
-        return Tensor::from_vec(ys, (1, out), &Device::Cpu);
-    }
-    multiply::<Q8_0>(xs, &data, width, out)
-}
-
-/// Q8_0 blocks to their f32 values (exactly: an f16 scale times an i8), block by block.
-#[inline(always)]
-pub(super) fn expand_q8_0(blocks: &[u8], values: &mut [f32]) {
-    for (block, values) in blocks
-        .chunks_exact(Q8_0_BYTES)
-        .zip(values.chunks_exact_mut(Q8_0_WEIGHTS))
-    {
-        let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-        // Through arrays of their own: converted in place between the slices, the loop
-        // stayed scalar (one `cvtsi2ss` per weight), and q8_0 at batch 16 ran at half f32's
-        // speed.
-        let quants: [u8; Q8_0_WEIGHTS] = block[2..].try_into().expect("a block's 32 weights");
-        let mut expanded = [0f32; Q8_0_WEIGHTS];
-        for (value, q) in expanded.iter_mut().zip(quants) {
-            *value = f32::from(q as i8) * scale;
-        }
-        values.copy_from_slice(&expanded);
-    }
-}
-
 /// Whether the lanes kernel runs on this CPU (`lanes::supported`, asked once).
 fn lanes_here() -> bool {
     static HERE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -146,33 +89,6 @@ pub fn max_rows(kept: bool) -> usize {
         (false, false) => 16,
     }
 }
-
-/// Whether `linear_q8_0` takes `rows` rows of `xs` and is faster there than candle's Q8_0
-/// matmul: from 2 to `max_rows` rows, and on one row with AVX-512 (the portable kernel expands each
-/// block to f32 first, which costs more than the one FMA per weight it feeds on one row).
-pub fn applies_q8_0(xs: &Tensor, weight: &QTensor, rows: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    let one_row = avx512::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let one_row = false;
-    super::kernels::applies(xs)
-        && weight.device().is_cpu()
-        && weight.dtype() == GgmlDType::Q8_0
-        && ((2..=max_rows(true)).contains(&rows) || (rows == 1 && one_row))
-}
-
-/// A matrix-vector product with Q8_0 weights in AVX-512, for decode at batch 1: per block,
-/// the 32 `i8`s are widened to f32 in registers (two instructions per 16), dotted with the
-/// activations and scaled once. Two blocks per step into two accumulators: with one, every
-/// block waited on the previous block's FMA (4 cycles), and the kernel read 17 GB/s of the
-/// two cores' 28–32; two reach 20–25 (medians of 40 interleaved runs over a decode step's
-/// 143 MB: 8.3 → 7.0 ms).
-#[cfg(target_arch = "x86_64")]
-#[path = "few_rows_avx512.rs"]
-mod avx512;
-
-pub(super) const Q8_0_WEIGHTS: usize = 32;
-pub(super) const Q8_0_BYTES: usize = 34;
 
 /// A weight layout: how one weight row is stored, how it is dotted with one input row, and
 /// how a chunk of it becomes f32 for several.
@@ -385,38 +301,6 @@ impl Format for Bf16Pairs {
             dot = f32::from_bits(pair & 0xffff_0000).mul_add(x[half + done + k], dot);
         }
         dot
-    }
-}
-
-struct Q8_0;
-
-impl Format for Q8_0 {
-    type Elem = u8;
-
-    fn row_len(width: usize) -> usize {
-        width / Q8_0_WEIGHTS * Q8_0_BYTES
-    }
-
-    /// Each block's scale times its integers (exactly: an f16 times an i8 fits f32's
-    /// mantissa); vectorised by the compiler under the dispatched CPU features.
-    #[inline(always)]
-    fn weights<'a>(w: &'a [u8], k0: usize, kc: usize, buffer: &'a mut [f32]) -> &'a [f32] {
-        let blocks = &w[k0 / Q8_0_WEIGHTS * Q8_0_BYTES..(k0 + kc) / Q8_0_WEIGHTS * Q8_0_BYTES];
-        expand_q8_0(blocks, &mut buffer[..kc]);
-        &buffer[..kc]
-    }
-
-    /// Block by block through a 32-value buffer (one row goes to candle's kernel or the
-    /// AVX-512 one in the server; this one keeps `linear_q8_0` whole).
-    #[inline(always)]
-    fn dot<S: pulp::Simd>(simd: S, w: &[u8], x: &[f32]) -> f32 {
-        let mut values = [0f32; Q8_0_WEIGHTS];
-        let mut sum = 0f32;
-        for (block, x) in w.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(Q8_0_WEIGHTS)) {
-            expand_q8_0(block, &mut values);
-            sum += F32::dot(simd, &values, x);
-        }
-        sum
     }
 }
 

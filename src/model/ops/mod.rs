@@ -1,6 +1,7 @@
 //! CPU kernels the families share: the fused element-wise passes (`kernels`, `epilogue`,
 //! `norm`), matrix-vector products for few rows (`few_rows`, `exact_bf16`), products over
-//! many rows on weights widened to f32 (`widened`), the linear layer that picks among them
+//! many rows on weights widened to f32 (`widened`), Q8_0 weights times 8-bit activations
+//! (`q8_0`), the linear layer that picks among them
 //! (`proj`), paged decode attention (`decode_attention`), a prompt chunk's causal attention
 //! (`prefill_attention`) and the vision encoders' attention within frames (`frame_attention`).
 //! Each computes what the composed candle ops compute; tests hold them to it.
@@ -14,6 +15,7 @@ pub mod kernels;
 pub mod norm;
 pub mod prefill_attention;
 pub mod proj;
+pub mod q8_0;
 pub mod widened;
 
 use candle_core::{CpuStorage, D, Layout, Result, Storage, Tensor, bail};

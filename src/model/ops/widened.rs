@@ -1,13 +1,11 @@
-//! Products over many rows (prefill) with weights stored in a form other than f32 (bf16-kept,
-//! Q8_0): the weight widened to f32, on every thread, into a buffer kept per thread, and
+//! Products over many rows (prefill) with weights stored in a form other than f32 (kept in
+//! bf16): the weight widened to f32, on every thread, into a buffer kept per thread, and
 //! handed to gemm as candle's matmul hands it an f32 weight.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use super::few_rows::{Q8_0_BYTES, Q8_0_WEIGHTS, expand_q8_0};
-use super::kernels::{Kernel, cpu_f32, vectorized};
+use super::kernels::cpu_f32;
 use super::{Strided, gemm_f32};
 
 /// Widened f32 weights per slab, at most: 64 MiB, which holds most projections whole. In
@@ -76,40 +74,4 @@ pub fn linear(xs: &Tensor, (out, width): (usize, usize), widen: impl Fn(usize, &
     }
     WIDENED.set(widened);
     Tensor::from_vec(ys, (rows, out), &Device::Cpu)
-}
-
-/// `xs · weightᵀ` for many rows (a prefill chunk) with a Q8_0 weight: gemm on the blocks
-/// expanded to f32 (`linear`), which beats candle's Q8_0 matmul, which dots each row with
-/// each weight row in turn (a 782-token prefill of
-/// Qwen3-VL-2B: 9 tokens/s against f32's 48).
-pub fn linear_q8_0(xs: &Tensor, weight: &QTensor) -> Result<Tensor> {
-    let (out, width) = weight.shape().dims2()?;
-    if weight.dtype() != GgmlDType::Q8_0 || width % Q8_0_WEIGHTS != 0 {
-        bail!("Q8_0 expansion of {:?} [{out}, {width}]", weight.dtype())
-    }
-    let data = weight.data()?;
-    let row_len = width / Q8_0_WEIGHTS * Q8_0_BYTES;
-    if data.len() != out * row_len {
-        bail!("Q8_0 expansion: {} bytes for [{out}, {width}]", data.len())
-    }
-    linear(xs, (out, width), |first, values| {
-        let rows = values.len() / width;
-        let blocks = &data[first * row_len..(first + rows) * row_len];
-        vectorized(ExpandQ8_0 { blocks, values })
-    })
-}
-
-/// `expand_q8_0` compiled for the CPU's vector extensions.
-struct ExpandQ8_0<'a> {
-    blocks: &'a [u8],
-    values: &'a mut [f32],
-}
-
-impl Kernel for ExpandQ8_0<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn run(self) {
-        expand_q8_0(self.blocks, self.values)
-    }
 }
