@@ -94,11 +94,7 @@ fn generate_with_q8_0_quantizes_and_answers() {
         .quantize_text(ocellus::model::Quantization::Q8_0)
         .unwrap();
     // with the KV cache `--quantize` defaults to (f16), as the command runs
-    quantized.kv_dtype = ocellus::runtime::kv_dtype(
-        ocellus::config::KvCacheDType::Auto,
-        quantized.model.dtype(),
-        true,
-    );
+    quantized.kv_dtype = ocellus::runtime::kv_dtype(ocellus::config::KvCacheDType::Auto, quantized.model.dtype(), true);
     let (processor, mut engine) = engine(quantized, 4096, 512);
     let prompt = prompt_for(&processor, &reference, &reference.cases["wide"]);
     let tokens = ocellus::engine::generate(&mut engine, vec![greedy(prompt, 8)], |_| {})
