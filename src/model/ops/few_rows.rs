@@ -77,11 +77,12 @@ fn lanes_here() -> bool {
     *HERE.get_or_init(lanes::supported)
 }
 
-/// Up to how many rows these kernels are ahead of gemm, for every storage form:
+/// Up to how many rows these kernels are ahead of gemm, for both storage forms:
 /// `lanes::MAX_ROWS` where the lanes kernel runs; else (the dot kernel) 64 for weights kept
-/// in bf16 or Q8_0 (one Qwen3-VL-2B layer at 32 rows 33 ms against gemm's 53 on the weights
-/// widened whole, at 64 69 against 78, at 256 gemm ahead) and 16 for f32 weights, which
-/// gemm need not widen (SmolVLM-256M decode at batch 16 47.8 ms against 50.4, AVX-512).
+/// in bf16 (measured when Q8_0 weights were expanded here too: one Qwen3-VL-2B layer at 32
+/// rows 33 ms against gemm's 53 on the weights widened whole, at 64 69 against 78, at 256
+/// gemm ahead) and 16 for f32 weights, which gemm need not widen (SmolVLM-256M decode at
+/// batch 16 47.8 ms against 50.4, AVX-512).
 pub fn max_rows(kept: bool) -> usize {
     match (lanes_here(), kept) {
         (true, _) => lanes::MAX_ROWS,

@@ -38,9 +38,9 @@ pub(super) fn supported() -> bool {
     pulp::Arch::new().dispatch(Lanes) == 8
 }
 
-/// Up to this many rows this kernel is ahead of gemm for every storage form: a Qwen3-VL-2B
-/// layer at 256 rows in 179–194 ms against gemm's 205–234 (f32, bf16 widened, Q8_0
-/// expanded), at 512 all within 3% (`cargo bench --bench few_rows`, AVX2, 2 threads). Past
+/// Up to this many rows this kernel is ahead of gemm for f32 and bf16-kept weights (and was
+/// for Q8_0 expanded to f32, before `q8_0`): a Qwen3-VL-2B layer at 256 rows in 179–194 ms
+/// against gemm's 205–234, at 512 all within 3% (`cargo bench --bench few_rows`, AVX2, 2 threads). Past
 /// it the packed rows (16 KB per row of 2048) outgrow the caches they are read from once per
 /// 6 weight rows.
 pub(super) const MAX_ROWS: usize = 256;

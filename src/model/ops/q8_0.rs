@@ -8,7 +8,7 @@
 //! than f32 (the expansion on top of the same FMAs): a Qwen3-VL-2B layer at 16 rows, and the
 //! server at concurrency 16, ran slower than f32. In integers, AVX2's `vpmaddubsw` makes 32
 //! products per instruction where an FMA makes 8, and the weights stay a quarter of f32's
-//! bytes: that layer at 16 rows went from 1.0x to 1.4x f32's speed, at 512 rows 1.15x (see
+//! bytes: that layer at 16 rows went from 0.9x to 1.4x f32's speed, at 512 rows 1.16x (see
 //! `Proj`). The rounding costs some closeness to f32 (`tests/quantized.rs`), as it does in
 //! llama.cpp and candle, whose Q8_0 kernels round the activations the same way.
 //!
