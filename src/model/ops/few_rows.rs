@@ -23,15 +23,10 @@ use super::kernels::{cpu_bf16, cpu_f32};
 /// layer (576 outputs), large enough that a task outweighs its dispatch.
 const ROWS_PER_TASK: usize = 64;
 
-/// Rows per task for `out` weight rows: about `ROWS_PER_TASK`, a multiple of 4 (the
-/// kernels' block), in a number of tasks that rayon's threads share evenly. 576 rows in
-/// tasks of 64 made 9 tasks, 5 on one core and 4 on the other, which then waited a ninth of
-/// the layer; tasks of 60 make 10, 5 each.
+/// Rows per task for `out` weight rows: about `ROWS_PER_TASK` in evenly shared tasks
+/// (`ops::per_task`), a multiple of 4 (the kernels' block).
 fn rows_per_task(out: usize) -> usize {
-    let tasks = out
-        .div_ceil(ROWS_PER_TASK)
-        .next_multiple_of(rayon::current_num_threads());
-    out.div_ceil(tasks).next_multiple_of(4)
+    super::per_task(out, ROWS_PER_TASK).next_multiple_of(4)
 }
 
 /// Whether `linear` takes `xs` (`[rows, in]`, rows ≤ 64) and `weight` (`[out, in]`).

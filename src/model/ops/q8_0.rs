@@ -155,7 +155,7 @@ pub(crate) fn linear_with(xs: &Tensor, weight: &Q8_0Matrix, kernel: Kernel) -> R
     let (x_storage, x_layout) = xs.storage_and_layout();
     let rounded = round_rows(cpu_f32(&x_storage, x_layout, "Q8_0 linear")?);
     let groups = out.div_ceil(GROUP);
-    let per_task = groups_per_task(groups);
+    let per_task = super::per_task(groups, GROUPS_PER_TASK);
     let firsts: Vec<usize> = (0..groups).step_by(per_task).collect();
     // Each task computes its groups' columns as [rows, columns], copied into place after.
     let parts: Vec<Vec<f32>> = firsts
@@ -180,14 +180,6 @@ pub(crate) fn linear_with(xs: &Tensor, weight: &Q8_0Matrix, kernel: Kernel) -> R
         }
     }
     Tensor::from_vec(ys, (rows, out), &Device::Cpu)
-}
-
-/// About `GROUPS_PER_TASK`, in a number of tasks that rayon's threads share evenly.
-fn groups_per_task(groups: usize) -> usize {
-    let tasks = groups
-        .div_ceil(GROUPS_PER_TASK)
-        .next_multiple_of(rayon::current_num_threads());
-    groups.div_ceil(tasks).max(1)
 }
 
 /// One task: weight groups `first..first + groups` times every row.

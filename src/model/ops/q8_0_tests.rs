@@ -12,6 +12,10 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+}
+
 /// `xs` rounded per block as `round_rows` rounds them, times the blocks' values, in f64.
 fn reference(xs: &Tensor, q: &QTensor) -> Vec<f32> {
     let (rows, width) = xs.dims2().unwrap();
@@ -51,11 +55,7 @@ fn multiplies_the_rounded_activations_by_the_blocks_for_every_tail() {
         let portable = values(&linear_with(&xs, &matrix, Kernel::Portable).unwrap());
         // f32 sums of one term per block: off by about a rounding per block.
         let largest = expected.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let worst = portable
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = largest_difference(&portable, &expected);
         assert!(
             worst < 1e-6 * (width / BLOCK) as f32 * largest,
             "{rows}x{out}x{width}: {worst}"
@@ -73,11 +73,7 @@ fn multiplies_the_rounded_activations_by_the_blocks_for_every_tail() {
         // yet close to the unquantized weights' product
         let exact = values(&xs.matmul(&w.t().unwrap()).unwrap());
         let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let far = portable
-            .iter()
-            .zip(&exact)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let far = largest_difference(&portable, &exact);
         assert!(far < 0.05 * scale, "{rows}x{out}x{width}: {far} of {scale}");
     }
 }
