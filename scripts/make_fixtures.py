@@ -8,6 +8,8 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
   python scripts/make_fixtures.py qwen3vl-big OUT_DIR  # the real Qwen3-VL-2B config, random weights (not committed)
+  python scripts/make_fixtures.py embeddings    # tests/fixtures: tiny CLIP and SigLIP + references (part of tiny)
+  python scripts/make_fixtures.py embeddings-big OUT_DIR  # the real CLIP and SigLIP configs, random weights (not committed)
   python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
   python scripts/make_fixtures.py demo-base OUT # the untrained demo model, for `ocellus finetune --method full`
 
@@ -32,6 +34,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from fixture_messages import image_part, text_part, to_hf_messages, user, video_part
+import fixtures_embeddings
 import fixtures_qwen3vl
 import transformers
 from transformers import (
@@ -708,6 +711,9 @@ def main() -> None:
     sub.add_parser("qwen3vl")
     qwen_big = sub.add_parser("qwen3vl-big")
     qwen_big.add_argument("out", type=Path)
+    sub.add_parser("embeddings")
+    embed_big = sub.add_parser("embeddings-big")
+    embed_big.add_argument("out", type=Path)
     video = sub.add_parser("video")
     video.add_argument("out", type=Path)
     args = parser.parse_args()
@@ -723,6 +729,12 @@ def main() -> None:
 
     if args.what == "qwen3vl-big":
         return fixtures_qwen3vl.make_big(args.out, FIXTURES)
+
+    if args.what == "embeddings":
+        return fixtures_embeddings.make_tiny(FIXTURES)
+
+    if args.what == "embeddings-big":
+        return fixtures_embeddings.make_big(args.out, FIXTURES)
 
     if args.what == "ocellus-adapter":
         return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
@@ -754,6 +766,7 @@ def main() -> None:
         make_adapters(models / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", refs)
         make_ocellus_adapter(models / "tiny-idefics3", refs)
         fixtures_qwen3vl.make_tiny(FIXTURES)
+        fixtures_embeddings.make_tiny(FIXTURES)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.
         model_dir = args.out / "models" / "smolvlm-256m-random"

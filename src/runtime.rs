@@ -102,6 +102,26 @@ pub fn load_folder_as_stored(dir: &Path, dtype: WeightDType, device: &Device) ->
     })
 }
 
+/// A contrastive model and what prepares its inputs, loaded from one folder.
+pub struct LoadedEmbedding {
+    pub files: ModelFiles,
+    pub model: Box<dyn crate::model::embedding::EmbeddingModel>,
+    pub processor: crate::processor::embed::EmbedProcessor,
+}
+
+/// Loads a contrastive model (CLIP, SigLIP) from a local folder in the Hugging Face layout.
+pub fn load_embedding_folder(dir: &Path, dtype: WeightDType, device: &Device) -> Result<LoadedEmbedding, LoadError> {
+    let files = ModelFiles::locate(dir)?;
+    let family = crate::model::registry::embedding_family(&files)?;
+    let model = (family.load)(&files, dtype.into(), device)?;
+    let processor = crate::processor::embed::EmbedProcessor::load(&files)?;
+    Ok(LoadedEmbedding {
+        files,
+        model,
+        processor,
+    })
+}
+
 /// Opens `--device`, loads the model onto it and applies `--quantize` and
 /// `--kv-cache-dtype`.
 pub fn load(args: &ModelArgs) -> anyhow::Result<Loaded> {

@@ -27,7 +27,9 @@ pub struct ModelFiles {
     pub weights: Vec<PathBuf>,
     pub tokenizer: PathBuf,
     pub tokenizer_config: Option<PathBuf>,
-    pub chat_template: ChatTemplateFile,
+    /// `None` for models that do not chat (contrastive and matching models); the chat
+    /// processor refuses a folder without one.
+    pub chat_template: Option<ChatTemplateFile>,
     pub preprocessor_config: Option<PathBuf>,
     pub processor_config: Option<PathBuf>,
     pub generation_config: Option<PathBuf>,
@@ -48,18 +50,13 @@ impl ModelFiles {
         let tokenizer = required("tokenizer.json")?;
         let tokenizer_config = optional("tokenizer_config.json");
         let chat_template = if let Some(p) = optional("chat_template.jinja") {
-            ChatTemplateFile::Jinja(p)
+            Some(ChatTemplateFile::Jinja(p))
         } else if let Some(p) = optional("chat_template.json") {
-            ChatTemplateFile::Json(p)
-        } else if let Some(p) = tokenizer_config.clone().filter(|p| has_chat_template(p)) {
-            ChatTemplateFile::TokenizerConfig(p)
+            Some(ChatTemplateFile::Json(p))
         } else {
-            return Err(LoadError::MissingFile {
-                dir: dir.to_path_buf(),
-                file:
-                    "chat template (chat_template.jinja, chat_template.json or tokenizer_config.json's chat_template)"
-                        .into(),
-            });
+            (tokenizer_config.clone())
+                .filter(|p| has_chat_template(p))
+                .map(ChatTemplateFile::TokenizerConfig)
         };
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -71,6 +68,15 @@ impl ModelFiles {
             preprocessor_config: optional("preprocessor_config.json"),
             processor_config: optional("processor_config.json"),
             generation_config: optional("generation_config.json"),
+        })
+    }
+
+    /// The chat template, which a chat model must have.
+    pub fn require_chat_template(&self) -> Result<&ChatTemplateFile, LoadError> {
+        self.chat_template.as_ref().ok_or_else(|| LoadError::MissingFile {
+            dir: self.dir.clone(),
+            file: "chat template (chat_template.jinja, chat_template.json or tokenizer_config.json's chat_template)"
+                .into(),
         })
     }
 }

@@ -4,7 +4,10 @@
 //! families stays in its folder, behind `VisionLanguageModel` (the weights) and
 //! `InputProcessor` (what it makes of images and videos).
 
+pub mod clip;
 pub mod decoder;
+pub mod embedding;
+pub mod encoder;
 pub mod error;
 pub mod files;
 pub mod hub;
@@ -14,7 +17,9 @@ pub mod ops;
 pub mod qwen3vl;
 pub mod registry;
 pub mod resample;
+pub mod siglip;
 pub mod smolvlm;
+pub mod square_image;
 pub mod weights;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -189,7 +194,7 @@ pub struct SequenceInput<'a> {
 /// A generative vision-language model. It holds weights only: KV caches are owned by the
 /// caller and lent per step, so one instance serves any number of sequences. Contrastive and
 /// matching families (CLIP, SigLIP, BLIP's image-text matching) need no KV cache and no
-/// generation; they will get a trait of their own beside this one.
+/// generation: theirs is `embedding::EmbeddingModel`.
 pub trait VisionLanguageModel: Send + Sync {
     fn info(&self) -> &ModelInfo;
 

@@ -3,8 +3,9 @@
 
 use candle_core::{DType, Device};
 
+use super::embedding::{EmbeddingInputs, EmbeddingModel};
 use super::files::read_json;
-use super::{InputProcessor, LoadError, ModelFiles, VisionLanguageModel, qwen3vl, smolvlm};
+use super::{InputProcessor, LoadError, ModelFiles, VisionLanguageModel, clip, qwen3vl, siglip, smolvlm};
 
 /// Loads a family's weights from a located folder, in a dtype, onto a device.
 pub type LoadModel = fn(&ModelFiles, DType, &Device) -> Result<Box<dyn VisionLanguageModel>, LoadError>;
@@ -17,6 +18,13 @@ pub struct Family {
     pub input_processor: fn(&ModelFiles) -> Result<Box<dyn InputProcessor>, LoadError>,
 }
 
+/// How a contrastive family is recognised and loaded.
+pub struct EmbeddingFamily {
+    pub architectures: &'static [&'static str],
+    pub load: fn(&ModelFiles, DType, &Device) -> Result<Box<dyn EmbeddingModel>, LoadError>,
+    pub inputs: fn(&ModelFiles) -> Result<Box<dyn EmbeddingInputs>, LoadError>,
+}
+
 const FAMILIES: &[Family] = &[
     smolvlm::SMOLVLM,
     smolvlm::SMOLVLM2,
@@ -24,8 +32,18 @@ const FAMILIES: &[Family] = &[
     qwen3vl::QWEN3_VL_MOE,
 ];
 
-/// The family of a located folder.
-pub fn family(files: &ModelFiles) -> Result<&'static Family, LoadError> {
+const EMBEDDING_FAMILIES: &[EmbeddingFamily] = &[clip::CLIP, siglip::SIGLIP];
+
+/// What a model folder's architecture does.
+pub enum Task {
+    /// Chat and completions (`VisionLanguageModel`).
+    Generate(&'static Family),
+    /// Embeddings and scores (`EmbeddingModel`).
+    Embed(&'static EmbeddingFamily),
+}
+
+/// The task and family of a located folder.
+pub fn task(files: &ModelFiles) -> Result<Task, LoadError> {
     #[derive(serde::Deserialize)]
     struct Architectures {
         #[serde(default)]
@@ -41,19 +59,47 @@ pub fn family(files: &ModelFiles) -> Result<&'static Family, LoadError> {
             "is missing or empty",
         ));
     };
-    FAMILIES
-        .iter()
-        .find(|f| f.architectures.contains(&name.as_str()))
-        .ok_or_else(|| LoadError::UnknownArchitecture {
-            file: files.config.clone(),
-            name: name.clone(),
-            supported: FAMILIES
-                .iter()
-                .flat_map(|f| f.architectures)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+    let name = name.as_str();
+    if let Some(family) = FAMILIES.iter().find(|f| f.architectures.contains(&name)) {
+        return Ok(Task::Generate(family));
+    }
+    if let Some(family) = EMBEDDING_FAMILIES.iter().find(|f| f.architectures.contains(&name)) {
+        return Ok(Task::Embed(family));
+    }
+    let supported = (FAMILIES.iter().flat_map(|f| f.architectures))
+        .chain(EMBEDDING_FAMILIES.iter().flat_map(|f| f.architectures))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(LoadError::UnknownArchitecture {
+        file: files.config.clone(),
+        name: name.to_string(),
+        supported,
+    })
+}
+
+/// The generative family of a located folder; a contrastive model is an error here.
+pub fn family(files: &ModelFiles) -> Result<&'static Family, LoadError> {
+    match task(files)? {
+        Task::Generate(family) => Ok(family),
+        Task::Embed(_) => Err(LoadError::invalid(
+            &files.config,
+            "architectures",
+            "names an embedding model, which does not chat or generate",
+        )),
+    }
+}
+
+/// The contrastive family of a located folder; a generative model is an error here.
+pub fn embedding_family(files: &ModelFiles) -> Result<&'static EmbeddingFamily, LoadError> {
+    match task(files)? {
+        Task::Embed(family) => Ok(family),
+        Task::Generate(_) => Err(LoadError::invalid(
+            &files.config,
+            "architectures",
+            "names a generative model, which does not embed",
+        )),
+    }
 }
 
 /// Loads the weights of a located folder, in `dtype` on `device`.

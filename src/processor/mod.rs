@@ -5,6 +5,7 @@
 //! same for messages and images already in hand (the CLI, fine-tuning, tests).
 
 pub mod cache;
+pub mod embed;
 pub mod error;
 pub mod local;
 pub mod prepare;
@@ -79,7 +80,7 @@ impl Processor {
             unk_token: token("unk_token"),
         };
         let video_template = input.video().and_then(|v| v.chat_template());
-        let template = ChatTemplate::load(&files.chat_template, tokens.clone(), video_template)?;
+        let template = ChatTemplate::load(files.require_chat_template()?, tokens.clone(), video_template)?;
         let placeholder = input.image_placeholder();
         let image_token_id = tokenizer.token_to_id(placeholder);
         if !image_token_id.is_some_and(|id| info.is_image_token(id)) {

@@ -1,0 +1,246 @@
+//! CLIP (Radford et al., "Learning Transferable Visual Models From Natural Language
+//! Supervision", arXiv:2103.00020) as transformers' `CLIPModel`: a ViT whose class token,
+//! normalised and projected, is the image's embedding, and a causal text transformer whose
+//! end-of-text position, normalised and projected, is the text's. Weights as in the hub
+//! tree (`vision_model`, `text_model`, `visual_projection`, `text_projection`,
+//! `logit_scale`).
+//!
+//! candle-transformers' `clip` hard-codes the layer-norm epsilon and the text activation
+//! and pools by the highest token id only; this one reads them from the config and runs on
+//! the shared encoder's kernels (`model::encoder`).
+
+pub mod config;
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, bail};
+use candle_nn::VarBuilder;
+
+pub use config::ClipConfig;
+
+use crate::model::embedding::{EmbeddingInfo, EmbeddingInputs, EmbeddingModel, Scoring, TextRules, unit_rows};
+use crate::model::encoder::{self, Encoder, Mask};
+use crate::model::ops::norm::LayerNorm;
+use crate::model::registry::EmbeddingFamily;
+use crate::model::square_image::{Resize, SquareDefaults, SquareProcessor};
+use crate::model::weights::SafetensorsWeights;
+use crate::model::{ContentKey, LoadError, ModelFiles, Pixels, on_compute_pool};
+use config::Pooling;
+
+pub const CLIP: EmbeddingFamily = EmbeddingFamily {
+    architectures: &["CLIPModel"],
+    load: |files, dtype, device| Ok(Box::new(Clip::load(files, dtype, device)?)),
+    inputs: |files| Ok(Box::new(ClipInputs::load(files)?)),
+};
+
+/// OpenAI's CLIP normalisation (`OPENAI_CLIP_MEAN`, `OPENAI_CLIP_STD`).
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+pub struct Clip {
+    text: TextTower,
+    vision: VisionTower,
+    text_projection: Tensor,
+    visual_projection: Tensor,
+    info: EmbeddingInfo,
+}
+
+struct TextTower {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    pooling: Pooling,
+}
+
+struct VisionTower {
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: LayerNorm,
+    patch_size: usize,
+    image_size: usize,
+}
+
+impl Clip {
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
+        let config = ClipConfig::load(&files.config)?;
+        let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(dtype, device);
+        Self::new(&config, vb).map_err(|e| LoadError::Tensor { message: e.to_string() })
+    }
+
+    pub fn new(config: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let (t, v, proj) = (&config.text_config, &config.vision_config, config.projection_dim);
+        let text_vb = vb.pp("text_model");
+        let emb = text_vb.pp("embeddings");
+        let text = TextTower {
+            token_embedding: emb.get((t.vocab_size, t.hidden_size), "token_embedding.weight")?,
+            position_embedding: emb.get((t.max_position_embeddings, t.hidden_size), "position_embedding.weight")?,
+            encoder: Encoder::new(&t.encoder(), Mask::Causal, text_vb.pp("encoder"))?,
+            final_layer_norm: LayerNorm::new(t.hidden_size, t.layer_norm_eps, text_vb.pp("final_layer_norm"))?,
+            pooling: config.pooling(),
+        };
+        let vision_vb = vb.pp("vision_model");
+        let emb = vision_vb.pp("embeddings");
+        let positions = (v.image_size / v.patch_size).pow(2) + 1;
+        let d = v.hidden_size;
+        let vision = VisionTower {
+            patch_weight: encoder::patch_weight(&emb, (d, v.num_channels, v.patch_size))?,
+            class_embedding: emb.get(d, "class_embedding")?,
+            position_embedding: emb.get((positions, d), "position_embedding.weight")?,
+            pre_layrnorm: LayerNorm::new(d, v.layer_norm_eps, vision_vb.pp("pre_layrnorm"))?,
+            encoder: Encoder::new(&v.encoder(), Mask::Bidirectional, vision_vb.pp("encoder"))?,
+            post_layernorm: LayerNorm::new(d, v.layer_norm_eps, vision_vb.pp("post_layernorm"))?,
+            patch_size: v.patch_size,
+            image_size: v.image_size,
+        };
+        let logit_scale = match vb.contains_tensor("logit_scale") {
+            true => vb.get((), "logit_scale")?.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            false => config.logit_scale_init_value,
+        };
+        Ok(Self {
+            text,
+            vision,
+            text_projection: vb.get((proj, t.hidden_size), "text_projection.weight")?,
+            visual_projection: vb.get((proj, d), "visual_projection.weight")?,
+            info: EmbeddingInfo {
+                architecture: "CLIPModel".into(),
+                dim: proj,
+                scoring: Scoring::Softmax {
+                    scale: logit_scale.exp(),
+                },
+            },
+        })
+    }
+}
+
+impl EmbeddingModel for Clip {
+    fn info(&self) -> &EmbeddingInfo {
+        &self.info
+    }
+
+    fn embed_texts(&self, texts: &[&[u32]]) -> Result<Tensor> {
+        on_compute_pool(|| {
+            let pooled = self.text.forward(texts)?;
+            unit_rows(&pooled.matmul(&self.text_projection.t()?)?.to_dtype(DType::F32)?)
+        })
+    }
+
+    fn embed_images(&self, images: &[&Pixels]) -> Result<Tensor> {
+        on_compute_pool(|| {
+            let pooled = self.vision.forward(images)?;
+            unit_rows(&pooled.matmul(&self.visual_projection.t()?)?.to_dtype(DType::F32)?)
+        })
+    }
+}
+
+impl TextTower {
+    /// The final-layer-normed state at each text's pooled position, `[n, hidden]`.
+    fn forward(&self, texts: &[&[u32]]) -> Result<Tensor> {
+        let (vocab, max) = (self.token_embedding.dim(0)?, self.position_embedding.dim(0)?);
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut pooled = Vec::with_capacity(texts.len());
+        for text in texts {
+            if text.is_empty() || text.len() > max || text.iter().any(|&id| id as usize >= vocab) {
+                bail!("a text of {} tokens (at most {max}, ids below {vocab})", text.len())
+            }
+            pooled.push((ids.len() + self.pool_at(text)) as u32);
+            ids.extend_from_slice(text);
+            positions.extend(0..text.len() as u32);
+        }
+        let device = self.token_embedding.device();
+        let ids = Tensor::new(ids, device)?;
+        let positions = Tensor::new(positions, device)?;
+        let xs =
+            (self.token_embedding.index_select(&ids, 0)? + self.position_embedding.index_select(&positions, 0)?)?;
+        let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
+        let xs = self.encoder.forward(&xs, &lens)?;
+        // The norm is per row: normalising only the pooled rows gives the same values.
+        self.final_layer_norm
+            .forward(&xs.index_select(&Tensor::new(pooled, device)?, 0)?)
+    }
+
+    fn pool_at(&self, text: &[u32]) -> usize {
+        match self.pooling {
+            // torch's argmax: the first of equal maxima.
+            Pooling::HighestId => {
+                let max = text.iter().copied().max().unwrap_or(0);
+                text.iter().position(|&id| id == max).unwrap_or(0)
+            }
+            Pooling::FirstOf(eos) => text.iter().position(|&id| id == eos).unwrap_or(0),
+        }
+    }
+}
+
+impl VisionTower {
+    /// The post-layer-normed class token of each image, `[n, hidden]`.
+    fn forward(&self, images: &[&Pixels]) -> Result<Tensor> {
+        let (d, device) = (self.class_embedding.dim(0)?, self.class_embedding.device());
+        let values = images.iter().map(|p| &p.values).collect::<Vec<_>>();
+        let pixels = Tensor::cat(&values, 0)?
+            .to_device(device)?
+            .to_dtype(self.patch_weight.dtype())?;
+        let (n, _, h, w) = pixels.dims4()?;
+        if h != self.image_size || w != self.image_size {
+            bail!("images must be {0}x{0}, got {h}x{w}", self.image_size)
+        }
+        let per_image = (self.image_size / self.patch_size).pow(2);
+        let patches = encoder::patches(&pixels, self.patch_size)?
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((n, per_image, d))?;
+        let class = self.class_embedding.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
+        let xs = Tensor::cat(&[&class, &patches], 1)?
+            .broadcast_add(&self.position_embedding)?
+            .reshape((n * (per_image + 1), d))?;
+        let xs = self.pre_layrnorm.forward(&xs)?;
+        let xs = self.encoder.forward(&xs, &vec![per_image + 1; n])?;
+        let class_rows = xs.reshape((n, per_image + 1, d))?.i((.., 0, ..))?.contiguous()?;
+        self.post_layernorm.forward(&class_rows)
+    }
+}
+
+/// CLIP's side of preparing inputs: texts as its tokenizer makes them (no padding: the
+/// text tower is causal and pools at the end of text), images as `CLIPImageProcessor`.
+pub struct ClipInputs {
+    rules: TextRules,
+    image: SquareProcessor,
+}
+
+impl ClipInputs {
+    pub fn load(files: &ModelFiles) -> std::result::Result<Self, LoadError> {
+        let config = ClipConfig::load(&files.config)?;
+        let file = files
+            .preprocessor_config
+            .as_ref()
+            .ok_or_else(|| LoadError::MissingFile {
+                dir: files.dir.clone(),
+                file: "preprocessor_config.json".into(),
+            })?;
+        let side = config.vision_config.image_size;
+        let defaults = SquareDefaults {
+            resize: Resize::ShortestEdge(224),
+            crop: Some(224),
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+        };
+        Ok(Self {
+            rules: TextRules {
+                max_tokens: config.text_config.max_position_embeddings,
+                canonicalize: false,
+                pad_id: None,
+            },
+            image: SquareProcessor::load(file, defaults, side)?,
+        })
+    }
+}
+
+impl EmbeddingInputs for ClipInputs {
+    fn text_rules(&self) -> &TextRules {
+        &self.rules
+    }
+
+    fn preprocess_image(&self, image: &image::DynamicImage) -> std::result::Result<(Pixels, ContentKey), String> {
+        self.image.preprocess(image)
+    }
+}

@@ -1,0 +1,309 @@
+//! The pre-norm transformer encoder of CLIP and SigLIP (and of SmolVLM's SigLIP vision
+//! tower): `x + attn(ln1(x))`, then `x + mlp(ln2(x))`, with transformers' weight names
+//! (`layers.{i}.self_attn.q_proj`, `mlp.fc1`, `layer_norm1`). It runs a ragged batch: the
+//! rows of every sequence (an image's patches, a text's tokens) in one `[rows, hidden]`
+//! matrix through the linear layers, each with its bias, activation and residual in one
+//! pass over its output (`epilogue`), and attention within each sequence only, either both
+//! ways (vision, SigLIP's text) or causal (CLIP's text).
+
+use candle_core::{Module, Result, Tensor, bail};
+use candle_nn::{Linear, VarBuilder, linear};
+
+use crate::model::ops::epilogue::{self, Then};
+use crate::model::ops::norm::LayerNorm;
+use crate::model::ops::{frame_attention, prefill_attention};
+
+/// At most this many bytes of attention scores per task of `frame_attention` (at least one
+/// query row's).
+const SCORES_BYTES: usize = 4 << 20;
+
+/// The MLP's activation, by transformers' `hidden_act` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `quick_gelu`: `x * sigmoid(1.702 x)` (CLIP).
+    QuickGelu,
+    /// `gelu_pytorch_tanh` (SigLIP).
+    GeluTanh,
+    /// `gelu`: the exact, erf-based GELU.
+    GeluErf,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            "gelu_pytorch_tanh" | "gelu_new" => Some(Self::GeluTanh),
+            "gelu" => Some(Self::GeluErf),
+            _ => None,
+        }
+    }
+
+    /// `act(layer(xs))`, with the activation fused into the layer's output where a kernel
+    /// exists.
+    pub fn after(self, layer: &Linear, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluTanh => epilogue::linear(layer, xs, Then::GeluTanh),
+            Self::GeluErf => layer.forward(xs)?.gelu_erf(),
+            Self::QuickGelu => {
+                // As transformers: `x * sigmoid(1.702 * x)`.
+                let xs = layer.forward(xs)?;
+                &xs * candle_nn::ops::sigmoid(&(&xs * 1.702)?)?
+            }
+        }
+    }
+}
+
+/// Whether a position sees the whole sequence or only what comes before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mask {
+    Bidirectional,
+    Causal,
+}
+
+/// One encoder's sizes.
+#[derive(Debug, Clone)]
+pub struct EncoderConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+}
+
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+    mask: Mask,
+    /// `SCORES_BYTES`, or less in tests.
+    pub(crate) scores_bytes: usize,
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    /// q, k and v stacked into one matrix (one GEMM over the activations), q already
+    /// multiplied by the attention scale where that is exact (see `new`).
+    qkv_proj: Linear,
+    /// The scale still to apply to q (1 when folded into the weights).
+    q_scale: f64,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    num_heads: usize,
+    activation: Activation,
+}
+
+impl Encoder {
+    /// `vb` points at the encoder (`vision_model.encoder`), whose `layers.{i}` it reads.
+    pub fn new(cfg: &EncoderConfig, mask: Mask, vb: VarBuilder) -> Result<Self> {
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size,
+                cfg.num_attention_heads
+            )
+        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            mask,
+            scores_bytes: SCORES_BYTES,
+        })
+    }
+
+    /// `xs`: `[rows, hidden]`, the rows of sequences of `lens` rows each, one after the other.
+    pub fn forward(&self, xs: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        if lens.iter().sum::<usize>() != xs.dim(0)? {
+            bail!("encoder: {} rows for sequences of {lens:?}", xs.dim(0)?)
+        }
+        let mut xs = xs.clone();
+        for layer in &self.layers {
+            xs = layer.forward(&xs, lens, self.mask, self.scores_bytes)?;
+        }
+        Ok(xs)
+    }
+}
+
+impl EncoderLayer {
+    fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        // transformers scales q·kᵀ by head_dim^-0.5; a power of two (head_dim 64: 1/8) scales
+        // every product and sum exactly, so it can scale q's weights and bias instead.
+        let scale = ((d / cfg.num_attention_heads) as f64).powf(-0.5);
+        let (q_weight_scale, q_scale) = if scale.log2().fract() == 0.0 {
+            (scale, 1.0)
+        } else {
+            (1.0, scale)
+        };
+        let q = linear(d, d, attn.pp("q_proj"))?;
+        let q = Linear::new(
+            (q.weight() * q_weight_scale)?,
+            q.bias().map(|b| b * q_weight_scale).transpose()?,
+        );
+        let (k, v) = (linear(d, d, attn.pp("k_proj"))?, linear(d, d, attn.pp("v_proj"))?);
+        let qkv_weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+        let qkv_bias = match (q.bias(), k.bias(), v.bias()) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        let norm = |name: &str| LayerNorm::new(d, cfg.layer_norm_eps, vb.pp(name));
+        Ok(Self {
+            layer_norm1: norm("layer_norm1")?,
+            qkv_proj: Linear::new(qkv_weight, qkv_bias),
+            q_scale,
+            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            layer_norm2: norm("layer_norm2")?,
+            fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            num_heads: cfg.num_attention_heads,
+            activation: cfg.activation,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, lens: &[usize], mask: Mask, scores_bytes: usize) -> Result<Tensor> {
+        let hs = self.attention(&self.layer_norm1.forward(xs)?, lens, mask, xs, scores_bytes)?;
+        let normed = self.layer_norm2.forward(&hs)?;
+        let mlp = self.activation.after(&self.fc1, &normed)?;
+        epilogue::linear(&self.fc2, &mlp, Then::Add(&hs))
+    }
+
+    /// Self-attention of `xs` within each sequence, plus `residual`.
+    fn attention(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        mask: Mask,
+        residual: &Tensor,
+        scores_bytes: usize,
+    ) -> Result<Tensor> {
+        let (rows, d) = xs.dims2()?;
+        let head_dim = d / self.num_heads;
+        let qkv = epilogue::linear(&self.qkv_proj, xs, Then::Nothing)?.reshape((rows, 3, self.num_heads, head_dim))?;
+        let mut q = qkv.narrow(1, 0, 1)?.squeeze(1)?;
+        if self.q_scale != 1.0 {
+            q = (q * self.q_scale)?;
+        }
+        let (k, v) = (qkv.narrow(1, 1, 1)?.squeeze(1)?, qkv.narrow(1, 2, 1)?.squeeze(1)?);
+        let out = match mask {
+            Mask::Bidirectional => frame_attention::attention(&q, &k, &v, lens, scores_bytes)?,
+            Mask::Causal => {
+                let mut parts = Vec::with_capacity(lens.len());
+                let mut first = 0;
+                for &len in lens {
+                    let part = |t: &Tensor| t.narrow(0, first, len);
+                    parts.push(prefill_attention::attention(&part(&q)?, &part(&k)?, &part(&v)?, 0)?);
+                    first += len;
+                }
+                Tensor::cat(&parts, 0)?
+            }
+        };
+        epilogue::linear(&self.out_proj, &out, Then::Add(residual))
+    }
+}
+
+/// Square images `[n, channels, size, size]` as rows of flattened patches
+/// `[n * (size / patch)², channels * patch²]`, in the order a convolution of kernel and
+/// stride `patch` visits them (row by row), each patch channel-major as its weight.
+pub fn patches(pixel_values: &Tensor, patch: usize) -> Result<Tensor> {
+    let (n, channels, h, w) = pixel_values.dims4()?;
+    if h != w || h % patch != 0 {
+        bail!("images must be squares of whole {patch}-pixel patches, got {h}x{w}")
+    }
+    let side = h / patch;
+    pixel_values
+        .reshape((n, channels, side, patch, side, patch))?
+        .permute([0usize, 2, 4, 1, 3, 5])?
+        .reshape((n * side * side, channels * patch * patch))
+}
+
+/// A patch convolution's weight `[out, channels, patch, patch]` as the matrix that multiplies
+/// `patches`' rows.
+pub fn patch_weight(vb: &VarBuilder, (out, channels, patch): (usize, usize, usize)) -> Result<Tensor> {
+    vb.get((out, channels, patch, patch), "patch_embedding.weight")?
+        .reshape((out, channels * patch * patch))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    fn config(activation: Activation) -> EncoderConfig {
+        EncoderConfig {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            layer_norm_eps: 1e-5,
+            activation,
+        }
+    }
+
+    fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_ragged_batch_equals_each_sequence_alone() -> Result<()> {
+        for (activation, mask) in [
+            (Activation::QuickGelu, Mask::Causal),
+            (Activation::GeluTanh, Mask::Bidirectional),
+            (Activation::GeluErf, Mask::Bidirectional),
+        ] {
+            let encoder = Encoder::new(&config(activation), mask, crate::model::weights::random_var_builder())?;
+            let lens = [3, 7, 1];
+            let xs = Tensor::randn(0f32, 1.0, (11, 16), &Device::Cpu)?;
+            let batched = encoder.forward(&xs, &lens)?;
+            let mut first = 0;
+            for len in lens {
+                let alone = encoder.forward(&xs.narrow(0, first, len)?, &[len])?;
+                let diff = largest_difference(&alone, &batched.narrow(0, first, len)?);
+                assert!(diff < 1e-5, "{activation:?} {mask:?}: {diff}");
+                first += len;
+            }
+            assert!(encoder.forward(&xs, &[3, 7]).is_err());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_positions_do_not_see_what_follows() -> Result<()> {
+        let vb = crate::model::weights::random_var_builder();
+        let causal = Encoder::new(&config(Activation::QuickGelu), Mask::Causal, vb.clone())?;
+        let xs = Tensor::randn(0f32, 1.0, (6, 16), &Device::Cpu)?;
+        let longer = Tensor::cat(&[&xs, &Tensor::randn(0f32, 1.0, (3, 16), &Device::Cpu)?], 0)?;
+        let (short, long) = (causal.forward(&xs, &[6])?, causal.forward(&longer, &[9])?);
+        assert!(largest_difference(&short, &long.narrow(0, 0, 6)?) < 1e-5);
+        // Both ways, the first rows do see the rest.
+        let both = Encoder::new(&config(Activation::QuickGelu), Mask::Bidirectional, vb)?;
+        let (short, long) = (both.forward(&xs, &[6])?, both.forward(&longer, &[9])?);
+        assert!(largest_difference(&short, &long.narrow(0, 0, 6)?) > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn patches_are_the_convolutions_windows() -> Result<()> {
+        let pixels = Tensor::arange(0f32, 2.0 * 3.0 * 4.0 * 4.0, &Device::Cpu)?.reshape((2, 3, 4, 4))?;
+        let weight = Tensor::randn(0f32, 1.0, (5, 3, 2, 2), &Device::Cpu)?;
+        let conv = pixels.conv2d(&weight, 0, 2, 1, 1)?; // [2, 5, 2, 2]
+        let expected = conv.flatten_from(2)?.transpose(1, 2)?.reshape((8, 5))?;
+        let got = patches(&pixels, 2)?.matmul(&weight.reshape((5, 12))?.t()?)?;
+        assert!(largest_difference(&got, &expected) < 1e-4);
+        assert!(patches(&pixels.narrow(3, 0, 3)?, 2).is_err());
+        assert_eq!(got.dtype(), DType::F32);
+        Ok(())
+    }
+}
