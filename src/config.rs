@@ -313,6 +313,9 @@ pub struct LimitArgs {
     /// Most alternatives per token in `top_logprobs` (chat) or `logprobs` (completions).
     #[arg(long, env = "OCELLUS_MAX_TOP_LOGPROBS", default_value_t = 20)]
     pub max_top_logprobs: usize,
+    /// Most inputs (texts and images) of one embedding, score or rerank request.
+    #[arg(long, env = "OCELLUS_MAX_EMBEDDING_INPUTS", default_value_t = 256)]
+    pub max_embedding_inputs: usize,
 }
 
 impl ServeArgs {

@@ -12,13 +12,15 @@ use candle_core::{DType, Device};
 
 use crate::api::observe::{EngineMetrics, PrepareMetrics};
 use crate::api::server::ServerHandle;
-use crate::api::{self, Ready};
+use crate::api::{self, EmbedReady, Ready};
 use crate::config::{DeviceArg, GenerateArgs, KvCacheDType, ModelArgs, QuantizationArg, ServeArgs, WeightDType};
+use crate::engine::embed::{EmbedConfig, EmbedHandle};
 use crate::engine::{AdapterRegistry, EngineConfig, EngineCore, EngineHandle, GenerationRequest};
 use crate::kv::{KvPool, KvSpec, blocks_for};
 use crate::media::{FetchConfig, MediaFetcher, MediaLimits, MediaPool};
 use crate::model::lora::AdapterLimits;
 use crate::model::{LoadError, ModelFiles, Quantization, VisionLanguageModel};
+use crate::processor::embed::EmbedPreparer;
 use crate::processor::{ChatMessage, ContentPart, ImageInput, PrepareLimits, PrepareObserver, Preparer, Processor};
 
 /// A model and its processor, loaded from one folder.
@@ -192,11 +194,15 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
     tokio::spawn(async move {
         let metrics = loading.metrics.clone();
         let model = args.model.model.clone();
-        let built = tokio::task::spawn_blocking(move || build_server_engine(&args, metrics)).await;
+        let built = tokio::task::spawn_blocking(move || build_served(&args, metrics)).await;
         match built.map_err(anyhow::Error::from).and_then(|r| r) {
-            Ok(ready) => {
+            Ok(Served::Generate(ready)) => {
                 api::server::mark_ready(&loading, ready).await;
                 tracing::info!(%model, "model loaded; ready");
+            }
+            Ok(Served::Embed(ready)) => {
+                api::server::mark_embed_ready(&loading, ready).await;
+                tracing::info!(%model, "embedding model loaded; ready");
             }
             Err(err) => {
                 tracing::error!(error = %format!("{err:#}"), "model failed to load");
@@ -205,6 +211,55 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<ServerHandle> {
         }
     });
     Ok(server)
+}
+
+/// What a server serves, once loaded.
+enum Served {
+    Generate(Ready),
+    Embed(EmbedReady),
+}
+
+/// The model `--model` names, loaded for its task: a generative model with its engine, or
+/// a contrastive one with its batching thread.
+fn build_served(args: &ServeArgs, metrics: Arc<crate::metrics::Metrics>) -> anyhow::Result<Served> {
+    use crate::model::hub;
+    let dir = hub::resolve_model(&args.model.model, &hub::cache_dir_from_env(), hub::offline_from_env())?;
+    match crate::model::registry::task(&ModelFiles::locate(&dir)?)? {
+        crate::model::registry::Task::Generate(_) => Ok(Served::Generate(build_server_engine(args, metrics)?)),
+        crate::model::registry::Task::Embed(_) => Ok(Served::Embed(build_embed_engine(args, &dir)?)),
+    }
+}
+
+/// A contrastive model's batching thread and the request side that prepares its inputs.
+fn build_embed_engine(args: &ServeArgs, dir: &Path) -> anyhow::Result<EmbedReady> {
+    anyhow::ensure!(
+        args.model.quantize.is_none(),
+        "--quantize applies to generative models' text layers; this is an embedding model"
+    );
+    anyhow::ensure!(
+        args.adapters.lora.is_empty(),
+        "--lora adapters apply to generative models; this is an embedding model"
+    );
+    let device = open_device(args.model.device)?;
+    let loaded = load_embedding_folder(dir, args.model.dtype, &device)?;
+    let config = EmbedConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_batch_tokens: args.max_batch_tokens,
+        max_queue: args.max_queue,
+        cache_bytes: args.vision_cache_memory.as_u64() as usize,
+    };
+    let (engine, _thread) = EmbedHandle::spawn(loaded.model.into(), config);
+    let limits = MediaLimits {
+        max_image_pixels: args.limits.max_image_pixels,
+        max_video_seconds: args.limits.max_video_seconds,
+    };
+    let workers =
+        (args.media.media_workers).unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let pool = MediaPool::new(workers, args.media.media_inline);
+    Ok(EmbedReady {
+        engine,
+        preparer: EmbedPreparer::new(loaded.processor, fetcher(args)?, pool, limits),
+    })
 }
 
 /// What `serve` runs once its socket is bound: the model, its adapters, the engine thread
@@ -247,16 +302,7 @@ fn build_server_engine(args: &ServeArgs, metrics: Arc<crate::metrics::Metrics>) 
 /// The request side: the processor, and the media fetcher and worker pool it prepares with.
 fn preparer(args: &ServeArgs, processor: Processor, observer: Arc<dyn PrepareObserver>) -> anyhow::Result<Preparer> {
     let (media, limits) = (&args.media, &args.limits);
-    let fetcher = MediaFetcher::new(FetchConfig {
-        timeout: media.media_fetch_timeout,
-        max_redirects: media.max_media_redirects,
-        max_bytes: limits.max_media_size.as_u64() as usize,
-        allowed_domains: (media.allowed_media_domains.iter())
-            .map(|d| d.trim().to_ascii_lowercase())
-            .collect(),
-        allowed_local_path: media.allowed_local_media_path.clone(),
-    })
-    .map_err(anyhow::Error::msg)?;
+    let fetcher = fetcher(args)?;
     let workers = (media.media_workers).unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let prepare_limits = PrepareLimits {
         media: MediaLimits {
@@ -274,6 +320,21 @@ fn preparer(args: &ServeArgs, processor: Processor, observer: Arc<dyn PrepareObs
         prepare_limits,
         observer,
     ))
+}
+
+/// The media fetcher `--media-*` and `--max-media-size` configure.
+fn fetcher(args: &ServeArgs) -> anyhow::Result<MediaFetcher> {
+    let media = &args.media;
+    MediaFetcher::new(FetchConfig {
+        timeout: media.media_fetch_timeout,
+        max_redirects: media.max_media_redirects,
+        max_bytes: args.limits.max_media_size.as_u64() as usize,
+        allowed_domains: (media.allowed_media_domains.iter())
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect(),
+        allowed_local_path: media.allowed_local_media_path.clone(),
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 /// The adapters of `--lora`, read before the server reports ready: a broken one stops it.

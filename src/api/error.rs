@@ -44,6 +44,9 @@ pub enum ApiError {
     Timeout,
     #[error("internal error: {0}")]
     Internal(String),
+    /// A route for the other kind of model (chat on an embedding model, or the reverse).
+    #[error("{0}")]
+    WrongTask(String),
 }
 
 #[derive(Serialize)]
@@ -65,7 +68,7 @@ impl ApiError {
         let code = match self {
             Self::Invalid(e) => e.status(),
             Self::Prepare(e) => e.status(),
-            Self::Admission { .. } | Self::Adapter(_) => 400,
+            Self::Admission { .. } | Self::Adapter(_) | Self::WrongTask(_) => 400,
             Self::Unauthorized => 401,
             Self::Forbidden(_) => 403,
             Self::ModelNotFound { .. } | Self::RouteNotFound { .. } => 404,
@@ -103,6 +106,7 @@ impl ApiError {
             Self::Unavailable(_) => "service_unavailable",
             Self::Timeout => "request_timeout",
             Self::Internal(_) => "internal_error",
+            Self::WrongTask(_) => "unsupported_task",
         }
     }
 

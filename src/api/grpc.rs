@@ -77,7 +77,7 @@ pub fn status(error: &ApiError) -> Status {
         ApiError::Unauthorized => tonic::Code::Unauthenticated,
         ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
         ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => tonic::Code::NotFound,
-        ApiError::MethodNotAllowed { .. } => tonic::Code::Unimplemented,
+        ApiError::MethodNotAllowed { .. } | ApiError::WrongTask(_) => tonic::Code::Unimplemented,
         ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
         ApiError::Unavailable(_) => tonic::Code::Unavailable,
         ApiError::Timeout => tonic::Code::DeadlineExceeded,

@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod auth;
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod error;
 pub mod grpc;
 pub mod observe;
@@ -25,9 +26,11 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::engine::embed::EmbedHandle;
 use crate::engine::{Adapter, EngineHandle, GenerationRequest};
 use crate::metrics::Metrics;
 use crate::openai::{self, Options};
+use crate::processor::embed::EmbedPreparer;
 use crate::processor::{Prepared, Preparer};
 use error::ApiError;
 use respond::{Endpoint, Job, Observer, respond};
@@ -48,10 +51,18 @@ pub struct Ready {
     pub preparer: Preparer,
 }
 
+/// A contrastive model, once loaded: its batching engine and what prepares its inputs.
+pub struct EmbedReady {
+    pub engine: EmbedHandle,
+    pub preparer: EmbedPreparer,
+}
+
 pub struct AppState {
     pub settings: ApiSettings,
     pub metrics: Arc<Metrics>,
     pub ready: OnceLock<Ready>,
+    /// Set instead of `ready` when the model is a contrastive one.
+    pub embed: OnceLock<EmbedReady>,
     pub load_error: OnceLock<String>,
     pub draining: AtomicBool,
     /// grpc.health.v1's statuses (SERVING once ready, NOT_SERVING while draining).
@@ -64,20 +75,55 @@ impl AppState {
             settings,
             metrics,
             ready: OnceLock::new(),
+            embed: OnceLock::new(),
             load_error: OnceLock::new(),
             draining: AtomicBool::new(false),
             grpc_health: tonic_health::server::HealthReporter::new(),
         }
     }
 
-    /// The loaded model, if the server takes requests now.
+    /// The loaded generative model, if the server takes requests now.
     fn accepting(&self) -> Result<&Ready, ApiError> {
         if self.draining.load(Ordering::Acquire) {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
+        if let Some(embed) = self.embed.get() {
+            return Err(ApiError::WrongTask(format!(
+                "the model `{}` ({}) embeds and scores; it does not generate: use /v1/embeddings, /v1/score \
+                 or /v1/rerank",
+                self.settings.served_model_name,
+                embed.engine.info().architecture
+            )));
+        }
         self.ready
             .get()
             .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
+    }
+
+    /// The loaded contrastive model, if the server takes requests now and `model` names it.
+    fn accepting_embeddings(&self, model: Option<&str>) -> Result<&EmbedReady, ApiError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ApiError::Unavailable("the server is shutting down".into()));
+        }
+        if self.ready.get().is_some() {
+            return Err(ApiError::WrongTask(format!(
+                "the model `{}` generates; it does not embed: use /v1/chat/completions or /v1/completions",
+                self.settings.served_model_name
+            )));
+        }
+        let embed = (self.embed.get()).ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))?;
+        match model {
+            Some(name) if name != self.settings.served_model_name => Err(ApiError::ModelNotFound {
+                model: name.to_string(),
+                served: format!("`{}`", self.settings.served_model_name),
+            }),
+            _ => Ok(embed),
+        }
+    }
+
+    /// Whether a model is loaded and taking requests (either kind).
+    fn loaded(&self) -> bool {
+        self.ready.get().is_some() || self.embed.get().is_some()
     }
 
     /// The adapter a request's `model` names: `None` for the base model (or no `model`).
@@ -111,6 +157,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/score", post(embeddings::score))
+        .route("/v1/rerank", post(embeddings::rerank))
         .route("/v1/models", get(models))
         .route("/v1/load_lora_adapter", post(adapters::load))
         .route("/v1/unload_lora_adapter", post(adapters::unload))
@@ -190,7 +239,7 @@ fn submit(
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let (status, text) = if state.draining.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if state.ready.get().is_some() {
+    } else if state.loaded() {
         (StatusCode::OK, "ready")
     } else if state.load_error.get().is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "failed")
@@ -204,8 +253,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 /// draining included, so a drain is never cut short by a restart); 503 once the engine
 /// thread has stopped while the server still takes requests, which only a bug causes.
 async fn live(State(state): State<Arc<AppState>>) -> Response {
-    let engine_dead =
-        !state.draining.load(Ordering::Acquire) && state.ready.get().is_some_and(|ready| ready.engine.is_stopped());
+    let stopped = state.ready.get().is_some_and(|ready| ready.engine.is_stopped())
+        || state.embed.get().is_some_and(|embed| embed.engine.is_stopped());
+    let engine_dead = !state.draining.load(Ordering::Acquire) && stopped;
     let (status, text) = if engine_dead {
         (StatusCode::SERVICE_UNAVAILABLE, "engine stopped")
     } else {
@@ -218,7 +268,17 @@ async fn live(State(state): State<Arc<AppState>>) -> Response {
 /// LoRA adapters).
 async fn models(State(state): State<Arc<AppState>>) -> Response {
     let ready = state.ready.get();
-    let max_model_len = ready.map_or(0, |r| r.engine.max_model_len());
+    let embed = state.embed.get();
+    let max_model_len = match (ready, embed) {
+        (Some(r), _) => r.engine.max_model_len(),
+        (None, Some(e)) => e.preparer.processor().rules().max_tokens,
+        (None, None) => 0,
+    };
+    // What the model serves, as vLLM's `--task` names it.
+    let task = match embed {
+        Some(_) => "embed",
+        None => "generate",
+    };
     let base = &state.settings.served_model_name;
     let card = |id: &str, parent: Option<&String>| openai::ModelCard {
         id: id.to_string(),
@@ -226,6 +286,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
         created: openai::unix_now(),
         owned_by: "ocellus",
         max_model_len,
+        task,
         parent: parent.cloned(),
     };
     let mut data = vec![card(base, None)];

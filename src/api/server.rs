@@ -40,6 +40,14 @@ pub async fn mark_ready(state: &AppState, ready: Ready) {
     }
 }
 
+/// The contrastive model is loaded: requests are taken from now on.
+pub async fn mark_embed_ready(state: &AppState, ready: super::EmbedReady) {
+    let _ = state.embed.set(ready);
+    if !state.draining.load(Ordering::Acquire) {
+        set_grpc_health(state, true).await;
+    }
+}
+
 /// The model failed to load: health says so (and `ServerHandle::ready` returns the error).
 pub fn mark_failed(state: &AppState, error: String) {
     let _ = state.load_error.set(error);
@@ -49,7 +57,7 @@ impl ServerHandle {
     /// Waits until the model is loaded; an error if loading failed.
     pub async fn ready(&self) -> anyhow::Result<()> {
         loop {
-            if self.state.ready.get().is_some() {
+            if self.state.ready.get().is_some() || self.state.embed.get().is_some() {
                 return Ok(());
             }
             if let Some(error) = self.state.load_error.get() {
@@ -193,6 +201,13 @@ pub async fn shutdown_signal() {
 async fn drain(state: &AppState, timeout: Duration) {
     state.draining.store(true, Ordering::Release);
     set_grpc_health(state, false).await;
+    if let Some(embed) = state.embed.get() {
+        // Embedding requests take a batch or two: answer what waits, then stop.
+        embed.engine.shutdown();
+        while !embed.engine.is_stopped() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let Some(ready) = state.ready.get() else { return };
     let deadline = Instant::now() + timeout;
     ready.engine.shutdown(deadline);
@@ -215,6 +230,7 @@ fn api_settings(args: &ServeArgs) -> ApiSettings {
             max_videos_per_request: limits.max_videos_per_request,
             max_video_frames: limits.max_video_frames,
             max_image_budget_pixels: limits.max_pixels_per_image,
+            max_embedding_inputs: limits.max_embedding_inputs,
         },
         max_body_bytes: limits.max_body_size.as_u64() as usize,
         request_timeout: args.request_timeout,

@@ -6,6 +6,7 @@
 
 pub mod core;
 pub mod detokenizer;
+pub mod embed;
 pub mod handle;
 pub mod offline;
 pub mod request;

@@ -74,6 +74,17 @@ pub enum ValidationError {
     EmptyPrompt,
     #[error("`{0}` is not supported")]
     Unsupported(&'static str),
+    #[error("`{0}` is not a field this route takes")]
+    UnknownField(String),
+    #[error("`{param}` {message}")]
+    InvalidInput { param: String, message: String },
+    /// A field the request may send, with a value this model cannot honour.
+    #[error("`{param}` {message}")]
+    UnsupportedValue { param: String, message: String },
+    #[error("`{param}`: this model takes no videos")]
+    VideosNotSupported { param: String },
+    #[error("`{param}` may hold at most {limit} inputs on this server, got {count}")]
+    TooManyInputs { param: String, limit: usize, count: usize },
 }
 
 fn min_tokens_bound(max_tokens: Option<usize>) -> String {
@@ -101,6 +112,9 @@ impl ValidationError {
             Self::TooManyVideos { .. } => "too_many_videos",
             Self::TooManyVideoFrames { .. } => "too_many_video_frames",
             Self::TooManyPixels { .. } => "too_many_pixels",
+            Self::UnknownField(_) | Self::UnsupportedValue { .. } => "unsupported_parameter",
+            Self::VideosNotSupported { .. } => "videos_not_supported",
+            Self::TooManyInputs { .. } => "too_many_inputs",
             _ => "invalid_value",
         }
     }
@@ -119,7 +133,12 @@ impl ValidationError {
             | Self::UnknownDetail { param, .. }
             | Self::TooManyVideoFrames { param, .. }
             | Self::TooManyPixels { param, .. }
-            | Self::PixelBounds { param, .. } => Some(param.clone()),
+            | Self::PixelBounds { param, .. }
+            | Self::InvalidInput { param, .. }
+            | Self::UnsupportedValue { param, .. }
+            | Self::VideosNotSupported { param }
+            | Self::TooManyInputs { param, .. } => Some(param.clone()),
+            Self::UnknownField(field) => Some(field.clone()),
             Self::Negative { param, .. } => fixed(param),
             Self::TopK { .. } => fixed("top_k"),
             Self::TooManyChoices { .. } => fixed("n"),

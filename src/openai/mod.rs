@@ -3,6 +3,7 @@
 //! with one `ValidationError` variant per rule. Knows nothing of HTTP, gRPC or the model:
 //! the HTTP and gRPC front ends and fine-tuning's data reader all go through it.
 
+pub mod embeddings;
 pub mod error;
 pub mod messages;
 pub mod types;

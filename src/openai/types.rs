@@ -233,6 +233,9 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub max_model_len: usize,
+    /// What the model serves: `generate` (chat, completions) or `embed` (embeddings,
+    /// score, rerank).
+    pub task: &'static str,
     /// For an adapter, the base model it runs on; null for the base model.
     pub parent: Option<String>,
 }

@@ -17,6 +17,8 @@ pub struct Limits {
     pub max_video_frames: usize,
     /// The largest pixel budget (`max_pixels`) a request may give an image.
     pub max_image_budget_pixels: usize,
+    /// Most inputs (texts and images) of one embedding, score or rerank request.
+    pub max_embedding_inputs: usize,
 }
 
 /// OpenAI's default `max_tokens` for completions (chat has none).

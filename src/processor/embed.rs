@@ -4,11 +4,17 @@
 //! unless the request asks to truncate it, as transformers' `truncation=True` does (the
 //! first tokens kept, the end token still last).
 
+use std::sync::Arc;
+
 use image::DynamicImage;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use super::PrepareError;
+use crate::engine::embed::EmbedItem;
+use crate::media::{MediaFetcher, MediaLimits, MediaPool, decode_image, probe_image};
 use crate::model::embedding::{EmbeddingInputs, TextRules};
 use crate::model::{ContentKey, LoadError, ModelFiles, Pixels};
+use crate::openai::embeddings::{EmbedInput, Located};
 
 /// A text as the model takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +113,86 @@ impl EmbedProcessor {
 
     pub fn preprocess_image(&self, image: &DynamicImage) -> Result<(Pixels, ContentKey), String> {
         self.inputs.preprocess_image(image)
+    }
+}
+
+/// An input ready for the embedding engine, and its text tokens (for `usage`).
+pub struct PreparedInput {
+    pub item: EmbedItem,
+    pub tokens: usize,
+}
+
+/// Prepares a request's inputs: texts tokenized, images fetched (all at once), then
+/// decoded within the limits and preprocessed on the bounded media pool.
+pub struct EmbedPreparer {
+    processor: Arc<EmbedProcessor>,
+    fetcher: MediaFetcher,
+    pool: MediaPool,
+    limits: MediaLimits,
+}
+
+impl EmbedPreparer {
+    pub fn new(processor: EmbedProcessor, fetcher: MediaFetcher, pool: MediaPool, limits: MediaLimits) -> Self {
+        Self {
+            processor: Arc::new(processor),
+            fetcher,
+            pool,
+            limits,
+        }
+    }
+
+    pub fn processor(&self) -> &EmbedProcessor {
+        &self.processor
+    }
+
+    /// Every input of a request, in order.
+    pub async fn prepare(&self, inputs: &[Located], truncate: bool) -> Result<Vec<PreparedInput>, PrepareError> {
+        let prepared = inputs.iter().map(|located| self.one(located, truncate));
+        futures::future::try_join_all(prepared).await
+    }
+
+    async fn one(&self, located: &Located, truncate: bool) -> Result<PreparedInput, PrepareError> {
+        let text_error = |error| PrepareError::Text {
+            error,
+            param: located.param.clone(),
+        };
+        let text = match &located.input {
+            EmbedInput::Text(text) => self.processor.tokenize(text, truncate).map_err(text_error)?,
+            EmbedInput::Tokens(ids) => self.processor.from_ids(ids.clone(), truncate).map_err(text_error)?,
+            EmbedInput::Image { url } => return self.image(url, &located.param).await,
+        };
+        Ok(PreparedInput {
+            item: EmbedItem::Text(text.ids),
+            tokens: text.tokens,
+        })
+    }
+
+    async fn image(&self, url: &str, param: &str) -> Result<PreparedInput, PrepareError> {
+        let media = |error| PrepareError::Media {
+            error,
+            param: param.to_string(),
+        };
+        let fetched = self.fetcher.fetch(url).await.map_err(media)?;
+        let (processor, limits) = (self.processor.clone(), self.limits);
+        let done = self
+            .pool
+            .run(move || {
+                let header = probe_image(&fetched, &limits)?;
+                Ok(decode_image(&fetched, &header).map(|image| processor.preprocess_image(&image)))
+            })
+            .await
+            .map_err(|e| PrepareError::Failed(e.to_string()))?;
+        let (pixels, key) = done
+            .map_err(media)?
+            .map_err(media)?
+            .map_err(|message| PrepareError::ImageRefused {
+                message,
+                param: param.to_string(),
+            })?;
+        Ok(PreparedInput {
+            item: EmbedItem::Image(pixels, key),
+            tokens: 0,
+        })
     }
 }
 

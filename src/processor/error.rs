@@ -37,6 +37,12 @@ pub enum PrepareError {
     VideosNotSupported { param: String },
     #[error("{message}")]
     ImageRefused { message: String, param: String },
+    /// A text to embed the model cannot take as it is.
+    #[error("`{param}`: {error}")]
+    Text {
+        error: super::embed::TextError,
+        param: String,
+    },
     #[error("this model's processor has no pixel budget: `min_pixels` and `max_pixels` do not apply to it")]
     PixelBudgetNotSupported { param: String },
     /// A media worker died: a bug.
@@ -49,7 +55,12 @@ impl PrepareError {
     pub fn is_client_error(&self) -> bool {
         !matches!(
             self,
-            Self::Failed(_) | Self::Processor(ProcessorError::Tokenizer { .. } | ProcessorError::Pixels { .. })
+            Self::Failed(_)
+                | Self::Processor(ProcessorError::Tokenizer { .. } | ProcessorError::Pixels { .. })
+                | Self::Text {
+                    error: super::embed::TextError::Tokenizer(_),
+                    ..
+                }
         )
     }
 
@@ -60,6 +71,15 @@ impl PrepareError {
     /// OpenAI's `code`.
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Text {
+                error: super::embed::TextError::TooLong { .. },
+                ..
+            } => "context_length_exceeded",
+            Self::Text {
+                error: super::embed::TextError::Tokenizer(_),
+                ..
+            } => "internal_error",
+            Self::Text { .. } => "invalid_value",
             Self::Processor(ProcessorError::VideosNotSupported) | Self::VideosNotSupported { .. } => {
                 "videos_not_supported"
             }
@@ -83,7 +103,7 @@ impl PrepareError {
                 Some(param.clone())
             }
             Self::PixelBudgetNotSupported { param } => Some(format!("{param}.max_pixels")),
-            Self::ImageRefused { param, .. } => Some(param.clone()),
+            Self::ImageRefused { param, .. } | Self::Text { param, .. } => Some(param.clone()),
             Self::Failed(_) => None,
         }
     }

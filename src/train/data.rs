@@ -54,6 +54,7 @@ impl DataLimits {
             max_video_frames: 0,
             // Training data sets no pixel budget of its own: the model's applies.
             max_image_budget_pixels: 0,
+            max_embedding_inputs: 0,
         }
     }
 
