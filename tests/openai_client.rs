@@ -11,19 +11,6 @@ use std::process::Command;
 use common::http::*;
 use common::*;
 
-fn python() -> PathBuf {
-    if let Some(python) = std::env::var_os("OCELLUS_TEST_PYTHON") {
-        return python.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
-    assert!(
-        venv.is_file(),
-        "no Python with the openai package: run scripts/test.sh (it installs one into target/test-venv) \
-         or set OCELLUS_TEST_PYTHON"
-    );
-    venv
-}
-
 /// Runs the script against a fixture model; `video`: a video to ask about too.
 async fn run_client(model: &str, prompt_tokens: usize, video: Option<&str>) {
     let python = python();

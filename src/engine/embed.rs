@@ -284,3 +284,147 @@ impl Worker {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::model::embedding::Scoring;
+
+    /// A model whose vector of a text is `[first id, length]` and of an image `[mean, 0]`,
+    /// recording the size of every forward.
+    struct Recorder {
+        info: EmbeddingInfo,
+        forwards: Mutex<Vec<(char, usize)>>,
+    }
+
+    impl Recorder {
+        fn new() -> Arc<Self> {
+            let info = EmbeddingInfo {
+                architecture: "test".into(),
+                dim: 2,
+                scoring: Scoring::Softmax { scale: 1.0 },
+            };
+            Arc::new(Self {
+                info,
+                forwards: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl EmbeddingModel for Recorder {
+        fn info(&self) -> &EmbeddingInfo {
+            &self.info
+        }
+
+        fn embed_texts(&self, texts: &[&[u32]]) -> candle_core::Result<Tensor> {
+            self.forwards.lock().unwrap().push(('t', texts.len()));
+            let rows: Vec<f32> = texts.iter().flat_map(|t| [t[0] as f32, t.len() as f32]).collect();
+            Tensor::from_vec(rows, (texts.len(), 2), &Device::Cpu)
+        }
+
+        fn embed_images(&self, images: &[&Pixels]) -> candle_core::Result<Tensor> {
+            self.forwards.lock().unwrap().push(('i', images.len()));
+            let mut rows = Vec::new();
+            for image in images {
+                rows.extend([image.values.mean_all()?.to_scalar::<f32>()?, 0.0]);
+            }
+            Tensor::from_vec(rows, (images.len(), 2), &Device::Cpu)
+        }
+    }
+
+    fn image(value: f32) -> EmbedItem {
+        let (pixels, key) = Pixels::keyed(vec![value; 12], &[1, 3, 2, 2], None).unwrap();
+        EmbedItem::Image(pixels, key)
+    }
+
+    fn worker(model: Arc<Recorder>, max_num_seqs: usize, max_batch_tokens: usize) -> Worker {
+        let config = EmbedConfig {
+            max_num_seqs,
+            max_batch_tokens,
+            max_queue: 100,
+            cache_bytes: 1 << 20,
+        };
+        Worker {
+            cache: Cache::new(config.cache_bytes, 2),
+            model,
+            config,
+            queued: Arc::new(AtomicUsize::new(0)),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Jobs sent before the worker runs, then a shutdown: the worker's batches are decided
+    /// by the limits alone.
+    fn run(worker: Worker, jobs: Vec<Vec<EmbedItem>>) -> Vec<oneshot::Receiver<Result<Vec<Vec<f32>>, EmbedError>>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut answers = Vec::new();
+        for items in jobs {
+            worker.queued.fetch_add(items.len(), Ordering::AcqRel);
+            let (reply, answer) = oneshot::channel();
+            tx.send(Command::Job(Job { items, reply })).unwrap();
+            answers.push(answer);
+        }
+        tx.send(Command::Shutdown).unwrap();
+        worker.run(rx);
+        answers
+    }
+
+    #[test]
+    fn waiting_requests_share_one_forward_and_each_gets_its_own_vectors() {
+        let model = Recorder::new();
+        let jobs = vec![
+            vec![EmbedItem::Text(vec![7, 1, 1])],
+            vec![image(0.5), EmbedItem::Text(vec![9])],
+            vec![image(0.5), image(0.25)],
+        ];
+        let answers = run(worker(model.clone(), 16, 100), jobs);
+        let got: Vec<Vec<Vec<f32>>> = answers
+            .into_iter()
+            .map(|mut a| a.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(got[0], vec![vec![7.0, 3.0]]);
+        assert_eq!(got[1], vec![vec![0.5, 0.0], vec![9.0, 1.0]]);
+        assert_eq!(got[2], vec![vec![0.5, 0.0], vec![0.25, 0.0]]);
+        // One forward of both texts, one of the two distinct images.
+        assert_eq!(*model.forwards.lock().unwrap(), vec![('t', 2), ('i', 2)]);
+    }
+
+    #[test]
+    fn limits_split_batches_and_cached_images_are_not_encoded_again() {
+        let model = Recorder::new();
+        let jobs = vec![
+            vec![EmbedItem::Text(vec![1; 6])],
+            vec![EmbedItem::Text(vec![2; 6])],
+            vec![image(1.0)],
+            vec![image(1.0)],
+        ];
+        // 10 tokens per batch: the two texts go apart; three inputs per batch: the first
+        // image's batch is the second text's, the second image comes from the cache.
+        let answers = run(worker(model.clone(), 3, 10), jobs);
+        for mut answer in answers {
+            assert!(answer.try_recv().unwrap().is_ok());
+        }
+        assert_eq!(*model.forwards.lock().unwrap(), vec![('t', 1), ('t', 1), ('i', 1)]);
+    }
+
+    #[test]
+    fn a_request_whose_client_left_is_not_encoded() {
+        let model = Recorder::new();
+        let worker = worker(model.clone(), 16, 100);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (reply, answer) = oneshot::channel();
+        drop(answer);
+        tx.send(Command::Job(Job {
+            items: vec![EmbedItem::Text(vec![1])],
+            reply,
+        }))
+        .unwrap();
+        tx.send(Command::Shutdown).unwrap();
+        worker.run(rx);
+        assert!(model.forwards.lock().unwrap().is_empty());
+    }
+}

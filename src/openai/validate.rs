@@ -269,6 +269,7 @@ pub(crate) mod tests {
         max_videos_per_request: 1,
         max_video_frames: 8,
         max_image_budget_pixels: 1 << 20,
+        max_embedding_inputs: 3,
     };
 
     fn check(fields: serde_json::Value) -> Result<Options, ValidationError> {

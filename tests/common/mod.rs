@@ -355,3 +355,17 @@ pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     edit(&mut value);
     std::fs::write(path, serde_json::to_string(&value).unwrap()).unwrap();
 }
+
+/// A Python with the official openai package (scripts/test.sh installs one).
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("OCELLUS_TEST_PYTHON") {
+        return python.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "no Python with the openai package: run scripts/test.sh (it installs one into target/test-venv) \
+         or set OCELLUS_TEST_PYTHON"
+    );
+    venv
+}
