@@ -25,7 +25,12 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from tokenizers import models, normalizers, pre_tokenizers, processors, decoders
 from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForImageTextRetrieval,
+    BlipImageProcessor,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
@@ -158,9 +163,9 @@ def tiny_siglip_config() -> SiglipConfig:
     return SiglipConfig(text_config=text, vision_config=vision)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
+def randomize(model: torch.nn.Module, seed: int, gain: float = 1.0) -> None:
     """Weights of a random, untrained model whose activations keep their scale through the
-    layers, as a trained model's do: matrices with std 1/sqrt(fan-in), embeddings and biases
+    layers, as a trained model's do: matrices with std gain/sqrt(fan-in), embeddings and biases
     0.2, norms near 1; logit scale and bias at values trained models have."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -173,7 +178,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
             elif param.dim() >= 2 and "embedding.weight" not in name and "probe" not in name:
                 fan_in = param[0].numel()
-                param.copy_(torch.randn(param.shape, generator=gen) / np.sqrt(fan_in))
+                param.copy_(gain * torch.randn(param.shape, generator=gen) / np.sqrt(fan_in))
             else:
                 param.copy_(0.2 * torch.randn(param.shape, generator=gen))
 
@@ -285,6 +290,85 @@ def write_reference(path: Path, ref: dict, pixel_values: torch.Tensor) -> None:
     save_file({"pixel_values": pixel_values.contiguous()}, str(path / ref["pixel_values_file"]))
 
 
+def bert_tokenizer(words: list[str]) -> Tokenizer:
+    """A small uncased WordPiece tokenizer in BERT's pipeline (BLIP's text encoder is BERT):
+    the special tokens at BERT's ids, single characters, their `##` continuations and whole
+    words."""
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(string.punctuation)
+    vocab += chars + ["##" + c for c in chars if c.isalnum()]
+    vocab += sorted({w for w in words if w not in vocab})
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 101), ("[SEP]", 102)],
+    )
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def tiny_blip_config(vocab_size: int) -> BlipConfig:
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(small, vocab_size=vocab_size, max_position_embeddings=64, encoder_hidden_size=32)
+    vision = dict(small, image_size=64, patch_size=16)
+    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
+
+
+def make_blip(dst: Path, image_dir: Path, names: list[str]) -> tuple:
+    """A tiny random BlipForImageTextRetrieval and its ITC embeddings and ITM probabilities
+    of every image with every text."""
+    dst.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for t in TEXTS for w in re.findall(r"[a-z]+", t.lower())})
+    tokenizer = bert_tokenizer(words)
+    tokenizer.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512,
+        "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]",
+    }, indent=2) + "\n")
+    torch.manual_seed(SEED + 2)
+    model = BlipForImageTextRetrieval(tiny_blip_config(tokenizer.get_vocab_size())).eval()
+    # BERT's post-norm layers average a random model's tokens into near-equal first
+    # positions; larger weights keep the texts' scores apart.
+    randomize(model, SEED + 2, gain=3.0)
+    model.save_pretrained(dst, safe_serialization=True)
+    processor = BlipImageProcessor(size={"height": 64, "width": 64})
+    processor.save_pretrained(dst)
+
+    tok = BertTokenizer.from_pretrained(dst)
+    encoded = tok(TEXTS, padding=True, return_tensors="pt")
+    pil = [Image.open(image_dir / n) for n in names]
+    pixel_values = BlipImageProcessor.from_pretrained(dst)(images=pil, return_tensors="pt")["pixel_values"]
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    with torch.no_grad():
+        itc = model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, use_itm_head=False)
+        vision = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_embeds = unit(model.vision_proj(vision[:, 0, :]))
+        text_states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        text_embeds = unit(model.text_proj(text_states[:, 0, :]))
+        itm = []
+        for i in range(len(names)):
+            pixels = pixel_values[i : i + 1].expand(len(TEXTS), -1, -1, -1)
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score
+            itm.append(torch.softmax(logits, dim=-1)[:, 1].tolist())
+    ref = {
+        "texts": TEXTS,
+        "images": names,
+        "input_ids": [row[: int(m.sum())].tolist() for row, m in zip(ids, mask)],
+        "pixel_values_file": "pixel_values.safetensors",
+        "logit_scale": 1.0,
+        "image_embeds": image_embeds.tolist(),
+        "image_embeds_alone": image_embeds.tolist(),
+        "text_embeds": text_embeds.tolist(),
+        "text_embeds_alone": text_embeds.tolist(),
+        "logits_per_image": itc.itm_score.tolist(),
+        "itm_probs": itm,
+    }
+    return ref, pixel_values
+
+
 def make_tiny(fixtures: Path) -> None:
     names = save_images(fixtures / "images")
     clip_ref, clip_pixels = make_clip(
@@ -303,6 +387,8 @@ def make_tiny(fixtures: Path) -> None:
         names,
     )
     write_reference(fixtures / "reference" / "tiny-siglip", siglip_ref, siglip_pixels)
+    blip_ref, blip_pixels = make_blip(fixtures / "models" / "tiny-blip-itm", fixtures / "images", names)
+    write_reference(fixtures / "reference" / "tiny-blip-itm", blip_ref, blip_pixels)
 
 
 def make_big(out: Path, fixtures: Path) -> None:

@@ -29,6 +29,9 @@ struct Reference {
     text_embeds: Vec<Vec<f32>>,
     text_embeds_alone: Vec<Vec<f32>>,
     logits_per_image: Vec<Vec<f32>>,
+    /// BLIP: the match probability of every image with every text.
+    #[serde(default)]
+    itm_probs: Option<Vec<Vec<f32>>>,
 }
 
 fn fixtures() -> PathBuf {
@@ -152,6 +155,23 @@ fn check(model_dir: &Path, reference_dir: &Path, images_dir: &Path) -> Vec<Strin
     if diff > LOGIT_TOLERANCE * reference.logit_scale.max(1.0) {
         failures.push(format!("logits differ by {diff}"));
     }
+    if let Some(expected) = &reference.itm_probs {
+        // Every text against each image, all pairs in one call.
+        let texts: Vec<&[u32]> = (0..refs.len()).flat_map(|_| id_refs.iter().copied()).collect();
+        let image_of: Vec<usize> = (0..refs.len()).flat_map(|i| vec![i; id_refs.len()]).collect();
+        let probs = model.match_pairs(&texts, &refs, &image_of).unwrap();
+        let probs: Vec<Vec<f32>> = probs.chunks(id_refs.len()).map(|c| c.to_vec()).collect();
+        let diff = largest_difference(&probs, expected);
+        eprintln!(
+            "{}: match probabilities: largest difference {diff:.2e}",
+            model_dir.display()
+        );
+        if diff > LOGIT_TOLERANCE {
+            failures.push(format!("match probabilities differ by {diff}"));
+        }
+    } else if model.match_pairs(&id_refs[..1], &refs[..1], &[0]).is_ok() {
+        failures.push("a model without a matching head matched a pair".into());
+    }
     failures
 }
 
@@ -172,6 +192,17 @@ fn tiny_siglip_equals_transformers() {
     let failures = check(
         &root.join("models/tiny-siglip"),
         &root.join("reference/tiny-siglip"),
+        &root.join("images"),
+    );
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn tiny_blip_retrieval_equals_transformers() {
+    let root = fixtures();
+    let failures = check(
+        &root.join("models/tiny-blip-itm"),
+        &root.join("reference/tiny-blip-itm"),
         &root.join("images"),
     );
     assert!(failures.is_empty(), "{failures:#?}");

@@ -307,6 +307,7 @@ mod tests {
                 architecture: "test".into(),
                 dim: 2,
                 scoring: Scoring::Softmax { scale: 1.0 },
+                matching: false,
             };
             Arc::new(Self {
                 info,

@@ -16,6 +16,8 @@ pub struct EmbeddingInfo {
     /// The embeddings' width (`projection_dim`).
     pub dim: usize,
     pub scoring: Scoring,
+    /// Whether it has an image-text matching head (`match_pairs`): BLIP's ITM.
+    pub matching: bool,
 }
 
 /// How the model turns the cosine of a text and an image into its logit and probability.
@@ -60,6 +62,12 @@ pub trait EmbeddingModel: Send + Sync {
     /// Unit vectors `[n, dim]` of images given as the family's pixels
     /// (`EmbeddingInputs::preprocess_image`), encoded together.
     fn embed_images(&self, images: &[&Pixels]) -> Result<Tensor>;
+
+    /// The probability that each text matches its image (`images[image_of[i]]` for text
+    /// `i`), from a matching head over the fused text and image (`EmbeddingInfo::matching`).
+    fn match_pairs(&self, _texts: &[&[u32]], _images: &[&Pixels], _image_of: &[usize]) -> Result<Vec<f32>> {
+        candle_core::bail!("{} has no image-text matching head", self.info().architecture)
+    }
 }
 
 /// How the family's text rules read: SigLIP canonicalises and pads, CLIP does neither.

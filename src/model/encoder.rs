@@ -60,6 +60,14 @@ pub enum Mask {
     Causal,
 }
 
+/// How a layer's attention weights are named: CLIP's and SigLIP's `q_proj`, `k_proj`,
+/// `v_proj`, `out_proj`, or BLIP's stacked `qkv` and `projection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionNames {
+    Separate,
+    Stacked,
+}
+
 /// One encoder's sizes.
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
@@ -96,6 +104,10 @@ struct EncoderLayer {
 impl Encoder {
     /// `vb` points at the encoder (`vision_model.encoder`), whose `layers.{i}` it reads.
     pub fn new(cfg: &EncoderConfig, mask: Mask, vb: VarBuilder) -> Result<Self> {
+        Self::with_names(cfg, mask, AttentionNames::Separate, vb)
+    }
+
+    pub fn with_names(cfg: &EncoderConfig, mask: Mask, names: AttentionNames, vb: VarBuilder) -> Result<Self> {
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -104,7 +116,7 @@ impl Encoder {
             )
         }
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, names, vb.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
             layers,
@@ -127,7 +139,7 @@ impl Encoder {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &EncoderConfig, names: AttentionNames, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let attn = vb.pp("self_attn");
         // transformers scales q·kᵀ by head_dim^-0.5; a power of two (head_dim 64: 1/8) scales
@@ -138,23 +150,33 @@ impl EncoderLayer {
         } else {
             (1.0, scale)
         };
-        let q = linear(d, d, attn.pp("q_proj"))?;
-        let q = Linear::new(
-            (q.weight() * q_weight_scale)?,
-            q.bias().map(|b| b * q_weight_scale).transpose()?,
-        );
-        let (k, v) = (linear(d, d, attn.pp("k_proj"))?, linear(d, d, attn.pp("v_proj"))?);
-        let qkv_weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
-        let qkv_bias = match (q.bias(), k.bias(), v.bias()) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
-            _ => None,
+        let (qkv, out_name) = match names {
+            AttentionNames::Separate => {
+                let (q, k, v) = (
+                    linear(d, d, attn.pp("q_proj"))?,
+                    linear(d, d, attn.pp("k_proj"))?,
+                    linear(d, d, attn.pp("v_proj"))?,
+                );
+                let weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+                let bias = match (q.bias(), k.bias(), v.bias()) {
+                    (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+                    _ => None,
+                };
+                (Linear::new(weight, bias), "out_proj")
+            }
+            AttentionNames::Stacked => (linear(d, 3 * d, attn.pp("qkv"))?, "projection"),
         };
+        // Rows 0..d are q's: scale them (and their bias) where that is exact.
+        let scale_q = |t: &Tensor| -> Result<Tensor> {
+            Tensor::cat(&[(t.narrow(0, 0, d)? * q_weight_scale)?, t.narrow(0, d, 2 * d)?], 0)
+        };
+        let qkv_proj = Linear::new(scale_q(qkv.weight())?, qkv.bias().map(scale_q).transpose()?);
         let norm = |name: &str| LayerNorm::new(d, cfg.layer_norm_eps, vb.pp(name));
         Ok(Self {
             layer_norm1: norm("layer_norm1")?,
-            qkv_proj: Linear::new(qkv_weight, qkv_bias),
+            qkv_proj,
             q_scale,
-            out_proj: linear(d, d, attn.pp("out_proj"))?,
+            out_proj: linear(d, d, attn.pp(out_name))?,
             layer_norm2: norm("layer_norm2")?,
             fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: linear(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,

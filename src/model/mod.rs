@@ -4,6 +4,7 @@
 //! families stays in its folder, behind `VisionLanguageModel` (the weights) and
 //! `InputProcessor` (what it makes of images and videos).
 
+pub mod blip;
 pub mod clip;
 pub mod decoder;
 pub mod embedding;

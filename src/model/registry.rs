@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 
 use super::embedding::{EmbeddingInputs, EmbeddingModel};
 use super::files::read_json;
-use super::{InputProcessor, LoadError, ModelFiles, VisionLanguageModel, clip, qwen3vl, siglip, smolvlm};
+use super::{InputProcessor, LoadError, ModelFiles, VisionLanguageModel, blip, clip, qwen3vl, siglip, smolvlm};
 
 /// Loads a family's weights from a located folder, in a dtype, onto a device.
 pub type LoadModel = fn(&ModelFiles, DType, &Device) -> Result<Box<dyn VisionLanguageModel>, LoadError>;
@@ -32,7 +32,7 @@ const FAMILIES: &[Family] = &[
     qwen3vl::QWEN3_VL_MOE,
 ];
 
-const EMBEDDING_FAMILIES: &[EmbeddingFamily] = &[clip::CLIP, siglip::SIGLIP];
+const EMBEDDING_FAMILIES: &[EmbeddingFamily] = &[clip::CLIP, siglip::SIGLIP, blip::BLIP_RETRIEVAL];
 
 /// What a model folder's architecture does.
 pub enum Task {

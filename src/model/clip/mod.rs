@@ -109,6 +109,7 @@ impl Clip {
                 scoring: Scoring::Softmax {
                     scale: logit_scale.exp(),
                 },
+                matching: false,
             },
         })
     }

@@ -109,6 +109,7 @@ impl Siglip {
                 architecture: "SiglipModel".into(),
                 dim: d,
                 scoring,
+                matching: false,
             },
         })
     }
