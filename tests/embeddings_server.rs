@@ -330,3 +330,78 @@ async fn the_official_openai_client_embeds_unchanged() {
         "openai client, float",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blip_scores_and_ranks_by_its_matching_head() {
+    #[derive(serde::Deserialize)]
+    struct Matching {
+        itm_probs: Vec<Vec<f32>>,
+    }
+    let model = "tiny-blip-itm";
+    let server = server_on(model, |_| {}).await;
+    let client = reqwest::Client::new();
+    let reference = reference(model);
+    let path = fixtures().join("reference").join(model).join("reference.json");
+    let matching: Matching = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+
+    // Embeddings are the contrastive (ITC) ones.
+    let (status, body) = post(
+        &client,
+        &url(&server, "/v1/embeddings"),
+        &json!({ "input": reference.texts }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_close(&vectors(&body), &reference.text_embeds_alone, 1e-5, "BLIP texts");
+
+    // Scores and relevances: each pair's match probability, in either order.
+    let image = json!({ "image": image_uri(&reference.images[1]) });
+    let (status, body) = post(
+        &client,
+        &url(&server, "/v1/score"),
+        &json!({ "text_1": image, "text_2": reference.texts }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let scores: Vec<f32> = (body["data"].as_array().unwrap().iter())
+        .map(|d| d["score"].as_f64().unwrap() as f32)
+        .collect();
+    assert_close(&[scores], &matching.itm_probs[1..2], 1e-4, "match probabilities");
+    let (status, body) = post(
+        &client,
+        &url(&server, "/v1/score"),
+        &json!({ "text_1": reference.texts[2], "text_2": image }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!((body["data"][0]["score"].as_f64().unwrap() as f32 - matching.itm_probs[1][2]).abs() < 1e-4);
+    let request = json!({ "query": image, "documents": reference.texts, "return_documents": false });
+    let (status, body) = post(&client, &url(&server, "/v1/rerank"), &request).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let mut previous = f32::MAX;
+    for result in results {
+        let (index, score) = (
+            result["index"].as_u64().unwrap() as usize,
+            result["relevance_score"].as_f64().unwrap() as f32,
+        );
+        assert!(
+            (score - matching.itm_probs[1][index]).abs() < 1e-4 && score <= previous,
+            "{body}"
+        );
+        assert!(result.get("document").is_none());
+        previous = score;
+    }
+    // Two texts are not a pair the matching head scores.
+    let (status, body) = post(
+        &client,
+        &url(&server, "/v1/score"),
+        &json!({ "text_1": "a", "text_2": "b" }),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unsupported_parameter")),
+        "{body}"
+    );
+}

@@ -2,7 +2,8 @@
 //! validate (`openai::embeddings`), prepare every input (`processor::embed`), embed them in
 //! the batching engine (`engine::embed`), then answer: the vectors themselves, a score per
 //! pair (the model's logit: `scale · cos`, SigLIP `+ bias`), or the documents ranked by
-//! probability (CLIP's softmax over them, SigLIP's sigmoid each).
+//! probability (CLIP's softmax over them, SigLIP's sigmoid each). On a model with a
+//! matching head (BLIP's ITM) a score and a relevance are the pair's match probability.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::respond::Observer;
 use super::{AppState, EmbedReady, parse_json};
-use crate::engine::embed::EmbedError;
+use crate::engine::embed::{EmbedError, EmbedItem};
 use crate::metrics::Outcome;
 use crate::openai::embeddings::{
     self, EmbeddingList, EmbeddingOut, EmbeddingUsage, EmbeddingValue, Located, RerankList, RerankOut, ScoreList,
@@ -73,17 +74,26 @@ pub async fn score(State(state): State<Arc<AppState>>, body: Result<Bytes, Bytes
         let request = embeddings::score(&body, state.settings.limits.max_embedding_inputs)?;
         let ready = state.accepting_embeddings(request.model.as_deref())?;
         let all: Vec<Located> = request.left.iter().chain(&request.right).cloned().collect();
-        let (vectors, tokens) = embed(&state, ready, &all, request.truncate).await?;
-        let (left, right) = vectors.split_at(request.left.len());
-        let scoring = ready.engine.info().scoring;
-        let data = (right.iter().enumerate())
-            .map(|(index, r)| {
-                let l = if left.len() == 1 { &left[0] } else { &left[index] };
-                ScoreOut {
-                    index,
-                    object: "score",
-                    score: scoring.logit(cosine(l, r)),
-                }
+        let (n_left, n_right) = (request.left.len(), request.right.len());
+        let pairs: Vec<(usize, usize)> = (0..n_right)
+            .map(|i| (if n_left == 1 { 0 } else { i }, n_left + i))
+            .collect();
+        let (scores, tokens) = match ready.engine.info().matching {
+            true => match_probabilities(&state, ready, &all, &pairs, request.truncate).await?,
+            false => {
+                let (vectors, tokens) = embed(&state, ready, &all, request.truncate).await?;
+                let scoring = ready.engine.info().scoring;
+                let scores = pairs
+                    .iter()
+                    .map(|&(l, r)| scoring.logit(cosine(&vectors[l], &vectors[r])));
+                (scores.collect(), tokens)
+            }
+        };
+        let data = (scores.into_iter().enumerate())
+            .map(|(index, score)| ScoreOut {
+                index,
+                object: "score",
+                score,
             })
             .collect();
         Ok(axum::Json(ScoreList {
@@ -109,13 +119,23 @@ pub async fn rerank(State(state): State<Arc<AppState>>, body: Result<Bytes, Byte
             .chain(&request.documents)
             .cloned()
             .collect();
-        let (vectors, tokens) = embed(&state, ready, &all, request.truncate).await?;
-        let scoring = ready.engine.info().scoring;
-        let logits: Vec<f32> = vectors[1..]
-            .iter()
-            .map(|d| scoring.logit(cosine(&vectors[0], d)))
-            .collect();
-        let mut results: Vec<RerankOut> = (scoring.probabilities(&logits).into_iter().enumerate())
+        let (probabilities, tokens) = match ready.engine.info().matching {
+            // Each document's own match probability with the query.
+            true => {
+                let pairs: Vec<(usize, usize)> = (1..all.len()).map(|d| (0, d)).collect();
+                match_probabilities(&state, ready, &all, &pairs, request.truncate).await?
+            }
+            false => {
+                let (vectors, tokens) = embed(&state, ready, &all, request.truncate).await?;
+                let scoring = ready.engine.info().scoring;
+                let logits: Vec<f32> = vectors[1..]
+                    .iter()
+                    .map(|d| scoring.logit(cosine(&vectors[0], d)))
+                    .collect();
+                (scoring.probabilities(&logits), tokens)
+            }
+        };
+        let mut results: Vec<RerankOut> = (probabilities.into_iter().enumerate())
             .map(|(index, relevance_score)| RerankOut {
                 index,
                 document: request.echo.as_ref().map(|docs| document(&docs[index])),
@@ -142,18 +162,54 @@ async fn embed(
     inputs: &[Located],
     truncate: bool,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    let (items, tokens) = prepare(ready, inputs, truncate).await?;
+    Ok((run(state, ready, items).await?, tokens))
+}
+
+/// Every input ready for the engine, and the text tokens they hold.
+async fn prepare(ready: &EmbedReady, inputs: &[Located], truncate: bool) -> Result<(Vec<EmbedItem>, usize), ApiError> {
     let prepared = ready.preparer.prepare(inputs, truncate).await?;
     let tokens = prepared.iter().map(|p| p.tokens).sum();
-    let items = prepared.into_iter().map(|p| p.item).collect();
-    let deadline = state.settings.request_timeout;
-    let vectors = match tokio::time::timeout(deadline, ready.engine.embed(items)).await {
+    Ok((prepared.into_iter().map(|p| p.item).collect(), tokens))
+}
+
+/// The engine's answer for `items`, within the request timeout.
+async fn run(state: &AppState, ready: &EmbedReady, items: Vec<EmbedItem>) -> Result<Vec<Vec<f32>>, ApiError> {
+    match tokio::time::timeout(state.settings.request_timeout, ready.engine.embed(items)).await {
         Ok(result) => result.map_err(|e| match e {
             EmbedError::Submit(e) => ApiError::submit(e, "input"),
             EmbedError::Model(message) => ApiError::Internal(message),
-        })?,
-        Err(_) => return Err(ApiError::Timeout),
-    };
-    Ok((vectors, tokens))
+        }),
+        Err(_) => Err(ApiError::Timeout),
+    }
+}
+
+/// Match probabilities of pairs of inputs (a model with a matching head): `pairs` index
+/// `inputs`; each pair must be a text and an image, in either order.
+async fn match_probabilities(
+    state: &AppState,
+    ready: &EmbedReady,
+    inputs: &[Located],
+    pairs: &[(usize, usize)],
+    truncate: bool,
+) -> Result<(Vec<f32>, usize), ApiError> {
+    let (items, tokens) = prepare(ready, inputs, truncate).await?;
+    let matched = (pairs.iter())
+        .map(|&(a, b)| match (&items[a], &items[b]) {
+            (EmbedItem::Text(ids), EmbedItem::Image(pixels, key))
+            | (EmbedItem::Image(pixels, key), EmbedItem::Text(ids)) => {
+                Ok(EmbedItem::Pair(ids.clone(), pixels.clone(), *key))
+            }
+            _ => Err(ValidationError::UnsupportedValue {
+                param: inputs[b].param.clone(),
+                message: "and its counterpart must be a text and an image: this model's matching head scores an \
+                          image against a text"
+                    .into(),
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let probs = run(state, ready, matched).await?.into_iter().map(|v| v[0]).collect();
+    Ok((probs, tokens))
 }
 
 /// Unit vectors' cosine: their dot product.

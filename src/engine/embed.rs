@@ -27,6 +27,9 @@ pub enum EmbedItem {
     Text(Vec<u32>),
     /// Pixels as the family's processor made them, and the key of their content.
     Image(Pixels, ContentKey),
+    /// A text and an image to match (a model with a matching head): its "vector" is the
+    /// one match probability.
+    Pair(Vec<u32>, Pixels, ContentKey),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +196,7 @@ impl Worker {
         while let Some(job) = self.pending.front() {
             let job_tokens: usize = (job.items.iter())
                 .map(|i| match i {
-                    EmbedItem::Text(ids) => ids.len(),
+                    EmbedItem::Text(ids) | EmbedItem::Pair(ids, ..) => ids.len(),
                     EmbedItem::Image(..) => 0,
                 })
                 .sum();
@@ -239,7 +242,7 @@ impl Worker {
         let texts: Vec<(usize, &[u32])> = (items.iter().enumerate())
             .filter_map(|(i, item)| match item {
                 EmbedItem::Text(ids) => Some((i, ids.as_slice())),
-                EmbedItem::Image(..) => None,
+                _ => None,
             })
             .collect();
         // A request larger than a batch (up to `--max-embedding-inputs`) runs in parts.
@@ -279,9 +282,43 @@ impl Worker {
                 cache.put(key, vector);
             }
         }
+        self.match_pairs(&items, &mut out)?;
         out.into_iter()
             .map(|v| v.ok_or_else(|| candle_core::Error::Msg("an input got no embedding. This is a bug.".into())))
             .collect()
+    }
+}
+
+impl Worker {
+    /// The match probability of every pair among `items`, into `out`: each distinct image
+    /// encoded once per forward.
+    fn match_pairs(&self, items: &[&EmbedItem], out: &mut [Option<Vec<f32>>]) -> candle_core::Result<()> {
+        let pairs: Vec<(usize, &[u32], &Pixels, &ContentKey)> = (items.iter().enumerate())
+            .filter_map(|(i, item)| match item {
+                EmbedItem::Pair(ids, pixels, key) => Some((i, ids.as_slice(), pixels, key)),
+                _ => None,
+            })
+            .collect();
+        for chunk in pairs.chunks(self.config.max_num_seqs.max(1)) {
+            let mut keys: Vec<&ContentKey> = Vec::new();
+            let mut images: Vec<&Pixels> = Vec::new();
+            let image_of: Vec<usize> = (chunk.iter())
+                .map(|(_, _, pixels, key)| match keys.iter().position(|k| k == key) {
+                    Some(at) => at,
+                    None => {
+                        keys.push(key);
+                        images.push(pixels);
+                        images.len() - 1
+                    }
+                })
+                .collect();
+            let texts: Vec<&[u32]> = chunk.iter().map(|(_, ids, ..)| *ids).collect();
+            let probs = self.model.match_pairs(&texts, &images, &image_of)?;
+            for ((i, ..), p) in chunk.iter().zip(probs) {
+                out[*i] = Some(vec![p]);
+            }
+        }
+        Ok(())
     }
 }
 
