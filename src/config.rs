@@ -75,6 +75,19 @@ pub enum FinetuneMethod {
     Lora,
     /// Every weight: vision encoder, connector and text model; saved as a model folder.
     Full,
+    /// A contrastive model (CLIP, SigLIP) on image/caption pairs, with in-batch negatives
+    /// (`--contrastive-weights` chooses what trains); saved as a model folder.
+    Contrastive,
+}
+
+/// What `--method contrastive` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContrastiveWeights {
+    /// Every weight.
+    Full,
+    /// LoRA pairs (`--lora-r`, `--lora-alpha`) beside every linear layer of both towers,
+    /// and the logit scale and bias; merged into the weights when saved.
+    Lora,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -152,6 +165,9 @@ pub struct FinetuneArgs {
     pub max_image_size: ByteSize,
     #[arg(long, default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+    /// Under `--method contrastive`: every weight, or LoRA pairs merged when saved.
+    #[arg(long, value_enum, default_value = "full")]
+    pub contrastive_weights: ContrastiveWeights,
 }
 
 #[derive(Debug, Clone, Args)]

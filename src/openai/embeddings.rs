@@ -377,3 +377,103 @@ pub struct RerankOut {
     pub document: Option<Value>,
     pub relevance_score: f32,
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn kinds(request: &ValidEmbeddings) -> Vec<EmbedInput> {
+        request.inputs.iter().map(|l| l.input.clone()).collect()
+    }
+
+    #[test]
+    fn every_input_form_reads_as_texts_tokens_or_images() {
+        let text = |s: &str| EmbedInput::Text(s.into());
+        let image = |u: &str| EmbedInput::Image { url: u.into() };
+        let cases = [
+            (json!({"input": "a cat"}), vec![text("a cat")]),
+            (json!({"input": ["a", "b"]}), vec![text("a"), text("b")]),
+            (json!({"input": [1, 2, 3]}), vec![EmbedInput::Tokens(vec![1, 2, 3])]),
+            (
+                json!({"input": [[1], [2, 3]]}),
+                vec![EmbedInput::Tokens(vec![1]), EmbedInput::Tokens(vec![2, 3])],
+            ),
+            (
+                json!({"input": [{"text": "a"}, {"image": "u"}]}),
+                vec![text("a"), image("u")],
+            ),
+            (
+                json!({"input": [{"type": "image_url", "image_url": {"url": "u"}}, {"type": "text", "text": "t"}]}),
+                vec![image("u"), text("t")],
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}),
+                vec![image("u")],
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "hi"}]}),
+                vec![text("hi")],
+            ),
+        ];
+        for (body, expected) in cases {
+            let request = embeddings(&body, 8).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(kinds(&request), expected, "{body}");
+        }
+        let request = embeddings(&json!({"input": ["a", "b"]}), 8).unwrap();
+        assert_eq!(request.inputs[1].param, "input[1]");
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let param = |body: serde_json::Value| embeddings(&body, 2).unwrap_err().param();
+        assert_eq!(param(json!({"input": []})), Some("input".into()));
+        assert_eq!(param(json!({"input": ["a", "b", "c"]})), Some("input".into()));
+        assert_eq!(param(json!({"input": "a", "nope": 1})), Some("nope".into()));
+        assert_eq!(param(json!({"input": [{"text": "a"}, 7.5]})), Some("input".into()));
+        assert_eq!(param(json!({"input": ["a", ""]})), Some("input[1]".into()));
+        assert_eq!(param(json!({"input": [-1]})), Some("input[0]".into()));
+        assert_eq!(param(json!({"input": "a", "dimensions": 0})), Some("dimensions".into()));
+        assert_eq!(param(json!({"input": "a", "messages": []})), Some("messages".into()));
+        let both = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
+        assert_eq!(param(both), Some("messages[0].content".into()));
+        let video = json!({"input": [{"type": "video_url", "video_url": {"url": "v"}}]});
+        assert_eq!(embeddings(&video, 2).unwrap_err().code(), "videos_not_supported");
+    }
+
+    #[test]
+    fn score_pairs_one_against_many_or_one_to_one() {
+        assert!(score(&json!({"text_1": "a", "text_2": ["b", "c", "d"]}), 8).is_ok());
+        assert!(score(&json!({"text_1": ["a", "b"], "text_2": ["c", "d"]}), 8).is_ok());
+        let error = score(&json!({"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}), 8).unwrap_err();
+        assert_eq!(error.param(), Some("text_2".into()));
+        assert_eq!(
+            score(&json!({"text_2": "b"}), 8).unwrap_err().param(),
+            Some("text_1".into())
+        );
+    }
+
+    #[test]
+    fn rerank_echoes_documents_unless_asked_not_to() {
+        let request = rerank(
+            &json!({"query": "q", "documents": ["a", {"image": "u"}], "top_n": 1}),
+            8,
+        )
+        .unwrap();
+        assert_eq!(request.echo.as_ref().map(Vec::len), Some(2));
+        assert_eq!(request.top_n, Some(1));
+        let request = rerank(&json!({"query": "q", "documents": ["a"], "return_documents": false}), 8).unwrap();
+        assert!(request.echo.is_none());
+        assert_eq!(
+            rerank(&json!({"query": "q", "documents": "a"}), 8).unwrap_err().param(),
+            Some("documents".into())
+        );
+        assert_eq!(
+            rerank(&json!({"query": "q", "documents": ["a"], "top_n": 0}), 8)
+                .unwrap_err()
+                .param(),
+            Some("top_n".into())
+        );
+    }
+}

@@ -4,6 +4,8 @@
 //! accumulation, an eval loss per epoch, checkpoints that resume exactly.
 
 pub mod adamw;
+pub mod contrastive;
+pub mod contrastive_model;
 pub mod data;
 pub mod evaluate;
 pub mod save;
@@ -56,6 +58,9 @@ pub struct Summary {
 const TRAINABLE: &[&str] = &["Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"];
 
 pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
+    if args.method == FinetuneMethod::Contrastive {
+        return contrastive::finetune(args);
+    }
     // The served model's vision encoder gives the features a LoRA run trains on.
     let files = ModelFiles::locate(Path::new(&args.model))?;
     let family = crate::model::registry::family(&files)?;
@@ -358,6 +363,9 @@ fn resume(dir: &Path, trainables: &[Trainable], optimizer: &mut AdamW) -> anyhow
 fn method(args: &FinetuneArgs) -> anyhow::Result<Method> {
     Ok(match args.method {
         FinetuneMethod::Full => Method::Full,
+        FinetuneMethod::Contrastive => {
+            anyhow::bail!("--method contrastive trains embedding models (train::contrastive)")
+        }
         FinetuneMethod::Lora => {
             anyhow::ensure!(args.lora_r > 0, "--lora-r must be at least 1");
             anyhow::ensure!(
