@@ -391,6 +391,29 @@ def make_tiny(fixtures: Path) -> None:
     write_reference(fixtures / "reference" / "tiny-blip-itm", blip_ref, blip_pixels)
 
 
+def make_demo_clip_base(out: Path) -> None:
+    """The untrained demo CLIP: a small ViT for 64-pixel images (patches of 8) and a small
+    causal text transformer over CLIP's tokenizer cut to 1024 entries, transformers' own
+    initialisation; `ocellus finetune --method contrastive` trains it into
+    models/ocellus-demo-clip."""
+    real = json.loads((CLIP_REF / "config.json").read_text())
+    text = dict(real["text_config"], hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+                num_attention_heads=4, vocab_size=1024, max_position_embeddings=32)
+    vision = dict(real["vision_config"], hidden_size=96, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, image_size=64, patch_size=8)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=64, logit_scale_init_value=2.6592)
+    torch.manual_seed(SEED)
+    out.mkdir(parents=True, exist_ok=True)
+    CLIPModel(config).eval().save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer.json").write_text(json.dumps(clip_small_tokenizer(1024), ensure_ascii=False))
+    tok_config = json.loads((CLIP_REF / "tokenizer_config.json").read_text())
+    tok_config["model_max_length"] = 32
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    processor_config = json.loads((CLIP_REF / "preprocessor_config.json").read_text())
+    processor_config.update(size=64, crop_size=64)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+
+
 def make_big(out: Path, fixtures: Path) -> None:
     """The real configs with random weights, outside the repository: `OUT/clip-vit-base-patch32`
     and `OUT/siglip-base-patch16-224`, each with `reference/` beside its files."""

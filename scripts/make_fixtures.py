@@ -10,6 +10,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py qwen3vl-big OUT_DIR  # the real Qwen3-VL-2B config, random weights (not committed)
   python scripts/make_fixtures.py embeddings    # tests/fixtures: tiny CLIP and SigLIP + references (part of tiny)
   python scripts/make_fixtures.py embeddings-big OUT_DIR  # the real CLIP and SigLIP configs, random weights (not committed)
+  python scripts/make_fixtures.py demo-clip-base OUT  # the untrained demo CLIP, for `ocellus finetune --method contrastive`
   python scripts/make_fixtures.py video OUT.mp4 # a 60 s 1280x720 30 fps H.264 video, for benches/video.rs
   python scripts/make_fixtures.py demo-base OUT # the untrained demo model, for `ocellus finetune --method full`
 
@@ -712,6 +713,8 @@ def main() -> None:
     qwen_big = sub.add_parser("qwen3vl-big")
     qwen_big.add_argument("out", type=Path)
     sub.add_parser("embeddings")
+    clip_base = sub.add_parser("demo-clip-base")
+    clip_base.add_argument("out", type=Path)
     embed_big = sub.add_parser("embeddings-big")
     embed_big.add_argument("out", type=Path)
     video = sub.add_parser("video")
@@ -729,6 +732,9 @@ def main() -> None:
 
     if args.what == "qwen3vl-big":
         return fixtures_qwen3vl.make_big(args.out, FIXTURES)
+
+    if args.what == "demo-clip-base":
+        return fixtures_embeddings.make_demo_clip_base(args.out)
 
     if args.what == "embeddings":
         return fixtures_embeddings.make_tiny(FIXTURES)

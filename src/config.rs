@@ -52,6 +52,10 @@ pub struct DemoDataArgs {
     pub test: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write image/caption pairs (`train-captions.jsonl`, `test-captions.jsonl`) for
+    /// contrastive fine-tuning and zero-shot evaluation, from the same images.
+    #[arg(long)]
+    pub captions: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -456,6 +456,16 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
 /// them and scores the answers), with or without a LoRA adapter.
 pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json::Value> {
     use crate::train::evaluate::{read_cases, score};
+    let dir = crate::model::hub::resolve_model(
+        &args.model,
+        &crate::model::hub::cache_dir_from_env(),
+        crate::model::hub::offline_from_env(),
+    )?;
+    if let crate::model::registry::Task::Embed(_) = crate::model::registry::task(&ModelFiles::locate(&dir)?)? {
+        anyhow::ensure!(args.lora.is_none(), "--lora applies to generative models");
+        let loaded = load_embedding_folder(&dir, WeightDType::F32, &Device::Cpu)?;
+        return crate::train::zero_shot::evaluate(&loaded, &args.data);
+    }
     let loaded = load_model(&args.model, WeightDType::F32, &Device::Cpu)?;
     let adapter = match &args.lora {
         Some(dir) => {

@@ -137,7 +137,12 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
 fn batch_loss(model: &TrainContrastive, pairs: &[&Pair]) -> candle_core::Result<Tensor> {
     let pixels = Tensor::cat(&pairs.iter().map(|p| &p.pixels).collect::<Vec<_>>(), 0)?;
     let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.ids.clone()).collect();
-    model.loss(&model.images(&pixels)?, &model.texts(&ids)?)
+    let n = ids.len();
+    let duplicates: Vec<f32> = (0..n * n)
+        .map(|k| (k / n != k % n && ids[k / n] == ids[k % n]) as u8 as f32)
+        .collect();
+    let duplicates = Tensor::from_vec(duplicates, (n, n), pixels.device())?;
+    model.loss(&model.images(&pixels)?, &model.texts(&ids)?, &duplicates)
 }
 
 /// The mean loss over batches of the eval pairs (a last partial batch of 2 or more too).

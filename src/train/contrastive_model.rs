@@ -366,11 +366,13 @@ impl TrainClip {
     }
 
     /// CLIP's symmetric InfoNCE over the batch: image `i` and text `i` match, every other
-    /// pair of the batch is a negative; the temperature is the learned `logit_scale`
-    /// (its exponential capped at 100, as CLIP's training clamps it).
-    pub fn loss(&self, images: &Tensor, texts: &Tensor) -> Result<Tensor> {
+    /// pair of the batch is a negative except those `duplicates` marks (1.0 where texts `i`
+    /// and `j` are the same caption: not negatives, so masked out); the temperature is the
+    /// learned `logit_scale` (its exponential capped at 100, as CLIP's training clamps it).
+    pub fn loss(&self, images: &Tensor, texts: &Tensor, duplicates: &Tensor) -> Result<Tensor> {
         let scale = self.logit_scale.clamp(0f32, 100f32.ln())?.exp()?;
         let logits = images.matmul(&texts.t()?)?.broadcast_mul(&scale)?;
+        let logits = (logits - (duplicates * 1e4)?)?;
         let n = logits.dim(0)?;
         let eye = Tensor::eye(n, DType::F32, logits.device())?;
         let diagonal = |log_probs: Tensor| -> Result<Tensor> { (log_probs * &eye)?.sum_all()? / n as f64 };
@@ -510,9 +512,10 @@ impl TrainSiglip {
     }
 
     /// SigLIP's pairwise sigmoid loss: each pair of the batch a binary question (match or
-    /// not) with logit `exp(logit_scale) · cos + logit_bias`, summed over pairs and divided
-    /// by the batch size.
-    pub fn loss(&self, images: &Tensor, texts: &Tensor) -> Result<Tensor> {
+    /// not) with logit `exp(logit_scale) · cos + logit_bias`, summed over pairs (those
+    /// `duplicates` marks left out: the same caption is no negative) and divided by the
+    /// batch size.
+    pub fn loss(&self, images: &Tensor, texts: &Tensor, duplicates: &Tensor) -> Result<Tensor> {
         let logits = images
             .matmul(&texts.t()?)?
             .broadcast_mul(&self.logit_scale.exp()?)?
@@ -522,7 +525,8 @@ impl TrainSiglip {
         let z = (logits * signs)?;
         // log σ(z) = min(z, 0) - log(1 + exp(-|z|)), stable for large |z|.
         let log_sigmoid = (z.minimum(0f32)? - (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
-        (log_sigmoid.sum_all()? / n as f64)?.neg()
+        let kept = (log_sigmoid * (1.0 - duplicates)?)?;
+        (kept.sum_all()? / n as f64)?.neg()
     }
 }
 
@@ -541,10 +545,12 @@ impl TrainContrastive {
         }
     }
 
-    pub fn loss(&self, images: &Tensor, texts: &Tensor) -> Result<Tensor> {
+    /// The loss of a batch whose image `i` and text `i` match; `duplicates` marks other
+    /// pairs with the same caption (not negatives).
+    pub fn loss(&self, images: &Tensor, texts: &Tensor, duplicates: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Clip(m) => m.loss(images, texts),
-            Self::Siglip(m) => m.loss(images, texts),
+            Self::Clip(m) => m.loss(images, texts, duplicates),
+            Self::Siglip(m) => m.loss(images, texts, duplicates),
         }
     }
 }

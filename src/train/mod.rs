@@ -12,6 +12,7 @@ pub mod save;
 pub mod synthetic;
 pub mod text;
 pub mod vision;
+pub mod zero_shot;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

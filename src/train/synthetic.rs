@@ -46,6 +46,28 @@ pub struct Sample {
     pub image: RgbImage,
     pub question: &'static str,
     pub answer: String,
+    /// What the image shows, in words ("two red squares", "the digit 7").
+    pub caption: String,
+    /// Captions that differ from `caption` in the asked attribute only, `caption` among them
+    /// (the labels of zero-shot classification).
+    pub alternatives: Vec<String>,
+}
+
+/// "a red square", "three red squares", "a red square on the left", "the digit 7".
+fn caption(colour: &str, shape: &str, count: Option<usize>, place: Option<usize>) -> String {
+    match (count, place) {
+        (Some(1), _) => format!("one {colour} {shape}"),
+        (Some(n), _) => format!("{} {colour} {shape}s", COUNTS[n - 1]),
+        (None, Some(p)) => {
+            let at = if p < 2 { "on the" } else { "at the" };
+            format!("a {colour} {shape} {at} {}", PLACES[p])
+        }
+        (None, None) => format!("a {colour} {shape}"),
+    }
+}
+
+fn digit_caption(digit: usize) -> String {
+    format!("the digit {digit}")
 }
 
 /// One sample of each kind in turn, `index` choosing the kind.
@@ -54,6 +76,8 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
     let mut image = RgbImage::from_pixel(SIDE, SIDE, Rgb([255, 255, 255]));
     let colour = COLOURS[rng.random_range(0..COLOURS.len())];
     let shape = rng.random_range(0..SHAPES.len());
+    let (name, shape_name) = (colour.0, SHAPES[shape]);
+    let mut captions = (String::new(), Vec::new());
     let (question, answer) = match kind {
         "colour" | "shape" => {
             let size = rng.random_range(16..26);
@@ -62,9 +86,12 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
                 rng.random_range(size..SIDE as i32 - size),
             );
             draw_shape(&mut image, shape, x, y, size, colour.1);
+            captions.0 = caption(name, shape_name, None, None);
             if kind == "colour" {
+                captions.1 = COLOURS.iter().map(|c| caption(c.0, shape_name, None, None)).collect();
                 ("What colour is the shape?", colour.0.to_string())
             } else {
+                captions.1 = SHAPES.iter().map(|s| caption(name, s, None, None)).collect();
                 ("What shape is this?", SHAPES[shape].to_string())
             }
         }
@@ -81,6 +108,10 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
                 let jitter = |rng: &mut ChaCha8Rng| rng.random_range(-3..=3);
                 draw_shape(&mut image, shape, cx + jitter(rng), cy + jitter(rng), size, colour.1);
             }
+            captions.0 = caption(name, shape_name, Some(n), None);
+            captions.1 = (1..=COUNTS.len())
+                .map(|k| caption(name, shape_name, Some(k), None))
+                .collect();
             ("How many shapes are there?", COUNTS[n - 1].to_string())
         }
         "position" => {
@@ -95,6 +126,10 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
                 _ => (along, SIDE as i32 - across),
             };
             draw_shape(&mut image, shape, x, y, size, colour.1);
+            captions.0 = caption(name, shape_name, None, Some(place));
+            captions.1 = (0..PLACES.len())
+                .map(|p| caption(name, shape_name, None, Some(p)))
+                .collect();
             ("Where is the shape?", PLACES[place].to_string())
         }
         _ => {
@@ -104,6 +139,8 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
             let x = rng.random_range(2..SIDE as i32 - w - 2);
             let y = rng.random_range(2..SIDE as i32 - h - 2);
             draw_digit(&mut image, digit, x, y, scale, [20, 20, 20]);
+            captions.0 = digit_caption(digit);
+            captions.1 = (0..10).map(digit_caption).collect();
             ("What number is written?", digit.to_string())
         }
     };
@@ -112,6 +149,8 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
         image,
         question,
         answer,
+        caption: captions.0,
+        alternatives: captions.1,
     }
 }
 
@@ -177,6 +216,36 @@ pub fn write_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::R
     Ok(())
 }
 
+/// Writes `count` samples as image/caption pairs, `DIR/NAME-captions.jsonl` (each line
+/// `{"kind", "image", "text", "labels", "label"}`: the caption, the captions that differ in
+/// the asked attribute and the caption's index among them), images under `DIR/images`.
+pub fn write_caption_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).with_context(|| images.display().to_string())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lines = String::new();
+    for i in 0..count {
+        let sample = sample(&mut rng, i);
+        let file = format!("images/{name}-{i}.png");
+        sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
+        let label = (sample.alternatives.iter())
+            .position(|c| *c == sample.caption)
+            .expect("the caption is among its alternatives. This is a bug.");
+        let line = serde_json::json!({
+            "kind": sample.kind,
+            "image": file,
+            "text": sample.caption,
+            "labels": sample.alternatives,
+            "label": label,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let file = dir.join(format!("{name}-captions.jsonl"));
+    std::fs::write(&file, lines).with_context(|| file.display().to_string())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +265,19 @@ mod tests {
         assert!(a.iter().zip(&c).any(|(x, y)| x.image != y.image));
         let kinds: Vec<&str> = a.iter().map(|s| s.kind).collect();
         assert_eq!(kinds[..5], KINDS);
+        // Every caption is one of its labels, and the labels differ.
+        for s in &a {
+            assert!(
+                s.alternatives.contains(&s.caption),
+                "{}: {:?}",
+                s.caption,
+                s.alternatives
+            );
+            let mut labels = s.alternatives.clone();
+            labels.dedup();
+            assert_eq!(labels.len(), s.alternatives.len());
+        }
+        assert_eq!(a[2].caption.split(' ').count(), 3, "{}", a[2].caption);
     }
 
     #[test]
