@@ -10,8 +10,8 @@ use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder, linear};
 
 use crate::model::ops::epilogue::{self, Then};
+use crate::model::ops::frame_attention;
 use crate::model::ops::norm::LayerNorm;
-use crate::model::ops::{frame_attention, prefill_attention};
 
 /// At most this many bytes of attention scores per task of `frame_attention` (at least one
 /// query row's).
@@ -44,11 +44,7 @@ impl Activation {
         match self {
             Self::GeluTanh => epilogue::linear(layer, xs, Then::GeluTanh),
             Self::GeluErf => layer.forward(xs)?.gelu_erf(),
-            Self::QuickGelu => {
-                // As transformers: `x * sigmoid(1.702 * x)`.
-                let xs = layer.forward(xs)?;
-                &xs * candle_nn::ops::sigmoid(&(&xs * 1.702)?)?
-            }
+            Self::QuickGelu => epilogue::linear(layer, xs, Then::QuickGelu),
         }
     }
 }
@@ -209,19 +205,8 @@ impl EncoderLayer {
             q = (q * self.q_scale)?;
         }
         let (k, v) = (qkv.narrow(1, 1, 1)?.squeeze(1)?, qkv.narrow(1, 2, 1)?.squeeze(1)?);
-        let out = match mask {
-            Mask::Bidirectional => frame_attention::attention(&q, &k, &v, lens, scores_bytes)?,
-            Mask::Causal => {
-                let mut parts = Vec::with_capacity(lens.len());
-                let mut first = 0;
-                for &len in lens {
-                    let part = |t: &Tensor| t.narrow(0, first, len);
-                    parts.push(prefill_attention::attention(&part(&q)?, &part(&k)?, &part(&v)?, 0)?);
-                    first += len;
-                }
-                Tensor::cat(&parts, 0)?
-            }
-        };
+        let causal = mask == Mask::Causal;
+        let out = frame_attention::attention_masked(&q, &k, &v, lens, scores_bytes, causal)?;
         epilogue::linear(&self.out_proj, &out, Then::Add(residual))
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, DType, Layout, Module, Result, Tensor, bail};
 use candle_nn::Linear;
 use rayon::prelude::*;
 
-use super::kernels::{self, Kernel, MIN_ELEMENTS_PER_TASK, gelu, vectorized};
+use super::kernels::{self, Kernel, MIN_ELEMENTS_PER_TASK, gelu, quick_gelu, vectorized};
 
 /// What follows the bias.
 #[derive(Clone, Copy)]
@@ -19,6 +19,8 @@ pub enum Then<'a> {
     Nothing,
     /// `gelu_pytorch_tanh`, as `kernels::gelu_tanh`.
     GeluTanh,
+    /// CLIP's `quick_gelu`: `x · sigmoid(1.702 · x)`.
+    QuickGelu,
     /// A residual of the output's shape.
     Add(&'a Tensor),
 }
@@ -36,8 +38,9 @@ pub fn linear(layer: &Linear, xs: &Tensor, then: Then<'_>) -> Result<Tensor> {
     };
     let ys = xs.matmul(&layer.weight().t()?)?;
     match then {
-        Then::Nothing => ys.inplace_op2(bias, &Bias { gelu: false })?,
-        Then::GeluTanh => ys.inplace_op2(bias, &Bias { gelu: true })?,
+        Then::Nothing => ys.inplace_op2(bias, &Bias { act: Act::None })?,
+        Then::GeluTanh => ys.inplace_op2(bias, &Bias { act: Act::GeluTanh })?,
+        Then::QuickGelu => ys.inplace_op2(bias, &Bias { act: Act::QuickGelu })?,
         Then::Add(residual) => ys.inplace_op3(bias, residual, &BiasAdd)?,
     }
     Ok(ys)
@@ -50,6 +53,7 @@ fn composed(layer: &Linear, xs: &Tensor, then: Then<'_>) -> Result<Tensor> {
         Then::Nothing => Ok(ys),
         Then::GeluTanh if kernels::applies(&ys) => kernels::gelu_tanh(&ys),
         Then::GeluTanh => ys.gelu(),
+        Then::QuickGelu => &ys * candle_nn::ops::sigmoid(&(&ys * 1.702)?)?,
         Then::Add(residual) => ys + residual,
     }
 }
@@ -80,8 +84,16 @@ fn task_len(width: usize) -> usize {
     MIN_ELEMENTS_PER_TASK.div_ceil(width) * width
 }
 
+/// The activation after the bias.
+#[derive(Clone, Copy)]
+enum Act {
+    None,
+    GeluTanh,
+    QuickGelu,
+}
+
 struct Bias {
-    gelu: bool,
+    act: Act,
 }
 
 impl candle_core::InplaceOp2 for Bias {
@@ -91,14 +103,14 @@ impl candle_core::InplaceOp2 for Bias {
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
         let (ys, bias) = rows(s1, l1, s2, l2)?;
-        let gelu = self.gelu;
+        let act = self.act;
         ys.par_chunks_mut(task_len(bias.len())).for_each(|rows| {
             for row in rows.chunks_exact_mut(bias.len()) {
                 vectorized(Row {
                     row,
                     bias,
                     residual: None,
-                    gelu,
+                    act,
                 })
             }
         });
@@ -146,7 +158,7 @@ impl candle_core::InplaceOp3 for BiasAdd {
                         row,
                         bias,
                         residual: Some(residual),
-                        gelu: false,
+                        act: Act::None,
                     })
                 }
             });
@@ -158,7 +170,7 @@ struct Row<'a> {
     row: &'a mut [f32],
     bias: &'a [f32],
     residual: Option<&'a [f32]>,
-    gelu: bool,
+    act: Act,
 }
 
 impl Kernel for Row<'_> {
@@ -167,10 +179,11 @@ impl Kernel for Row<'_> {
     #[inline(always)]
     fn run(self) {
         let pairs = self.row.iter_mut().zip(self.bias);
-        match (self.residual, self.gelu) {
+        match (self.residual, self.act) {
             (Some(residual), _) => pairs.zip(residual).for_each(|((y, b), r)| *y = (*y + b) + r),
-            (None, true) => pairs.for_each(|(y, b)| *y = gelu(*y + b)),
-            (None, false) => pairs.for_each(|(y, b)| *y += b),
+            (None, Act::GeluTanh) => pairs.for_each(|(y, b)| *y = gelu(*y + b)),
+            (None, Act::QuickGelu) => pairs.for_each(|(y, b)| *y = quick_gelu(*y + b)),
+            (None, Act::None) => pairs.for_each(|(y, b)| *y += b),
         }
     }
 }
@@ -195,12 +208,26 @@ mod tests {
         let cases = [
             (Then::Nothing, plain.clone()),
             (Then::GeluTanh, kernels::gelu_tanh(&plain)?),
+            (
+                Then::QuickGelu,
+                (&plain * candle_nn::ops::sigmoid(&(&plain * 1.702)?)?)?,
+            ),
             (Then::Add(&residual), (&plain + &residual)?),
         ];
         for (i, (then, expected)) in cases.into_iter().enumerate() {
             let got = linear(&layer, &xs, then)?;
-            let same = got.flatten_all()?.to_vec1::<f32>()? == expected.flatten_all()?.to_vec1::<f32>()?;
-            assert!(same, "case {i}");
+            let (got, expected) = (
+                got.flatten_all()?.to_vec1::<f32>()?,
+                expected.flatten_all()?.to_vec1::<f32>()?,
+            );
+            // quick_gelu's exp is the kernels' own, not libm's: equal to rounding.
+            let largest = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let bound = if matches!(then, Then::QuickGelu) { 1e-5 } else { 0.0 };
+            assert!(largest <= bound, "case {i}: {largest}");
         }
         Ok(())
     }

@@ -19,6 +19,19 @@ use super::{Operand, Out, Strided, attend_block, kernels, last_contiguous};
 /// of `frames[i]` patches each; returns `[rows, heads * head_dim]`. At most `scores_bytes`
 /// of scores per task (per thread on the CPU, per call of candle's matmul elsewhere).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: usize) -> Result<Tensor> {
+    attention_masked(q, k, v, frames, scores_bytes, false)
+}
+
+/// The same, each position seeing only those before it and itself when `causal` (CLIP's
+/// text tower: many short texts in one call, instead of a call per text).
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    frames: &[usize],
+    scores_bytes: usize,
+    causal: bool,
+) -> Result<Tensor> {
     let (rows, heads, head_dim) = q.dims3()?;
     if k.dims() != q.dims() || v.dims() != q.dims() || frames.iter().sum::<usize>() != rows {
         bail!(
@@ -29,7 +42,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_by
         )
     }
     if [q, k, v].iter().all(|t| kernels::applies(t)) {
-        return on_cpu(q, k, v, frames, scores_bytes);
+        return on_cpu(q, k, v, frames, scores_bytes, causal);
+    }
+    if causal {
+        let mut outputs = Vec::with_capacity(frames.len());
+        let mut first = 0;
+        for &len in frames {
+            let part = |t: &Tensor| t.narrow(0, first, len);
+            outputs.push(super::prefill_attention::attention(&part(q)?, &part(k)?, &part(v)?, 0)?);
+            first += len;
+        }
+        return Tensor::cat(&outputs, 0);
     }
     let mut outputs = Vec::with_capacity(frames.len());
     let mut first = 0;
@@ -65,7 +88,7 @@ fn with_candle(q: &Tensor, k: &Tensor, v: &Tensor, scores_bytes: usize) -> Resul
     Tensor::cat(&per_head, 0)
 }
 
-fn on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: usize) -> Result<Tensor> {
+fn on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: usize, causal: bool) -> Result<Tensor> {
     let (rows, heads, head_dim) = q.dims3()?;
     let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
     let (qs, ql) = q.storage_and_layout();
@@ -98,6 +121,7 @@ fn on_cpu(q: &Tensor, k: &Tensor, v: &Tensor, frames: &[usize], scores_bytes: us
         v,
         head_dim,
         width,
+        causal,
     };
     tasks
         .into_par_iter()
@@ -112,6 +136,7 @@ struct Operands<'a> {
     v: Operand<'a>,
     head_dim: usize,
     width: usize,
+    causal: bool,
 }
 
 impl Operands<'_> {
@@ -129,7 +154,9 @@ impl Operands<'_> {
             v,
             head_dim,
             width,
+            causal,
         } = self;
+        let causal = *causal;
         let (head_dim, width) = (*head_dim, *width);
         // SAFETY: every operand pointer and stride stays within its storage (`Operand::of`
         // checked the last element of the whole view; these are rows `first..first + len`
@@ -143,7 +170,7 @@ impl Operands<'_> {
                 Strided::rows(v.at(first, h), v.row),
                 Strided::rows(target.ptr().add((first + start) * width + h * head_dim), width),
                 scores,
-                |_| len,
+                |i| if causal { start + i + 1 } else { len },
             )
         }
     }
@@ -187,6 +214,35 @@ mod tests {
             assert!(max_difference(&through_candle, &expected) < 1e-5);
         }
         assert!(attention(&q, &k, &v, &[5, 12], 1 << 20).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn causal_frames_equal_prefill_attention_per_frame() -> Result<()> {
+        let (heads, head_dim) = (2, 8);
+        let frames = [5, 9, 1];
+        let rows: usize = frames.iter().sum();
+        let qkv = Tensor::randn(0f32, 1.0, (rows, 3, heads, head_dim), &Device::Cpu)?;
+        let part = |i| qkv.narrow(1, i, 1).and_then(|t| t.squeeze(1));
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let mut expected = Vec::new();
+        let mut first = 0;
+        for len in frames {
+            let frame = |t: &Tensor| t.narrow(0, first, len);
+            expected.push(crate::model::ops::prefill_attention::attention(
+                &frame(&q)?,
+                &frame(&k)?,
+                &frame(&v)?,
+                0,
+            )?);
+            first += len;
+        }
+        let expected = Tensor::cat(&expected, 0)?;
+        // Blocks of 2 queries: later blocks see more keys.
+        for scores_bytes in [2 * 9 * 4, 1 << 20] {
+            let got = attention_masked(&q, &k, &v, &frames, scores_bytes, true)?;
+            assert!(max_difference(&got, &expected) < 1e-5, "{scores_bytes}");
+        }
         Ok(())
     }
 }

@@ -251,6 +251,12 @@ pub(super) fn gelu(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * u))
 }
 
+/// CLIP's `quick_gelu` of one element: `x · sigmoid(1.702 · x)`, as transformers writes it.
+#[inline(always)]
+pub(super) fn quick_gelu(x: f32) -> f32 {
+    x * (1.0 / (1.0 + exp(-(1.702 * x))))
+}
+
 /// Softmax of `row[..visible]` in place, `row[visible..]` set to 0.
 struct SoftmaxRowInPlace<'a> {
     row: &'a mut [f32],
