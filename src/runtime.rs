@@ -464,7 +464,7 @@ pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json
     if let crate::model::registry::Task::Embed(_) = crate::model::registry::task(&ModelFiles::locate(&dir)?)? {
         anyhow::ensure!(args.lora.is_none(), "--lora applies to generative models");
         let loaded = load_embedding_folder(&dir, WeightDType::F32, &Device::Cpu)?;
-        return crate::train::zero_shot::evaluate(&loaded, &args.data);
+        return crate::train::zero_shot::evaluate(loaded.model.as_ref(), &loaded.processor, &args.data);
     }
     let loaded = load_model(&args.model, WeightDType::F32, &Device::Cpu)?;
     let adapter = match &args.lora {

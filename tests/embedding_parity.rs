@@ -102,7 +102,19 @@ fn check(model_dir: &Path, reference_dir: &Path, images_dir: &Path) -> Vec<Strin
     }
 
     let refs: Vec<&Pixels> = pixels.iter().collect();
-    let image_batched = rows(&model.embed_images(&refs).unwrap());
+    failures.extend(check_outputs(model_dir, model.as_ref(), &reference, &refs));
+    failures
+}
+
+/// Embeddings alone and batched, logits and match probabilities, from the inputs.
+fn check_outputs(
+    model_dir: &Path,
+    model: &dyn ocellus::model::embedding::EmbeddingModel,
+    reference: &Reference,
+    refs: &[&Pixels],
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let image_batched = rows(&model.embed_images(refs).unwrap());
     let image_alone: Vec<Vec<f32>> = refs
         .iter()
         .map(|p| rows(&model.embed_images(&[p]).unwrap()).remove(0))
@@ -159,7 +171,7 @@ fn check(model_dir: &Path, reference_dir: &Path, images_dir: &Path) -> Vec<Strin
         // Every text against each image, all pairs in one call.
         let texts: Vec<&[u32]> = (0..refs.len()).flat_map(|_| id_refs.iter().copied()).collect();
         let image_of: Vec<usize> = (0..refs.len()).flat_map(|i| vec![i; id_refs.len()]).collect();
-        let probs = model.match_pairs(&texts, &refs, &image_of).unwrap();
+        let probs = model.match_pairs(&texts, refs, &image_of).unwrap();
         let probs: Vec<Vec<f32>> = probs.chunks(id_refs.len()).map(|c| c.to_vec()).collect();
         let diff = largest_difference(&probs, expected);
         eprintln!(

@@ -115,9 +115,16 @@ async fn embeddings_match(model: &str) {
     assert_eq!(status, 200, "{body}");
     assert_close(&vectors(&body), &reference.image_embeds[1..2], 1e-5, "messages");
 
+    scores_and_rerank(&server, model, &reference).await;
+    concurrent_clients(&server, &reference).await;
+}
+
+/// `/v1/score` and `/v1/rerank` against the reference logits.
+async fn scores_and_rerank(server: &ocellus::api::server::ServerHandle, model: &str, reference: &Reference) {
+    let client = reqwest::Client::new();
     // Scores: the reference logits of the first image against every text.
     let score = json!({ "text_1": { "image": image_uri(&reference.images[0]) }, "text_2": reference.texts });
-    let (status, body) = post(&client, &url(&server, "/v1/score"), &score).await;
+    let (status, body) = post(&client, &url(server, "/v1/score"), &score).await;
     assert_eq!(status, 200, "{body}");
     let scores: Vec<f32> = (body["data"].as_array().unwrap().iter())
         .map(|d| d["score"].as_f64().unwrap() as f32)
@@ -127,7 +134,7 @@ async fn embeddings_match(model: &str) {
     // Rerank: the texts as labels of the image, best first, probabilities as the model's.
     let rerank =
         json!({ "query": { "image": image_uri(&reference.images[0]) }, "documents": reference.texts, "top_n": 3 });
-    let (status, body) = post(&client, &url(&server, "/v1/rerank"), &rerank).await;
+    let (status, body) = post(&client, &url(server, "/v1/rerank"), &rerank).await;
     assert_eq!(status, 200, "{body}");
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
@@ -149,8 +156,12 @@ async fn embeddings_match(model: &str) {
         assert!((score - expected(index)).abs() < 1e-4, "{score} vs {}", expected(index));
         assert_eq!(result["document"]["text"], reference.texts[index]);
     }
+}
 
-    // Many clients at once: each gets what it gets alone.
+/// Many clients at once: each gets what it gets alone.
+async fn concurrent_clients(server: &ocellus::api::server::ServerHandle, reference: &Reference) {
+    let client = reqwest::Client::new();
+    let endpoint = url(server, "/v1/embeddings");
     let requests = (0..12).map(|i| {
         let (client, endpoint) = (client.clone(), endpoint.clone());
         let input = match i % 2 {

@@ -104,7 +104,7 @@ impl Encoder {
     }
 
     pub fn with_names(cfg: &EncoderConfig, mask: Mask, names: AttentionNames, vb: VarBuilder) -> Result<Self> {
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size,

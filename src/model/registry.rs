@@ -18,10 +18,13 @@ pub struct Family {
     pub input_processor: fn(&ModelFiles) -> Result<Box<dyn InputProcessor>, LoadError>,
 }
 
+/// Loads a contrastive family's weights from a located folder.
+pub type LoadEmbedding = fn(&ModelFiles, DType, &Device) -> Result<Box<dyn EmbeddingModel>, LoadError>;
+
 /// How a contrastive family is recognised and loaded.
 pub struct EmbeddingFamily {
     pub architectures: &'static [&'static str],
-    pub load: fn(&ModelFiles, DType, &Device) -> Result<Box<dyn EmbeddingModel>, LoadError>,
+    pub load: LoadEmbedding,
     pub inputs: fn(&ModelFiles) -> Result<Box<dyn EmbeddingInputs>, LoadError>,
 }
 

@@ -12,6 +12,12 @@ use serde::Deserialize;
 use super::resample::{Filter, Image8, resize_like_torch, to_rgb};
 use super::{ContentKey, LoadError, Pixels};
 
+/// transformers' `OPENAI_CLIP_MEAN` and `OPENAI_CLIP_STD` (CLIP's and BLIP's processors),
+/// as written there; the nearest f32s are what the normalisation uses.
+pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
 /// `preprocessor_config.json`'s fields these processors read, in the forms hub files use
 /// (`size: 224`, `{"shortest_edge": 224}`, `{"height": 224, "width": 224}`).
 #[derive(Debug, Clone, Deserialize)]

@@ -52,26 +52,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     };
     let train = load(&args.data, &processor, &limits)?;
     let eval = args.eval.as_ref().map(|f| load(f, &processor, &limits)).transpose()?;
-    let weights = match args.contrastive_weights {
-        ContrastiveWeights::Full => Weights::Full,
-        ContrastiveWeights::Lora => Weights::Lora {
-            r: args.lora_r,
-            alpha: args.lora_alpha,
-        },
-    };
-    let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
-    let mut params = Params::new(vb, weights, args.seed);
-    let model = match family.architectures[0] {
-        "CLIPModel" => TrainContrastive::Clip(TrainClip::new(
-            &crate::model::clip::ClipConfig::load(&files.config)?,
-            &mut params,
-        )?),
-        "SiglipModel" => TrainContrastive::Siglip(TrainSiglip::new(
-            &crate::model::siglip::SiglipConfig::load(&files.config)?,
-            &mut params,
-        )?),
-        other => anyhow::bail!("contrastive fine-tuning trains CLIPModel and SiglipModel, not {other}"),
-    };
+    let (model, params) = build(args, &files, family.architectures[0])?;
     let vars: Vec<Var> = params.trainables.iter().map(|t| t.var.clone()).collect();
     let adam = AdamWParams {
         lr: args.lr,
@@ -131,6 +112,31 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     save(&args.out, &files, &params)?;
     eprintln!("saved to {}", args.out.display());
     Ok(summary)
+}
+
+/// The trainable model of a CLIP or SigLIP folder, and what it trains.
+fn build(args: &FinetuneArgs, files: &ModelFiles, architecture: &str) -> anyhow::Result<(TrainContrastive, Params)> {
+    let weights = match args.contrastive_weights {
+        ContrastiveWeights::Full => Weights::Full,
+        ContrastiveWeights::Lora => Weights::Lora {
+            r: args.lora_r,
+            alpha: args.lora_alpha,
+        },
+    };
+    let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
+    let mut params = Params::new(vb, weights, args.seed);
+    let model = match architecture {
+        "CLIPModel" => TrainContrastive::Clip(TrainClip::new(
+            &crate::model::clip::ClipConfig::load(&files.config)?,
+            &mut params,
+        )?),
+        "SiglipModel" => TrainContrastive::Siglip(TrainSiglip::new(
+            &crate::model::siglip::SiglipConfig::load(&files.config)?,
+            &mut params,
+        )?),
+        other => anyhow::bail!("contrastive fine-tuning trains CLIPModel and SiglipModel, not {other}"),
+    };
+    Ok((model, params))
 }
 
 /// The loss of a batch of pairs against each other.

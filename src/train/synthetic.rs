@@ -66,6 +66,22 @@ fn caption(colour: &str, shape: &str, count: Option<usize>, place: Option<usize>
     }
 }
 
+/// A shape's caption and the captions that differ from it in the attribute `kind` asks
+/// about.
+fn labels(kind: &str, colour: &str, shape: &str, count: Option<usize>, place: Option<usize>) -> (String, Vec<String>) {
+    let alternatives = match kind {
+        "colour" => COLOURS.iter().map(|c| caption(c.0, shape, None, None)).collect(),
+        "shape" => SHAPES.iter().map(|s| caption(colour, s, None, None)).collect(),
+        "count" => (1..=COUNTS.len())
+            .map(|k| caption(colour, shape, Some(k), None))
+            .collect(),
+        _ => (0..PLACES.len())
+            .map(|p| caption(colour, shape, None, Some(p)))
+            .collect(),
+    };
+    (caption(colour, shape, count, place), alternatives)
+}
+
 fn digit_caption(digit: usize) -> String {
     format!("the digit {digit}")
 }
@@ -86,12 +102,10 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
                 rng.random_range(size..SIDE as i32 - size),
             );
             draw_shape(&mut image, shape, x, y, size, colour.1);
-            captions.0 = caption(name, shape_name, None, None);
+            captions = labels(kind, name, shape_name, None, None);
             if kind == "colour" {
-                captions.1 = COLOURS.iter().map(|c| caption(c.0, shape_name, None, None)).collect();
                 ("What colour is the shape?", colour.0.to_string())
             } else {
-                captions.1 = SHAPES.iter().map(|s| caption(name, s, None, None)).collect();
                 ("What shape is this?", SHAPES[shape].to_string())
             }
         }
@@ -139,8 +153,7 @@ pub fn sample(rng: &mut ChaCha8Rng, index: usize) -> Sample {
             let x = rng.random_range(2..SIDE as i32 - w - 2);
             let y = rng.random_range(2..SIDE as i32 - h - 2);
             draw_digit(&mut image, digit, x, y, scale, [20, 20, 20]);
-            captions.0 = digit_caption(digit);
-            captions.1 = (0..10).map(digit_caption).collect();
+            captions = (digit_caption(digit), (0..10).map(digit_caption).collect());
             ("What number is written?", digit.to_string())
         }
     };

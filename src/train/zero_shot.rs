@@ -13,8 +13,9 @@ use candle_core::Tensor;
 use serde_json::{Value, json};
 
 use crate::model::Pixels;
+use crate::model::embedding::EmbeddingModel;
+use crate::processor::embed::EmbedProcessor;
 use crate::processor::local::{LocalImageLimits, read_image};
-use crate::runtime::LoadedEmbedding;
 
 #[derive(serde::Deserialize)]
 struct Line {
@@ -28,7 +29,7 @@ struct Line {
 /// Images and texts embedded this many at a time.
 const BATCH: usize = 32;
 
-pub fn evaluate(loaded: &LoadedEmbedding, data: &Path) -> anyhow::Result<Value> {
+pub fn evaluate(model: &dyn EmbeddingModel, processor: &EmbedProcessor, data: &Path) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(data).with_context(|| data.display().to_string())?;
     let lines: Vec<Line> = (text.lines().enumerate())
         .filter(|(_, l)| !l.trim().is_empty())
@@ -43,12 +44,12 @@ pub fn evaluate(loaded: &LoadedEmbedding, data: &Path) -> anyhow::Result<Value> 
     let pixels: Vec<Pixels> = (lines.iter())
         .map(|l| {
             let image = read_image(&l.image, folder, &limits).map_err(anyhow::Error::msg)?;
-            Ok(loaded.processor.preprocess_image(&image).map_err(anyhow::Error::msg)?.0)
+            Ok(processor.preprocess_image(&image).map_err(anyhow::Error::msg)?.0)
         })
         .collect::<anyhow::Result<_>>()?;
     let mut images = Vec::new();
     for chunk in pixels.chunks(BATCH) {
-        images.push(loaded.model.embed_images(&chunk.iter().collect::<Vec<_>>())?);
+        images.push(model.embed_images(&chunk.iter().collect::<Vec<_>>())?);
     }
     let images = Tensor::cat(&images, 0)?;
     // Every distinct text once.
@@ -60,15 +61,11 @@ pub fn evaluate(loaded: &LoadedEmbedding, data: &Path) -> anyhow::Result<Value> 
     texts.sort_unstable();
     texts.dedup();
     let ids = (texts.iter())
-        .map(|t| Ok(loaded.processor.tokenize(t, true)?.ids))
+        .map(|t| Ok(processor.tokenize(t, true)?.ids))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut embedded = Vec::new();
     for chunk in ids.chunks(BATCH) {
-        embedded.push(
-            loaded
-                .model
-                .embed_texts(&chunk.iter().map(Vec::as_slice).collect::<Vec<_>>())?,
-        );
+        embedded.push(model.embed_texts(&chunk.iter().map(Vec::as_slice).collect::<Vec<_>>())?);
     }
     let similarity = images.matmul(&Tensor::cat(&embedded, 0)?.t()?)?.to_vec2::<f32>()?;
     let column = |t: &str| {

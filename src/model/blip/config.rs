@@ -105,13 +105,13 @@ impl BlipConfig {
             ),
         ] {
             ensure(
-                heads > 0 && hidden % heads == 0,
+                heads > 0 && hidden.is_multiple_of(heads),
                 name,
                 format!("{heads} does not divide hidden_size {hidden}"),
             )?;
         }
         ensure(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
+            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_config.patch_size",
             format!("{} does not divide image_size {}", v.patch_size, v.image_size),
         )?;

@@ -18,7 +18,7 @@ use crate::model::embedding::{EmbeddingInfo, EmbeddingInputs, EmbeddingModel, Sc
 use crate::model::encoder::{self, AttentionNames, Encoder, Mask};
 use crate::model::ops::norm::LayerNorm;
 use crate::model::registry::EmbeddingFamily;
-use crate::model::square_image::{Resize, SquareDefaults, SquareProcessor};
+use crate::model::square_image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resize, SquareDefaults, SquareProcessor};
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{ContentKey, LoadError, ModelFiles, Pixels, on_compute_pool};
 use text::{CrossInputs, TextEncoder};
@@ -28,10 +28,6 @@ pub const BLIP_RETRIEVAL: EmbeddingFamily = EmbeddingFamily {
     load: |files, dtype, device| Ok(Box::new(Blip::load(files, dtype, device)?)),
     inputs: |files| Ok(Box::new(BlipInputs::load(files)?)),
 };
-
-/// OpenAI's CLIP normalisation, which `BlipImageProcessor` uses.
-const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 pub struct Blip {
     vision: VisionTower,
@@ -190,8 +186,8 @@ impl BlipInputs {
         let defaults = SquareDefaults {
             resize: Resize::Exact(384, 384),
             crop: None,
-            mean: MEAN,
-            std: STD,
+            mean: OPENAI_CLIP_MEAN,
+            std: OPENAI_CLIP_STD,
         };
         Ok(Self {
             rules: TextRules {

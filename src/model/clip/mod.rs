@@ -20,7 +20,7 @@ use crate::model::embedding::{EmbeddingInfo, EmbeddingInputs, EmbeddingModel, Sc
 use crate::model::encoder::{self, Encoder, Mask};
 use crate::model::ops::norm::LayerNorm;
 use crate::model::registry::EmbeddingFamily;
-use crate::model::square_image::{Resize, SquareDefaults, SquareProcessor};
+use crate::model::square_image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resize, SquareDefaults, SquareProcessor};
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{ContentKey, LoadError, ModelFiles, Pixels, on_compute_pool};
 use config::Pooling;
@@ -30,10 +30,6 @@ pub const CLIP: EmbeddingFamily = EmbeddingFamily {
     load: |files, dtype, device| Ok(Box::new(Clip::load(files, dtype, device)?)),
     inputs: |files| Ok(Box::new(ClipInputs::load(files)?)),
 };
-
-/// OpenAI's CLIP normalisation (`OPENAI_CLIP_MEAN`, `OPENAI_CLIP_STD`).
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 pub struct Clip {
     text: TextTower,
@@ -222,8 +218,8 @@ impl ClipInputs {
         let defaults = SquareDefaults {
             resize: Resize::ShortestEdge(224),
             crop: Some(224),
-            mean: CLIP_MEAN,
-            std: CLIP_STD,
+            mean: OPENAI_CLIP_MEAN,
+            std: OPENAI_CLIP_STD,
         };
         Ok(Self {
             rules: TextRules {
