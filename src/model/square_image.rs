@@ -9,8 +9,9 @@ use std::path::Path;
 use image::DynamicImage;
 use serde::Deserialize;
 
+use super::embedding::{EmbeddingInputs, TextRules};
 use super::resample::{Filter, Image8, resize_like_torch, to_rgb};
-use super::{ContentKey, LoadError, Pixels};
+use super::{ContentKey, LoadError, ModelFiles, Pixels};
 
 /// transformers' `OPENAI_CLIP_MEAN` and `OPENAI_CLIP_STD` (CLIP's and BLIP's processors),
 /// as written there; the nearest f32s are what the normalisation uses.
@@ -204,5 +205,43 @@ impl SquareProcessor {
 
     pub fn side(&self) -> usize {
         self.side
+    }
+}
+
+/// A contrastive family's inputs: its text rules and a square image processor read from
+/// the folder's `preprocessor_config.json` (CLIP, SigLIP and BLIP differ only in these).
+pub struct SquareInputs {
+    rules: TextRules,
+    image: SquareProcessor,
+}
+
+impl SquareInputs {
+    pub fn load(
+        files: &ModelFiles,
+        rules: TextRules,
+        defaults: SquareDefaults,
+        side: usize,
+    ) -> Result<Self, LoadError> {
+        let file = files
+            .preprocessor_config
+            .as_ref()
+            .ok_or_else(|| LoadError::MissingFile {
+                dir: files.dir.clone(),
+                file: "preprocessor_config.json".into(),
+            })?;
+        Ok(Self {
+            rules,
+            image: SquareProcessor::load(file, defaults, side)?,
+        })
+    }
+}
+
+impl EmbeddingInputs for SquareInputs {
+    fn text_rules(&self) -> &TextRules {
+        &self.rules
+    }
+
+    fn preprocess_image(&self, image: &DynamicImage) -> Result<(Pixels, ContentKey), String> {
+        self.image.preprocess(image)
     }
 }

@@ -328,7 +328,7 @@ impl TrainClip {
     pub fn texts(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let device = self.token_embedding.device();
         let n = ids.iter().map(Vec::len).max().unwrap_or(1);
-        let pooled_at: Vec<usize> = ids.iter().map(|t| pool_at(t, self.config.pooling())).collect();
+        let pooled_at: Vec<usize> = ids.iter().map(|t| self.config.pooling().position(t)).collect();
         let padded: Vec<u32> = ids
             .iter()
             .flat_map(|t| t.iter().copied().chain(std::iter::repeat_n(0, n - t.len())))
@@ -552,17 +552,6 @@ impl TrainContrastive {
             Self::Clip(m) => m.loss(images, texts, duplicates),
             Self::Siglip(m) => m.loss(images, texts, duplicates),
         }
-    }
-}
-
-fn pool_at(text: &[u32], pooling: crate::model::clip::config::Pooling) -> usize {
-    use crate::model::clip::config::Pooling;
-    match pooling {
-        Pooling::HighestId => {
-            let max = text.iter().copied().max().unwrap_or(0);
-            text.iter().position(|&id| id == max).unwrap_or(0)
-        }
-        Pooling::FirstOf(eos) => text.iter().position(|&id| id == eos).unwrap_or(0),
     }
 }
 

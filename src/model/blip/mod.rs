@@ -14,19 +14,19 @@ use candle_nn::{Linear, VarBuilder, linear};
 
 pub use config::BlipConfig;
 
-use crate::model::embedding::{EmbeddingInfo, EmbeddingInputs, EmbeddingModel, Scoring, TextRules, unit_rows};
+use crate::model::embedding::{EmbeddingInfo, EmbeddingModel, Scoring, TextRules, unit_rows};
 use crate::model::encoder::{self, AttentionNames, Encoder, Mask};
 use crate::model::ops::norm::LayerNorm;
 use crate::model::registry::EmbeddingFamily;
-use crate::model::square_image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resize, SquareDefaults, SquareProcessor};
+use crate::model::square_image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resize, SquareDefaults, SquareInputs};
 use crate::model::weights::SafetensorsWeights;
-use crate::model::{ContentKey, LoadError, ModelFiles, Pixels, on_compute_pool};
+use crate::model::{LoadError, ModelFiles, Pixels, on_compute_pool};
 use text::{CrossInputs, TextEncoder};
 
 pub const BLIP_RETRIEVAL: EmbeddingFamily = EmbeddingFamily {
     architectures: &["BlipForImageTextRetrieval"],
     load: |files, dtype, device| Ok(Box::new(Blip::load(files, dtype, device)?)),
-    inputs: |files| Ok(Box::new(BlipInputs::load(files)?)),
+    inputs: |files| Ok(Box::new(inputs(files)?)),
 };
 
 pub struct Blip {
@@ -167,45 +167,18 @@ impl VisionTower {
 
 /// BLIP's side of preparing inputs: texts as its (BERT) tokenizer makes them, images as
 /// `BlipImageProcessor` (a fixed square, bicubic, CLIP's normalisation).
-pub struct BlipInputs {
-    rules: TextRules,
-    image: SquareProcessor,
-}
-
-impl BlipInputs {
-    pub fn load(files: &ModelFiles) -> std::result::Result<Self, LoadError> {
-        let config = BlipConfig::load(&files.config)?;
-        let file = files
-            .preprocessor_config
-            .as_ref()
-            .ok_or_else(|| LoadError::MissingFile {
-                dir: files.dir.clone(),
-                file: "preprocessor_config.json".into(),
-            })?;
-        let side = config.vision_config.image_size;
-        let defaults = SquareDefaults {
-            resize: Resize::Exact(384, 384),
-            crop: None,
-            mean: OPENAI_CLIP_MEAN,
-            std: OPENAI_CLIP_STD,
-        };
-        Ok(Self {
-            rules: TextRules {
-                max_tokens: config.text_config.max_position_embeddings,
-                canonicalize: false,
-                pad_id: None,
-            },
-            image: SquareProcessor::load(file, defaults, side)?,
-        })
-    }
-}
-
-impl EmbeddingInputs for BlipInputs {
-    fn text_rules(&self) -> &TextRules {
-        &self.rules
-    }
-
-    fn preprocess_image(&self, image: &image::DynamicImage) -> std::result::Result<(Pixels, ContentKey), String> {
-        self.image.preprocess(image)
-    }
+pub fn inputs(files: &ModelFiles) -> std::result::Result<SquareInputs, LoadError> {
+    let config = BlipConfig::load(&files.config)?;
+    let defaults = SquareDefaults {
+        resize: Resize::Exact(384, 384),
+        crop: None,
+        mean: OPENAI_CLIP_MEAN,
+        std: OPENAI_CLIP_STD,
+    };
+    let rules = TextRules {
+        max_tokens: config.text_config.max_position_embeddings,
+        canonicalize: false,
+        pad_id: None,
+    };
+    SquareInputs::load(files, rules, defaults, config.vision_config.image_size)
 }

@@ -89,6 +89,21 @@ pub enum Pooling {
     FirstOf(u32),
 }
 
+impl Pooling {
+    /// The position of `text` whose state becomes its features.
+    pub fn position(self, text: &[u32]) -> usize {
+        match self {
+            // torch's argmax: the first of equal maxima.
+            Self::HighestId => {
+                let max = text.iter().copied().max().unwrap_or(0);
+                text.iter().position(|&id| id == max).unwrap_or(0)
+            }
+            // No end token: transformers' argmax of all zeros, the first position.
+            Self::FirstOf(eos) => text.iter().position(|&id| id == eos).unwrap_or(0),
+        }
+    }
+}
+
 impl ClipConfig {
     pub fn load(path: &Path) -> Result<Self, LoadError> {
         let config: Self = read_json(path)?;

@@ -16,19 +16,19 @@ use candle_nn::VarBuilder;
 
 pub use config::ClipConfig;
 
-use crate::model::embedding::{EmbeddingInfo, EmbeddingInputs, EmbeddingModel, Scoring, TextRules, unit_rows};
+use crate::model::embedding::{EmbeddingInfo, EmbeddingModel, Scoring, TextRules, unit_rows};
 use crate::model::encoder::{self, Encoder, Mask};
 use crate::model::ops::norm::LayerNorm;
 use crate::model::registry::EmbeddingFamily;
-use crate::model::square_image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resize, SquareDefaults, SquareProcessor};
+use crate::model::square_image::{OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Resize, SquareDefaults, SquareInputs};
 use crate::model::weights::SafetensorsWeights;
-use crate::model::{ContentKey, LoadError, ModelFiles, Pixels, on_compute_pool};
+use crate::model::{LoadError, ModelFiles, Pixels, on_compute_pool};
 use config::Pooling;
 
 pub const CLIP: EmbeddingFamily = EmbeddingFamily {
     architectures: &["CLIPModel"],
     load: |files, dtype, device| Ok(Box::new(Clip::load(files, dtype, device)?)),
-    inputs: |files| Ok(Box::new(ClipInputs::load(files)?)),
+    inputs: |files| Ok(Box::new(inputs(files)?)),
 };
 
 pub struct Clip {
@@ -142,7 +142,7 @@ impl TextTower {
             if text.is_empty() || text.len() > max || text.iter().any(|&id| id as usize >= vocab) {
                 bail!("a text of {} tokens (at most {max}, ids below {vocab})", text.len())
             }
-            pooled.push((ids.len() + self.pool_at(text)) as u32);
+            pooled.push((ids.len() + self.pooling.position(text)) as u32);
             ids.extend_from_slice(text);
             positions.extend(0..text.len() as u32);
         }
@@ -156,17 +156,6 @@ impl TextTower {
         // The norm is per row: normalising only the pooled rows gives the same values.
         self.final_layer_norm
             .forward(&xs.index_select(&Tensor::new(pooled, device)?, 0)?)
-    }
-
-    fn pool_at(&self, text: &[u32]) -> usize {
-        match self.pooling {
-            // torch's argmax: the first of equal maxima.
-            Pooling::HighestId => {
-                let max = text.iter().copied().max().unwrap_or(0);
-                text.iter().position(|&id| id == max).unwrap_or(0)
-            }
-            Pooling::FirstOf(eos) => text.iter().position(|&id| id == eos).unwrap_or(0),
-        }
     }
 }
 
@@ -199,45 +188,18 @@ impl VisionTower {
 
 /// CLIP's side of preparing inputs: texts as its tokenizer makes them (no padding: the
 /// text tower is causal and pools at the end of text), images as `CLIPImageProcessor`.
-pub struct ClipInputs {
-    rules: TextRules,
-    image: SquareProcessor,
-}
-
-impl ClipInputs {
-    pub fn load(files: &ModelFiles) -> std::result::Result<Self, LoadError> {
-        let config = ClipConfig::load(&files.config)?;
-        let file = files
-            .preprocessor_config
-            .as_ref()
-            .ok_or_else(|| LoadError::MissingFile {
-                dir: files.dir.clone(),
-                file: "preprocessor_config.json".into(),
-            })?;
-        let side = config.vision_config.image_size;
-        let defaults = SquareDefaults {
-            resize: Resize::ShortestEdge(224),
-            crop: Some(224),
-            mean: OPENAI_CLIP_MEAN,
-            std: OPENAI_CLIP_STD,
-        };
-        Ok(Self {
-            rules: TextRules {
-                max_tokens: config.text_config.max_position_embeddings,
-                canonicalize: false,
-                pad_id: None,
-            },
-            image: SquareProcessor::load(file, defaults, side)?,
-        })
-    }
-}
-
-impl EmbeddingInputs for ClipInputs {
-    fn text_rules(&self) -> &TextRules {
-        &self.rules
-    }
-
-    fn preprocess_image(&self, image: &image::DynamicImage) -> std::result::Result<(Pixels, ContentKey), String> {
-        self.image.preprocess(image)
-    }
+pub fn inputs(files: &ModelFiles) -> std::result::Result<SquareInputs, LoadError> {
+    let config = ClipConfig::load(&files.config)?;
+    let defaults = SquareDefaults {
+        resize: Resize::ShortestEdge(224),
+        crop: Some(224),
+        mean: OPENAI_CLIP_MEAN,
+        std: OPENAI_CLIP_STD,
+    };
+    let rules = TextRules {
+        max_tokens: config.text_config.max_position_embeddings,
+        canonicalize: false,
+        pad_id: None,
+    };
+    SquareInputs::load(files, rules, defaults, config.vision_config.image_size)
 }

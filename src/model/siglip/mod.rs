@@ -11,19 +11,19 @@ use candle_nn::{Linear, VarBuilder, linear};
 
 pub use config::SiglipConfig;
 
-use crate::model::embedding::{EmbeddingInfo, EmbeddingInputs, EmbeddingModel, Scoring, TextRules, unit_rows};
+use crate::model::embedding::{EmbeddingInfo, EmbeddingModel, Scoring, TextRules, unit_rows};
 use crate::model::encoder::{self, Activation, Encoder, Mask};
 use crate::model::ops::epilogue::{self, Then};
 use crate::model::ops::norm::LayerNorm;
 use crate::model::registry::EmbeddingFamily;
-use crate::model::square_image::{Resize, SquareDefaults, SquareProcessor};
+use crate::model::square_image::{Resize, SquareDefaults, SquareInputs};
 use crate::model::weights::SafetensorsWeights;
-use crate::model::{ContentKey, LoadError, ModelFiles, Pixels, on_compute_pool};
+use crate::model::{LoadError, ModelFiles, Pixels, on_compute_pool};
 
 pub const SIGLIP: EmbeddingFamily = EmbeddingFamily {
     architectures: &["SiglipModel"],
     load: |files, dtype, device| Ok(Box::new(Siglip::load(files, dtype, device)?)),
-    inputs: |files| Ok(Box::new(SiglipInputs::load(files)?)),
+    inputs: |files| Ok(Box::new(inputs(files)?)),
 };
 
 pub struct Siglip {
@@ -230,45 +230,18 @@ impl PoolingHead {
 /// SigLIP's side of preparing inputs: texts canonicalised and padded to the model's 64
 /// positions (`SiglipProcessor(padding="max_length")`, as the model card asks), images
 /// resized to the model's square as `SiglipImageProcessor`.
-pub struct SiglipInputs {
-    rules: TextRules,
-    image: SquareProcessor,
-}
-
-impl SiglipInputs {
-    pub fn load(files: &ModelFiles) -> std::result::Result<Self, LoadError> {
-        let config = SiglipConfig::load(&files.config)?;
-        let file = files
-            .preprocessor_config
-            .as_ref()
-            .ok_or_else(|| LoadError::MissingFile {
-                dir: files.dir.clone(),
-                file: "preprocessor_config.json".into(),
-            })?;
-        let side = config.vision_config.image_size;
-        let defaults = SquareDefaults {
-            resize: Resize::Exact(224, 224),
-            crop: None,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-        };
-        Ok(Self {
-            rules: TextRules {
-                max_tokens: config.text_config.max_position_embeddings,
-                canonicalize: true,
-                pad_id: Some(config.text_config.pad_token_id),
-            },
-            image: SquareProcessor::load(file, defaults, side)?,
-        })
-    }
-}
-
-impl EmbeddingInputs for SiglipInputs {
-    fn text_rules(&self) -> &TextRules {
-        &self.rules
-    }
-
-    fn preprocess_image(&self, image: &image::DynamicImage) -> std::result::Result<(Pixels, ContentKey), String> {
-        self.image.preprocess(image)
-    }
+pub fn inputs(files: &ModelFiles) -> std::result::Result<SquareInputs, LoadError> {
+    let config = SiglipConfig::load(&files.config)?;
+    let defaults = SquareDefaults {
+        resize: Resize::Exact(224, 224),
+        crop: None,
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    };
+    let rules = TextRules {
+        max_tokens: config.text_config.max_position_embeddings,
+        canonicalize: true,
+        pad_id: Some(config.text_config.pad_token_id),
+    };
+    SquareInputs::load(files, rules, defaults, config.vision_config.image_size)
 }
