@@ -75,6 +75,53 @@ pub struct EncoderConfig {
     pub activation: Activation,
 }
 
+impl EncoderConfig {
+    /// A tower's sizes as transformers names them (`hidden_size`, `intermediate_size`,
+    /// `num_hidden_layers`, `num_attention_heads`), `layer_norm_eps` and `hidden_act`
+    /// (`default` where the name is unknown: `check_tower` refuses those at load).
+    pub fn of(
+        (hidden, intermediate, layers, heads): (usize, usize, usize, usize),
+        eps: f64,
+        act: &str,
+        default: Activation,
+    ) -> Self {
+        Self {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            layer_norm_eps: eps,
+            activation: Activation::from_hf(act).unwrap_or(default),
+        }
+    }
+}
+
+/// A tower's config checked as loaded: a known activation, heads that divide the width;
+/// errors name the file and `tower.field`.
+pub fn check_tower(
+    path: &std::path::Path,
+    tower: &str,
+    (hidden, heads): (usize, usize),
+    act: &str,
+) -> std::result::Result<(), crate::model::LoadError> {
+    use crate::model::LoadError;
+    if Activation::from_hf(act).is_none() {
+        return Err(LoadError::invalid(
+            path,
+            &format!("{tower}.hidden_act"),
+            format!("{act} is not supported (quick_gelu, gelu, gelu_pytorch_tanh)"),
+        ));
+    }
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(LoadError::invalid(
+            path,
+            &format!("{tower}.num_attention_heads"),
+            format!("{heads} does not divide hidden_size {hidden}"),
+        ));
+    }
+    Ok(())
+}
+
 pub struct Encoder {
     layers: Vec<EncoderLayer>,
     mask: Mask,

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::model::LoadError;
-use crate::model::encoder::{Activation, EncoderConfig};
+use crate::model::encoder::{Activation, EncoderConfig, check_tower};
 use crate::model::files::read_json;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,30 +86,18 @@ impl BlipConfig {
             false => Err(LoadError::invalid(path, field, message)),
         };
         let (t, v) = (&config.text_config, &config.vision_config);
-        for (name, act) in [
-            ("text_config.hidden_act", &t.hidden_act),
-            ("vision_config.hidden_act", &v.hidden_act),
-        ] {
-            ensure(
-                Activation::from_hf(act).is_some(),
-                name,
-                format!("{act} is not supported"),
-            )?;
-        }
-        for (name, hidden, heads) in [
-            ("text_config.num_attention_heads", t.hidden_size, t.num_attention_heads),
-            (
-                "vision_config.num_attention_heads",
-                v.hidden_size,
-                v.num_attention_heads,
-            ),
-        ] {
-            ensure(
-                heads > 0 && hidden.is_multiple_of(heads),
-                name,
-                format!("{heads} does not divide hidden_size {hidden}"),
-            )?;
-        }
+        check_tower(
+            path,
+            "text_config",
+            (t.hidden_size, t.num_attention_heads),
+            &t.hidden_act,
+        )?;
+        check_tower(
+            path,
+            "vision_config",
+            (v.hidden_size, v.num_attention_heads),
+            &v.hidden_act,
+        )?;
         ensure(
             v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_config.patch_size",
@@ -131,14 +119,13 @@ impl BlipConfig {
 
 impl VisionConfig {
     pub fn encoder(&self) -> EncoderConfig {
-        EncoderConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: Activation::from_hf(&self.hidden_act).unwrap_or(Activation::GeluErf),
-        }
+        let sizes = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+        );
+        EncoderConfig::of(sizes, self.layer_norm_eps, &self.hidden_act, Activation::GeluErf)
     }
 }
 

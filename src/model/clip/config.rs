@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::model::LoadError;
-use crate::model::encoder::{Activation, EncoderConfig};
+use crate::model::encoder::{Activation, EncoderConfig, check_tower};
 use crate::model::files::read_json;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,32 +116,20 @@ impl ClipConfig {
             true => Ok(()),
             false => Err(LoadError::invalid(path, field, message)),
         };
-        for (name, act) in [
-            ("text_config.hidden_act", &self.text_config.hidden_act),
-            ("vision_config.hidden_act", &self.vision_config.hidden_act),
-        ] {
-            ensure(
-                Activation::from_hf(act).is_some(),
-                name,
-                format!("{act} is not supported (quick_gelu, gelu, gelu_pytorch_tanh)"),
-            )?;
-        }
         let t = &self.text_config;
         let v = &self.vision_config;
-        for (name, hidden, heads) in [
-            ("text_config.num_attention_heads", t.hidden_size, t.num_attention_heads),
-            (
-                "vision_config.num_attention_heads",
-                v.hidden_size,
-                v.num_attention_heads,
-            ),
-        ] {
-            ensure(
-                heads > 0 && hidden.is_multiple_of(heads),
-                name,
-                format!("{heads} does not divide hidden_size {hidden}"),
-            )?;
-        }
+        check_tower(
+            path,
+            "text_config",
+            (t.hidden_size, t.num_attention_heads),
+            &t.hidden_act,
+        )?;
+        check_tower(
+            path,
+            "vision_config",
+            (v.hidden_size, v.num_attention_heads),
+            &v.hidden_act,
+        )?;
         ensure(
             v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_config.patch_size",
@@ -164,27 +152,25 @@ impl ClipConfig {
 
 impl TextConfig {
     pub fn encoder(&self) -> EncoderConfig {
-        EncoderConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: Activation::from_hf(&self.hidden_act).unwrap_or(Activation::QuickGelu),
-        }
+        let sizes = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+        );
+        EncoderConfig::of(sizes, self.layer_norm_eps, &self.hidden_act, Activation::QuickGelu)
     }
 }
 
 impl VisionConfig {
     pub fn encoder(&self) -> EncoderConfig {
-        EncoderConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            layer_norm_eps: self.layer_norm_eps,
-            activation: Activation::from_hf(&self.hidden_act).unwrap_or(Activation::QuickGelu),
-        }
+        let sizes = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+        );
+        EncoderConfig::of(sizes, self.layer_norm_eps, &self.hidden_act, Activation::QuickGelu)
     }
 }
 
@@ -239,5 +225,37 @@ mod defaults {
     }
     pub fn patch_size() -> usize {
         32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(json: &str) -> Result<ClipConfig, LoadError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json).unwrap();
+        ClipConfig::load(&path)
+    }
+
+    #[test]
+    fn defaults_are_vit_b_32_and_broken_fields_are_named() {
+        let config = load("{}").unwrap();
+        assert_eq!((config.vision_config.patch_size, config.projection_dim), (32, 512));
+        assert_eq!(config.pooling(), Pooling::FirstOf(49407));
+        let legacy = load(r#"{"text_config": {"eos_token_id": 2}}"#).unwrap();
+        assert_eq!(legacy.pooling().position(&[5, 9, 3, 9]), 1);
+        for (json, field) in [
+            (r#"{"text_config": {"hidden_act": "relu"}}"#, "text_config.hidden_act"),
+            (
+                r#"{"vision_config": {"num_attention_heads": 5}}"#,
+                "vision_config.num_attention_heads",
+            ),
+            (r#"{"vision_config": {"patch_size": 30}}"#, "vision_config.patch_size"),
+        ] {
+            let error = load(json).unwrap_err().to_string();
+            assert!(error.contains(field), "{json}: {error}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::model::LoadError;
-use crate::model::encoder::{Activation, EncoderConfig};
+use crate::model::encoder::{Activation, EncoderConfig, check_tower};
 use crate::model::files::read_json;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,30 +93,18 @@ impl SiglipConfig {
             false => Err(LoadError::invalid(path, field, message)),
         };
         let (t, v) = (&self.text_config, &self.vision_config);
-        for (name, act) in [
-            ("text_config.hidden_act", &t.hidden_act),
-            ("vision_config.hidden_act", &v.hidden_act),
-        ] {
-            ensure(
-                Activation::from_hf(act).is_some(),
-                name,
-                format!("{act} is not supported (gelu_pytorch_tanh, gelu, quick_gelu)"),
-            )?;
-        }
-        for (name, hidden, heads) in [
-            ("text_config.num_attention_heads", t.hidden_size, t.num_attention_heads),
-            (
-                "vision_config.num_attention_heads",
-                v.hidden_size,
-                v.num_attention_heads,
-            ),
-        ] {
-            ensure(
-                heads > 0 && hidden.is_multiple_of(heads),
-                name,
-                format!("{heads} does not divide hidden_size {hidden}"),
-            )?;
-        }
+        check_tower(
+            path,
+            "text_config",
+            (t.hidden_size, t.num_attention_heads),
+            &t.hidden_act,
+        )?;
+        check_tower(
+            path,
+            "vision_config",
+            (v.hidden_size, v.num_attention_heads),
+            &v.hidden_act,
+        )?;
         ensure(
             v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
             "vision_config.patch_size",
@@ -150,39 +138,25 @@ impl TextConfig {
     }
 
     pub fn encoder(&self) -> EncoderConfig {
-        encoder_config(
-            (self.hidden_size, self.intermediate_size),
-            (self.num_hidden_layers, self.num_attention_heads),
-            self.layer_norm_eps,
-            &self.hidden_act,
-        )
+        let sizes = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+        );
+        EncoderConfig::of(sizes, self.layer_norm_eps, &self.hidden_act, Activation::GeluTanh)
     }
 }
 
 impl VisionConfig {
     pub fn encoder(&self) -> EncoderConfig {
-        encoder_config(
-            (self.hidden_size, self.intermediate_size),
-            (self.num_hidden_layers, self.num_attention_heads),
-            self.layer_norm_eps,
-            &self.hidden_act,
-        )
-    }
-}
-
-fn encoder_config(
-    (hidden, intermediate): (usize, usize),
-    (layers, heads): (usize, usize),
-    eps: f64,
-    act: &str,
-) -> EncoderConfig {
-    EncoderConfig {
-        hidden_size: hidden,
-        intermediate_size: intermediate,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        layer_norm_eps: eps,
-        activation: Activation::from_hf(act).unwrap_or(Activation::GeluTanh),
+        let sizes = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+        );
+        EncoderConfig::of(sizes, self.layer_norm_eps, &self.hidden_act, Activation::GeluTanh)
     }
 }
 
