@@ -431,7 +431,7 @@ mod tests {
         assert_eq!(param(json!({"input": []})), Some("input".into()));
         assert_eq!(param(json!({"input": ["a", "b", "c"]})), Some("input".into()));
         assert_eq!(param(json!({"input": "a", "nope": 1})), Some("nope".into()));
-        assert_eq!(param(json!({"input": [{"text": "a"}, 7.5]})), Some("input".into()));
+        assert_eq!(param(json!({"input": [{"text": "a"}, 7.5]})), Some("input[1]".into()));
         assert_eq!(param(json!({"input": ["a", ""]})), Some("input[1]".into()));
         assert_eq!(param(json!({"input": [-1]})), Some("input[0]".into()));
         assert_eq!(param(json!({"input": "a", "dimensions": 0})), Some("dimensions".into()));
