@@ -282,7 +282,7 @@ fn cases() -> Vec<Case> {
             )
         },
         Case {
-            path: "/v1/embeddings",
+            path: "/v1/audio/transcriptions",
             ..c("unknown route", hi(), 404, "not_found", None)
         },
     ]
