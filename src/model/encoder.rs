@@ -258,6 +258,29 @@ impl EncoderLayer {
     }
 }
 
+/// Texts laid end to end as the sum of their token and position embeddings
+/// `[rows, hidden]` (positions from 0 in each), and their lengths; a text that is empty,
+/// longer than the positions or holds an id past the vocabulary is an error.
+pub fn embed_tokens(
+    token_embedding: &Tensor,
+    position_embedding: &Tensor,
+    texts: &[&[u32]],
+) -> Result<(Tensor, Vec<usize>)> {
+    let (vocab, max) = (token_embedding.dim(0)?, position_embedding.dim(0)?);
+    let (mut ids, mut positions) = (Vec::new(), Vec::new());
+    for text in texts {
+        if text.is_empty() || text.len() > max || text.iter().any(|&id| id as usize >= vocab) {
+            bail!("a text of {} tokens (at most {max}, ids below {vocab})", text.len())
+        }
+        ids.extend_from_slice(text);
+        positions.extend(0..text.len() as u32);
+    }
+    let device = token_embedding.device();
+    let xs = (token_embedding.index_select(&Tensor::new(ids, device)?, 0)?
+        + position_embedding.index_select(&Tensor::new(positions, device)?, 0)?)?;
+    Ok((xs, texts.iter().map(|t| t.len()).collect()))
+}
+
 /// Square images `[n, channels, size, size]` as rows of flattened patches
 /// `[n * (size / patch)², channels * patch²]`, in the order a convolution of kernel and
 /// stride `patch` visits them (row by row), each patch channel-major as its weight.

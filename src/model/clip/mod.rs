@@ -134,24 +134,16 @@ impl EmbeddingModel for Clip {
 impl TextTower {
     /// The final-layer-normed state at each text's pooled position, `[n, hidden]`.
     fn forward(&self, texts: &[&[u32]]) -> Result<Tensor> {
-        let (vocab, max) = (self.token_embedding.dim(0)?, self.position_embedding.dim(0)?);
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut pooled = Vec::with_capacity(texts.len());
-        for text in texts {
-            if text.is_empty() || text.len() > max || text.iter().any(|&id| id as usize >= vocab) {
-                bail!("a text of {} tokens (at most {max}, ids below {vocab})", text.len())
-            }
-            pooled.push((ids.len() + self.pooling.position(text)) as u32);
-            ids.extend_from_slice(text);
-            positions.extend(0..text.len() as u32);
-        }
+        let (xs, lens) = encoder::embed_tokens(&self.token_embedding, &self.position_embedding, texts)?;
+        let mut first = 0;
+        let pooled: Vec<u32> = (texts.iter())
+            .map(|text| {
+                let at = first + self.pooling.position(text);
+                first += text.len();
+                at as u32
+            })
+            .collect();
         let device = self.token_embedding.device();
-        let ids = Tensor::new(ids, device)?;
-        let positions = Tensor::new(positions, device)?;
-        let xs =
-            (self.token_embedding.index_select(&ids, 0)? + self.position_embedding.index_select(&positions, 0)?)?;
-        let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         let xs = self.encoder.forward(&xs, &lens)?;
         // The norm is per row: normalising only the pooled rows gives the same values.
         self.final_layer_norm

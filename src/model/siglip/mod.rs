@@ -132,24 +132,14 @@ impl EmbeddingModel for Siglip {
 impl TextTower {
     /// The head's output at each text's last position, `[n, projection]`.
     fn forward(&self, texts: &[&[u32]]) -> Result<Tensor> {
-        let (vocab, max) = (self.token_embedding.dim(0)?, self.position_embedding.dim(0)?);
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut last = Vec::with_capacity(texts.len());
-        for text in texts {
-            if text.is_empty() || text.len() > max || text.iter().any(|&id| id as usize >= vocab) {
-                bail!("a text of {} tokens (at most {max}, ids below {vocab})", text.len())
-            }
-            ids.extend_from_slice(text);
-            positions.extend(0..text.len() as u32);
-            last.push(ids.len() as u32 - 1);
-        }
+        let (xs, lens) = encoder::embed_tokens(&self.token_embedding, &self.position_embedding, texts)?;
+        let last: Vec<u32> = (lens.iter())
+            .scan(0, |end, len| {
+                *end += len;
+                Some(*end as u32 - 1)
+            })
+            .collect();
         let device = self.token_embedding.device();
-        let ids = Tensor::new(ids, device)?;
-        let positions = Tensor::new(positions, device)?;
-        let xs =
-            (self.token_embedding.index_select(&ids, 0)? + self.position_embedding.index_select(&positions, 0)?)?;
-        let lens: Vec<usize> = texts.iter().map(|t| t.len()).collect();
         let xs = self.encoder.forward(&xs, &lens)?;
         let pooled = xs.index_select(&Tensor::new(last, device)?, 0)?;
         self.head.forward(&self.final_layer_norm.forward(&pooled)?)
