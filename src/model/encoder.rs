@@ -10,8 +10,8 @@ use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder, linear};
 
 use crate::model::ops::epilogue::{self, Then};
-use crate::model::ops::frame_attention;
 use crate::model::ops::norm::LayerNorm;
+use crate::model::ops::{frame_attention, prefill_attention};
 
 /// At most this many bytes of attention scores per task of `frame_attention` (at least one
 /// query row's).
@@ -179,6 +179,28 @@ impl Encoder {
         }
         Ok(xs)
     }
+
+    /// The last layer's output at one row of each sequence only, `[lens.len(), hidden]`:
+    /// `pooled[i]`, a position within sequence `i` (CLIP's class token or end of text). The
+    /// towers that pool read nothing else, so the last layer attends from those rows alone
+    /// and runs its output projection and MLP on them (a twelfth of ViT-B's work at 50
+    /// patches an image); every row still gives its key and value.
+    pub fn forward_pooled(&self, xs: &Tensor, lens: &[usize], pooled: &[usize]) -> Result<Tensor> {
+        let Some((last, layers)) = self.layers.split_last() else {
+            bail!("encoder: no layers")
+        };
+        if pooled.len() != lens.len() || pooled.iter().zip(lens).any(|(p, len)| p >= len) {
+            bail!("encoder: pooled positions {pooled:?} in sequences of {lens:?}")
+        }
+        if lens.iter().sum::<usize>() != xs.dim(0)? {
+            bail!("encoder: {} rows for sequences of {lens:?}", xs.dim(0)?)
+        }
+        let mut xs = xs.clone();
+        for layer in layers {
+            xs = layer.forward(&xs, lens, self.mask, self.scores_bytes)?;
+        }
+        last.forward_pooled(&xs, lens, pooled, self.mask)
+    }
 }
 
 impl EncoderLayer {
@@ -232,6 +254,36 @@ impl EncoderLayer {
         let hs = self.attention(&self.layer_norm1.forward(xs)?, lens, mask, xs, scores_bytes)?;
         let normed = self.layer_norm2.forward(&hs)?;
         let mlp = self.activation.after(&self.fc1, &normed)?;
+        epilogue::linear(&self.fc2, &mlp, Then::Add(&hs))
+    }
+
+    /// `forward` at `pooled[i]` of each sequence only (see `Encoder::forward_pooled`).
+    fn forward_pooled(&self, xs: &Tensor, lens: &[usize], pooled: &[usize], mask: Mask) -> Result<Tensor> {
+        let (rows, d) = xs.dims2()?;
+        let head_dim = d / self.num_heads;
+        let qkv = epilogue::linear(&self.qkv_proj, &self.layer_norm1.forward(xs)?, Then::Nothing)?.reshape((
+            rows,
+            3,
+            self.num_heads,
+            head_dim,
+        ))?;
+        let part = |i: usize, first: usize, len: usize| qkv.narrow(0, first, len)?.narrow(1, i, 1)?.squeeze(1);
+        let (mut outputs, mut at, mut first) = (Vec::with_capacity(lens.len()), Vec::with_capacity(lens.len()), 0);
+        for (&len, &p) in lens.iter().zip(pooled) {
+            let mut q = part(0, first + p, 1)?;
+            if self.q_scale != 1.0 {
+                q = (q * self.q_scale)?;
+            }
+            // One query that sees keys `0..seen`: causal attention from position `seen - 1`.
+            let seen = if mask == Mask::Causal { p + 1 } else { len };
+            let (k, v) = (part(1, first, seen)?, part(2, first, seen)?);
+            outputs.push(prefill_attention::attention(&q, &k, &v, seen - 1)?);
+            at.push((first + p) as u32);
+            first += len;
+        }
+        let residual = xs.index_select(&Tensor::new(at, xs.device())?, 0)?;
+        let hs = epilogue::linear(&self.out_proj, &Tensor::cat(&outputs, 0)?, Then::Add(&residual))?;
+        let mlp = self.activation.after(&self.fc1, &self.layer_norm2.forward(&hs)?)?;
         epilogue::linear(&self.fc2, &mlp, Then::Add(&hs))
     }
 
@@ -352,6 +404,28 @@ mod tests {
                 first += len;
             }
             assert!(encoder.forward(&xs, &[3, 7]).is_err());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_pooled_forward_equals_the_full_forward_at_the_pooled_rows() -> Result<()> {
+        for mask in [Mask::Causal, Mask::Bidirectional] {
+            let encoder = Encoder::new(
+                &config(Activation::QuickGelu),
+                mask,
+                crate::model::weights::random_var_builder(),
+            )?;
+            let (lens, pooled) = ([3, 7, 1], [2, 4, 0]);
+            let xs = Tensor::randn(0f32, 1.0, (11, 16), &Device::Cpu)?;
+            let full = encoder.forward(&xs, &lens)?;
+            let rows = Tensor::new(&[2u32, 3 + 4, 10], &Device::Cpu)?;
+            let diff = largest_difference(
+                &encoder.forward_pooled(&xs, &lens, &pooled)?,
+                &full.index_select(&rows, 0)?,
+            );
+            assert!(diff < 1e-5, "{mask:?}: {diff}");
+            assert!(encoder.forward_pooled(&xs, &lens, &[2, 7, 0]).is_err());
         }
         Ok(())
     }

@@ -111,8 +111,7 @@ impl EmbeddingModel for Blip {
 
     fn embed_images(&self, images: &[&Pixels]) -> Result<Tensor> {
         on_compute_pool(|| {
-            let states = self.vision.forward(images)?;
-            let class_rows = states.i((.., 0, ..))?.contiguous()?;
+            let class_rows = self.vision.class_states(images)?;
             unit_rows(&self.vision_proj.forward(&class_rows)?.to_dtype(DType::F32)?)
         })
     }
@@ -143,6 +142,23 @@ impl EmbeddingModel for Blip {
 impl VisionTower {
     /// Every position's post-layer-normed state, `[n, patches + 1, hidden]`.
     fn forward(&self, images: &[&Pixels]) -> Result<Tensor> {
+        let (xs, lens) = self.embed(images)?;
+        let (n, d) = (lens.len(), xs.dim(1)?);
+        let xs = self.encoder.forward(&xs, &lens)?;
+        self.post_layernorm.forward(&xs)?.reshape((n, lens[0], d))
+    }
+
+    /// The post-layer-normed class token alone, `[n, hidden]` (the contrastive embedding).
+    fn class_states(&self, images: &[&Pixels]) -> Result<Tensor> {
+        let (xs, lens) = self.embed(images)?;
+        let class = vec![0; lens.len()];
+        self.post_layernorm
+            .forward(&self.encoder.forward_pooled(&xs, &lens, &class)?)
+    }
+
+    /// The encoder's input: class token and patches plus positions, `[n * (patches + 1),
+    /// hidden]`, and each image's row count.
+    fn embed(&self, images: &[&Pixels]) -> Result<(Tensor, Vec<usize>)> {
         let d = self.class_embedding.dim(0)?;
         let values = images.iter().map(|p| &p.values).collect::<Vec<_>>();
         let pixels =
@@ -160,8 +176,7 @@ impl VisionTower {
         let xs = Tensor::cat(&[&class, &patches], 1)?
             .broadcast_add(&self.position_embedding)?
             .reshape((n * (per_image + 1), d))?;
-        let xs = self.encoder.forward(&xs, &vec![per_image + 1; n])?;
-        self.post_layernorm.forward(&xs)?.reshape((n, per_image + 1, d))
+        Ok((xs, vec![per_image + 1; n]))
     }
 }
 

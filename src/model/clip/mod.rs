@@ -11,7 +11,7 @@
 
 pub mod config;
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, bail};
+use candle_core::{DType, Device, Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
 pub use config::ClipConfig;
@@ -135,19 +135,10 @@ impl TextTower {
     /// The final-layer-normed state at each text's pooled position, `[n, hidden]`.
     fn forward(&self, texts: &[&[u32]]) -> Result<Tensor> {
         let (xs, lens) = encoder::embed_tokens(&self.token_embedding, &self.position_embedding, texts)?;
-        let mut first = 0;
-        let pooled: Vec<u32> = (texts.iter())
-            .map(|text| {
-                let at = first + self.pooling.position(text);
-                first += text.len();
-                at as u32
-            })
-            .collect();
-        let device = self.token_embedding.device();
-        let xs = self.encoder.forward(&xs, &lens)?;
+        let pooled: Vec<usize> = texts.iter().map(|text| self.pooling.position(text)).collect();
         // The norm is per row: normalising only the pooled rows gives the same values.
         self.final_layer_norm
-            .forward(&xs.index_select(&Tensor::new(pooled, device)?, 0)?)
+            .forward(&self.encoder.forward_pooled(&xs, &lens, &pooled)?)
     }
 }
 
@@ -172,8 +163,7 @@ impl VisionTower {
             .broadcast_add(&self.position_embedding)?
             .reshape((n * (per_image + 1), d))?;
         let xs = self.pre_layrnorm.forward(&xs)?;
-        let xs = self.encoder.forward(&xs, &vec![per_image + 1; n])?;
-        let class_rows = xs.reshape((n, per_image + 1, d))?.i((.., 0, ..))?.contiguous()?;
+        let class_rows = self.encoder.forward_pooled(&xs, &vec![per_image + 1; n], &vec![0; n])?;
         self.post_layernorm.forward(&class_rows)
     }
 }

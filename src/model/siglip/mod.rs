@@ -133,15 +133,8 @@ impl TextTower {
     /// The head's output at each text's last position, `[n, projection]`.
     fn forward(&self, texts: &[&[u32]]) -> Result<Tensor> {
         let (xs, lens) = encoder::embed_tokens(&self.token_embedding, &self.position_embedding, texts)?;
-        let last: Vec<u32> = (lens.iter())
-            .scan(0, |end, len| {
-                *end += len;
-                Some(*end as u32 - 1)
-            })
-            .collect();
-        let device = self.token_embedding.device();
-        let xs = self.encoder.forward(&xs, &lens)?;
-        let pooled = xs.index_select(&Tensor::new(last, device)?, 0)?;
+        let last: Vec<usize> = lens.iter().map(|len| len - 1).collect();
+        let pooled = self.encoder.forward_pooled(&xs, &lens, &last)?;
         self.head.forward(&self.final_layer_norm.forward(&pooled)?)
     }
 }
