@@ -336,6 +336,10 @@ pub struct LimitArgs {
     /// Most inputs (texts and images) of one embedding, score or rerank request.
     #[arg(long, env = "OCELLUS_MAX_EMBEDDING_INPUTS", default_value_t = 256)]
     pub max_embedding_inputs: usize,
+    /// How deeply a JSON schema in `response_format` or `structured_outputs` may nest
+    /// (objects and arrays in the schema document).
+    #[arg(long, env = "OCELLUS_MAX_SCHEMA_DEPTH", default_value_t = 32)]
+    pub max_schema_depth: usize,
 }
 
 impl ServeArgs {

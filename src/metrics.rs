@@ -34,10 +34,15 @@ pub const MEDIA_FETCH_DURATION_SECONDS: &str = "ocellus_media_fetch_duration_sec
 pub const MEDIA_PREPROCESS_DURATION_SECONDS: &str = "ocellus_media_preprocess_duration_seconds";
 pub const VISION_ENCODE_DURATION_SECONDS: &str = "ocellus_vision_encode_duration_seconds";
 pub const REJECTED_REQUESTS_TOTAL: &str = "ocellus_rejected_requests_total";
+pub const GRAMMAR_MASK_DURATION_SECONDS: &str = "ocellus_grammar_mask_duration_seconds";
 
 /// Latencies from a millisecond to ten minutes.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+/// A step's grammar masks: tens of microseconds to tens of milliseconds.
+const MASK_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 ];
 const BATCH_SEQUENCE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const BATCH_TOKEN_BUCKETS: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
@@ -93,6 +98,7 @@ pub struct Metrics {
     pub media_fetch: Histogram,
     pub media_preprocess: Histogram,
     pub vision_encode: Histogram,
+    pub grammar_mask: Histogram,
 }
 
 impl Metrics {
@@ -113,6 +119,7 @@ impl Metrics {
                 ][..],
                 LATENCY_BUCKETS,
             ),
+            (&[GRAMMAR_MASK_DURATION_SECONDS][..], MASK_BUCKETS),
             (&[BATCH_SIZE_SEQUENCES][..], BATCH_SEQUENCE_BUCKETS),
             (&[BATCH_SIZE_TOKENS][..], BATCH_TOKEN_BUCKETS),
         ] {
@@ -213,6 +220,11 @@ impl Metrics {
             "Encoding one prompt's images on the vision thread.",
         );
         describe(
+            GRAMMAR_MASK_DURATION_SECONDS,
+            Some(Unit::Seconds),
+            "Computing a step's token masks for its constrained sequences (alongside the forward pass).",
+        );
+        describe(
             REJECTED_REQUESTS_TOTAL,
             None,
             "Requests refused, by reason (the error code).",
@@ -245,6 +257,7 @@ impl Metrics {
             media_fetch: histogram(MEDIA_FETCH_DURATION_SECONDS),
             media_preprocess: histogram(MEDIA_PREPROCESS_DURATION_SECONDS),
             vision_encode: histogram(VISION_ENCODE_DURATION_SECONDS),
+            grammar_mask: histogram(GRAMMAR_MASK_DURATION_SECONDS),
             recorder,
             handle,
         })

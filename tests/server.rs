@@ -21,7 +21,6 @@ fn wide_request(stream: bool) -> Value {
         "stream": stream,
         "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
         "user": "tester",
-        "an_unknown_field": {"is": "ignored, as OpenAI does"},
     })
 }
 

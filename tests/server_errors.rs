@@ -285,6 +285,72 @@ fn cases() -> Vec<Case> {
             path: "/v1/audio/transcriptions",
             ..c("unknown route", hi(), 404, "not_found", None)
         },
+        c(
+            "unknown field",
+            with(hi(), "temprature", json!(0.5)),
+            400,
+            "unsupported_parameter",
+            Some("temprature"),
+        ),
+        c(
+            "tools, not honoured yet",
+            with(hi(), "tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            400,
+            "unsupported_parameter",
+            Some("tools"),
+        ),
+        c(
+            "logit_bias, not honoured yet",
+            with(hi(), "logit_bias", json!({"50256": -100})),
+            400,
+            "unsupported_parameter",
+            Some("logit_bias"),
+        ),
+        Case {
+            path: "/v1/completions",
+            ..c(
+                "a chat field on completions",
+                json!({"prompt": "a", "messages": []}),
+                400,
+                "unsupported_parameter",
+                Some("messages"),
+            )
+        },
+        c(
+            "a schema that is not an object",
+            with(hi(), "response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}})),
+            400,
+            "invalid_value",
+            Some("response_format.json_schema.schema"),
+        ),
+        c(
+            "a schema the compiler refuses",
+            with(hi(), "response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})),
+            400,
+            "invalid_grammar",
+            Some("response_format.json_schema.schema"),
+        ),
+        c(
+            "an unknown response_format type",
+            with(hi(), "response_format", json!({"type": "xml"})),
+            400,
+            "invalid_json",
+            Some("response_format.type"),
+        ),
+        c(
+            "two constraints",
+            with(with(hi(), "response_format", json!({"type": "json_object"})), "structured_outputs", json!({"regex": "a"})),
+            400,
+            "invalid_value",
+            Some("structured_outputs.regex"),
+        ),
+        c(
+            "a regex that does not parse",
+            with(hi(), "structured_outputs", json!({"regex": "(unclosed"})),
+            400,
+            "invalid_grammar",
+            Some("structured_outputs.regex"),
+        ),
     ]
 }
 

@@ -17,6 +17,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<B
     let arrived = Instant::now();
     let job = async {
         let body = parse_json(body, state.settings.max_body_bytes)?;
+        openai::fields::check(&body, openai::fields::CHAT)?;
         let request: ChatCompletionRequest = openai::from_json(&body)?;
         let fields: SamplingFields = openai::from_json(&body)?;
         start(&state, &request, &fields, arrived).await

@@ -17,6 +17,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes,
     let job = async {
         let ready = state.accepting()?;
         let body = parse_json(body, state.settings.max_body_bytes)?;
+        openai::fields::check(&body, openai::fields::COMPLETION)?;
         let request: CompletionRequest = openai::from_json(&body)?;
         let fields: SamplingFields = openai::from_json(&body)?;
         let adapter = state.resolve_model(ready, request.model.as_deref())?;

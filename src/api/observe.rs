@@ -51,6 +51,9 @@ impl EngineObserver for EngineMetrics {
         metrics.vision_cache_misses.increment(report.vision_cache_misses as u64);
         (metrics.prefix_cache_queried_tokens).increment(report.prefix_queried_tokens as u64);
         (metrics.prefix_cache_hit_tokens).increment(report.prefix_hit_tokens as u64);
+        if let Some(took) = report.masks {
+            Metrics::observe(&metrics.grammar_mask, took);
+        }
         for took in &report.vision_encodes {
             Metrics::observe(&metrics.vision_encode, *took);
         }

@@ -231,6 +231,7 @@ fn api_settings(args: &ServeArgs) -> ApiSettings {
             max_video_frames: limits.max_video_frames,
             max_image_budget_pixels: limits.max_pixels_per_image,
             max_embedding_inputs: limits.max_embedding_inputs,
+            max_schema_depth: limits.max_schema_depth,
         },
         max_body_bytes: limits.max_body_size.as_u64() as usize,
         request_timeout: args.request_timeout,

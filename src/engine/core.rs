@@ -4,12 +4,13 @@
 //! forward pass over the ragged batch, samples, and sends each sequence's events. The
 //! engine thread calls it in a loop; the CLI, tests and benchmarks call it directly.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 
+use super::constraint::{Allowed, Constraint, GrammarError};
 use super::request::{AddError, EngineFailure, EventSender, GenerationRequest, SequenceEvent, admit};
 use super::scheduler::{Limits, Plan, Waiting, Who, plan_step};
 use super::sequence::{SeqId, Sequence, Vision};
@@ -58,6 +59,9 @@ pub struct StepReport {
     pub prefix_deferred: usize,
     /// The forward pass (and sampling).
     pub forward: Duration,
+    /// Computing the grammars' token masks of the step (alongside the forward pass), when
+    /// any sequence is constrained.
+    pub masks: Option<Duration>,
 }
 
 impl StepReport {
@@ -411,6 +415,7 @@ impl EngineCore {
         }
         let mut logit_owners = Vec::new();
         let mut batch = Vec::with_capacity(chunks.len());
+        let mut constrained = Vec::new();
         for (index, seq) in self.running.iter_mut().enumerate() {
             let Some(len) = lens[index] else { continue };
             let start = seq.kv.len();
@@ -425,6 +430,9 @@ impl EngineCore {
             }
             let tokens = &seq.tokens[start..start + len];
             let image_features = chunk_features(seq, start, len, info);
+            if let Some(constraint) = seq.constraint.as_mut().filter(|_| wants_logits) {
+                constrained.push((index, constraint));
+            }
             batch.push(SequenceInput {
                 tokens,
                 positions: seq.positions.as_ref(),
@@ -436,11 +444,18 @@ impl EngineCore {
         }
         report.batch_sequences = batch.len();
         let started = Instant::now();
-        let result = self
-            .model
-            .forward(&mut batch, &mut self.pool)
-            .and_then(|l| l.to_vec2::<f32>());
+        let model = &self.model;
+        let pool = &mut self.pool;
+        // The grammars' masks depend only on tokens already taken: they are computed on a
+        // thread of their own while the forward pass runs, not after it.
+        let (result, masks) = std::thread::scope(|scope| {
+            let masking = (!constrained.is_empty()).then(|| scope.spawn(move || masks(constrained)));
+            let result = model.forward(&mut batch, pool).and_then(|l| l.to_vec2::<f32>());
+            (result, masking.map(|m| m.join().expect("the mask thread does not panic")))
+        });
         drop(batch);
+        let (mut allowed, mask_time) = masks.unwrap_or_default();
+        report.masks = (mask_time > Duration::ZERO).then_some(mask_time);
         let logits = match result {
             Ok(logits) => logits,
             Err(err) => {
@@ -456,15 +471,34 @@ impl EngineCore {
             }
         }
         let mut finished = Vec::new();
+        let mut broken = Vec::new();
         for (row, index) in logit_owners.into_iter().enumerate() {
             let seq = &mut self.running[index];
-            if seq.accept(&logits[row], &self.tokenizer, &self.eos).is_some() {
+            let mask = match allowed.remove(&index) {
+                Some(Ok(mask)) => Some(mask),
+                Some(Err(error)) => {
+                    broken.push((index, error));
+                    continue;
+                }
+                None => None,
+            };
+            if seq.accept(&logits[row], mask.as_ref(), &self.tokenizer, &self.eos).is_some() {
                 finished.push(index);
             }
         }
+
         report.forward = started.elapsed();
-        for index in finished.into_iter().rev() {
+        let mut done: Vec<(usize, Option<GrammarError>)> = finished.into_iter().map(|i| (i, None)).collect();
+        done.extend(broken.into_iter().map(|(i, error)| (i, Some(error))));
+        done.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (index, error) in done {
             let mut seq = self.running.remove(index);
+            if let Some(error) = error {
+                tracing::error!(%error, "a grammar failed mid-generation");
+                let message = format!("the output grammar failed: {error}");
+                seq.send(SequenceEvent::Failed(EngineFailure::Model(message)));
+                report.failed += 1;
+            }
             self.pool.release(&mut seq.kv);
         }
     }
@@ -503,4 +537,11 @@ fn chunk_features(seq: &Sequence, start: usize, len: usize, info: &ModelInfo) ->
             .narrow(before, rows)
             .expect("features cover every image token. This is a bug."),
     )
+}
+
+/// Each constrained sequence's allowed tokens, by its index, and the time they took.
+fn masks(constrained: Vec<(usize, &mut Constraint)>) -> (HashMap<usize, Result<Allowed, GrammarError>>, Duration) {
+    let started = Instant::now();
+    let masks = constrained.into_iter().map(|(index, c)| (index, c.allowed())).collect();
+    (masks, started.elapsed())
 }

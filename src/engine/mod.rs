@@ -4,6 +4,7 @@
 //! strings, and the engine thread that owns it all. It depends on the model traits and the
 //! KV pool only.
 
+pub mod constraint;
 pub mod core;
 pub mod detokenizer;
 pub mod embed;

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::constraint::Grammar;
 use super::sampling::{SamplingParams, TokenLogprobs};
 use crate::model::lora::Adapter;
 use crate::model::{ContentKey, ModelInfo, Pixels, TokenPositions};
@@ -60,6 +61,8 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// Report log-probabilities: the chosen token's and this many top alternatives.
     pub logprobs: Option<usize>,
+    /// The grammar the output must follow (JSON schema, regex, Lark), compiled.
+    pub grammar: Option<Arc<Grammar>>,
 }
 
 impl GenerationParams {

@@ -227,7 +227,11 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
     TokenLogprobs {
         token,
         logprob: logprob(token),
-        top: order.into_iter().take(top).map(|id| (id, logprob(id))).collect(),
+        // Tokens a grammar forbids (at minus infinity) are no alternatives.
+        top: (order.into_iter().take(top))
+            .map(|id| (id, logprob(id)))
+            .filter(|(_, l)| l.is_finite())
+            .collect(),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use tokenizers::Tokenizer;
 
+use super::constraint::{Allowed, Constraint};
 use super::detokenizer::Detokenizer;
 use super::request::{
     ChoiceEvent, EventSender, FinishReason, GenerationParams, GenerationRequest, SequenceEvent, Usage,
@@ -62,6 +63,8 @@ pub struct Sequence {
     pub prefix_blocks: usize,
     pub arrived: Instant,
     pub admitted_once: bool,
+    /// Where its output stands in the grammar it must follow, if any.
+    pub constraint: Option<Constraint>,
     sampler: Sampler,
     detokenizer: Detokenizer,
     stops: StopStrings,
@@ -90,10 +93,12 @@ impl Sequence {
             true => Vision::Ready(None),
             false => Vision::Waiting(prompt.images.into_iter().map(|i| i.pixels).collect()),
         };
+        let constraint = request.params.grammar.as_ref().map(|g| g.constraint());
         Self {
             id,
             choice,
             events,
+            constraint,
             params: request.params,
             max_tokens,
             images,
@@ -181,19 +186,49 @@ impl Sequence {
         });
     }
 
-    /// Takes a sampled token: updates text, stop strings and finish state, and sends the
-    /// events. Returns the finish reason once the sequence is done.
-    pub fn accept(&mut self, logits: &[f32], tokenizer: &Tokenizer, eos: &[u32]) -> Option<FinishReason> {
+    /// Samples a token from `logits` (only among those `allowed` when the sequence is
+    /// constrained): updates text, stop strings and finish state, and sends the events.
+    /// Returns the finish reason once the sequence is done.
+    pub fn accept(
+        &mut self,
+        logits: &[f32],
+        allowed: Option<&Allowed>,
+        tokenizer: &Tokenizer,
+        eos: &[u32],
+    ) -> Option<FinishReason> {
+        let masked;
+        let logits = match allowed {
+            Some(allowed) => {
+                masked = mask(logits, allowed);
+                &masked[..]
+            }
+            None => logits,
+        };
         let params = &self.params;
         let before_min = self.output().len() < params.min_tokens;
-        let banned: Vec<u32> = if before_min && !params.ignore_eos {
+        let mut banned: Vec<u32> = if before_min && !params.ignore_eos {
             eos.iter().chain(&params.stop_token_ids).copied().collect()
         } else {
             Vec::new()
         };
+        // A complete grammar allows nothing but the end: it outranks `min_tokens`.
+        let any_left = |banned: &[u32]| (logits.iter().enumerate()).any(|(i, l)| l.is_finite() && !banned.contains(&(i as u32)));
+        if allowed.is_some() && !banned.is_empty() && !any_left(&banned) {
+            banned.clear();
+        }
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(logits, prompt, output, &banned);
         self.tokens.push(token);
+        let grammar_done = match &mut self.constraint {
+            Some(constraint) => {
+                if let Err(error) = constraint.advance(token) {
+                    tracing::error!(%error, token, "a sampled token the grammar refused. This is a bug.");
+                }
+                constraint.is_done()
+            }
+            None => false,
+        };
+        // Under a grammar, the log-probabilities of the distribution sampled from (vLLM's).
         let logprobs = self.params.logprobs.map(|top| logprobs(logits, token, top));
         let delta = self.detokenizer.push(tokenizer, token);
         let (text, stopped) = if before_min {
@@ -206,7 +241,7 @@ impl Sequence {
         };
         let params = &self.params;
         let is_stop_token = !params.ignore_eos && (eos.contains(&token) || params.stop_token_ids.contains(&token));
-        let finish = if stopped || is_stop_token {
+        let finish = if stopped || is_stop_token || grammar_done {
             Some(FinishReason::Stop)
         } else if self.output().len() >= self.max_tokens {
             Some(FinishReason::Length)
@@ -236,4 +271,11 @@ impl Sequence {
             StopCheck::Continue(text) => text + &self.stops.flush(),
         }
     }
+}
+
+/// `logits` with every token the grammar does not allow at minus infinity.
+fn mask(logits: &[f32], allowed: &Allowed) -> Vec<f32> {
+    (logits.iter().enumerate())
+        .map(|(i, &l)| if allowed.contains(i as u32) { l } else { f32::NEG_INFINITY })
+        .collect()
 }

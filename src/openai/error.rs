@@ -112,7 +112,7 @@ impl ValidationError {
             Self::TooManyVideos { .. } => "too_many_videos",
             Self::TooManyVideoFrames { .. } => "too_many_video_frames",
             Self::TooManyPixels { .. } => "too_many_pixels",
-            Self::UnknownField(_) | Self::UnsupportedValue { .. } => "unsupported_parameter",
+            Self::Unsupported(_) | Self::UnknownField(_) | Self::UnsupportedValue { .. } => "unsupported_parameter",
             Self::VideosNotSupported { .. } => "videos_not_supported",
             Self::TooManyInputs { .. } => "too_many_inputs",
             _ => "invalid_value",

@@ -5,7 +5,9 @@
 
 pub mod embeddings;
 pub mod error;
+pub mod fields;
 pub mod messages;
+pub mod structured;
 pub mod types;
 pub mod validate;
 

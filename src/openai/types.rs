@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use super::structured::{ResponseFormat, StructuredOutputs};
+
 #[derive(Debug, Default, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
@@ -60,6 +62,13 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
     pub stop_token_ids: Option<Vec<i64>>,
+    pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured outputs, and its older names for them.
+    pub structured_outputs: Option<StructuredOutputs>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

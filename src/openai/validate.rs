@@ -4,6 +4,7 @@
 
 use super::error::{MAX_STOP_BYTES, ValidationError};
 use super::messages::{Message, PixelBudget, messages};
+use super::structured::{self, Constrained};
 use super::types::{ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields, StopField};
 
 /// Bounds on what a request may ask for (server flags).
@@ -19,6 +20,8 @@ pub struct Limits {
     pub max_image_budget_pixels: usize,
     /// Most inputs (texts and images) of one embedding, score or rerank request.
     pub max_embedding_inputs: usize,
+    /// How deeply a JSON schema constraining the output may nest.
+    pub max_schema_depth: usize,
 }
 
 /// OpenAI's default `max_tokens` for completions (chat has none).
@@ -48,6 +51,8 @@ pub struct Options {
     pub logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// What the output must follow (`response_format`, `structured_outputs`).
+    pub constraint: Option<Constrained>,
 }
 
 /// A chat completion request, validated.
@@ -199,6 +204,7 @@ pub fn options(
             value,
         });
     }
+    let constraint = structured::of_fields(fields, limits.max_schema_depth)?;
     let stream = fields.stream.unwrap_or(false);
     if fields.stream_options.is_some() && !stream {
         return Err(ValidationError::StreamOptionsWithoutStream);
@@ -223,6 +229,7 @@ pub fn options(
         include_usage: (fields.stream_options.as_ref())
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        constraint,
     })
 }
 
@@ -270,6 +277,7 @@ pub(crate) mod tests {
         max_video_frames: 8,
         max_image_budget_pixels: 1 << 20,
         max_embedding_inputs: 3,
+        max_schema_depth: 8,
     };
 
     fn check(fields: serde_json::Value) -> Result<Options, ValidationError> {

@@ -45,6 +45,9 @@ pub enum PrepareError {
     },
     #[error("this model's processor has no pixel budget: `min_pixels` and `max_pixels` do not apply to it")]
     PixelBudgetNotSupported { param: String },
+    /// An output constraint (its `param`) the grammar compiler refused.
+    #[error("`{param}`: {message}")]
+    Grammar { message: String, param: String },
     /// A media worker died: a bug.
     #[error("{0}")]
     Failed(String),
@@ -89,6 +92,7 @@ impl PrepareError {
             Self::ImageTokens { .. } => "image_tokens_exceeded",
             Self::PixelBudgetNotSupported { .. } => "unsupported_parameter",
             Self::ImageRefused { .. } => "invalid_image",
+            Self::Grammar { .. } => "invalid_grammar",
             Self::Failed(_) => "internal_error",
         }
     }
@@ -103,7 +107,9 @@ impl PrepareError {
                 Some(param.clone())
             }
             Self::PixelBudgetNotSupported { param } => Some(format!("{param}.max_pixels")),
-            Self::ImageRefused { param, .. } | Self::Text { param, .. } => Some(param.clone()),
+            Self::ImageRefused { param, .. } | Self::Text { param, .. } | Self::Grammar { param, .. } => {
+                Some(param.clone())
+            }
             Self::Failed(_) => None,
         }
     }

@@ -22,7 +22,9 @@ pub use error::{PrepareError, ProcessorError};
 pub use prepare::{PrepareLimits, PrepareObserver, Prepared, Preparer};
 pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
 
+use crate::engine::constraint::{Grammar, GrammarSpec, Grammars};
 use crate::engine::{Prompt, PromptImage};
+use crate::openai::structured::{Constrained, OutputConstraint};
 use crate::model::files::read_json;
 use crate::model::{
     Detail, ImageOptions, InputProcessor, LoadError, ModelFiles, ModelInfo, ProcessedMedia, VideoProcessor,
@@ -56,6 +58,9 @@ pub struct Processor {
     template: ChatTemplate,
     input: Box<dyn InputProcessor>,
     eos_token_ids: Vec<u32>,
+    /// The compiler of output grammars for this tokenizer; `None` where llguidance cannot
+    /// read the tokenizer (constrained requests are then refused).
+    grammars: Option<Arc<Grammars>>,
     /// Off (0 bytes) until `set_preprocess_cache_bytes`.
     preprocessed: cache::PreprocessCache,
 }
@@ -104,13 +109,38 @@ impl Processor {
             });
         }
         let eos_token_ids = eos_token_ids(files, &tokenizer, tokens.eos_token.as_deref())?;
+        let grammars = grammars(files, &tokenizer, info.vocab_size, &eos_token_ids);
         Ok(Self {
+            grammars,
             tokenizer: Arc::new(tokenizer),
             template,
             input,
             eos_token_ids,
             preprocessed: cache::PreprocessCache::new(0),
         })
+    }
+
+    /// The request's output constraint compiled (found in the cache, most often). A large
+    /// schema takes milliseconds: call it off the async workers.
+    pub fn grammar(&self, constrained: Option<&Constrained>) -> Result<Option<Arc<Grammar>>, PrepareError> {
+        let Some(constrained) = constrained else {
+            return Ok(None);
+        };
+        let refused = |message: String| PrepareError::Grammar {
+            message,
+            param: constrained.param.clone(),
+        };
+        let grammars = (self.grammars.as_ref()).ok_or_else(|| refused("this model's tokenizer cannot be constrained".into()))?;
+        let spec = match &constrained.constraint {
+            OutputConstraint::JsonSchema(schema) => GrammarSpec::JsonSchema(schema.clone()),
+            OutputConstraint::Regex(regex) => GrammarSpec::Regex(regex.clone()),
+            OutputConstraint::Choice(choices) => {
+                let escaped: Vec<String> = choices.iter().map(|c| regex::escape(c)).collect();
+                GrammarSpec::Regex(format!("({})", escaped.join("|")))
+            }
+            OutputConstraint::Grammar(lark) => GrammarSpec::Lark(lark.clone()),
+        };
+        grammars.compile(&spec).map(Some).map_err(|e| refused(e.0))
     }
 
     /// Keep up to `bytes` of preprocessed images for requests that send them again.
@@ -358,5 +388,20 @@ mod tests {
         // A family without videos leaves `<video>` as text.
         let pieces = split_at_placeholders("<video><image>", "<image>", None);
         assert_eq!(pieces[0], ("<video>", Some(Placeholder::Image)));
+    }
+}
+
+/// The grammar compiler for this tokenizer, or `None` (with a warning) where llguidance
+/// cannot read it: the model still serves unconstrained requests.
+fn grammars(files: &ModelFiles, tokenizer: &Tokenizer, vocab_size: usize, eos: &[u32]) -> Option<Arc<Grammars>> {
+    let built = std::fs::read_to_string(&files.tokenizer)
+        .map_err(anyhow::Error::from)
+        .and_then(|json| Grammars::new(&json, tokenizer.clone(), vocab_size, eos));
+    match built {
+        Ok(grammars) => Some(Arc::new(grammars)),
+        Err(error) => {
+            tracing::warn!(%error, "constrained decoding is off: the tokenizer could not be read for it");
+            None
+        }
     }
 }

@@ -77,6 +77,7 @@ impl Preparer {
         let (image_bytes, video_bytes) = self.fetch(&images, &videos).await?;
         let messages = template_messages(&chat.messages);
         let (processor, limits, observer) = (self.processor.clone(), self.limits, self.observer.clone());
+        let constraint = chat.options.constraint.clone();
         let prompt = self
             .pool
             .run(move || {
@@ -87,24 +88,32 @@ impl Preparer {
                 };
                 let prompt = media.prompt(&messages, &images, &image_bytes, &videos, &video_bytes);
                 observer.preprocessed(started.elapsed());
-                prompt
+                Ok::<_, PrepareError>((prompt?, processor.grammar(constraint.as_ref())?))
             })
             .await
             .map_err(|e| PrepareError::Failed(e.to_string()))??;
+        let (prompt, grammar) = prompt;
         Ok(Prepared {
             prompt,
-            params: params(&chat.options),
+            params: GenerationParams {
+                grammar,
+                ..params(&chat.options)
+            },
         })
     }
 
     /// A completion request: its prompt tokenized as given (no chat template).
     pub async fn completion(&self, completion: &openai::ValidCompletion) -> Result<Prepared, PrepareError> {
         let (processor, text) = (self.processor.clone(), completion.prompt.clone());
-        let token_ids = (self.pool.run(move || processor.tokenize(&text)).await)
-            .map_err(|e| PrepareError::Failed(e.to_string()))??;
+        let constraint = completion.options.constraint.clone();
+        let run = move || Ok::<_, PrepareError>((processor.tokenize(&text)?, processor.grammar(constraint.as_ref())?));
+        let (token_ids, grammar) = (self.pool.run(run).await).map_err(|e| PrepareError::Failed(e.to_string()))??;
         Ok(Prepared {
             prompt: Prompt::text(token_ids),
-            params: params(&completion.options),
+            params: GenerationParams {
+                grammar,
+                ..params(&completion.options)
+            },
         })
     }
 
@@ -148,6 +157,7 @@ pub fn params(options: &openai::Options) -> GenerationParams {
         stop: options.stop.clone(),
         stop_token_ids: options.stop_token_ids.clone(),
         logprobs: options.logprobs,
+        grammar: None,
     }
 }
 

@@ -55,6 +55,7 @@ impl DataLimits {
             // Training data sets no pixel budget of its own: the model's applies.
             max_image_budget_pixels: 0,
             max_embedding_inputs: 0,
+            max_schema_depth: 0,
         }
     }
 
