@@ -8,9 +8,12 @@ also asked about (vLLM's `video_url` part, which the client passes through).
 """
 
 import base64
+import json
 import sys
+from typing import Literal
 
 import openai
+from pydantic import BaseModel, Field
 
 base_url, model, image_path, api_key, prompt_tokens = sys.argv[1:6]
 video_path = sys.argv[6] if len(sys.argv) > 6 else None
@@ -69,6 +72,44 @@ if video_path:
         model=model, messages=[{"role": "user", "content": parts}], max_tokens=4, temperature=0
     )
     assert chat.choices[0].message.content and chat.usage.prompt_tokens > 20, chat
+
+# Structured outputs: `parse` with a Pydantic model (the client sends its strict JSON
+# schema); the answer parses and validates whatever the weights, streamed or not.
+class Owner(BaseModel):
+    id: int = Field(ge=1, le=999)
+    active: bool
+
+
+class Animal(BaseModel):
+    name: str = Field(max_length=8)
+    kind: Literal["cat", "dog", "bird"]
+    legs: int = Field(ge=0, le=8)
+    owner: Owner
+    tags: list[Literal["small", "big"]] = Field(max_length=2)
+
+
+parsed = client.chat.completions.parse(
+    model=model, messages=messages, response_format=Animal, max_tokens=300, temperature=1, seed=3
+)
+assert isinstance(parsed.choices[0].message.parsed, Animal), parsed
+schema = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "confidence": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+stream = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=100,
+    temperature=1,
+    seed=5,
+    stream=True,
+    response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}},
+)
+text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+verdict = json.loads(text)
+assert verdict["answer"] in ("yes", "no") and 0 <= verdict["confidence"] <= 9, verdict
 
 # Completions
 completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
