@@ -55,6 +55,10 @@ struct Args {
     scenario: String,
     #[arg(long)]
     big_image: Option<PathBuf>,
+    /// A `response_format` for every request (JSON), e.g. a `json_schema`: the cost of
+    /// constrained decoding. The report then gives the grammar masks' time per step.
+    #[arg(long)]
+    response_format: Option<String>,
     /// Extra flags for the in-process server, e.g. --server-flag=--media-inline.
     #[arg(long = "server-flag", allow_hyphen_values = true)]
     server_flags: Vec<String>,
@@ -110,12 +114,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("{}", serde_json::to_string(&level)?);
         levels.push(level);
     }
+    let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
     let report = json!({
         "model": model,
         "prompt": args.prompt,
         "detail": args.detail,
         "max_tokens": args.max_tokens,
+        "response_format": args.response_format.is_some(),
         "levels": levels,
+        "grammar_mask_seconds": {
+            "p50": histogram_quantile(&metrics, "ocellus_grammar_mask_duration_seconds", 0.5),
+            "p99": histogram_quantile(&metrics, "ocellus_grammar_mask_duration_seconds", 0.99),
+        },
     });
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
@@ -123,6 +133,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, text)?;
     }
     Ok(())
+}
+
+/// The `q` quantile of a Prometheus histogram in `metrics` (its text format), interpolated
+/// within its bucket as Prometheus's `histogram_quantile` does; None without observations.
+fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = (metrics.lines())
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            return Some(lower + (le - lower) * (rank - below) / (count - below).max(f64::MIN_POSITIVE));
+        }
+        (lower, below) = (le, count);
+    }
+    None
 }
 
 /// A 4000x3000 JPEG with photo-like gradients and noise.
@@ -240,7 +280,7 @@ fn request_body(args: &Args, model: &str) -> anyhow::Result<Value> {
         }
         other => anyhow::bail!("--prompt must be text or image, got {other}"),
     };
-    Ok(json!({
+    let mut body = json!({
         "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": args.max_tokens,
@@ -248,7 +288,11 @@ fn request_body(args: &Args, model: &str) -> anyhow::Result<Value> {
         "temperature": 0,
         "stream": true,
         "logprobs": true,
-    }))
+    });
+    if let Some(format) = &args.response_format {
+        body["response_format"] = serde_json::from_str(format)?;
+    }
+    Ok(body)
 }
 
 async fn run_level(

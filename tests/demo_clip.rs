@@ -23,7 +23,10 @@ fn the_demo_clip_classifies_and_retrieves_held_out_images() {
     for kind in KINDS {
         let kind_report = &report["per_kind"][kind];
         assert_eq!(kind_report["count"], 40, "{kind}");
-        assert!(kind_report["zero_shot_accuracy"].as_f64().unwrap() >= 0.9, "{kind}: {report}");
+        assert!(
+            kind_report["zero_shot_accuracy"].as_f64().unwrap() >= 0.9,
+            "{kind}: {report}"
+        );
     }
     assert!(report["recall_at_1"].as_f64().unwrap() >= 0.9, "{report}");
 }

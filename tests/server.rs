@@ -109,6 +109,25 @@ async fn completions_n_choices_stop_strings_and_logprobs() {
     let cut = body["choices"][0]["text"].as_str().unwrap();
     assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
+
+    // logit_bias: a token raised by 100 is all a greedy answer says.
+    let request = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "logit_bias": {"300": 100}});
+    let (status, body) = post(&client, &url(&server, "/v1/completions"), &request).await;
+    assert_eq!(status, 200, "{body}");
+    let expected = load_fixture_model(MODEL).processor.decode(&[300; 4]).unwrap();
+    assert_eq!(body["choices"][0]["text"], expected.as_str());
+
+    // A regex constrains every sampled choice, each with its own place in the grammar.
+    let request = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 1, "n": 3,
+        "seed": 1, "structured_outputs": {"regex": "[0-9]{4}-(ab|cd)"}});
+    let (status, body) = post(&client, &url(&server, "/v1/completions"), &request).await;
+    assert_eq!(status, 200, "{body}");
+    let pattern = regex::Regex::new("^[0-9]{4}-(ab|cd)$").unwrap();
+    for choice in body["choices"].as_array().unwrap() {
+        let text = choice["text"].as_str().unwrap();
+        assert!(pattern.is_match(text), "{text:?}");
+        assert_eq!(choice["finish_reason"], "stop");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -300,10 +300,17 @@ fn cases() -> Vec<Case> {
             Some("tools"),
         ),
         c(
-            "logit_bias, not honoured yet",
-            with(hi(), "logit_bias", json!({"50256": -100})),
+            "logit_bias out of range",
+            with(hi(), "logit_bias", json!({"5": -101})),
             400,
-            "unsupported_parameter",
+            "invalid_value",
+            Some("logit_bias"),
+        ),
+        c(
+            "logit_bias not a map",
+            with(hi(), "logit_bias", json!([5])),
+            400,
+            "invalid_json",
             Some("logit_bias"),
         ),
         Case {
@@ -318,14 +325,22 @@ fn cases() -> Vec<Case> {
         },
         c(
             "a schema that is not an object",
-            with(hi(), "response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}})),
+            with(
+                hi(),
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
+            ),
             400,
             "invalid_value",
             Some("response_format.json_schema.schema"),
         ),
         c(
             "a schema the compiler refuses",
-            with(hi(), "response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})),
+            with(
+                hi(),
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}),
+            ),
             400,
             "invalid_grammar",
             Some("response_format.json_schema.schema"),
@@ -339,7 +354,11 @@ fn cases() -> Vec<Case> {
         ),
         c(
             "two constraints",
-            with(with(hi(), "response_format", json!({"type": "json_object"})), "structured_outputs", json!({"regex": "a"})),
+            with(
+                with(hi(), "response_format", json!({"type": "json_object"})),
+                "structured_outputs",
+                json!({"regex": "a"}),
+            ),
             400,
             "invalid_value",
             Some("structured_outputs.regex"),

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 
 const SAMPLES: u64 = 50;
 
+/// A constraint and a check of what it lets through.
+type Check = (OutputConstraint, Box<dyn Fn(&str) -> bool>);
+
 fn schema() -> Value {
     json!({
         "type": "object",
@@ -61,7 +64,10 @@ fn sampled(prompt: &Prompt, grammar: &Arc<Grammar>, seed: u64) -> GenerationRequ
 }
 
 fn text_prompt(processor: &Processor) -> Prompt {
-    let (messages, _) = openai_messages(&[json!({"role": "user", "content": "Describe the animal as JSON."})], &fixtures());
+    let (messages, _) = openai_messages(
+        &[json!({"role": "user", "content": "Describe the animal as JSON."})],
+        &fixtures(),
+    );
     let text = processor.render(&messages).unwrap();
     processor.process_rendered(&text, &[], Vec::new()).unwrap()
 }
@@ -75,15 +81,25 @@ fn sampled_outputs_satisfy_the_schema_alone_and_batched_with_free_sequences() {
     let prompt = text_prompt(&processor);
     let mut alone = Vec::new();
     for seed in 0..SAMPLES {
-        let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {}).unwrap().0.remove(0);
-        let value: Value = serde_json::from_str(&generation.text)
-            .unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?} ({:?})", generation.text, generation.finish_reason));
+        let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {})
+            .unwrap()
+            .0
+            .remove(0);
+        let value: Value = serde_json::from_str(&generation.text).unwrap_or_else(|e| {
+            panic!(
+                "seed {seed}: {e}: {:?} ({:?})",
+                generation.text, generation.finish_reason
+            )
+        });
         let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "seed {seed}: {value} breaks the schema: {errors:?}");
         alone.push(generation.tokens);
     }
     let distinct: std::collections::HashSet<&Vec<u32>> = alone.iter().collect();
-    assert!(distinct.len() > SAMPLES as usize / 2, "sampling at temperature 1 varies");
+    assert!(
+        distinct.len() > SAMPLES as usize / 2,
+        "sampling at temperature 1 varies"
+    );
 
     // The same seeds in one batch with the greedy reference cases, unconstrained.
     let cases = ["wide", "text_only"];
@@ -108,7 +124,7 @@ fn regexes_choices_and_lark_grammars_hold_and_bad_ones_are_refused() {
     let (processor, mut engine) = engine(load_fixture_model("tiny-idefics3"), 4096, 256);
     let prompt = text_prompt(&processor);
     let regex = regex::Regex::new(r"^[0-9]{3}-[a-z]{2,4}$").unwrap();
-    let checks: Vec<(OutputConstraint, Box<dyn Fn(&str) -> bool>)> = vec![
+    let checks: Vec<Check> = vec![
         (
             OutputConstraint::Regex("[0-9]{3}-[a-z]{2,4}".into()),
             Box::new(move |text: &str| regex.is_match(text)),
@@ -118,19 +134,32 @@ fn regexes_choices_and_lark_grammars_hold_and_bad_ones_are_refused() {
             Box::new(|text: &str| ["yes", "no", "a (b)|c"].contains(&text)),
         ),
         (
-            OutputConstraint::Grammar(r#"start: "[" item ("," item)* "]"
-item: /[ab]{1,3}/"#.into()),
+            OutputConstraint::Grammar(
+                r#"start: "[" item ("," item)* "]"
+item: /[ab]{1,3}/"#
+                    .into(),
+            ),
             Box::new(|text: &str| {
                 let inner = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
-                inner.is_some_and(|i| i.split(',').all(|s| (1..=3).contains(&s.len()) && s.chars().all(|c| "ab".contains(c))))
+                inner.is_some_and(|i| {
+                    i.split(',')
+                        .all(|s| (1..=3).contains(&s.len()) && s.chars().all(|c| "ab".contains(c)))
+                })
             }),
         ),
     ];
     for (constraint, holds) in checks {
         let grammar = compile(&processor, constraint.clone());
         for seed in 0..10 {
-            let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {}).unwrap().0.remove(0);
-            assert!(holds(&generation.text), "{constraint:?}, seed {seed}: {:?}", generation.text);
+            let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {})
+                .unwrap()
+                .0
+                .remove(0);
+            assert!(
+                holds(&generation.text),
+                "{constraint:?}, seed {seed}: {:?}",
+                generation.text
+            );
         }
     }
     for bad in [

@@ -46,7 +46,10 @@ impl TokenizerEnv for TokenizerBytes {
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         // Forced text the tokenizer cannot take (not UTF-8) falls back to the trie's greedy
         // tokenization, as llguidance's own adapters do.
-        match std::str::from_utf8(s).ok().and_then(|text| self.tokenizer.encode(text, false).ok()) {
+        match std::str::from_utf8(s)
+            .ok()
+            .and_then(|text| self.tokenizer.encode(text, false).ok())
+        {
             Some(encoding) => encoding.get_ids().to_vec(),
             None => self.trie.greedy_tokenize(s),
         }
@@ -73,7 +76,9 @@ impl Grammars {
         let mut words = llguidance::token_bytes_from_tokenizer_json(&json)?;
         let vocab_size = vocab_size.max(words.len());
         words.resize(vocab_size, Vec::new());
-        let first_eos = *eos.first().ok_or_else(|| anyhow::anyhow!("the model has no end-of-sequence token"))?;
+        let first_eos = *eos
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("the model has no end-of-sequence token"))?;
         let info = TokRxInfo::new(vocab_size as u32, first_eos);
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos);
         let env: TokEnv = Arc::new(TokenizerBytes { trie, tokenizer });
@@ -108,7 +113,10 @@ impl Grammars {
             return Err(GrammarError(error));
         }
         let compiled = Arc::new(Grammar { start: matcher });
-        self.cache.lock().expect("grammar cache").put(spec.clone(), compiled.clone());
+        self.cache
+            .lock()
+            .expect("grammar cache")
+            .put(spec.clone(), compiled.clone());
         Ok(compiled)
     }
 }
@@ -149,6 +157,7 @@ impl Grammar {
     pub fn constraint(&self) -> Constraint {
         Constraint {
             matcher: self.start.deep_clone(),
+            taken: None,
         }
     }
 }
@@ -156,34 +165,52 @@ impl Grammar {
 /// One sequence's place in its grammar.
 pub struct Constraint {
     matcher: Matcher,
+    /// The last sampled token, not yet fed to the grammar: `allowed` does it, on the mask
+    /// thread, alongside the next forward pass instead of after the last.
+    taken: Option<u32>,
 }
 
 /// The tokens a constraint allows next.
 pub struct Allowed(SimpleVob);
 
 impl Allowed {
-    pub fn contains(&self, token: u32) -> bool {
-        self.0.is_allowed(token)
+    /// Sets every token it does not allow to minus infinity, 32 at a time.
+    pub fn apply(&self, logits: &mut [f32]) {
+        let words = self.0.as_slice();
+        for (i, chunk) in logits.chunks_mut(32).enumerate() {
+            let bits = words.get(i).copied().unwrap_or(0);
+            if bits == u32::MAX {
+                continue;
+            }
+            for (bit, logit) in chunk.iter_mut().enumerate() {
+                if bits & (1 << bit) == 0 {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
     }
 }
 
 impl Constraint {
-    /// The tokens allowed next: end-of-sequence alone once the grammar is complete.
+    /// The tokens allowed next (after the last one `take`n): end-of-sequence alone once the
+    /// grammar is complete.
     pub fn allowed(&mut self) -> Result<Allowed, GrammarError> {
+        if let Some(token) = self.taken.take() {
+            self.advance(token)?;
+        }
         self.matcher
             .compute_mask_or_eos()
             .map(Allowed)
             .map_err(|e| GrammarError(e.to_string()))
     }
 
-    /// Whether the grammar has ended (its end-of-sequence token taken, or nothing can
-    /// follow): the sequence is finished.
-    pub fn is_done(&self) -> bool {
-        self.matcher.is_stopped()
+    /// Records the token sampled from the last `allowed` (the grammar moves past it in the
+    /// next `allowed`).
+    pub fn take(&mut self, token: u32) {
+        self.taken = Some(token);
     }
 
-    /// Moves past `token` (one the last `allowed` allowed).
-    pub fn advance(&mut self, token: u32) -> Result<(), GrammarError> {
+    fn advance(&mut self, token: u32) -> Result<(), GrammarError> {
         if self.matcher.is_stopped() {
             return Ok(());
         }

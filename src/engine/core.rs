@@ -451,10 +451,13 @@ impl EngineCore {
         let (result, masks) = std::thread::scope(|scope| {
             let masking = (!constrained.is_empty()).then(|| scope.spawn(move || masks(constrained)));
             let result = model.forward(&mut batch, pool).and_then(|l| l.to_vec2::<f32>());
-            (result, masking.map(|m| m.join().expect("the mask thread does not panic")))
+            (
+                result,
+                masking.map(|m| m.join().expect("the mask thread does not panic")),
+            )
         });
         drop(batch);
-        let (mut allowed, mask_time) = masks.unwrap_or_default();
+        let (allowed, mask_time) = masks.unwrap_or_default();
         report.masks = (mask_time > Duration::ZERO).then_some(mask_time);
         let logits = match result {
             Ok(logits) => logits,
@@ -470,26 +473,37 @@ impl EngineCore {
                 self.pool.register(&seq.kv, &seq.block_hashes);
             }
         }
-        let mut finished = Vec::new();
-        let mut broken = Vec::new();
-        for (row, index) in logit_owners.into_iter().enumerate() {
-            let seq = &mut self.running[index];
+        self.sample(&logit_owners, &logits, allowed, report);
+        report.forward = started.elapsed();
+    }
+
+    /// Samples each logit owner's next token from its row of `logits` (within its grammar's
+    /// `allowed` tokens), then removes the sequences that finished or whose grammar failed.
+    fn sample(
+        &mut self,
+        owners: &[usize],
+        logits: &[Vec<f32>],
+        mut allowed: HashMap<usize, Result<Allowed, GrammarError>>,
+        report: &mut StepReport,
+    ) {
+        let mut done: Vec<(usize, Option<GrammarError>)> = Vec::new();
+        for (row, &index) in owners.iter().enumerate() {
             let mask = match allowed.remove(&index) {
                 Some(Ok(mask)) => Some(mask),
                 Some(Err(error)) => {
-                    broken.push((index, error));
+                    done.push((index, Some(error)));
                     continue;
                 }
                 None => None,
             };
-            if seq.accept(&logits[row], mask.as_ref(), &self.tokenizer, &self.eos).is_some() {
-                finished.push(index);
+            let seq = &mut self.running[index];
+            if seq
+                .accept(&logits[row], mask.as_ref(), &self.tokenizer, &self.eos)
+                .is_some()
+            {
+                done.push((index, None));
             }
         }
-
-        report.forward = started.elapsed();
-        let mut done: Vec<(usize, Option<GrammarError>)> = finished.into_iter().map(|i| (i, None)).collect();
-        done.extend(broken.into_iter().map(|(i, error)| (i, Some(error))));
         done.sort_unstable_by_key(|&(i, _)| std::cmp::Reverse(i));
         for (index, error) in done {
             let mut seq = self.running.remove(index);

@@ -21,6 +21,8 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// Added to these tokens' logits first (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +36,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -70,6 +73,11 @@ impl Sampler {
     /// chosen; `prompt` and `output` feed the penalties.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32], banned: &[u32]) -> u32 {
         let mut logits = logits.to_vec();
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         for &id in banned {
             if let Some(l) = logits.get_mut(id as usize) {
                 *l = f32::NEG_INFINITY;
@@ -274,6 +282,21 @@ mod tests {
     fn banned_tokens_are_never_chosen() {
         let mut s = sampler(SamplingParams::default());
         assert_eq!(s.sample(&[0.1, 3.0, 2.0], &[], &[], &[1]), 2);
+    }
+
+    #[test]
+    fn logit_bias_is_added_before_choosing() {
+        let biased = |bias| {
+            let params = SamplingParams {
+                logit_bias: bias,
+                ..Default::default()
+            };
+            sampler(params).sample(&[0.1, 3.0, 2.0], &[], &[], &[])
+        };
+        assert_eq!(biased(vec![]), 1);
+        assert_eq!(biased(vec![(0, 5.0)]), 0);
+        assert_eq!(biased(vec![(1, -100.0)]), 2);
+        assert_eq!(biased(vec![(7, 100.0)]), 1, "ids past the logits are ignored");
     }
 
     #[test]

@@ -212,19 +212,20 @@ impl Sequence {
             Vec::new()
         };
         // A complete grammar allows nothing but the end: it outranks `min_tokens`.
-        let any_left = |banned: &[u32]| (logits.iter().enumerate()).any(|(i, l)| l.is_finite() && !banned.contains(&(i as u32)));
+        let any_left =
+            |banned: &[u32]| (logits.iter().enumerate()).any(|(i, l)| l.is_finite() && !banned.contains(&(i as u32)));
         if allowed.is_some() && !banned.is_empty() && !any_left(&banned) {
             banned.clear();
         }
         let (prompt, output) = self.tokens.split_at(self.prompt_len);
         let token = self.sampler.sample(logits, prompt, output, &banned);
         self.tokens.push(token);
+        // A grammar allows an end-of-sequence token only once complete: it ends the output,
+        // `ignore_eos` or not.
         let grammar_done = match &mut self.constraint {
             Some(constraint) => {
-                if let Err(error) = constraint.advance(token) {
-                    tracing::error!(%error, token, "a sampled token the grammar refused. This is a bug.");
-                }
-                constraint.is_done()
+                constraint.take(token);
+                eos.contains(&token)
             }
             None => false,
         };
@@ -275,7 +276,7 @@ impl Sequence {
 
 /// `logits` with every token the grammar does not allow at minus infinity.
 fn mask(logits: &[f32], allowed: &Allowed) -> Vec<f32> {
-    (logits.iter().enumerate())
-        .map(|(i, &l)| if allowed.contains(i as u32) { l } else { f32::NEG_INFINITY })
-        .collect()
+    let mut masked = logits.to_vec();
+    allowed.apply(&mut masked);
+    masked
 }

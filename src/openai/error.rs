@@ -24,6 +24,14 @@ pub enum ValidationError {
     Negative { param: &'static str, value: i64 },
     #[error("`top_k` must be -1 (off) or >= 1, got {value}")]
     TopK { value: i64 },
+    /// A `logit_bias` entry whose key is no token id of the vocabulary or whose value is
+    /// no number in [-100, 100].
+    #[error("`logit_bias` maps token ids below {vocab_size} to numbers in [-100, 100]; got {key:?}: {value}")]
+    LogitBias {
+        key: String,
+        value: String,
+        vocab_size: usize,
+    },
     #[error("`n` must be <= {limit}, got {value}")]
     TooManyChoices { limit: usize, value: usize },
     #[error("`min_tokens` must satisfy {}, got {value}", min_tokens_bound(*max_tokens))]
@@ -141,6 +149,7 @@ impl ValidationError {
             Self::UnknownField(field) => Some(field.clone()),
             Self::Negative { param, .. } => fixed(param),
             Self::TopK { .. } => fixed("top_k"),
+            Self::LogitBias { .. } => fixed("logit_bias"),
             Self::TooManyChoices { .. } => fixed("n"),
             Self::MinTokens { .. } => fixed("min_tokens"),
             Self::StopTooLong { .. } | Self::TooManyStops { .. } => fixed("stop"),

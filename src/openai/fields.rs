@@ -26,6 +26,7 @@ const SAMPLING: &[&str] = &[
     "ignore_eos",
     "min_tokens",
     "stop_token_ids",
+    "logit_bias",
     "response_format",
     "structured_outputs",
     "guided_json",
@@ -54,7 +55,6 @@ const NOT_HONOURED: &[&str] = &[
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "logit_bias",
     "audio",
     "modalities",
     "prediction",
@@ -96,15 +96,25 @@ mod tests {
     #[test]
     fn unknown_and_unhonoured_fields_are_refused_by_name_and_nulls_pass() {
         let chat = |body: Value| check(&body, CHAT);
-        assert!(chat(json!({"model": "m", "messages": [], "temperature": 1, "response_format": {"type": "text"}})).is_ok());
+        assert!(
+            chat(json!({"model": "m", "messages": [], "temperature": 1, "response_format": {"type": "text"}})).is_ok()
+        );
         assert!(chat(json!({"messages": [], "tools": null, "logit_bias": null})).is_ok());
-        assert!(matches!(chat(json!({"messages": [], "tools": []})), Err(ValidationError::Unsupported("tools"))));
         assert!(matches!(
-            chat(json!({"messages": [], "logit_bias": {"1": 5}})),
-            Err(ValidationError::Unsupported("logit_bias"))
+            chat(json!({"messages": [], "tools": []})),
+            Err(ValidationError::Unsupported("tools"))
         ));
-        assert!(matches!(chat(json!({"messages": [], "temprature": 1})), Err(ValidationError::UnknownField(f)) if f == "temprature"));
-        assert!(matches!(check(&json!({"prompt": "a", "messages": []}), COMPLETION), Err(ValidationError::UnknownField(f)) if f == "messages"));
+        assert!(chat(json!({"messages": [], "logit_bias": {"1": 5}})).is_ok());
+        assert!(matches!(
+            chat(json!({"messages": [], "audio": {}})),
+            Err(ValidationError::Unsupported("audio"))
+        ));
+        assert!(
+            matches!(chat(json!({"messages": [], "temprature": 1})), Err(ValidationError::UnknownField(f)) if f == "temprature")
+        );
+        assert!(
+            matches!(check(&json!({"prompt": "a", "messages": []}), COMPLETION), Err(ValidationError::UnknownField(f)) if f == "messages")
+        );
         assert!(check(&json!([1, 2]), CHAT).is_ok());
     }
 }

@@ -203,7 +203,10 @@ mod tests {
             constraint_of(json!({"response_format": schema})),
             Some(OutputConstraint::JsonSchema(r#"{"type":"integer"}"#.into()))
         );
-        assert_eq!(constraint_of(json!({"response_format": {"type": "json_object"}})), Some(any_object()));
+        assert_eq!(
+            constraint_of(json!({"response_format": {"type": "json_object"}})),
+            Some(any_object())
+        );
         assert_eq!(constraint_of(json!({"response_format": {"type": "text"}})), None);
         let choice = json!({"choice": ["yes", "no"]});
         assert_eq!(
@@ -214,11 +217,22 @@ mod tests {
             constraint_of(json!({"guided_json": "{\"type\": \"string\"}"})),
             Some(OutputConstraint::JsonSchema(r#"{"type":"string"}"#.into()))
         );
-        assert_eq!(constraint_of(json!({"guided_regex": "a+"})), Some(OutputConstraint::Regex("a+".into())));
+        assert_eq!(
+            constraint_of(json!({"guided_regex": "a+"})),
+            Some(OutputConstraint::Regex("a+".into()))
+        );
         let both = of(json!({"response_format": schema, "structured_outputs": choice}), 8).unwrap_err();
-        assert!(matches!(both, ValidationError::InvalidInput { ref param, .. } if param == "structured_outputs.choice"));
-        let two = of(json!({"structured_outputs": {"regex": "a", "grammar": "start: \"a\""}}), 8).unwrap_err();
-        assert!(matches!(two, ValidationError::InvalidInput { ref param, .. } if param == "structured_outputs.grammar"));
+        assert!(
+            matches!(both, ValidationError::InvalidInput { ref param, .. } if param == "structured_outputs.choice")
+        );
+        let two = of(
+            json!({"structured_outputs": {"regex": "a", "grammar": "start: \"a\""}}),
+            8,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(two, ValidationError::InvalidInput { ref param, .. } if param == "structured_outputs.grammar")
+        );
     }
 
     #[test]
@@ -230,10 +244,14 @@ mod tests {
         let deep = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}});
         assert!(of(deep.clone(), 64).is_ok());
         assert!(matches!(of(deep, 8), Err(ValidationError::InvalidInput { .. })));
-        let not_object = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}});
+        let not_object =
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}});
         assert!(of(not_object, 64).is_err());
         assert!(serde_json::from_value::<SamplingFields>(json!({"response_format": {"type": "xml"}})).is_err());
-        assert!(serde_json::from_value::<SamplingFields>(json!({"structured_outputs": {"whitespace_pattern": " "}})).is_err());
+        assert!(
+            serde_json::from_value::<SamplingFields>(json!({"structured_outputs": {"whitespace_pattern": " "}}))
+                .is_err()
+        );
         assert!(of(json!({"structured_outputs": {"choice": []}}), 8).is_err());
     }
 }

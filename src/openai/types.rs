@@ -62,6 +62,8 @@ pub struct SamplingFields {
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
     pub stop_token_ids: Option<Vec<i64>>,
+    /// Token id (as a string) → a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     pub response_format: Option<ResponseFormat>,
     /// vLLM's structured outputs, and its older names for them.
     pub structured_outputs: Option<StructuredOutputs>,

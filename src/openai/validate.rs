@@ -46,6 +46,8 @@ pub struct Options {
     pub n: usize,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
+    /// Added to these tokens' logits before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
     pub ignore_eos: bool,
     /// Report log-probabilities, with this many alternatives per token.
     pub logprobs: Option<usize>,
@@ -205,6 +207,7 @@ pub fn options(
         });
     }
     let constraint = structured::of_fields(fields, limits.max_schema_depth)?;
+    let logit_bias = logit_bias(fields.logit_bias.as_ref(), vocab_size)?;
     let stream = fields.stream.unwrap_or(false);
     if fields.stream_options.is_some() && !stream {
         return Err(ValidationError::StreamOptionsWithoutStream);
@@ -223,6 +226,7 @@ pub fn options(
         n,
         stop,
         stop_token_ids,
+        logit_bias,
         ignore_eos: fields.ignore_eos.unwrap_or(false),
         logprobs,
         stream,
@@ -231,6 +235,28 @@ pub fn options(
             .unwrap_or(false),
         constraint,
     })
+}
+
+/// OpenAI's `logit_bias`: token ids (JSON keys, so strings) below `vocab_size`, each to a
+/// number in [-100, 100].
+fn logit_bias(
+    field: Option<&serde_json::Map<String, serde_json::Value>>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ValidationError> {
+    (field.into_iter().flatten())
+        .map(|(key, value)| {
+            let id = key.parse::<u32>().ok().filter(|&id| (id as usize) < vocab_size);
+            let bias = value.as_f64().filter(|b| (-100.0..=100.0).contains(b));
+            match (id, bias) {
+                (Some(id), Some(bias)) => Ok((id, bias as f32)),
+                _ => Err(ValidationError::LogitBias {
+                    key: key.clone(),
+                    value: value.to_string(),
+                    vocab_size,
+                }),
+            }
+        })
+        .collect()
 }
 
 fn stop(field: Option<&StopField>, limits: &Limits) -> Result<Vec<String>, ValidationError> {
@@ -301,12 +327,26 @@ pub(crate) mod tests {
             (json!({"min_tokens": 9, "max_tokens": 8}), "min_tokens"),
             (json!({"stop": ["a", "a", "a"]}), "stop"),
             (json!({"stop_token_ids": [100]}), "stop_token_ids"),
+            (json!({"logit_bias": {"100": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"7": 100.5}}), "logit_bias"),
+            (json!({"logit_bias": {"seven": 1}}), "logit_bias"),
+            (json!({"logit_bias": {"7": "1"}}), "logit_bias"),
         ];
         for (fields, param) in cases {
             let err = check(fields).unwrap_err();
             assert_eq!(err.param().as_deref(), Some(param), "{err}");
             assert_eq!((err.status(), err.code()), (400, "invalid_value"));
         }
+    }
+
+    #[test]
+    fn logit_bias_maps_ids_to_biases() {
+        let s = check(serde_json::json!({"logit_bias": {"7": -100, "99": 2.5}})).unwrap();
+        let mut bias = s.logit_bias;
+        bias.sort_by_key(|&(id, _)| id);
+        assert_eq!(bias, vec![(7, -100.0), (99, 2.5)]);
+        // Not a map: the body's shape is wrong.
+        assert!(serde_json::from_value::<SamplingFields>(serde_json::json!({"logit_bias": [1]})).is_err());
     }
 
     #[test]

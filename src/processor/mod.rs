@@ -24,11 +24,11 @@ pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
 
 use crate::engine::constraint::{Grammar, GrammarSpec, Grammars};
 use crate::engine::{Prompt, PromptImage};
-use crate::openai::structured::{Constrained, OutputConstraint};
 use crate::model::files::read_json;
 use crate::model::{
     Detail, ImageOptions, InputProcessor, LoadError, ModelFiles, ModelInfo, ProcessedMedia, VideoProcessor,
 };
+use crate::openai::structured::{Constrained, OutputConstraint};
 
 /// An image of a request and how to show it to the model.
 #[derive(Debug, Clone)]
@@ -130,7 +130,8 @@ impl Processor {
             message,
             param: constrained.param.clone(),
         };
-        let grammars = (self.grammars.as_ref()).ok_or_else(|| refused("this model's tokenizer cannot be constrained".into()))?;
+        let grammars =
+            (self.grammars.as_ref()).ok_or_else(|| refused("this model's tokenizer cannot be constrained".into()))?;
         let spec = match &constrained.constraint {
             OutputConstraint::JsonSchema(schema) => GrammarSpec::JsonSchema(schema.clone()),
             OutputConstraint::Regex(regex) => GrammarSpec::Regex(regex.clone()),
@@ -366,6 +367,21 @@ pub fn open_image(path: &Path) -> Result<DynamicImage, ::image::ImageError> {
     ::image::ImageReader::open(path)?.with_guessed_format()?.decode()
 }
 
+/// The grammar compiler for this tokenizer, or `None` (with a warning) where llguidance
+/// cannot read it: the model still serves unconstrained requests.
+fn grammars(files: &ModelFiles, tokenizer: &Tokenizer, vocab_size: usize, eos: &[u32]) -> Option<Arc<Grammars>> {
+    let built = std::fs::read_to_string(&files.tokenizer)
+        .map_err(anyhow::Error::from)
+        .and_then(|json| Grammars::new(&json, tokenizer.clone(), vocab_size, eos));
+    match built {
+        Ok(grammars) => Some(Arc::new(grammars)),
+        Err(error) => {
+            tracing::warn!(%error, "constrained decoding is off: the tokenizer could not be read for it");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,20 +404,5 @@ mod tests {
         // A family without videos leaves `<video>` as text.
         let pieces = split_at_placeholders("<video><image>", "<image>", None);
         assert_eq!(pieces[0], ("<video>", Some(Placeholder::Image)));
-    }
-}
-
-/// The grammar compiler for this tokenizer, or `None` (with a warning) where llguidance
-/// cannot read it: the model still serves unconstrained requests.
-fn grammars(files: &ModelFiles, tokenizer: &Tokenizer, vocab_size: usize, eos: &[u32]) -> Option<Arc<Grammars>> {
-    let built = std::fs::read_to_string(&files.tokenizer)
-        .map_err(anyhow::Error::from)
-        .and_then(|json| Grammars::new(&json, tokenizer.clone(), vocab_size, eos));
-    match built {
-        Ok(grammars) => Some(Arc::new(grammars)),
-        Err(error) => {
-            tracing::warn!(%error, "constrained decoding is off: the tokenizer could not be read for it");
-            None
-        }
     }
 }

@@ -150,6 +150,7 @@ pub fn params(options: &openai::Options) -> GenerationParams {
             presence_penalty: options.presence_penalty,
             frequency_penalty: options.frequency_penalty,
             seed: options.seed,
+            logit_bias: options.logit_bias.clone(),
         },
         max_tokens: options.max_tokens,
         min_tokens: options.min_tokens,
