@@ -176,3 +176,19 @@ item: /[ab]{1,3}/"#
         assert_eq!(error.param().as_deref(), Some("structured_outputs.grammar"));
     }
 }
+
+#[test]
+fn the_other_families_tokenizers_follow_a_schema_too() {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    for model in ["tiny-qwen3vl", "tiny-smolvlm2"] {
+        let (processor, mut engine) = engine(load_fixture_model(model), 4096, 256);
+        let grammar = compile(&processor, OutputConstraint::JsonSchema(schema().to_string()));
+        let prompt = text_prompt(&processor);
+        for seed in 0..10 {
+            let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {}).unwrap().0.remove(0);
+            let value: Value = serde_json::from_str(&generation.text)
+                .unwrap_or_else(|e| panic!("{model}, seed {seed}: {e}: {:?}", generation.text));
+            assert!(validator.is_valid(&value), "{model}, seed {seed}: {value}");
+        }
+    }
+}
