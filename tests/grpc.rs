@@ -182,3 +182,55 @@ async fn grpc_requires_the_api_key_when_one_is_set() {
         MODEL
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_constrains_outputs_and_biases_logits_as_http_does() {
+    let server = server(|args| args.grpc_port = Some(0)).await;
+    let endpoint = format!("http://{}", server.grpc_addr.expect("gRPC is on"));
+    let mut client = OcellusClient::connect(endpoint).await.unwrap();
+    let sampled = |constraint| {
+        let mut request = wide_request(30);
+        let sampling = request.sampling.as_mut().unwrap();
+        (sampling.temperature, sampling.min_tokens, sampling.seed) = (Some(1.0), None, Some(4));
+        sampling.constraint = Some(constraint);
+        request
+    };
+    use pb::sampling_options::Constraint;
+    let answer = client
+        .generate(sampled(Constraint::Regex("[0-9]{2}x[0-9]{2}".into())))
+        .await
+        .unwrap();
+    let text = &answer.into_inner().choices[0].text;
+    assert!(
+        regex::Regex::new("^[0-9]{2}x[0-9]{2}$").unwrap().is_match(text),
+        "{text:?}"
+    );
+    let choices = pb::Choices {
+        choices: vec!["left".into(), "right".into()],
+    };
+    let answer = client.generate(sampled(Constraint::Choice(choices))).await.unwrap();
+    assert!(["left", "right"].contains(&answer.into_inner().choices[0].text.as_str()));
+    let schema = r#"{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": false}"#;
+    let answer = client
+        .generate(sampled(Constraint::JsonSchema(schema.into())))
+        .await
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_str(&answer.into_inner().choices[0].text).unwrap();
+    assert!(value["ok"].is_boolean(), "{value}");
+
+    let err = client
+        .generate(sampled(Constraint::Regex("(unclosed".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+    let mut biased = wide_request(3);
+    biased.sampling.as_mut().unwrap().logit_bias = [(300, 100.0)].into();
+    let answer = client.generate(biased).await.unwrap().into_inner();
+    let expected = common::load_fixture_model(MODEL).processor.decode(&[300; 3]).unwrap();
+    assert_eq!(answer.choices[0].text, expected);
+    let mut out_of_range = wide_request(3);
+    out_of_range.sampling.as_mut().unwrap().logit_bias = [(300, 101.0)].into();
+    let err = client.generate(out_of_range).await.unwrap_err();
+    assert!(err.message().contains("logit_bias"), "{err}");
+}

@@ -185,7 +185,10 @@ fn the_other_families_tokenizers_follow_a_schema_too() {
         let grammar = compile(&processor, OutputConstraint::JsonSchema(schema().to_string()));
         let prompt = text_prompt(&processor);
         for seed in 0..10 {
-            let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {}).unwrap().0.remove(0);
+            let generation = generate(&mut engine, vec![sampled(&prompt, &grammar, seed)], |_| {})
+                .unwrap()
+                .0
+                .remove(0);
             let value: Value = serde_json::from_str(&generation.text)
                 .unwrap_or_else(|e| panic!("{model}, seed {seed}: {e}: {:?}", generation.text));
             assert!(validator.is_valid(&value), "{model}, seed {seed}: {value}");

@@ -19,7 +19,7 @@ use crate::engine::request::ChoiceEvent;
 use crate::metrics::Outcome;
 use crate::openai::{
     ChatCompletionRequest, ChatMessageIn, ContentPartIn, ImageUrl, MessageContent, SamplingFields, StopField,
-    ValidationError, VideoUrl,
+    StructuredOutputs, ValidationError, VideoUrl,
 };
 
 pub mod pb {
@@ -129,9 +129,29 @@ fn to_openai(request: &pb::GenerateRequest) -> Result<(ChatCompletionRequest, Sa
     Ok((request, fields))
 }
 
-/// gRPC's sampling options as the chat API's fields (unset ones unset).
+/// gRPC's sampling options as the chat API's fields (unset ones unset); its output
+/// constraint as `structured_outputs`.
 fn sampling(s: pb::SamplingOptions) -> SamplingFields {
+    use pb::sampling_options::Constraint;
+    let structured = s.constraint.map(|c| {
+        let mut structured = StructuredOutputs::default();
+        match c {
+            Constraint::JsonSchema(schema) => structured.json = Some(serde_json::Value::String(schema)),
+            Constraint::Regex(regex) => structured.regex = Some(regex),
+            Constraint::Choice(choices) => structured.choice = Some(choices.choices),
+            Constraint::Grammar(grammar) => structured.grammar = Some(grammar),
+            Constraint::JsonObject(on) => structured.json_object = Some(on),
+        }
+        structured
+    });
+    let logit_bias = (!s.logit_bias.is_empty()).then(|| {
+        (s.logit_bias.iter())
+            .map(|(id, bias)| (id.to_string(), serde_json::json!(bias)))
+            .collect()
+    });
     SamplingFields {
+        structured_outputs: structured,
+        logit_bias,
         max_tokens: s.max_tokens,
         temperature: s.temperature,
         top_p: s.top_p,
