@@ -128,6 +128,18 @@ async fn completions_n_choices_stop_strings_and_logprobs() {
         assert!(pattern.is_match(text), "{text:?}");
         assert_eq!(choice["finish_reason"], "stop");
     }
+
+    // Logprobs under a constraint are the constrained distribution's (vLLM's): its
+    // alternatives are tokens the grammar allows, and their probabilities sum to at most 1.
+    let request = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0,
+        "logprobs": 20, "structured_outputs": {"choice": ["yes", "no"]}});
+    let (status, body) = post(&client, &url(&server, "/v1/completions"), &request).await;
+    assert_eq!(status, 200, "{body}");
+    let first = body["choices"][0]["logprobs"]["top_logprobs"][0].as_object().unwrap().clone();
+    assert!(!first.is_empty());
+    assert!(first.keys().all(|t| "yes".starts_with(t.as_str()) || "no".starts_with(t.as_str())), "{first:?}");
+    let mass: f64 = first.values().map(|l| l.as_f64().unwrap().exp()).sum();
+    assert!(mass <= 1.0 + 1e-4, "{mass}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
