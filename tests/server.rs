@@ -135,9 +135,17 @@ async fn completions_n_choices_stop_strings_and_logprobs() {
         "logprobs": 20, "structured_outputs": {"choice": ["yes", "no"]}});
     let (status, body) = post(&client, &url(&server, "/v1/completions"), &request).await;
     assert_eq!(status, 200, "{body}");
-    let first = body["choices"][0]["logprobs"]["top_logprobs"][0].as_object().unwrap().clone();
+    let first = body["choices"][0]["logprobs"]["top_logprobs"][0]
+        .as_object()
+        .unwrap()
+        .clone();
     assert!(!first.is_empty());
-    assert!(first.keys().all(|t| "yes".starts_with(t.as_str()) || "no".starts_with(t.as_str())), "{first:?}");
+    assert!(
+        first
+            .keys()
+            .all(|t| "yes".starts_with(t.as_str()) || "no".starts_with(t.as_str())),
+        "{first:?}"
+    );
     let mass: f64 = first.values().map(|l| l.as_f64().unwrap().exp()).sum();
     assert!(mass <= 1.0 + 1e-4, "{mass}");
 }

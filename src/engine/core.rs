@@ -448,16 +448,25 @@ impl EngineCore {
         let pool = &mut self.pool;
         // The grammars' masks depend only on tokens already taken: they are computed on a
         // thread of their own while the forward pass runs, not after it.
+        let constrained_indices: Vec<usize> = constrained.iter().map(|&(i, _)| i).collect();
         let (result, masks) = std::thread::scope(|scope| {
             let masking = (!constrained.is_empty()).then(|| scope.spawn(move || masks(constrained)));
             let result = model.forward(&mut batch, pool).and_then(|l| l.to_vec2::<f32>());
-            (
-                result,
-                masking.map(|m| m.join().expect("the mask thread does not panic")),
-            )
+            (result, masking.map(|m| m.join()))
         });
         drop(batch);
-        let (allowed, mask_time) = masks.unwrap_or_default();
+        let (allowed, mask_time) = match masks {
+            None => Default::default(),
+            Some(Ok(masks)) => masks,
+            // A grammar library that panicked fails its sequences, not the engine.
+            Some(Err(_)) => {
+                let failed = |_| Err(GrammarError("the grammar's mask computation panicked".into()));
+                (
+                    constrained_indices.into_iter().map(|i| (i, failed(i))).collect(),
+                    Duration::ZERO,
+                )
+            }
+        };
         report.masks = (mask_time > Duration::ZERO).then_some(mask_time);
         let logits = match result {
             Ok(logits) => logits,
