@@ -73,6 +73,15 @@ async fn a_request_naming_an_adapter_gets_its_answer_and_models_lists_it() {
         expected_wide_text(None).as_str()
     );
 
+    // An adapter's request under a grammar: the adapter's weights, the grammar's output.
+    let mut constrained = wide_request("attn");
+    constrained["structured_outputs"] = json!({"choice": ["red", "green", "blue"]});
+    constrained["min_tokens"] = json!(0);
+    let (status, body) = post(&client, &chat, &constrained).await;
+    assert_eq!(status, 200, "{body}");
+    let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(["red", "green", "blue"].contains(&answer), "{answer:?}");
+
     let listed = model_ids(client.get(url(&server, "/v1/models"))).await;
     assert_eq!(
         listed,
