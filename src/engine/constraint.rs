@@ -14,6 +14,9 @@ use lru::LruCache;
 
 /// Compiled grammars kept by content: a client sends the same schema with every request.
 const CACHED_GRAMMARS: usize = 256;
+/// Grammars whose text is longer are compiled for their request and not kept: the cache
+/// holds at most 256 of 64 KiB (a hostile client's large schemas cannot fill memory).
+const MAX_CACHED_TEXT: usize = 64 << 10;
 
 /// What a request constrains its output to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -24,6 +27,14 @@ pub enum GrammarSpec {
     Regex(String),
     /// A Lark grammar (llguidance's dialect: `start: ...`, regexes in `/.../`).
     Lark(String),
+}
+
+impl GrammarSpec {
+    fn text(&self) -> &str {
+        match self {
+            Self::JsonSchema(text) | Self::Regex(text) | Self::Lark(text) => text,
+        }
+    }
 }
 
 /// A grammar the compiler refused, with its reason.
@@ -113,10 +124,12 @@ impl Grammars {
             return Err(GrammarError(error));
         }
         let compiled = Arc::new(Grammar { start: matcher });
-        self.cache
-            .lock()
-            .expect("grammar cache")
-            .put(spec.clone(), compiled.clone());
+        if spec.text().len() <= MAX_CACHED_TEXT {
+            self.cache
+                .lock()
+                .expect("grammar cache")
+                .put(spec.clone(), compiled.clone());
+        }
         Ok(compiled)
     }
 }
