@@ -370,3 +370,16 @@ async fn cors_answers_allowed_origins_only() {
         .unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_the_model_may_not_call_leave_the_answer_as_it_was() {
+    let server = server(|_| {}).await;
+    let client = reqwest::Client::new();
+    let mut request = wide_request(false);
+    request["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    request["tool_choice"] = json!("none");
+    let (status, body) = post(&client, &url(&server, "/v1/chat/completions"), &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], expected_wide_text().as_str());
+}

@@ -293,11 +293,40 @@ fn cases() -> Vec<Case> {
             Some("temprature"),
         ),
         c(
-            "tools, not honoured yet",
+            "tools to call, not served yet",
             with(hi(), "tools", json!([{"type": "function", "function": {"name": "f"}}])),
             400,
             "unsupported_parameter",
-            Some("tools"),
+            Some("tool_choice"),
+        ),
+        c(
+            "a tool_choice naming no tool",
+            with(
+                with(hi(), "tools", json!([{"type": "function", "function": {"name": "f"}}])),
+                "tool_choice",
+                json!({"type": "function", "function": {"name": "g"}}),
+            ),
+            400,
+            "invalid_value",
+            Some("tool_choice.function.name"),
+        ),
+        c(
+            "a tool whose parameters are no object schema",
+            with(
+                hi(),
+                "tools",
+                json!([{"type": "function", "function": {"name": "f", "parameters": "x"}}]),
+            ),
+            400,
+            "invalid_value",
+            Some("tools[0].function.parameters"),
+        ),
+        c(
+            "functions, the deprecated form",
+            with(hi(), "functions", json!([{"name": "f"}])),
+            400,
+            "unsupported_parameter",
+            Some("functions"),
         ),
         c(
             "logit_bias out of range",

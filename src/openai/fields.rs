@@ -43,6 +43,9 @@ pub const CHAT: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "mm_processor_kwargs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// `POST /v1/completions`' own fields (`CompletionRequest`).
@@ -50,9 +53,6 @@ pub const COMPLETION: &[&str] = &["model", "prompt", "logprobs", "echo", "suffix
 
 /// OpenAI's request fields that Ocellus does not honour (yet).
 const NOT_HONOURED: &[&str] = &[
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
     "functions",
     "function_call",
     "audio",
@@ -100,9 +100,10 @@ mod tests {
             chat(json!({"model": "m", "messages": [], "temperature": 1, "response_format": {"type": "text"}})).is_ok()
         );
         assert!(chat(json!({"messages": [], "tools": null, "logit_bias": null})).is_ok());
+        assert!(chat(json!({"messages": [], "tools": []})).is_ok());
         assert!(matches!(
-            chat(json!({"messages": [], "tools": []})),
-            Err(ValidationError::Unsupported("tools"))
+            chat(json!({"messages": [], "functions": []})),
+            Err(ValidationError::Unsupported("functions"))
         ));
         assert!(chat(json!({"messages": [], "logit_bias": {"1": 5}})).is_ok());
         assert!(matches!(

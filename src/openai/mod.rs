@@ -8,6 +8,7 @@ pub mod error;
 pub mod fields;
 pub mod messages;
 pub mod structured;
+pub mod tools;
 pub mod types;
 pub mod validate;
 

@@ -163,6 +163,12 @@ fn schema_text(schema: &Value, param: &str, max_depth: usize) -> Result<OutputCo
             message: "must be a JSON schema: an object".into(),
         });
     }
+    check_depth(schema, param, max_depth)?;
+    Ok(OutputConstraint::JsonSchema(schema.to_string()))
+}
+
+/// A schema (`param`) nesting objects and arrays at most `max_depth` deep.
+pub(super) fn check_depth(schema: &Value, param: &str, max_depth: usize) -> Result<(), ValidationError> {
     let depth = depth(schema);
     if depth > max_depth {
         return Err(ValidationError::InvalidInput {
@@ -170,7 +176,7 @@ fn schema_text(schema: &Value, param: &str, max_depth: usize) -> Result<OutputCo
             message: format!("nests {depth} levels deep, more than the limit of {max_depth}"),
         });
     }
-    Ok(OutputConstraint::JsonSchema(schema.to_string()))
+    Ok(())
 }
 
 /// How deeply objects and arrays nest in `value` (a scalar: 0).

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use super::structured::{ResponseFormat, StructuredOutputs};
+pub use super::tools::{ToolChoiceIn, ToolIn};
 
 #[derive(Debug, Default, Deserialize)]
 pub struct ChatCompletionRequest {
@@ -18,6 +19,9 @@ pub struct ChatCompletionRequest {
     /// vLLM's per-request processor settings; here the pixel budget of every image that does
     /// not set its own.
     pub mm_processor_kwargs: Option<MmProcessorKwargs>,
+    pub tools: Option<Vec<ToolIn>>,
+    pub tool_choice: Option<ToolChoiceIn>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// The processor settings a request may change (`mm_processor_kwargs`); any other key is

@@ -5,6 +5,7 @@
 use super::error::{MAX_STOP_BYTES, ValidationError};
 use super::messages::{Message, PixelBudget, messages};
 use super::structured::{self, Constrained};
+use super::tools;
 use super::types::{ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields, StopField};
 
 /// Bounds on what a request may ask for (server flags).
@@ -85,6 +86,20 @@ pub fn chat(
     let options = options(fields, max_tokens, logprobs, limits, vocab_size)?;
     let budget = PixelBudget::of_request(request.mm_processor_kwargs.as_ref(), limits)?;
     let messages = messages(&request.messages, limits, budget)?;
+    let tools = tools::tools(
+        request.tools.as_deref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls,
+        limits.max_schema_depth,
+    )?;
+    // Tools the model must not call can stay out of its prompt, as vLLM's
+    // `--exclude-tools-when-tool-choice-none`; calls themselves are not served yet.
+    if tools.as_ref().is_some_and(|t| t.choice != tools::ToolChoice::None) {
+        return Err(ValidationError::UnsupportedValue {
+            param: "tool_choice".into(),
+            message: "other than \"none\" is not supported yet: this server does not call tools (send `tool_choice: \"none\"`, or no `tools`)".into(),
+        });
+    }
     Ok(ValidChat {
         model: request.model.clone(),
         messages,
