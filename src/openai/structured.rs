@@ -80,6 +80,12 @@ pub fn of_fields(fields: &SamplingFields, max_depth: usize) -> Result<Option<Con
             param: "response_format".into(),
         }),
         Some(ResponseFormat::JsonSchema { json_schema }) => {
+            if !super::tools::valid_name(&json_schema.name) {
+                return Err(ValidationError::InvalidInput {
+                    param: "response_format.json_schema.name".into(),
+                    message: "must be 1 to 64 letters, digits, underscores or dashes".into(),
+                });
+            }
             let param = "response_format.json_schema.schema";
             let schema = json_schema.schema.clone().unwrap_or(Value::Object(Default::default()));
             found.push(Constrained {
@@ -250,6 +256,10 @@ mod tests {
         let deep = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}});
         assert!(of(deep.clone(), 64).is_ok());
         assert!(matches!(of(deep, 8), Err(ValidationError::InvalidInput { .. })));
+        let bad_name =
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}});
+        let refused = of(bad_name, 8).unwrap_err();
+        assert_eq!(refused.param().as_deref(), Some("response_format.json_schema.name"));
         let not_object =
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}});
         assert!(of(not_object, 64).is_err());

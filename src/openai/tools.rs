@@ -101,9 +101,7 @@ pub fn tools(
             return Err(invalid(format!("tools[{i}].type"), "must be \"function\""));
         }
         let function = &tool.function;
-        let name_ok = (1..=64).contains(&function.name.len())
-            && (function.name.chars()).all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !name_ok {
+        if !valid_name(&function.name) {
             let message = "must be 1 to 64 letters, digits, underscores or dashes";
             return Err(invalid(format!("tools[{i}].function.name"), message));
         }
@@ -155,6 +153,11 @@ pub fn tools(
         choice,
         parallel: parallel.unwrap_or(true),
     }))
+}
+
+/// OpenAI's rule for function and schema names: 1 to 64 letters, digits, `_` or `-`.
+pub(super) fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 #[cfg(test)]
