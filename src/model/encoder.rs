@@ -96,13 +96,34 @@ impl EncoderConfig {
     }
 }
 
-/// A tower's config checked as loaded: a known activation, heads that divide the width;
+/// One tower's shape as a config gives it: hidden size, attention heads, `hidden_act`.
+pub type TowerShape<'a> = (usize, usize, &'a str);
+
+/// A two-tower config's shared checks as loaded: each tower's activation known and its heads
+/// dividing its width (`text_config`, `vision_config`), the vision patch dividing the image;
 /// errors name the file and `tower.field`.
-pub fn check_tower(
+pub fn check_towers(
+    path: &std::path::Path,
+    text: TowerShape,
+    vision: TowerShape,
+    (patch, image): (usize, usize),
+) -> std::result::Result<(), crate::model::LoadError> {
+    check_tower(path, "text_config", text)?;
+    check_tower(path, "vision_config", vision)?;
+    if patch == 0 || !image.is_multiple_of(patch) {
+        return Err(crate::model::LoadError::invalid(
+            path,
+            "vision_config.patch_size",
+            format!("{patch} does not divide image_size {image}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tower(
     path: &std::path::Path,
     tower: &str,
-    (hidden, heads): (usize, usize),
-    act: &str,
+    (hidden, heads, act): TowerShape,
 ) -> std::result::Result<(), crate::model::LoadError> {
     use crate::model::LoadError;
     if Activation::from_hf(act).is_none() {

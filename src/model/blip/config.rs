@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::model::LoadError;
-use crate::model::encoder::{Activation, EncoderConfig, check_tower};
+use crate::model::encoder::{Activation, EncoderConfig, check_towers};
 use crate::model::files::read_json;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,22 +86,11 @@ impl BlipConfig {
             false => Err(LoadError::invalid(path, field, message)),
         };
         let (t, v) = (&config.text_config, &config.vision_config);
-        check_tower(
+        check_towers(
             path,
-            "text_config",
-            (t.hidden_size, t.num_attention_heads),
-            &t.hidden_act,
-        )?;
-        check_tower(
-            path,
-            "vision_config",
-            (v.hidden_size, v.num_attention_heads),
-            &v.hidden_act,
-        )?;
-        ensure(
-            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
-            "vision_config.patch_size",
-            format!("{} does not divide image_size {}", v.patch_size, v.image_size),
+            (t.hidden_size, t.num_attention_heads, &t.hidden_act),
+            (v.hidden_size, v.num_attention_heads, &v.hidden_act),
+            (v.patch_size, v.image_size),
         )?;
         ensure(
             t.is_decoder,
