@@ -66,6 +66,7 @@ fn photo_prompt(loaded: &Loaded) -> Prompt {
                 text: "Can you describe this image?".into(),
             },
         ],
+        ..ChatMessage::default()
     }];
     loaded.processor.process(&messages, &[ImageInput::new(photo)]).unwrap()
 }

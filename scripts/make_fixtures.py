@@ -7,6 +7,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py ocellus-adapter  # a LoRA trained by `ocellus finetune`, run in PEFT (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
+  python scripts/fixtures_tools.py              # tool prompts through Qwen3-VL's template (part of tiny)
   python scripts/make_fixtures.py qwen3vl-big OUT_DIR  # the real Qwen3-VL-2B config, random weights (not committed)
   python scripts/make_fixtures.py embeddings    # tests/fixtures: tiny CLIP and SigLIP + references (part of tiny)
   python scripts/make_fixtures.py embeddings-big OUT_DIR  # the real CLIP and SigLIP configs, random weights (not committed)
@@ -37,6 +38,7 @@ from safetensors.torch import save_file
 from fixture_messages import image_part, text_part, to_hf_messages, user, video_part
 import fixtures_embeddings
 import fixtures_qwen3vl
+import fixtures_tools
 import transformers
 from transformers import (
     AutoProcessor,
@@ -772,6 +774,7 @@ def main() -> None:
         make_adapters(models / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", refs)
         make_ocellus_adapter(models / "tiny-idefics3", refs)
         fixtures_qwen3vl.make_tiny(FIXTURES)
+        fixtures_tools.main()
         fixtures_embeddings.make_tiny(FIXTURES)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.

@@ -374,6 +374,7 @@ fn warm_up(processor: &Processor, core: &mut EngineCore) -> anyhow::Result<()> {
                 text: "Warm up.".into(),
             },
         ],
+        ..ChatMessage::default()
     }];
     let image = ImageInput::with_detail(image::DynamicImage::new_rgb8(64, 64), crate::model::Detail::Low);
     let prompt = processor.process(&messages, &[image])?;
@@ -399,6 +400,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     messages.push(ChatMessage {
         role: "user".into(),
         content,
+        ..ChatMessage::default()
     });
     let detail = if args.no_split {
         crate::model::Detail::Low

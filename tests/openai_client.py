@@ -111,6 +111,54 @@ text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 verdict = json.loads(text)
 assert verdict["answer"] in ("yes", "no") and 0 <= verdict["confidence"] <= 9, verdict
 
+# Tool calling: a required call, its result sent back, streamed and not
+weather = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+question = [{"role": "user", "content": "What is the weather in Paris?"}]
+called = client.chat.completions.create(
+    model=model, messages=question, tools=[weather], tool_choice="required", max_tokens=120, temperature=1, seed=7
+)
+choice = called.choices[0]
+assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, called
+call = choice.message.tool_calls[0]
+arguments = json.loads(call.function.arguments)
+assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_"), call
+assert arguments["city"] in ("Paris", "Oslo") and 1 <= arguments["days"] <= 3, arguments
+# The usual loop: the assistant's message (the client's own object) and the tool's answer.
+follow_up = question + [choice.message, {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+answered = client.chat.completions.create(model=model, messages=follow_up, tools=[weather], max_tokens=8, temperature=0)
+assert answered.choices[0].message.role == "assistant" and answered.usage.prompt_tokens > called.usage.prompt_tokens
+calls, finish = {}, None
+for chunk in client.chat.completions.create(
+    model=model, messages=question, tools=[weather], tool_choice="required", max_tokens=120, temperature=1, seed=7,
+    stream=True,
+):
+    for piece in chunk.choices[0].delta.tool_calls or []:
+        entry = calls.setdefault(piece.index, {"id": piece.id, "name": piece.function.name, "arguments": ""})
+        entry["arguments"] += piece.function.arguments or ""
+    finish = chunk.choices[0].finish_reason or finish
+# The same seed: the same call as the whole answer's, in pieces.
+assert finish == "tool_calls" and calls[0]["name"] == "get_weather", calls
+assert [json.loads(c["arguments"]) for c in calls.values()] == [
+    json.loads(c.function.arguments) for c in choice.message.tool_calls
+], (calls, choice.message.tool_calls)
+named = client.chat.completions.create(
+    model=model, messages=question, tools=[weather], max_tokens=120, temperature=1, seed=8,
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+)
+assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"], named
+
 # Completions
 completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
 assert completion.object == "text_completion" and completion.usage.completion_tokens == 5

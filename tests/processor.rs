@@ -96,6 +96,7 @@ fn a_640x480_photo_is_four_by_three_tiles_plus_a_global_view() {
     let messages = vec![ocellus::processor::ChatMessage {
         role: "user".into(),
         content: vec![ocellus::processor::ContentPart::Image],
+        ..Default::default()
     }];
     let prompt = processor.process(&messages, &[ImageInput::new(photo)]).unwrap();
     assert_eq!(prompt.images[0].pixels.values.dim(0).unwrap(), 13);

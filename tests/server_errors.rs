@@ -74,7 +74,7 @@ fn cases() -> Vec<Case> {
         c("no messages", chat(json!([])), 400, "invalid_value", Some("messages")),
         c(
             "unknown role",
-            chat(json!([{"role": "tool", "content": "x"}])),
+            chat(json!([{"role": "function", "content": "x"}])),
             400,
             "invalid_value",
             Some("messages[0].role"),
@@ -293,10 +293,58 @@ fn cases() -> Vec<Case> {
             Some("temprature"),
         ),
         c(
-            "tools to call, not served yet",
-            with(hi(), "tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            "a tool message answering no call",
+            chat(
+                json!([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]),
+            ),
+            400,
+            "invalid_value",
+            Some("messages[1].tool_call_id"),
+        ),
+        c(
+            "a tool message without tool_call_id",
+            chat(json!([{"role": "user", "content": "hi"}, {"role": "tool", "content": "1"}])),
+            400,
+            "invalid_value",
+            Some("messages[1].tool_call_id"),
+        ),
+        c(
+            "a call whose arguments are not a JSON object",
+            chat(
+                json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": "}}]}]),
+            ),
+            400,
+            "invalid_value",
+            Some("messages[1].tool_calls[0].function.arguments"),
+        ),
+        c(
+            "a refusal sent back",
+            chat(json!([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no", "refusal": "no"}])),
             400,
             "unsupported_parameter",
+            Some("messages[1].refusal"),
+        ),
+        c(
+            "an unknown message field",
+            chat(json!([{"role": "user", "content": "hi", "mood": "good"}])),
+            400,
+            "invalid_json",
+            Some("messages[0].mood"),
+        ),
+        c(
+            "a required call and a response format at once",
+            with(
+                with(
+                    with(hi(), "tools", json!([{"type": "function", "function": {"name": "f"}}])),
+                    "tool_choice",
+                    json!("required"),
+                ),
+                "response_format",
+                json!({"type": "json_object"}),
+            ),
+            400,
+            "invalid_value",
             Some("tool_choice"),
         ),
         c(

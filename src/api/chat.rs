@@ -11,6 +11,7 @@ use axum::response::Response;
 use super::error::ApiError;
 use super::respond::{Endpoint, Job};
 use super::{AppState, answer, parse_json, submit};
+use crate::openai::tool_calls::CallReader;
 use crate::openai::{self, ChatCompletionRequest, SamplingFields};
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -36,5 +37,9 @@ pub(super) async fn start(
     let adapter = state.resolve_model(ready, request.model.as_deref())?;
     let chat = openai::chat(request, fields, &state.settings.limits, ready.engine.info().vocab_size)?;
     let prepared = ready.preparer.chat(&chat).await?;
-    submit(state, ready, Endpoint::Chat, prepared, &chat.options, adapter, arrived)
+    let job = submit(state, ready, Endpoint::Chat, prepared, &chat.options, adapter, arrived)?;
+    Ok(Job {
+        calls: CallReader::of(chat.tools.as_ref()),
+        ..job
+    })
 }

@@ -116,7 +116,7 @@ fn to_openai(request: &pb::GenerateRequest) -> Result<(ChatCompletionRequest, Sa
             Ok(ChatMessageIn {
                 role: m.role.clone(),
                 content: Some(MessageContent::Parts(content)),
-                name: None,
+                ..ChatMessageIn::default()
             })
         })
         .collect::<Result<_, _>>()?;

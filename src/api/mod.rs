@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod auth;
+pub mod calls;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;
@@ -233,6 +234,7 @@ fn submit(
         stream: options.stream,
         include_usage: options.include_usage,
         tokenizer: ready.preparer.processor().tokenizer().clone(),
+        calls: None,
     })
 }
 

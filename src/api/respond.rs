@@ -15,13 +15,15 @@ use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
+use super::calls::{self, StreamedCalls};
 use super::error::ApiError;
 use crate::engine::request::{ChoiceEvent, EventReceiver};
 use crate::engine::{SequenceEvent, TokenLogprobs};
 use crate::metrics::{Metrics, Outcome};
+use crate::openai::tool_calls::CallReader;
 use crate::openai::{
-    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice,
-    CompletionLogprobs, TopLogprob, UsageOut, unix_now,
+    ChatChoice, ChatCompletion, ChatLogprobs, ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs,
+    TopLogprob, UsageOut, unix_now,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +75,8 @@ pub struct Job {
     pub stream: bool,
     pub include_usage: bool,
     pub tokenizer: Arc<Tokenizer>,
+    /// Chat answers are read for calls of these tools.
+    pub calls: Option<CallReader>,
 }
 
 /// Records a request's latencies and outcome; dropped unfinished, it counts a cancellation.
@@ -212,14 +216,14 @@ async fn collect(mut job: Job, mut observer: Observer) -> Response {
             choices: choices
                 .iter()
                 .enumerate()
-                .map(|(index, c)| ChatChoice {
-                    index,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: c.text.clone(),
-                    },
-                    logprobs: with_logprobs(c).then(|| chat_logprobs(&job.tokenizer, &c.logprobs)),
-                    finish_reason: c.finish,
+                .map(|(index, c)| {
+                    let (message, finish_reason) = calls::message(job.calls.as_ref(), &c.text, c.finish);
+                    ChatChoice {
+                        index,
+                        message,
+                        logprobs: with_logprobs(c).then(|| chat_logprobs(&job.tokenizer, &c.logprobs)),
+                        finish_reason,
+                    }
                 })
                 .collect(),
             usage,
@@ -251,6 +255,8 @@ struct Streaming {
     job: Job,
     observer: Observer,
     choices: Vec<Choice>,
+    /// Each chat choice's reading for calls, when the request has tools.
+    calls: Vec<Option<StreamedCalls>>,
     done: usize,
     created: u64,
 }
@@ -258,10 +264,12 @@ struct Streaming {
 fn stream(job: Job, observer: Observer) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let created = unix_now();
     let choices = (0..job.n).map(|_| Choice::default()).collect();
+    let calls = (0..job.n).map(|_| job.calls.clone().map(StreamedCalls::new)).collect();
     let state = Streaming {
         job,
         observer,
         choices,
+        calls,
         done: 0,
         created,
     };
@@ -325,6 +333,16 @@ impl Streaming {
                     (false, Endpoint::Chat) => json!(chat_logprobs(tokenizer, &logprobs)),
                     (false, Endpoint::Completions) => json!(completion_logprobs(tokenizer, &logprobs, &[offset])),
                 };
+                if let Some(calls) = &mut self.calls[choice] {
+                    let mut deltas = calls.deltas(&text, false);
+                    if deltas.is_empty() && !lp.is_null() {
+                        deltas.push(json!({}));
+                    }
+                    let mut lp = Some(lp);
+                    return (deltas.into_iter())
+                        .map(|delta| self.delta_chunk(choice, delta, lp.take().unwrap_or(Value::Null), None))
+                        .collect();
+                }
                 vec![self.choice_chunk(choice, &text, lp, None)]
             }
             SequenceEvent::Finished { text, reason, usage } => {
@@ -332,6 +350,15 @@ impl Streaming {
                 c.completion_tokens = usage.completion_tokens;
                 c.push_text(&text);
                 self.done += 1;
+                if let Some(calls) = &mut self.calls[choice] {
+                    let deltas = calls.deltas(&text, true);
+                    let reason = calls.finish_reason(reason.as_str());
+                    let mut events: Vec<Event> = (deltas.into_iter())
+                        .map(|delta| self.delta_chunk(choice, delta, Value::Null, None))
+                        .collect();
+                    events.push(self.delta_chunk(choice, json!({}), Value::Null, Some(reason)));
+                    return events;
+                }
                 let mut events = Vec::new();
                 if endpoint == Endpoint::Chat && !text.is_empty() {
                     events.push(self.choice_chunk(choice, &text, Value::Null, None));
@@ -353,13 +380,18 @@ impl Streaming {
                 } else {
                     json!({"content": text})
                 };
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                return self.delta_chunk(index, delta, logprobs, finish);
             }
             Endpoint::Completions => {
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         self.chunk(choice)
+    }
+
+    /// A chat chunk for one choice.
+    fn delta_chunk(&self, index: usize, delta: Value, logprobs: Value, finish: Option<&str>) -> Event {
+        self.chunk(json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}))
     }
 
     fn chunk(&self, choice: Value) -> Event {

@@ -3,7 +3,7 @@
 //! (`param`), so that an error about it later names the field.
 
 use super::error::ValidationError;
-use super::types::{ChatMessageIn, ContentPartIn, MessageContent, MmProcessorKwargs, VideoUrl};
+use super::types::{ChatMessageIn, ContentPartIn, MessageContent, MmProcessorKwargs, ToolCallIn, VideoUrl};
 use super::validate::{Limits, positive, range};
 
 /// Highest sampling rate a request may ask for: beyond it frames are nearly identical.
@@ -15,6 +15,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's answer to a call.
+    Tool,
 }
 
 impl Role {
@@ -23,6 +25,7 @@ impl Role {
             Self::System => "system",
             Self::User => "user",
             Self::Assistant => "assistant",
+            Self::Tool => "tool",
         }
     }
 }
@@ -30,7 +33,22 @@ impl Role {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: Role,
+    /// Empty only for an assistant message that holds calls.
     pub content: Vec<Part>,
+    /// An assistant message's calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool message: the call it answers (one of an earlier assistant message's).
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A call an earlier answer made, sent back with the conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// A JSON object.
+    pub arguments: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -154,6 +172,7 @@ pub fn messages(
             count: images,
         });
     }
+    answered_calls(&out)?;
     let videos = out.iter().flat_map(Message::videos).count();
     if videos > limits.max_videos_per_request {
         return Err(ValidationError::TooManyVideos {
@@ -174,6 +193,7 @@ fn one_message(
         "system" | "developer" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
         other => {
             return Err(ValidationError::UnknownRole {
                 index,
@@ -181,8 +201,18 @@ fn one_message(
             });
         }
     };
+    output_only_fields_are_empty(index, message)?;
+    let tool_calls = tool_calls(index, role, message.tool_calls.as_deref())?;
+    let tool_call_id = match (role, &message.tool_call_id) {
+        (Role::Tool, Some(id)) => Some(id.clone()),
+        (Role::Tool, None) => return Err(invalid(index, "tool_call_id", "is required in a tool message")),
+        (_, Some(_)) => return Err(invalid(index, "tool_call_id", "is only allowed in a tool message")),
+        (_, None) => None,
+    };
     let param = format!("messages[{index}].content");
     let content = match &message.content {
+        // An assistant message that only calls tools has no content (OpenAI sends null).
+        None | Some(MessageContent::Text(_)) if !tool_calls.is_empty() && blank(message.content.as_ref()) => Vec::new(),
         None => return Err(ValidationError::MissingContent { param }),
         Some(MessageContent::Text(text)) => vec![Part::Text(text.clone())],
         Some(MessageContent::Parts(parts)) if parts.is_empty() => return Err(ValidationError::EmptyContent { param }),
@@ -190,7 +220,114 @@ fn one_message(
             .map(|(j, part)| one_part(role, &format!("{param}[{j}]"), part, limits, budget))
             .collect::<Result<_, _>>()?,
     };
-    Ok(Message { role, content })
+    Ok(Message {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+        name: message.name.clone(),
+    })
+}
+
+fn invalid(index: usize, field: &str, message: &str) -> ValidationError {
+    ValidationError::InvalidInput {
+        param: format!("messages[{index}].{field}"),
+        message: message.into(),
+    }
+}
+
+/// Absent or an empty string.
+fn blank(content: Option<&MessageContent>) -> bool {
+    match content {
+        None => true,
+        Some(MessageContent::Text(text)) => text.is_empty(),
+        Some(MessageContent::Parts(_)) => false,
+    }
+}
+
+/// Fields of an assistant message that a response carries and a client may send back with
+/// the conversation: accepted empty, refused by name otherwise (nothing would honour them).
+fn output_only_fields_are_empty(index: usize, message: &ChatMessageIn) -> Result<(), ValidationError> {
+    let unsupported = |field: &str, why: &str| ValidationError::UnsupportedValue {
+        param: format!("messages[{index}].{field}"),
+        message: why.into(),
+    };
+    if message.refusal.as_deref().is_some_and(|r| !r.is_empty()) {
+        return Err(unsupported(
+            "refusal",
+            "is not sent back to the model: send the text as `content`",
+        ));
+    }
+    if message.annotations.as_ref().is_some_and(|a| !a.is_empty()) {
+        return Err(unsupported("annotations", "are not supported"));
+    }
+    if message.audio.as_ref().is_some_and(|a| !a.is_null()) {
+        return Err(unsupported("audio", "is not supported: this server takes no audio"));
+    }
+    if message.function_call.as_ref().is_some_and(|f| !f.is_null()) {
+        return Err(unsupported(
+            "function_call",
+            "is OpenAI's older form: send `tool_calls`",
+        ));
+    }
+    Ok(())
+}
+
+/// An assistant message's calls, checked: functions with valid names and a JSON object of
+/// arguments (given as a string, as OpenAI returns it).
+fn tool_calls(index: usize, role: Role, calls: Option<&[ToolCallIn]>) -> Result<Vec<ToolCall>, ValidationError> {
+    let calls = calls.unwrap_or_default();
+    if role != Role::Assistant {
+        return match calls.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(invalid(index, "tool_calls", "are only allowed in an assistant message")),
+        };
+    }
+    (calls.iter().enumerate())
+        .map(|(j, call)| {
+            let field = |name: &str| format!("tool_calls[{j}].{name}");
+            if call.kind != "function" {
+                return Err(invalid(index, &field("type"), "must be \"function\""));
+            }
+            if !super::tools::valid_name(&call.function.name) {
+                let message = "must be 1 to 64 letters, digits, underscores or dashes";
+                return Err(invalid(index, &field("function.name"), message));
+            }
+            let arguments = serde_json::from_str::<serde_json::Value>(&call.function.arguments)
+                .ok()
+                .filter(serde_json::Value::is_object)
+                .ok_or_else(|| {
+                    invalid(
+                        index,
+                        &field("function.arguments"),
+                        "must be a JSON object, as a string",
+                    )
+                })?;
+            Ok(ToolCall {
+                id: call.id.clone(),
+                name: call.function.name.clone(),
+                arguments,
+            })
+        })
+        .collect()
+}
+
+/// Every tool message answers a call of an earlier assistant message, as OpenAI requires.
+fn answered_calls(messages: &[Message]) -> Result<(), ValidationError> {
+    let mut calls: Vec<&str> = Vec::new();
+    for (index, message) in messages.iter().enumerate() {
+        calls.extend(message.tool_calls.iter().map(|c| c.id.as_str()));
+        if let Some(id) = &message.tool_call_id
+            && !calls.contains(&id.as_str())
+        {
+            return Err(invalid(
+                index,
+                "tool_call_id",
+                "names no call of an earlier assistant message",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn one_part(
@@ -305,7 +442,7 @@ mod tests {
         assert_eq!(images.len(), 1);
         assert_eq!(images[0].detail, Detail::Low);
         assert_eq!(images[0].param, "messages[1].content[1].image_url");
-        let bad = parse(serde_json::json!([{"role": "tool", "content": "x"}]));
+        let bad = parse(serde_json::json!([{"role": "function", "content": "x"}]));
         assert_eq!(bad.unwrap_err().param().as_deref(), Some("messages[0].role"));
     }
 }

@@ -8,12 +8,13 @@ pub mod error;
 pub mod fields;
 pub mod messages;
 pub mod structured;
+pub mod tool_calls;
 pub mod tools;
 pub mod types;
 pub mod validate;
 
 pub use error::ValidationError;
-pub use messages::{Detail, ImagePart, Message, Part, PixelBudget, Role, VideoPart, messages};
+pub use messages::{Detail, ImagePart, Message, Part, PixelBudget, Role, ToolCall, VideoPart, messages};
 pub use types::*;
 pub use validate::{Limits, Options, ValidChat, ValidCompletion, chat, completion};
 

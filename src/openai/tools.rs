@@ -51,8 +51,31 @@ pub struct NamedFunctionIn {
 pub struct Tool {
     pub name: String,
     pub description: Option<String>,
-    /// Its arguments' JSON schema (`{"type": "object", "properties": {}}` when none given).
-    pub parameters: Value,
+    /// Its arguments' JSON schema, as sent (an object).
+    pub parameters: Option<Value>,
+}
+
+impl Tool {
+    /// The arguments' schema: no parameters given, no arguments (OpenAI: "an empty
+    /// parameter list").
+    pub fn schema(&self) -> Value {
+        (self.parameters.clone())
+            .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}, "additionalProperties": false}))
+    }
+
+    /// The tool in OpenAI's shape, as chat templates take it: the fields sent, in OpenAI's
+    /// order.
+    pub fn as_json(&self) -> Value {
+        let mut function = serde_json::Map::new();
+        function.insert("name".into(), self.name.clone().into());
+        if let Some(description) = &self.description {
+            function.insert("description".into(), description.clone().into());
+        }
+        if let Some(parameters) = &self.parameters {
+            function.insert("parameters".into(), parameters.clone());
+        }
+        serde_json::json!({"type": "function", "function": function})
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,13 +134,14 @@ pub fn tools(
                 "repeats an earlier tool's name",
             ));
         }
-        let parameters =
-            (function.parameters.clone()).unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+        let parameters = function.parameters.clone();
         let param = format!("tools[{i}].function.parameters");
-        if !parameters.is_object() {
-            return Err(invalid(param, "must be a JSON schema object"));
+        if let Some(parameters) = &parameters {
+            if !parameters.is_object() {
+                return Err(invalid(param, "must be a JSON schema object"));
+            }
+            super::structured::check_depth(parameters, &param, max_depth)?;
         }
-        super::structured::check_depth(&parameters, &param, max_depth)?;
         checked.push(Tool {
             name: function.name.clone(),
             description: function.description.clone(),
@@ -204,7 +228,14 @@ mod tests {
         let bare = read(json!([{"type": "function", "function": {"name": "now"}}]), None)
             .unwrap()
             .unwrap();
-        assert_eq!(bare.tools[0].parameters, json!({"type": "object", "properties": {}}));
+        assert_eq!(
+            bare.tools[0].schema(),
+            json!({"type": "object", "properties": {}, "additionalProperties": false})
+        );
+        assert_eq!(
+            bare.tools[0].as_json(),
+            json!({"type": "function", "function": {"name": "now"}})
+        );
         assert_eq!(tools_none(), None);
     }
 

@@ -96,11 +96,40 @@ pub enum PromptField {
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+/// A message as sent. Its fields are OpenAI's; any other is refused by name (an assistant
+/// message read back from a response carries `refusal` and the like, which must be empty).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
     pub name: Option<String>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// Output-only fields of an assistant message, accepted when empty.
+    pub refusal: Option<String>,
+    pub annotations: Option<Vec<serde_json::Value>>,
+    pub audio: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+}
+
+/// A call of an earlier assistant message: `arguments` a JSON object as a string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCallIn {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCallIn {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,7 +214,31 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// Null when the answer is only calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// A call the model made: `arguments` a JSON object as a string, as OpenAI sends it.
+#[derive(Debug, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCallOut,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionCallOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A new call's id, in OpenAI's form (`call_` and 24 letters or digits).
+pub fn tool_call_id() -> String {
+    let hex = uuid::Uuid::new_v4().simple().to_string();
+    format!("call_{}", &hex[..24])
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -5,8 +5,8 @@
 use super::error::{MAX_STOP_BYTES, ValidationError};
 use super::messages::{Message, PixelBudget, messages};
 use super::structured::{self, Constrained};
-use super::tools;
 use super::types::{ChatCompletionRequest, CompletionRequest, PromptField, SamplingFields, StopField};
+use super::{tool_calls, tools};
 
 /// Bounds on what a request may ask for (server flags).
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +64,10 @@ pub struct ValidChat {
     pub model: Option<String>,
     pub messages: Vec<Message>,
     pub options: Options,
+    /// The functions the model may call; `None` when it may call none (no tools, or
+    /// `tool_choice: "none"`: they stay out of the prompt, as vLLM's
+    /// `--exclude-tools-when-tool-choice-none` does).
+    pub tools: Option<tools::Tools>,
 }
 
 /// A (text) completion request, validated.
@@ -83,7 +87,7 @@ pub fn chat(
 ) -> Result<ValidChat, ValidationError> {
     let logprobs = chat_logprobs(request.logprobs, request.top_logprobs)?;
     let max_tokens = request.max_completion_tokens.or(fields.max_tokens);
-    let options = options(fields, max_tokens, logprobs, limits, vocab_size)?;
+    let mut options = options(fields, max_tokens, logprobs, limits, vocab_size)?;
     let budget = PixelBudget::of_request(request.mm_processor_kwargs.as_ref(), limits)?;
     let messages = messages(&request.messages, limits, budget)?;
     let tools = tools::tools(
@@ -92,18 +96,29 @@ pub fn chat(
         request.parallel_tool_calls,
         limits.max_schema_depth,
     )?;
-    // Tools the model must not call can stay out of its prompt, as vLLM's
-    // `--exclude-tools-when-tool-choice-none`; calls themselves are not served yet.
-    if tools.as_ref().is_some_and(|t| t.choice != tools::ToolChoice::None) {
-        return Err(ValidationError::UnsupportedValue {
-            param: "tool_choice".into(),
-            message: "other than \"none\" is not supported yet: this server does not call tools (send `tool_choice: \"none\"`, or no `tools`)".into(),
+    let tools = tools.filter(|t| t.choice != tools::ToolChoice::None);
+    // A required or named call is held to the grammar of calls, which no other constraint
+    // can share.
+    if let Some(grammar) = tools.as_ref().and_then(tool_calls::grammar) {
+        if let Some(other) = &options.constraint {
+            return Err(ValidationError::InvalidInput {
+                param: "tool_choice".into(),
+                message: format!(
+                    "\"required\" or a named function cannot be combined with `{}`: the answer is the call",
+                    other.param
+                ),
+            });
+        }
+        options.constraint = Some(structured::Constrained {
+            constraint: structured::OutputConstraint::Grammar(grammar),
+            param: "tools".into(),
         });
     }
     Ok(ValidChat {
         model: request.model.clone(),
         messages,
         options,
+        tools,
     })
 }
 

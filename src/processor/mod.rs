@@ -9,7 +9,9 @@ pub mod embed;
 pub mod error;
 pub mod local;
 pub mod prepare;
+pub mod pyjson;
 pub mod template;
+pub mod tools;
 pub mod video;
 
 use std::path::Path;
@@ -20,7 +22,7 @@ use tokenizers::Tokenizer;
 
 pub use error::{PrepareError, ProcessorError};
 pub use prepare::{PrepareLimits, PrepareObserver, Prepared, Preparer};
-pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateTokens};
+pub use template::{ChatMessage, ChatTemplate, ContentPart, TemplateFunction, TemplateTokens, TemplateToolCall};
 
 use crate::engine::constraint::{Grammar, GrammarSpec, Grammars};
 use crate::engine::{Prompt, PromptImage};
@@ -182,13 +184,29 @@ impl Processor {
     /// Renders the chat template, with the generation prompt or without (a finished
     /// conversation, as fine-tuning reads it).
     pub fn render_with(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ProcessorError> {
+        self.render_conversation(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders a conversation that may offer `tools` (OpenAI's shape), hold calls and their
+    /// answers: by the model's template where it renders tools, else as the generic tool
+    /// prompt (`tools::rewrite`) through it.
+    pub fn render_conversation(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, ProcessorError> {
         if messages.is_empty() {
             return Err(ProcessorError::NoMessages);
         }
-        if let Some(index) = messages.iter().position(|m| m.content.is_empty()) {
+        if let Some(index) = (messages.iter()).position(|m| m.content.is_empty() && m.tool_calls.is_empty()) {
             return Err(ProcessorError::EmptyContent { index });
         }
-        self.template.render(messages, add_generation_prompt)
+        let with_tools = !tools.is_empty() || (messages.iter()).any(|m| !m.tool_calls.is_empty() || m.role == "tool");
+        if with_tools && !self.template.renders_tools() {
+            return (self.template).render(&tools::rewrite(messages, tools), &[], add_generation_prompt);
+        }
+        self.template.render(messages, tools, add_generation_prompt)
     }
 
     /// An image as the family preprocesses it, from the cache when it was seen before.

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::video::preprocess_frames;
-use super::{ChatMessage, ContentPart, ImageInput, PrepareError, Processor, ProcessorError};
+use super::{
+    ChatMessage, ContentPart, ImageInput, PrepareError, Processor, ProcessorError, TemplateFunction, TemplateToolCall,
+};
 use crate::engine::{GenerationParams, Prompt, SamplingParams};
 use crate::media::{Fetched, MediaFetcher, MediaLimits, MediaPool, decode_image, open_video, probe_image};
 use crate::model::{Detail, FrameSampling, ImageOptions, ProcessedMedia, VideoInfo};
@@ -76,6 +78,10 @@ impl Preparer {
         let videos: Vec<VideoPart> = chat.messages.iter().flat_map(Message::videos).cloned().collect();
         let (image_bytes, video_bytes) = self.fetch(&images, &videos).await?;
         let messages = template_messages(&chat.messages);
+        let tools: Vec<serde_json::Value> = (chat.tools.iter())
+            .flat_map(|t| &t.tools)
+            .map(|t| t.as_json())
+            .collect();
         let (processor, limits, observer) = (self.processor.clone(), self.limits, self.observer.clone());
         let constraint = chat.options.constraint.clone();
         let prompt = self
@@ -86,7 +92,11 @@ impl Preparer {
                     processor: &processor,
                     limits: &limits,
                 };
-                let prompt = media.prompt(&messages, &images, &image_bytes, &videos, &video_bytes);
+                let conversation = Conversation {
+                    messages: &messages,
+                    tools: &tools,
+                };
+                let prompt = media.prompt(conversation, &images, &image_bytes, &videos, &video_bytes);
                 observer.preprocessed(started.elapsed());
                 Ok::<_, PrepareError>((prompt?, processor.grammar(constraint.as_ref())?))
             })
@@ -174,8 +184,27 @@ pub fn template_messages(messages: &[Message]) -> Vec<ChatMessage> {
                     Part::Video(_) => ContentPart::Video,
                 })
                 .collect(),
+            tool_calls: (m.tool_calls.iter())
+                .map(|call| TemplateToolCall {
+                    id: call.id.clone(),
+                    kind: "function",
+                    function: TemplateFunction {
+                        name: call.name.clone(),
+                        arguments: call.arguments.clone(),
+                    },
+                })
+                .collect(),
+            tool_call_id: m.tool_call_id.clone(),
+            name: m.name.clone(),
         })
         .collect()
+}
+
+/// A chat request's messages and the tools it offers (OpenAI's shape).
+#[derive(Clone, Copy)]
+struct Conversation<'a> {
+    messages: &'a [ChatMessage],
+    tools: &'a [serde_json::Value],
 }
 
 /// How the family's processor is to show an image part: its `detail` and pixel budget.
@@ -200,7 +229,7 @@ struct Media<'a> {
 impl Media<'_> {
     fn prompt(
         &self,
-        messages: &[ChatMessage],
+        conversation: Conversation<'_>,
         images: &[ImagePart],
         image_bytes: &[Fetched],
         videos: &[VideoPart],
@@ -251,7 +280,7 @@ impl Media<'_> {
         let videos = (sources.into_iter())
             .map(|source| self.decode_video(source))
             .collect::<Result<Vec<_>, _>>()?;
-        let text = self.processor.render(messages)?;
+        let text = (self.processor).render_conversation(conversation.messages, conversation.tools, true)?;
         Ok(self.processor.process_rendered(&text, &inputs, videos)?)
     }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use minijinja::value::Serde;
+use minijinja::value::{Kwargs, Serde};
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
@@ -13,10 +13,35 @@ use crate::model::LoadError;
 use crate::model::files::{ChatTemplateFile, read_json};
 
 /// One message as chat templates see it: content is always a list of parts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: Vec<ContentPart>,
+    /// An assistant message's calls, their arguments as JSON values (vLLM gives templates
+    /// objects, not OpenAI's strings: templates print them with `tojson`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<TemplateToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The author's name, for templates that show it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A call of an assistant message, in OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TemplateToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: TemplateFunction,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TemplateFunction {
+    pub name: String,
+    pub arguments: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +61,7 @@ impl ChatMessage {
         Self {
             role: role.to_string(),
             content: vec![ContentPart::Text { text: text.to_string() }],
+            ..Self::default()
         }
     }
 }
@@ -54,6 +80,9 @@ pub struct ChatTemplate {
     tokens: TemplateTokens,
     /// Conversations that hold a video render with the family's own template, if it has one.
     has_video_template: bool,
+    /// The template renders `tools` itself (Qwen's do); else the processor writes them into
+    /// the conversation (`processor::tools`).
+    renders_tools: bool,
 }
 
 impl ChatTemplate {
@@ -79,10 +108,17 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
-        // Jinja2's tojson as transformers registers it: no HTML escaping.
-        env.add_filter("tojson", |value: Value| -> Result<String, minijinja::Error> {
-            serde_json::to_string(&value).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
-        });
+        // Jinja2's tojson as transformers registers it: `json.dumps`, no HTML escaping.
+        env.add_filter(
+            "tojson",
+            |value: Value, kwargs: Kwargs| -> Result<String, minijinja::Error> {
+                let indent: Option<usize> = kwargs.get("indent")?;
+                kwargs.assert_all_used()?;
+                super::pyjson::dumps(&value, indent)
+                    .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))
+            },
+        );
+        let renders_tools = text.contains("tools");
         env.add_template_owned("chat", text).map_err(|e| LoadError::Template {
             file: file.to_path_buf(),
             message: e.to_string(),
@@ -98,10 +134,23 @@ impl ChatTemplate {
             env,
             tokens,
             has_video_template: video_template.is_some(),
+            renders_tools,
         })
     }
 
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ProcessorError> {
+    /// Whether the template renders `tools`, tool calls and tool messages itself.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    /// The conversation as text; `tools`: the functions the model may call, in OpenAI's shape
+    /// (`{"type": "function", "function": {...}}`), none when empty.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, ProcessorError> {
         let has_video = messages
             .iter()
             .any(|m| m.content.iter().any(|p| matches!(p, ContentPart::Video)));
@@ -111,8 +160,14 @@ impl ChatTemplate {
             "chat"
         };
         let template = (self.env.get_template(name)).expect("the templates were added at load. This is a bug.");
+        let tools = if tools.is_empty() {
+            Value::from(())
+        } else {
+            Value::from(Serde(tools))
+        };
         let ctx = minijinja::context! {
             messages => Value::from(Serde(messages)),
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             ..Value::from(Serde(&self.tokens))
         };

@@ -190,7 +190,11 @@ pub fn openai_messages(messages: &[serde_json::Value], root: &Path) -> (Vec<Chat
                     .collect(),
                 other => panic!("unexpected content {other}"),
             };
-            ChatMessage { role, content }
+            ChatMessage {
+                role,
+                content,
+                ..ChatMessage::default()
+            }
         })
         .collect();
     (messages, images)
