@@ -98,7 +98,7 @@ fn cases() -> Vec<Case> {
             chat(json!([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])),
             400,
             "invalid_json",
-            Some("messages[0].content"),
+            Some("messages[0].content[0].type"),
         ),
         c(
             "bad base64",
@@ -324,6 +324,26 @@ fn cases() -> Vec<Case> {
             400,
             "unsupported_parameter",
             Some("messages[1].refusal"),
+        ),
+        c(
+            "an unknown image_url field",
+            chat(
+                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": small, "uuid": "x"}}]}]),
+            ),
+            400,
+            "invalid_json",
+            Some("messages[0].content[0]"),
+        ),
+        c(
+            "padded stream chunks",
+            with(
+                with(hi(), "stream", json!(true)),
+                "stream_options",
+                json!({"include_obfuscation": true}),
+            ),
+            400,
+            "unsupported_parameter",
+            Some("stream_options.include_obfuscation"),
         ),
         c(
             "an unknown message field",

@@ -78,8 +78,12 @@ pub struct SamplingFields {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// OpenAI's padding of chunks against length side channels: not done here, so only
+    /// `false` is accepted.
+    pub include_obfuscation: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,15 +136,42 @@ pub struct FunctionCallIn {
     pub arguments: String,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A string or a list of parts. Read by hand rather than as an untagged enum, so that an
+/// error inside a part names its path (`messages[0].content[1].image_url.url`).
+#[derive(Debug)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPartIn>),
 }
 
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Content;
+        impl<'de> serde::de::Visitor<'de> for Content {
+            type Value = MessageContent;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(text.to_string()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<MessageContent, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(part) = seq.next_element()? {
+                    parts.push(part);
+                }
+                Ok(MessageContent::Parts(parts))
+            }
+        }
+        deserializer.deserialize_any(Content)
+    }
+}
+
 #[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ContentPartIn {
     Text {
         text: String,
@@ -156,6 +187,7 @@ pub enum ContentPartIn {
 
 /// A video, and optionally how densely to sample it (within the server's limits).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VideoUrl {
     pub url: String,
     pub fps: Option<f64>,
@@ -163,6 +195,7 @@ pub struct VideoUrl {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImageUrl {
     pub url: String,
     pub detail: Option<String>,

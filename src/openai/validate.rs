@@ -242,6 +242,12 @@ pub fn options(
     if fields.stream_options.is_some() && !stream {
         return Err(ValidationError::StreamOptionsWithoutStream);
     }
+    if fields.stream_options.as_ref().and_then(|o| o.include_obfuscation) == Some(true) {
+        return Err(ValidationError::UnsupportedValue {
+            param: "stream_options.include_obfuscation".into(),
+            message: "true is not supported: chunks are not padded (send false or leave it out)".into(),
+        });
+    }
     Ok(Options {
         temperature,
         top_p,
