@@ -238,16 +238,7 @@ pub fn options(
     }
     let constraint = structured::of_fields(fields, limits.max_schema_depth)?;
     let logit_bias = logit_bias(fields.logit_bias.as_ref(), vocab_size)?;
-    let stream = fields.stream.unwrap_or(false);
-    if fields.stream_options.is_some() && !stream {
-        return Err(ValidationError::StreamOptionsWithoutStream);
-    }
-    if fields.stream_options.as_ref().and_then(|o| o.include_obfuscation) == Some(true) {
-        return Err(ValidationError::UnsupportedValue {
-            param: "stream_options.include_obfuscation".into(),
-            message: "true is not supported: chunks are not padded (send false or leave it out)".into(),
-        });
-    }
+    let (stream, include_usage) = streaming(fields)?;
     Ok(Options {
         temperature,
         top_p,
@@ -266,11 +257,27 @@ pub fn options(
         ignore_eos: fields.ignore_eos.unwrap_or(false),
         logprobs,
         stream,
-        include_usage: (fields.stream_options.as_ref())
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage,
         constraint,
     })
+}
+
+/// `stream`, and whether the stream ends with a usage chunk (`stream_options`).
+fn streaming(fields: &SamplingFields) -> Result<(bool, bool), ValidationError> {
+    let stream = fields.stream.unwrap_or(false);
+    let Some(options) = &fields.stream_options else {
+        return Ok((stream, false));
+    };
+    if !stream {
+        return Err(ValidationError::StreamOptionsWithoutStream);
+    }
+    if options.include_obfuscation == Some(true) {
+        return Err(ValidationError::UnsupportedValue {
+            param: "stream_options.include_obfuscation".into(),
+            message: "true is not supported: chunks are not padded (send false or leave it out)".into(),
+        });
+    }
+    Ok((stream, options.include_usage.unwrap_or(false)))
 }
 
 /// OpenAI's `logit_bias`: token ids (JSON keys, so strings) below `vocab_size`, each to a
