@@ -180,6 +180,17 @@ async fn calls_follow_their_schemas(model: &str) {
                 let validator = jsonschema::validator_for(&schema_of(name)).unwrap();
                 assert!(validator.is_valid(&arguments), "{name}({arguments}) breaks its schema");
             }
+            if seed == 0 {
+                // Each of several choices is read on its own.
+                let mut several = body.clone();
+                several["n"] = json!(3);
+                let (status, answer) = post(&client, &url(&server, "/v1/chat/completions"), &several).await;
+                assert_eq!(status, 200, "{answer}");
+                for choice in answer["choices"].as_array().unwrap() {
+                    assert_eq!(choice["finish_reason"], "tool_calls", "{answer}");
+                    assert!(!choice["message"]["tool_calls"].as_array().unwrap().is_empty());
+                }
+            }
             body["stream"] = json!(true);
             let response = client
                 .post(url(&server, "/v1/chat/completions"))
