@@ -82,6 +82,29 @@ pub enum FinetuneMethod {
     /// A contrastive model (CLIP, SigLIP) on image/caption pairs, with in-batch negatives
     /// (`--contrastive-weights` chooses what trains); saved as a model folder.
     Contrastive,
+    /// Direct Preference Optimisation on prompt/chosen/rejected pairs (`--dpo-weights`:
+    /// LoRA, saved as an adapter, or every weight, saved as a model folder).
+    Dpo,
+}
+
+/// What `--method dpo` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DpoWeights {
+    /// LoRA pairs as `--method lora` places them; the reference is the base.
+    Lora,
+    /// Every weight, as `--method full`; the reference is the starting weights.
+    Full,
+}
+
+/// TRL's DPO `loss_type`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DpoLoss {
+    /// `-log sigmoid(beta · margin)`: the DPO paper's.
+    Sigmoid,
+    /// `max(0, 1 - beta · margin)`: SLiC's.
+    Hinge,
+    /// `(margin per token - 1 / (2 beta))²`: IPO's, with TRL's per-token averaging.
+    Ipo,
 }
 
 /// What `--method contrastive` trains.
@@ -99,8 +122,9 @@ pub struct FinetuneArgs {
     /// The model to start from: a local folder in the Hugging Face layout.
     #[arg(long, env = "OCELLUS_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Training conversations, one JSON object with OpenAI-style `messages` per line;
-    /// images as paths relative to the file, file:// URLs or data: URIs.
+    /// Training conversations, one JSON object with OpenAI-style `messages` per line (under
+    /// `--method dpo`: `prompt`, `chosen`, `rejected`); images as paths relative to the
+    /// file, file:// URLs or data: URIs.
     #[arg(long)]
     pub data: PathBuf,
     /// Held-out conversations in the same format: their loss is reported before training
@@ -172,6 +196,15 @@ pub struct FinetuneArgs {
     /// Under `--method contrastive`: every weight, or LoRA pairs merged when saved.
     #[arg(long, value_enum, default_value = "full")]
     pub contrastive_weights: ContrastiveWeights,
+    /// Under `--method dpo`: LoRA pairs or every weight.
+    #[arg(long, value_enum, default_value = "lora")]
+    pub dpo_weights: DpoWeights,
+    /// Under `--method dpo`: how far from the reference the policy may go (TRL's `beta`).
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    /// Under `--method dpo`: TRL's `loss_type`.
+    #[arg(long, value_enum, default_value = "sigmoid")]
+    pub dpo_loss: DpoLoss,
 }
 
 #[derive(Debug, Clone, Args)]

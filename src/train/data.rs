@@ -121,11 +121,25 @@ fn parse_line(
     limits: &DataLimits,
 ) -> Result<Example, String> {
     let parsed: Line = serde_json::from_str(line).map_err(|e| format!("not a JSON object with `messages`: {e}"))?;
-    let validated = openai::messages(&parsed.messages, &limits.messages(), openai::PixelBudget::default())
-        .map_err(|e| e.to_string())?;
+    conversation(&parsed.messages, 0, number, folder, processor, limits)
+}
+
+/// A conversation tokenized as the server would, its targets the tokens of its assistant
+/// turns from message `first_target` on (0: all of them; a preference pair's completion:
+/// those after its prompt).
+pub(crate) fn conversation(
+    input: &[ChatMessageIn],
+    first_target: usize,
+    number: usize,
+    folder: &Path,
+    processor: &Processor,
+    limits: &DataLimits,
+) -> Result<Example, String> {
+    let validated =
+        openai::messages(input, &limits.messages(), openai::PixelBudget::default()).map_err(|e| e.to_string())?;
     let messages = template_messages(&validated);
     let assistant_turns: Vec<usize> = (messages.iter().enumerate())
-        .filter(|(_, m)| m.role == "assistant")
+        .filter(|(i, m)| m.role == "assistant" && *i >= first_target)
         .map(|(i, _)| i)
         .collect();
     if assistant_turns.is_empty() {

@@ -7,10 +7,13 @@ pub mod adamw;
 pub mod contrastive;
 pub mod contrastive_model;
 pub mod data;
+pub mod dpo;
 pub mod evaluate;
+pub mod preference;
 pub mod save;
 pub mod synthetic;
 pub mod text;
+mod trainer;
 pub mod vision;
 pub mod zero_shot;
 
@@ -18,20 +21,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{FinetuneArgs, FinetuneMethod};
+use crate::config::{DpoWeights, FinetuneArgs, FinetuneMethod};
+use crate::model::ModelFiles;
 use crate::model::smolvlm::SmolVlmConfig;
 use crate::model::weights::SafetensorsWeights;
-use crate::model::{ModelFiles, Pixels, VisionLanguageModel};
 use crate::processor::Processor;
 use adamw::{AdamW, AdamWParams};
 use data::{DataLimits, Example};
-use text::{LoraSpec, Method, Sequence, TrainText, Trainable};
+use preference::Pair;
+use text::{LoraSpec, Method, TrainText, Trainable};
+use trainer::{Item, Trainer};
 
 /// Where a run stands, saved with each checkpoint.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -52,6 +57,14 @@ pub struct Summary {
     pub last_loss: f64,
     /// Eval loss before training (unless resumed), after each epoch, and at the end.
     pub eval_losses: Vec<f64>,
+    /// Under `--method dpo`: each step's rewards, accuracy, margin and log-probabilities.
+    pub preference: Vec<dpo::Means>,
+}
+
+/// What a run trains on, with its held-out part.
+enum Data {
+    Conversations(Vec<Example>, Option<Vec<Example>>),
+    Pairs(Vec<Pair>, Option<Vec<Pair>>),
 }
 
 /// The families `finetune` trains: SmolVLM's decoder and vision encoder have a training
@@ -81,12 +94,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         max_image_bytes: args.max_image_size.as_u64() as usize,
         max_image_pixels: args.max_image_pixels,
     };
-    let train = data::load(&args.data, &processor, &limits)?;
-    let eval = args
-        .eval
-        .as_ref()
-        .map(|f| data::load(f, &processor, &limits))
-        .transpose()?;
+    let data = load_data(args, &processor, &limits)?;
     let method = method(args)?;
     let config = SmolVlmConfig::load(&files.config)?;
     let (train_vision, model, trainables) = build(&config, &files, &method, args.seed)?;
@@ -98,22 +106,14 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         eps: 1e-8,
         weight_decay: args.weight_decay,
     };
-    let mut optimizer = AdamW::new(&vars, params)?;
-    let mut state = TrainerState {
-        step: 0,
-        epoch: 0,
-        group: 0,
-    };
-    if let Some(dir) = &args.resume {
-        state = resume(dir, &trainables, &mut optimizer)?;
-        tracing::info!(step = state.step, epoch = state.epoch, "resumed");
-    }
+    let optimizer = AdamW::new(&vars, params)?;
     let trainer = Trainer {
         args,
         model: &model,
         vision: served.as_ref(),
         train_vision: train_vision.as_ref(),
         image_token: config.image_token_id,
+        preference: (args.method == FinetuneMethod::Dpo).then_some(dpo::Preference::of(args)),
     };
     let mut run = Run {
         trainer: &trainer,
@@ -122,14 +122,46 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         trainables: &trainables,
         vars: &vars,
         optimizer,
-        state,
+        state: TrainerState {
+            step: 0,
+            epoch: 0,
+            group: 0,
+        },
         summary: Summary::default(),
         evaluated_at: None,
     };
-    run.train(&train, eval.as_deref())?;
+    match data {
+        Data::Conversations(train, eval) => {
+            run.resume()?;
+            run.train(&train, eval.as_deref())?;
+        }
+        Data::Pairs(mut train, mut eval) => {
+            // The reference is the model before any step: scored before a checkpoint loads.
+            trainer.score_references(&mut train)?;
+            if let Some(eval) = &mut eval {
+                trainer.score_references(eval)?;
+            }
+            run.resume()?;
+            run.train(&train, eval.as_deref())?;
+        }
+    }
     write_output(&args.out, args, &method, &files, &trainables)?;
     eprintln!("saved to {}", args.out.display());
     Ok(run.summary)
+}
+
+/// `--data` and `--eval`: conversations, or preference pairs under `--method dpo`.
+fn load_data(args: &FinetuneArgs, processor: &Processor, limits: &DataLimits) -> anyhow::Result<Data> {
+    Ok(match args.method {
+        FinetuneMethod::Dpo => {
+            let load = |file: &Path| preference::load(file, processor, limits);
+            Data::Pairs(load(&args.data)?, args.eval.as_deref().map(load).transpose()?)
+        }
+        _ => {
+            let load = |file: &Path| data::load(file, processor, limits);
+            Data::Conversations(load(&args.data)?, args.eval.as_deref().map(load).transpose()?)
+        }
+    })
 }
 
 /// The models a run trains: the text model with the method's trainable weights and, under
@@ -169,9 +201,18 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Continues from `--resume`'s checkpoint, if given.
+    fn resume(&mut self) -> anyhow::Result<()> {
+        if let Some(dir) = &self.trainer.args.resume {
+            self.state = resume(dir, self.trainables, &mut self.optimizer)?;
+            tracing::info!(step = self.state.step, epoch = self.state.epoch, "resumed");
+        }
+        Ok(())
+    }
+
     /// Epochs over `train` up to `--epochs` or `--max-steps`, with eval losses before (unless
     /// resumed), after each epoch and at the end.
-    fn train(&mut self, train: &[Example], eval: Option<&[Example]>) -> anyhow::Result<()> {
+    fn train<T: Item>(&mut self, train: &[T], eval: Option<&[T]>) -> anyhow::Result<()> {
         let args = self.trainer.args;
         let per_step = args.batch_size.max(1) * args.gradient_accumulation_steps.max(1);
         let total_steps = args.max_steps.unwrap_or(train.len().div_ceil(per_step) * args.epochs);
@@ -179,7 +220,7 @@ impl Run<'_> {
         eprintln!(
             "{} training and {} eval examples; {trainable} trainable parameters; {total_steps} steps",
             train.len(),
-            eval.map_or(0, <[Example]>::len)
+            eval.map_or(0, <[T]>::len)
         );
         if let Some(eval) = eval
             && args.resume.is_none()
@@ -201,7 +242,7 @@ impl Run<'_> {
             ));
             let groups: Vec<&[usize]> = order.chunks(per_step).collect();
             while self.state.group < groups.len() && self.state.step < total_steps {
-                let batch: Vec<&Example> = groups[self.state.group].iter().map(|&i| &train[i]).collect();
+                let batch: Vec<&T> = groups[self.state.group].iter().map(|&i| &train[i]).collect();
                 self.step(&batch, total_steps, &mut throughput, &progress)?;
             }
             if self.state.group < groups.len() {
@@ -225,9 +266,9 @@ impl Run<'_> {
     }
 
     /// One optimizer step over `batch`, with its progress, log line and checkpoint.
-    fn step(
+    fn step<T: Item>(
         &mut self,
-        batch: &[&Example],
+        batch: &[&T],
         total_steps: usize,
         (started, tokens_seen): &mut (Instant, usize),
         progress: &indicatif::ProgressBar,
@@ -235,12 +276,14 @@ impl Run<'_> {
         let args = self.trainer.args;
         let state = &mut self.state;
         let lr = learning_rate(args.lr, args.warmup_steps, total_steps, state.step);
-        let loss = self
+        let (loss, stats) = self
             .trainer
             .step(batch, self.vars, &mut self.optimizer, lr, state.step)?;
         state.step += 1;
         state.group += 1;
-        *tokens_seen += batch.iter().map(|e| e.token_ids.len()).sum::<usize>();
+        *tokens_seen += batch.iter().map(|e| e.tokens()).sum::<usize>();
+        let preference = (stats.pairs > 0).then(|| stats.means());
+        self.summary.preference.extend(preference);
         let summary = &mut self.summary;
         if summary.steps == 0 {
             summary.first_loss = loss;
@@ -251,8 +294,9 @@ impl Run<'_> {
         progress.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s"));
         progress.set_position(state.step as u64);
         if progress.is_hidden() && state.step.is_multiple_of(args.logging_steps.max(1)) {
+            let rewards = preference.map(|m| format!(" {m}")).unwrap_or_default();
             eprintln!(
-                "step {} epoch {} loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s",
+                "step {} epoch {} loss {loss:.4}{rewards} lr {lr:.2e} {rate:.0} tokens/s",
                 state.step, state.epoch
             );
         }
@@ -269,7 +313,7 @@ impl Run<'_> {
     }
 
     /// The eval loss now, recorded.
-    fn evaluate(&mut self, eval: &[Example]) -> anyhow::Result<f64> {
+    fn evaluate<T: Item>(&mut self, eval: &[T]) -> anyhow::Result<f64> {
         let loss = self.trainer.eval_loss(eval)?;
         self.summary.eval_losses.push(loss);
         self.evaluated_at = Some(self.state.step);
@@ -362,32 +406,38 @@ fn resume(dir: &Path, trainables: &[Trainable], optimizer: &mut AdamW) -> anyhow
 }
 
 fn method(args: &FinetuneArgs) -> anyhow::Result<Method> {
-    Ok(match args.method {
-        FinetuneMethod::Full => Method::Full,
+    let every_weight = match args.method {
         FinetuneMethod::Contrastive => {
             anyhow::bail!("--method contrastive trains embedding models (train::contrastive)")
         }
-        FinetuneMethod::Lora => {
-            anyhow::ensure!(args.lora_r > 0, "--lora-r must be at least 1");
-            anyhow::ensure!(
-                (0.0..1.0).contains(&args.lora_dropout),
-                "--lora-dropout must be in [0, 1)"
-            );
-            for t in &args.lora_target_modules {
-                anyhow::ensure!(
-                    save::LORA_MODULES.contains(&t.as_str()),
-                    "--lora-target-modules: `{t}` is not one of {}",
-                    save::LORA_MODULES.join(", ")
-                );
-            }
-            Method::Lora(LoraSpec {
-                rank: args.lora_r,
-                alpha: args.lora_alpha,
-                dropout: args.lora_dropout,
-                targets: args.lora_target_modules.clone(),
-            })
+        FinetuneMethod::Full => true,
+        FinetuneMethod::Lora => false,
+        FinetuneMethod::Dpo => {
+            anyhow::ensure!(args.beta > 0.0 && args.beta.is_finite(), "--beta must be above 0");
+            args.dpo_weights == DpoWeights::Full
         }
-    })
+    };
+    if every_weight {
+        return Ok(Method::Full);
+    }
+    anyhow::ensure!(args.lora_r > 0, "--lora-r must be at least 1");
+    anyhow::ensure!(
+        (0.0..1.0).contains(&args.lora_dropout),
+        "--lora-dropout must be in [0, 1)"
+    );
+    for t in &args.lora_target_modules {
+        anyhow::ensure!(
+            save::LORA_MODULES.contains(&t.as_str()),
+            "--lora-target-modules: `{t}` is not one of {}",
+            save::LORA_MODULES.join(", ")
+        );
+    }
+    Ok(Method::Lora(LoraSpec {
+        rank: args.lora_r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        targets: args.lora_target_modules.clone(),
+    }))
 }
 
 /// transformers' linear schedule: warmup from 0, then down to 0 at the last step.
@@ -396,127 +446,6 @@ fn learning_rate(peak: f64, warmup: usize, total: usize, step: usize) -> f64 {
         return peak * step as f64 / warmup.max(1) as f64;
     }
     peak * (total.saturating_sub(step)) as f64 / (total - warmup).max(1) as f64
-}
-
-struct Trainer<'a> {
-    args: &'a FinetuneArgs,
-    model: &'a TrainText,
-    vision: &'a dyn VisionLanguageModel,
-    /// The trainable encoder (`--method full`); otherwise the serving model's, frozen.
-    train_vision: Option<&'a vision::TrainVision>,
-    image_token: u32,
-}
-
-impl Trainer<'_> {
-    /// The sequences of `examples` with their image features: one vision forward for all
-    /// their tiles, split back per example.
-    fn sequences<'e>(&self, examples: &[&'e Example]) -> anyhow::Result<Vec<Sequence<'e>>> {
-        let pixels: Vec<Tensor> = examples.iter().filter_map(|e| e.pixel_values.clone()).collect();
-        let mut features = if pixels.is_empty() {
-            None
-        } else {
-            let pixels = Tensor::cat(&pixels, 0)?;
-            let rows = match self.train_vision {
-                Some(vision) => vision.forward(&pixels)?,
-                None => {
-                    let tiles = Pixels {
-                        values: pixels.clone(),
-                        grid: None,
-                    };
-                    let mut encoded = self.vision.encode_images(&[&tiles])?;
-                    encoded.remove(0).embeds.detach()
-                }
-            };
-            Some((rows.dim(0)? / pixels.dim(0)?, rows, 0))
-        };
-        let mut seqs = Vec::with_capacity(examples.len());
-        for e in examples {
-            let own = match (&e.pixel_values, &mut features) {
-                (Some(p), Some((per_tile, rows, offset))) => {
-                    let n = p.dim(0)? * *per_tile;
-                    let own = rows.narrow(0, *offset, n)?;
-                    *offset += n;
-                    Some(own)
-                }
-                _ => None,
-            };
-            seqs.push(Sequence {
-                ids: &e.token_ids,
-                targets: &e.targets,
-                features: own,
-            });
-        }
-        Ok(seqs)
-    }
-
-    /// One optimizer step over `batch`, `--batch-size` sequences per forward; returns its
-    /// mean loss per target token.
-    fn step(
-        &self,
-        batch: &[&Example],
-        vars: &[Var],
-        optimizer: &mut AdamW,
-        lr: f64,
-        step: usize,
-    ) -> anyhow::Result<f64> {
-        let targets: usize = batch.iter().map(|e| e.target_count()).sum();
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut total = 0.0;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.args.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
-        for chunk in batch.chunks(self.args.batch_size.max(1)) {
-            let lines = || chunk.iter().map(|e| e.line.to_string()).collect::<Vec<_>>().join(", ");
-            let seqs = self.sequences(chunk).with_context(|| format!("lines {}", lines()))?;
-            let (loss, _) = (self.model.loss(&seqs, self.image_token, Some(&mut rng)))
-                .with_context(|| format!("lines {}", lines()))?;
-            let scaled = (loss / targets as f64)?;
-            total += scaled.to_scalar::<f32>()? as f64;
-            let store = scaled.backward()?;
-            for (slot, var) in grads.iter_mut().zip(vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(sum) => (sum + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-        }
-        let grads: Vec<Tensor> = (grads.into_iter().zip(vars))
-            .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        let grads = clip(grads, self.args.max_grad_norm)?;
-        optimizer.step(vars, &grads, lr)?;
-        Ok(total)
-    }
-
-    /// Mean loss per target token over `examples`, without dropout.
-    fn eval_loss(&self, examples: &[Example]) -> anyhow::Result<f64> {
-        let (mut sum, mut count) = (0.0, 0);
-        let all: Vec<&Example> = examples.iter().collect();
-        for chunk in all.chunks(self.args.batch_size.max(1)) {
-            let seqs = self.sequences(chunk)?;
-            let (loss, n) = self.model.loss(&seqs, self.image_token, None)?;
-            sum += loss.to_scalar::<f32>()? as f64;
-            count += n;
-        }
-        Ok(sum / count.max(1) as f64)
-    }
-}
-
-/// Scales the gradients down to a global L2 norm of `max_norm` (0: no clipping).
-fn clip(grads: Vec<Tensor>, max_norm: f64) -> candle_core::Result<Vec<Tensor>> {
-    if max_norm <= 0.0 {
-        return Ok(grads);
-    }
-    let mut squares = 0.0;
-    for g in &grads {
-        squares += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    let norm = squares.sqrt();
-    if norm <= max_norm {
-        return Ok(grads);
-    }
-    let factor = max_norm / (norm + 1e-6);
-    grads.into_iter().map(|g| g * factor).collect()
 }
 
 #[cfg(test)]
@@ -530,14 +459,5 @@ mod tests {
         assert_eq!(learning_rate(1.0, 2, 6, 1), 0.5);
         assert_eq!(learning_rate(1.0, 2, 6, 4), 0.5);
         assert_eq!(learning_rate(1.0, 2, 6, 6), 0.0);
-    }
-
-    #[test]
-    fn clipping_keeps_the_direction_and_caps_the_norm() -> candle_core::Result<()> {
-        let g = vec![Tensor::new(&[3f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?];
-        let clipped = clip(g, 1.0)?;
-        let (a, b) = (clipped[0].to_vec1::<f32>()?[0], clipped[1].to_vec1::<f32>()?[0]);
-        assert!((a - 0.6).abs() < 1e-5 && (b - 0.8).abs() < 1e-5, "{a} {b}");
-        Ok(())
     }
 }

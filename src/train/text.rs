@@ -337,15 +337,46 @@ impl TrainText {
         &self,
         seqs: &[Sequence<'_>],
         image_token: u32,
-        mut dropout: Option<&mut ChaCha8Rng>,
+        dropout: Option<&mut ChaCha8Rng>,
     ) -> Result<(Tensor, usize)> {
+        let (picked, owners) = self.target_log_probs(seqs, image_token, dropout)?;
+        Ok((picked.sum_all()?.neg()?, owners.len()))
+    }
+
+    /// Each sequence's summed log-probability of its target tokens (`[sequences]`), as
+    /// preference optimisation scores a completion.
+    pub fn sequence_log_probs(
+        &self,
+        seqs: &[Sequence<'_>],
+        image_token: u32,
+        dropout: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (picked, owners) = self.target_log_probs(seqs, image_token, dropout)?;
+        // A 0/1 matrix of which sequence owns each target row: one product sums them.
+        let mut membership = vec![0f32; seqs.len() * owners.len()];
+        for (row, &owner) in owners.iter().enumerate() {
+            membership[owner * owners.len() + row] = 1.0;
+        }
+        let membership = Tensor::from_vec(membership, (seqs.len(), owners.len()), picked.device())?;
+        membership.matmul(&picked)?.squeeze(1)
+    }
+
+    /// The log-probability of every target token (`[targets, 1]`) and the sequence each
+    /// belongs to.
+    fn target_log_probs(
+        &self,
+        seqs: &[Sequence<'_>],
+        image_token: u32,
+        mut dropout: Option<&mut ChaCha8Rng>,
+    ) -> Result<(Tensor, Vec<usize>)> {
         let hidden = self.hidden(seqs, image_token, &mut dropout)?;
-        let (mut rows, mut labels) = (Vec::new(), Vec::new());
+        let (mut rows, mut labels, mut owners) = (Vec::new(), Vec::new(), Vec::new());
         let mut offset = 0;
-        for seq in seqs {
+        for (index, seq) in seqs.iter().enumerate() {
             for t in (1..seq.ids.len()).filter(|&t| seq.targets[t]) {
                 rows.push((offset + t - 1) as u32);
                 labels.push(seq.ids[t]);
+                owners.push(index);
             }
             offset += seq.ids.len();
         }
@@ -354,8 +385,7 @@ impl TrainText {
         let logits = self.project(&self.lm_head, &rms_norm(&picked, &self.norm, self.eps)?, &mut dropout)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let labels = Tensor::new(labels.as_slice(), device)?.unsqueeze(1)?;
-        let picked = log_probs.gather(&labels, 1)?;
-        Ok((picked.sum_all()?.neg()?, rows.len()))
+        Ok((log_probs.gather(&labels, 1)?, owners))
     }
 
     /// Next-token logits after every token of one sequence (`[n, vocab]`), without dropout.

@@ -1,0 +1,234 @@
+//! One optimizer step and the eval loss, for what a run trains on: conversations (SFT: the
+//! mean cross-entropy per assistant token) or preference pairs (DPO: the mean loss per
+//! pair). Images are encoded once per forward for all its sequences.
+
+use anyhow::Context;
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::adamw::AdamW;
+use super::data::Example;
+use super::dpo::{Preference, Stats};
+use super::preference::Pair;
+use super::text::{Sequence, TrainText};
+use super::vision;
+use crate::config::FinetuneArgs;
+use crate::model::{Pixels, VisionLanguageModel};
+
+pub(super) struct Trainer<'a> {
+    pub args: &'a FinetuneArgs,
+    pub model: &'a TrainText,
+    pub vision: &'a dyn VisionLanguageModel,
+    /// The trainable encoder (`--method full`); otherwise the serving model's, frozen.
+    pub train_vision: Option<&'a vision::TrainVision>,
+    pub image_token: u32,
+    /// Under `--method dpo`.
+    pub preference: Option<Preference>,
+}
+
+/// What a step is made of.
+pub(super) trait Item {
+    fn line(&self) -> usize;
+    fn tokens(&self) -> usize;
+    /// A step's loss is its items' summed loss over their summed weight: target tokens for
+    /// a conversation, 1 for a pair.
+    fn weight(&self) -> usize;
+    /// The summed loss of one forward's items, and what it measured.
+    fn loss(trainer: &Trainer, items: &[&Self], dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<(Tensor, Stats)>
+    where
+        Self: Sized;
+}
+
+impl Item for Example {
+    fn line(&self) -> usize {
+        self.line
+    }
+
+    fn tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    fn weight(&self) -> usize {
+        self.target_count()
+    }
+
+    fn loss(trainer: &Trainer, items: &[&Self], dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<(Tensor, Stats)> {
+        let seqs = trainer.sequences(items)?;
+        let (loss, _) = trainer.model.loss(&seqs, trainer.image_token, dropout)?;
+        Ok((loss, Stats::default()))
+    }
+}
+
+impl Item for Pair {
+    fn line(&self) -> usize {
+        self.line
+    }
+
+    fn tokens(&self) -> usize {
+        Pair::tokens(self)
+    }
+
+    fn weight(&self) -> usize {
+        1
+    }
+
+    fn loss(trainer: &Trainer, items: &[&Self], dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<(Tensor, Stats)> {
+        let preference = trainer.preference.context("pairs are trained under --method dpo")?;
+        let policy = trainer.log_probs(items, dropout)?;
+        Ok(preference.loss(&policy, items)?)
+    }
+}
+
+impl Trainer<'_> {
+    /// The sequences of `examples` with their image features: one vision forward for all
+    /// their tiles, split back per example.
+    fn sequences<'e>(&self, examples: &[&'e Example]) -> anyhow::Result<Vec<Sequence<'e>>> {
+        let pixels: Vec<Tensor> = examples.iter().filter_map(|e| e.pixel_values.clone()).collect();
+        let mut features = if pixels.is_empty() {
+            None
+        } else {
+            let pixels = Tensor::cat(&pixels, 0)?;
+            let rows = match self.train_vision {
+                Some(vision) => vision.forward(&pixels)?,
+                None => {
+                    let tiles = Pixels {
+                        values: pixels.clone(),
+                        grid: None,
+                    };
+                    let mut encoded = self.vision.encode_images(&[&tiles])?;
+                    encoded.remove(0).embeds.detach()
+                }
+            };
+            Some((rows.dim(0)? / pixels.dim(0)?, rows, 0))
+        };
+        let mut seqs = Vec::with_capacity(examples.len());
+        for e in examples {
+            let own = match (&e.pixel_values, &mut features) {
+                (Some(p), Some((per_tile, rows, offset))) => {
+                    let n = p.dim(0)? * *per_tile;
+                    let own = rows.narrow(0, *offset, n)?;
+                    *offset += n;
+                    Some(own)
+                }
+                _ => None,
+            };
+            seqs.push(Sequence {
+                ids: &e.token_ids,
+                targets: &e.targets,
+                features: own,
+            });
+        }
+        Ok(seqs)
+    }
+
+    /// The completions' summed log-probabilities, `[chosen 0, rejected 0, chosen 1, ...]`.
+    fn log_probs(&self, pairs: &[&Pair], dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<Tensor> {
+        let examples: Vec<&Example> = pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
+        let seqs = self.sequences(&examples)?;
+        Ok(self.model.sequence_log_probs(&seqs, self.image_token, dropout)?)
+    }
+
+    /// Scores every pair's completions under the model as it is now (before the first step:
+    /// the reference), `--batch-size` pairs per forward.
+    pub fn score_references(&self, pairs: &mut [Pair]) -> anyhow::Result<()> {
+        for chunk in pairs.chunks_mut(self.args.batch_size.max(1)) {
+            let refs: Vec<&Pair> = chunk.iter().collect();
+            let scores = self.log_probs(&refs, None)?.to_vec1::<f32>()?;
+            for (pair, score) in chunk.iter_mut().zip(scores.chunks(2)) {
+                pair.reference = [score[0], score[1]];
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step over `batch`, `--batch-size` items per forward; returns its loss
+    /// (per target token, or per pair) and what it measured.
+    pub fn step<T: Item>(
+        &self,
+        batch: &[&T],
+        vars: &[Var],
+        optimizer: &mut AdamW,
+        lr: f64,
+        step: usize,
+    ) -> anyhow::Result<(f64, Stats)> {
+        let weight: usize = batch.iter().map(|e| e.weight()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut total, mut stats) = (0.0, Stats::default());
+        let mut rng = ChaCha8Rng::seed_from_u64(self.args.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
+        for chunk in batch.chunks(self.args.batch_size.max(1)) {
+            let lines = || {
+                chunk
+                    .iter()
+                    .map(|e| e.line().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (loss, measured) =
+                T::loss(self, chunk, Some(&mut rng)).with_context(|| format!("lines {}", lines()))?;
+            stats.add(&measured);
+            let scaled = (loss / weight.max(1) as f64)?;
+            total += scaled.to_scalar::<f32>()? as f64;
+            let store = scaled.backward()?;
+            for (slot, var) in grads.iter_mut().zip(vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(sum) => (sum + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let grads: Vec<Tensor> = (grads.into_iter().zip(vars))
+            .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let grads = clip(grads, self.args.max_grad_norm)?;
+        optimizer.step(vars, &grads, lr)?;
+        Ok((total, stats))
+    }
+
+    /// The loss over `items` (per target token, or per pair), without dropout.
+    pub fn eval_loss<T: Item>(&self, items: &[T]) -> anyhow::Result<f64> {
+        let (mut sum, mut weight) = (0.0, 0);
+        let all: Vec<&T> = items.iter().collect();
+        for chunk in all.chunks(self.args.batch_size.max(1)) {
+            let (loss, _) = T::loss(self, chunk, None)?;
+            sum += loss.to_scalar::<f32>()? as f64;
+            weight += chunk.iter().map(|e| e.weight()).sum::<usize>();
+        }
+        Ok(sum / weight.max(1) as f64)
+    }
+}
+
+/// Scales the gradients down to a global L2 norm of `max_norm` (0: no clipping).
+fn clip(grads: Vec<Tensor>, max_norm: f64) -> candle_core::Result<Vec<Tensor>> {
+    if max_norm <= 0.0 {
+        return Ok(grads);
+    }
+    let mut squares = 0.0;
+    for g in &grads {
+        squares += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = squares.sqrt();
+    if norm <= max_norm {
+        return Ok(grads);
+    }
+    let factor = max_norm / (norm + 1e-6);
+    grads.into_iter().map(|g| g * factor).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn clipping_keeps_the_direction_and_caps_the_norm() -> candle_core::Result<()> {
+        let g = vec![Tensor::new(&[3f32], &Device::Cpu)?, Tensor::new(&[4f32], &Device::Cpu)?];
+        let clipped = clip(g, 1.0)?;
+        let (a, b) = (clipped[0].to_vec1::<f32>()?[0], clipped[1].to_vec1::<f32>()?[0]);
+        assert!((a - 0.6).abs() < 1e-5 && (b - 0.8).abs() < 1e-5, "{a} {b}");
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! `ocellus finetune --method dpo`: on the fixture model and preference pairs made from the
+//! colours set (chosen: the image's colour; rejected: another one), the first step's loss is
+//! exactly ln 2 (policy and reference agree), training raises the chosen completion over the
+//! rejected one on held-out pairs, LoRA and full, and broken pairs stop with their line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use common::*;
+use ocellus::config::{Cli, Command, FinetuneArgs};
+use serde_json::{Value, json};
+
+const MODEL: &str = "tiny-idefics3";
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ocellus-dpo-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The colours set's conversations as pairs: the answer chosen, the next colour of the set
+/// rejected; images by absolute path.
+fn pairs(split: &str, out: &Path) -> PathBuf {
+    let folder = fixtures().join("finetune").join("colours");
+    let text = std::fs::read_to_string(folder.join(format!("{split}.jsonl"))).unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut colours: Vec<String> = lines
+        .iter()
+        .map(|l| l["messages"][1]["content"].as_str().unwrap().into())
+        .collect();
+    colours.sort();
+    colours.dedup();
+    assert!(colours.len() > 1, "{colours:?}");
+    let mut written = String::new();
+    for line in &lines {
+        let mut prompt = line["messages"][0].clone();
+        let image = &mut prompt["content"][0]["image_url"]["url"];
+        *image = json!(folder.join(image.as_str().unwrap()).to_str().unwrap());
+        let answer = line["messages"][1]["content"].as_str().unwrap();
+        let next = &colours[(colours.iter().position(|c| c == answer).unwrap() + 1) % colours.len()];
+        let pair = json!({"prompt": [prompt], "chosen": answer, "rejected": [{"role": "assistant", "content": next}]});
+        written.push_str(&format!("{pair}\n"));
+    }
+    let file = out.join(format!("{split}-pairs.jsonl"));
+    std::fs::write(&file, written).unwrap();
+    file
+}
+
+fn args(out: &Path, extra: &[&str]) -> FinetuneArgs {
+    let model = Reference::model_dir(&fixtures(), MODEL);
+    let (train, eval) = (pairs("train", out), pairs("eval", out));
+    let mut argv = vec![
+        "ocellus",
+        "finetune",
+        "--method",
+        "dpo",
+        "--model",
+        model.to_str().unwrap(),
+    ];
+    argv.extend(["--data", train.to_str().unwrap(), "--eval", eval.to_str().unwrap()]);
+    let adapter = out.join("out");
+    argv.extend(["--out", adapter.to_str().unwrap(), "--lora-dropout", "0"]);
+    argv.extend(extra);
+    match Cli::parse_from(argv).command {
+        Command::Finetune(args) => args,
+        _ => unreachable!(),
+    }
+}
+
+fn trains_the_chosen_answer_up(weights: &str, lr: &str) {
+    let out = scratch(weights);
+    let summary = ocellus::train::finetune(&args(
+        &out,
+        &["--dpo-weights", weights, "--lr", lr, "--max-steps", "24"],
+    ))
+    .unwrap();
+    let first = summary.preference[0];
+    // The policy starts as the reference: every reward 0, the loss -log sigmoid(0).
+    assert!(
+        (summary.first_loss - std::f64::consts::LN_2).abs() < 1e-5,
+        "{}",
+        summary.first_loss
+    );
+    assert_eq!((first.chosen_rewards, first.margin, first.accuracy), (0.0, 0.0, 0.0));
+    let (before, after) = (summary.eval_losses[0], *summary.eval_losses.last().unwrap());
+    let last = summary.preference.last().unwrap();
+    eprintln!("{weights}: eval loss {before:.4} -> {after:.4}; last step {last}");
+    assert!((before - std::f64::consts::LN_2).abs() < 1e-5, "{before}");
+    assert!(after < 0.6, "eval loss {before} -> {after}");
+    assert!(last.margin > 0.0, "{last}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn lora_dpo_raises_the_chosen_answer_over_the_rejected_one() {
+    trains_the_chosen_answer_up("lora", "2e-3");
+}
+
+#[test]
+fn full_dpo_raises_the_chosen_answer_over_the_rejected_one() {
+    trains_the_chosen_answer_up("full", "1e-4");
+}
+
+#[test]
+fn broken_pairs_stop_with_an_error_naming_the_line() {
+    let out = scratch("broken");
+    let good = r#"{"prompt": "Say a colour.", "chosen": "red.", "rejected": "blue."}"#;
+    let cases = [
+        (r#"{"prompt": "Say a colour.", "chosen": "red."}"#, "`rejected` must be"),
+        (
+            r#"{"prompt": "Hi", "chosen": "red.", "rejected": "blue.", "score": 1}"#,
+            "`score`",
+        ),
+        (
+            r#"{"prompt": "Hi", "chosen": [{"role": "user", "content": "x"}], "rejected": "blue."}"#,
+            "`chosen[0]`: a completion holds assistant messages only",
+        ),
+        ("[1, 2]", "not a JSON object"),
+    ];
+    for (bad, expected) in cases {
+        let file = out.join("pairs.jsonl");
+        std::fs::write(&file, format!("{good}\n{bad}\n")).unwrap();
+        let mut args = args(&out, &[]);
+        args.data = file.clone();
+        args.eval = None;
+        let error = ocellus::train::finetune(&args).unwrap_err().to_string();
+        assert!(
+            error.contains("pairs.jsonl:2:") && error.contains(expected),
+            "{bad}: {error}"
+        );
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
