@@ -8,6 +8,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
   python scripts/fixtures_tools.py              # tool prompts through Qwen3-VL's template (part of tiny)
+  python scripts/fixtures_dpo.py                # TRL's DPOTrainer on tiny-idefics3, 20 steps (LoRA and full)
   python scripts/make_fixtures.py qwen3vl-big OUT_DIR  # the real Qwen3-VL-2B config, random weights (not committed)
   python scripts/make_fixtures.py embeddings    # tests/fixtures: tiny CLIP and SigLIP + references (part of tiny)
   python scripts/make_fixtures.py embeddings-big OUT_DIR  # the real CLIP and SigLIP configs, random weights (not committed)

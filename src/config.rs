@@ -142,6 +142,10 @@ pub struct FinetuneArgs {
     pub lora_alpha: f64,
     #[arg(long, default_value_t = 0.05)]
     pub lora_dropout: f32,
+    /// Start the LoRA pairs from this PEFT adapter folder's weights (same rank and
+    /// modules) instead of PEFT's initialisation.
+    #[arg(long)]
+    pub lora_init: Option<PathBuf>,
     /// The projections LoRA adapts (of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
     /// down_proj, lm_head), in every text layer.
     #[arg(

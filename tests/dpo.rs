@@ -134,3 +134,81 @@ fn broken_pairs_stop_with_an_error_naming_the_line() {
     }
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// `scripts/fixtures_dpo.py`'s runs: TRL's DPOTrainer, 20 steps of the four pairs at once.
+#[test]
+fn twenty_steps_log_what_trl_logs_lora_and_full() {
+    let text = std::fs::read_to_string(fixtures().join("reference/tiny-idefics3-dpo.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let dpo = fixtures().join("finetune/dpo");
+    let model = Reference::model_dir(&fixtures(), MODEL);
+    for (name, run) in reference["runs"].as_object().unwrap() {
+        let out = scratch(&format!("trl-{name}"));
+        let lr = run["lr"].as_f64().unwrap().to_string();
+        let (data, init, target) = (dpo.join("pairs.jsonl"), dpo.join("init-lora"), out.join("out"));
+        let mut argv = vec!["ocellus", "finetune", "--method", "dpo", "--dpo-weights", name];
+        argv.extend(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+        argv.extend(["--out", target.to_str().unwrap(), "--lr", &lr, "--beta", "0.1"]);
+        argv.extend(["--batch-size", "4", "--epochs", "20", "--max-steps", "20"]);
+        if name == "lora" {
+            argv.extend([
+                "--lora-init",
+                init.to_str().unwrap(),
+                "--lora-r",
+                "8",
+                "--lora-alpha",
+                "16",
+            ]);
+            argv.extend(["--lora-dropout", "0"]);
+        }
+        let Command::Finetune(args) = Cli::parse_from(argv).command else {
+            unreachable!()
+        };
+        let summary = ocellus::train::finetune(&args).unwrap();
+        let steps = run["steps"].as_array().unwrap();
+        assert_eq!(
+            (summary.losses.len(), summary.preference.len()),
+            (steps.len(), steps.len())
+        );
+        let mut worst = 0f64;
+        for (i, trl) in steps.iter().enumerate() {
+            let ours = summary.preference[i];
+            let pairs = [
+                ("loss", summary.losses[i], 1e-4),
+                ("rewards/chosen", ours.chosen_rewards, 1e-4),
+                ("rewards/rejected", ours.rejected_rewards, 1e-4),
+                ("rewards/accuracies", ours.accuracy, 1e-4),
+                ("rewards/margins", ours.margin, 1e-4),
+                ("logps/chosen", ours.chosen_logps, 1e-3),
+                ("logps/rejected", ours.rejected_logps, 1e-3),
+            ];
+            for (key, value, tolerance) in pairs {
+                let expected = trl[key].as_f64().unwrap();
+                worst = worst.max((value - expected).abs() * if key.starts_with("logps") { 0.0 } else { 1.0 });
+                assert!(
+                    (value - expected).abs() <= tolerance,
+                    "{name} step {}: {key} {value} against TRL's {expected}",
+                    i + 1
+                );
+            }
+        }
+        eprintln!("{name}: largest difference from TRL in loss, rewards, accuracy, margin: {worst:.2e}");
+        if name == "lora" {
+            // The adapter written in PEFT's format holds TRL's trained weights.
+            let load = |dir: &Path| {
+                candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu)
+                    .unwrap()
+            };
+            let (trl, ours) = (load(&dpo.join("trl-lora")), load(&target));
+            assert_eq!(trl.len(), ours.len());
+            for (key, theirs) in &trl {
+                let diff = max_abs_diff(
+                    &theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &ours[key].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                assert!(diff < 1e-4, "{key}: {diff}");
+            }
+        }
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}

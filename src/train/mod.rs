@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -57,6 +57,8 @@ pub struct Summary {
     pub last_loss: f64,
     /// Eval loss before training (unless resumed), after each epoch, and at the end.
     pub eval_losses: Vec<f64>,
+    /// Each step's loss.
+    pub losses: Vec<f64>,
     /// Under `--method dpo`: each step's rewards, accuracy, margin and log-probabilities.
     pub preference: Vec<dpo::Means>,
 }
@@ -98,6 +100,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     let method = method(args)?;
     let config = SmolVlmConfig::load(&files.config)?;
     let (train_vision, model, trainables) = build(&config, &files, &method, args.seed)?;
+    init_lora(args, &method, &trainables)?;
     let vars: Vec<Var> = trainables.iter().map(|t| t.var.clone()).collect();
     let params = AdamWParams {
         lr: args.lr,
@@ -289,6 +292,7 @@ impl Run<'_> {
             summary.first_loss = loss;
         }
         summary.last_loss = loss;
+        summary.losses.push(loss);
         summary.steps += 1;
         let rate = *tokens_seen as f64 / started.elapsed().as_secs_f64();
         progress.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.0} tokens/s"));
@@ -389,11 +393,22 @@ fn resume(dir: &Path, trainables: &[Trainable], optimizer: &mut AdamW) -> anyhow
     for file in &weights {
         tensors.extend(candle_core::safetensors::load(file, &Device::Cpu).with_context(|| file.display().to_string())?);
     }
+    set_trainables(dir, &tensors, trainables)?;
+    optimizer.load(&dir.join("optimizer.safetensors"))?;
+    Ok(state)
+}
+
+/// Every trainable set from the tensor of its name, read from `dir`.
+fn set_trainables(
+    dir: &Path,
+    tensors: &std::collections::HashMap<String, Tensor>,
+    trainables: &[Trainable],
+) -> anyhow::Result<()> {
     for t in trainables {
         let saved = (tensors.get(&t.name)).with_context(|| format!("{}: no tensor `{}`", dir.display(), t.name))?;
         anyhow::ensure!(
             saved.shape() == t.var.shape(),
-            "{}: `{}` is {:?}, this run's is {:?} (same flags as the run that wrote it?)",
+            "{}: `{}` is {:?}, this run's is {:?} (same rank and modules?)",
             dir.display(),
             t.name,
             saved.shape(),
@@ -401,8 +416,21 @@ fn resume(dir: &Path, trainables: &[Trainable], optimizer: &mut AdamW) -> anyhow
         );
         t.var.set(&saved.to_dtype(DType::F32)?)?;
     }
-    optimizer.load(&dir.join("optimizer.safetensors"))?;
-    Ok(state)
+    Ok(())
+}
+
+/// `--lora-init`: the LoRA pairs start from a PEFT adapter's weights.
+fn init_lora(args: &FinetuneArgs, method: &Method, trainables: &[Trainable]) -> anyhow::Result<()> {
+    let Some(dir) = &args.lora_init else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        matches!(method, Method::Lora(_)),
+        "--lora-init starts LoRA pairs: it needs LoRA training"
+    );
+    let file = dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).with_context(|| file.display().to_string())?;
+    set_trainables(dir, &tensors, trainables)
 }
 
 fn method(args: &FinetuneArgs) -> anyhow::Result<Method> {
