@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from fixture_messages import image_part, text_part, to_hf_messages, user, video_part
+import fixtures_dpo
 import fixtures_embeddings
 import fixtures_qwen3vl
 import fixtures_tools
@@ -776,6 +777,7 @@ def main() -> None:
         make_ocellus_adapter(models / "tiny-idefics3", refs)
         fixtures_qwen3vl.make_tiny(FIXTURES)
         fixtures_tools.main()
+        fixtures_dpo.main()
         fixtures_embeddings.make_tiny(FIXTURES)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.
