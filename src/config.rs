@@ -56,6 +56,11 @@ pub struct DemoDataArgs {
     /// contrastive fine-tuning and zero-shot evaluation, from the same images.
     #[arg(long)]
     pub captions: bool,
+    /// Also write preference pairs for `--method dpo` (`train-pairs.jsonl`) from the
+    /// training images: the answer chosen, a wrong one rejected (a 2's or 5's mirror
+    /// image, else another answer of the same kind).
+    #[arg(long)]
+    pub preferences: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -43,12 +43,15 @@ fn serve(args: ocellus::config::ServeArgs) -> anyhow::Result<()> {
 }
 
 fn demo_data(args: &ocellus::config::DemoDataArgs) -> anyhow::Result<()> {
-    use ocellus::train::synthetic::{write_caption_split, write_split};
+    use ocellus::train::synthetic::{write_caption_split, write_pair_split, write_split};
     write_split(&args.out, "train", args.train, args.seed)?;
     write_split(&args.out, "test", args.test, args.seed + 1_000_000)?;
     if args.captions {
         write_caption_split(&args.out, "train", args.train, args.seed)?;
         write_caption_split(&args.out, "test", args.test, args.seed + 1_000_000)?;
+    }
+    if args.preferences {
+        write_pair_split(&args.out, "train", args.train, args.seed)?;
     }
     eprintln!(
         "wrote {} training and {} test conversations to {}",

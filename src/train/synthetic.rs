@@ -259,9 +259,74 @@ pub fn write_caption_split(dir: &Path, name: &str, count: usize, seed: u64) -> a
     Ok(())
 }
 
+/// Writes `count` samples as preference pairs, `DIR/NAME-pairs.jsonl` (each line
+/// `{"kind", "prompt", "chosen", "rejected"}`: the question about the image, its answer, and
+/// a wrong one: a 2's or 5's mirror image (the digits its 3x5 font draws as mirrors of each
+/// other), else another answer of the same kind drawn from `seed`), images under
+/// `DIR/images` as `write_split` names them.
+pub fn write_pair_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).with_context(|| images.display().to_string())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut wrong = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut lines = String::new();
+    for i in 0..count {
+        let sample = sample(&mut rng, i);
+        let file = format!("images/{name}-{i}.png");
+        sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
+        let line = serde_json::json!({
+            "kind": sample.kind,
+            "prompt": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": file}},
+                {"type": "text", "text": sample.question},
+            ]}],
+            "chosen": sample.answer,
+            "rejected": wrong_answer(sample.kind, &sample.answer, &mut wrong),
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    let file = dir.join(format!("{name}-pairs.jsonl"));
+    std::fs::write(&file, lines).with_context(|| file.display().to_string())?;
+    Ok(())
+}
+
+/// A wrong answer to a question of `kind` whose answer is `answer`.
+fn wrong_answer(kind: &str, answer: &str, rng: &mut ChaCha8Rng) -> String {
+    match (kind, answer) {
+        ("digit", "2") => return "5".into(),
+        ("digit", "5") => return "2".into(),
+        _ => {}
+    }
+    let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+    let answers: Vec<&str> = match kind {
+        "colour" => COLOURS.iter().map(|c| c.0).collect(),
+        "shape" => SHAPES.to_vec(),
+        "count" => COUNTS.to_vec(),
+        "position" => PLACES.to_vec(),
+        _ => digits.iter().map(String::as_str).collect(),
+    };
+    let others: Vec<&str> = answers.into_iter().filter(|a| *a != answer).collect();
+    others[rng.random_range(0..others.len())].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrong_answers_are_wrong_and_of_the_same_kind_and_2_and_5_swap() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert_eq!(wrong_answer("digit", "2", &mut rng), "5");
+        assert_eq!(wrong_answer("digit", "5", &mut rng), "2");
+        for _ in 0..50 {
+            let digit = wrong_answer("digit", "7", &mut rng);
+            assert!(digit != "7" && digit.parse::<u8>().is_ok_and(|d| d < 10), "{digit}");
+            let colour = wrong_answer("colour", "red", &mut rng);
+            assert!(colour != "red" && COLOURS.iter().any(|c| c.0 == colour), "{colour}");
+            assert_ne!(wrong_answer("position", "left", &mut rng), "left");
+        }
+    }
 
     #[test]
     fn the_same_seed_draws_the_same_samples_and_every_kind_comes_in_turn() {
