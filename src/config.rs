@@ -58,7 +58,7 @@ pub struct DemoDataArgs {
     pub captions: bool,
     /// Also write preference pairs for `--method dpo` (`train-pairs.jsonl`) from the
     /// training images: the answer chosen, a wrong one rejected (a 2's or 5's mirror
-    /// image, else another answer of the same kind).
+    /// image, another digit's nearest glyph, else another answer of the same kind).
     #[arg(long)]
     pub preferences: bool,
 }

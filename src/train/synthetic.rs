@@ -260,9 +260,10 @@ pub fn write_caption_split(dir: &Path, name: &str, count: usize, seed: u64) -> a
 }
 
 /// Writes `count` samples as preference pairs, `DIR/NAME-pairs.jsonl` (each line
-/// `{"kind", "prompt", "chosen", "rejected"}`: the question about the image, its answer, and
+/// `{"prompt", "chosen", "rejected"}`: the question about the image, its answer, and
 /// a wrong one: a 2's or 5's mirror image (the digits its 3x5 font draws as mirrors of each
-/// other), else another answer of the same kind drawn from `seed`), images under
+/// other), another digit's nearest glyph, else another answer of the same kind drawn from
+/// `seed`), images under
 /// `DIR/images` as `write_split` names them.
 pub fn write_pair_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
     let images = dir.join("images");
@@ -275,7 +276,6 @@ pub fn write_pair_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyh
         let file = format!("images/{name}-{i}.png");
         sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
         let line = serde_json::json!({
-            "kind": sample.kind,
             "prompt": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": file}},
                 {"type": "text", "text": sample.question},
@@ -297,6 +297,17 @@ fn wrong_answer(kind: &str, answer: &str, rng: &mut ChaCha8Rng) -> String {
         ("digit", "2") => return "5".into(),
         ("digit", "5") => return "2".into(),
         _ => {}
+    }
+    if kind == "digit"
+        && let Ok(digit) = answer.parse::<usize>()
+        && digit < 10
+    {
+        // The digits whose glyph differs from this one's in the fewest pixels: the ones a
+        // model confuses it with.
+        let distance = |d: usize| -> u32 { (0..5).map(|r| (DIGITS[d][r] ^ DIGITS[digit][r]).count_ones()).sum() };
+        let nearest = (0..10).filter(|&d| d != digit).map(distance).min().unwrap_or(0);
+        let closest: Vec<usize> = (0..10).filter(|&d| d != digit && distance(d) == nearest).collect();
+        return closest[rng.random_range(0..closest.len())].to_string();
     }
     let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
     let answers: Vec<&str> = match kind {
@@ -320,8 +331,9 @@ mod tests {
         assert_eq!(wrong_answer("digit", "2", &mut rng), "5");
         assert_eq!(wrong_answer("digit", "5", &mut rng), "2");
         for _ in 0..50 {
-            let digit = wrong_answer("digit", "7", &mut rng);
-            assert!(digit != "7" && digit.parse::<u8>().is_ok_and(|d| d < 10), "{digit}");
+            // 9's glyph is one pixel from 8's, 5's and 3's.
+            let digit = wrong_answer("digit", "9", &mut rng);
+            assert!(["8", "5", "3"].contains(&digit.as_str()), "{digit}");
             let colour = wrong_answer("colour", "red", &mut rng);
             assert!(colour != "red" && COLOURS.iter().any(|c| c.0 == colour), "{colour}");
             assert_ne!(wrong_answer("position", "left", &mut rng), "left");
