@@ -76,6 +76,11 @@ pub struct EvaluateArgs {
     /// Longest answer generated.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
+    /// Also write a preference pair (`--method dpo`'s format) for every wrong answer: the
+    /// expected answer chosen, the model's rejected; image paths as in `--data`, so write
+    /// it beside that file.
+    #[arg(long)]
+    pub pairs_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

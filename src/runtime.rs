@@ -465,6 +465,7 @@ pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json
     )?;
     if let crate::model::registry::Task::Embed(_) = crate::model::registry::task(&ModelFiles::locate(&dir)?)? {
         anyhow::ensure!(args.lora.is_none(), "--lora applies to generative models");
+        anyhow::ensure!(args.pairs_out.is_none(), "--pairs-out applies to generative models");
         let loaded = load_embedding_folder(&dir, WeightDType::F32, &Device::Cpu)?;
         return crate::train::zero_shot::evaluate(loaded.model.as_ref(), &loaded.processor, &args.data);
     }
@@ -503,6 +504,13 @@ pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json
     let answers = (generations.iter())
         .map(|g| processor.decode(&g.tokens))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(out) = &args.pairs_out {
+        let count = crate::train::evaluate::write_mistake_pairs(&args.data, &answers, out)?;
+        eprintln!(
+            "{count} preference pairs from wrong answers written to {}",
+            out.display()
+        );
+    }
     Ok(score(&expected, &answers))
 }
 

@@ -15,6 +15,7 @@ fn the_built_in_model_answers_held_out_demo_questions() {
         lora: None,
         data: dir.join("test.jsonl"),
         max_tokens: 8,
+        pairs_out: Some(dir.join("mistakes.jsonl")),
     };
     let report = ocellus::runtime::evaluate(&args).unwrap();
     eprintln!("{report}");
@@ -25,5 +26,9 @@ fn the_built_in_model_answers_held_out_demo_questions() {
         assert_eq!(accuracy[kind]["total"], 10, "{kind}");
         assert!(accuracy[kind]["accuracy"].as_f64().unwrap() >= 0.7, "{kind}: {report}");
     }
+    // Each wrong answer became a preference pair, the expected answer chosen.
+    let correct = accuracy["all"]["correct"].as_u64().unwrap() as usize;
+    let pairs = std::fs::read_to_string(dir.join("mistakes.jsonl")).unwrap();
+    assert_eq!(pairs.lines().count(), 50 - correct, "{pairs}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -16,6 +16,7 @@ fn the_demo_clip_classifies_and_retrieves_held_out_images() {
         lora: None,
         data: dir.path().join("test-captions.jsonl"),
         max_tokens: 8,
+        pairs_out: None,
     };
     let report = ocellus::runtime::evaluate(&args).unwrap();
     eprintln!("{report}");

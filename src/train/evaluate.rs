@@ -69,6 +69,37 @@ pub fn read_cases(file: &Path) -> anyhow::Result<Vec<Case>> {
     Ok(cases)
 }
 
+/// Preference pairs from the model's own mistakes: for each conversation of `data` (in
+/// order, as `read_cases` reads them) whose answer in `answers` is wrong, its messages
+/// before the answer as the prompt, the expected answer chosen and the model's rejected.
+/// Image paths are copied as they are: write `out` beside `data`. Returns how many.
+pub fn write_mistake_pairs(data: &Path, answers: &[String], out: &Path) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(data).with_context(|| data.display().to_string())?;
+    let mut pairs = String::new();
+    let mut count = 0;
+    for (line, got) in text.lines().filter(|l| !l.trim().is_empty()).zip(answers) {
+        let mut value: serde_json::Value = serde_json::from_str(line).with_context(|| data.display().to_string())?;
+        let messages = value["messages"]
+            .as_array_mut()
+            .context("a conversation without `messages`")?;
+        let expected = messages.pop().context("a conversation without an answer")?;
+        let expected = expected["content"]
+            .as_str()
+            .context("an answer that is not text")?
+            .trim()
+            .to_string();
+        if got.trim() == expected {
+            continue;
+        }
+        let pair = serde_json::json!({"prompt": messages, "chosen": expected, "rejected": got.trim()});
+        pairs.push_str(&pair.to_string());
+        pairs.push('\n');
+        count += 1;
+    }
+    std::fs::write(out, pairs).with_context(|| out.display().to_string())?;
+    Ok(count)
+}
+
 /// Exact-match accuracy of `answers` against the expected `(kind, answer)` pairs, per kind
 /// and over all, with the first few wrong answers.
 pub fn score(expected: &[(String, String)], answers: &[String]) -> serde_json::Value {
@@ -94,4 +125,31 @@ pub fn score(expected: &[(String, String)], answers: &[String]) -> serde_json::V
         })
         .collect();
     serde_json::json!({"accuracy": accuracy, "first_wrong": wrong})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_wrong_answers_become_pairs_with_the_prompt_as_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("test.jsonl");
+        let line = |answer: &str| {
+            let user = serde_json::json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "images/1.png"}}, {"type": "text", "text": "Which digit?"}]});
+            serde_json::json!({"kind": "digit", "messages": [user, {"role": "assistant", "content": answer}]})
+                .to_string()
+        };
+        std::fs::write(&data, format!("{}\n\n{}\n", line("2"), line("5"))).unwrap();
+        let out = dir.path().join("pairs.jsonl");
+        let count = write_mistake_pairs(&data, &["2".into(), " 2\n".into()], &out).unwrap();
+        assert_eq!(count, 1);
+        let pair: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+        assert_eq!(
+            (pair["chosen"].as_str(), pair["rejected"].as_str()),
+            (Some("5"), Some("2"))
+        );
+        assert_eq!(pair["prompt"][0]["content"][0]["image_url"]["url"], "images/1.png");
+        assert_eq!(pair["prompt"].as_array().unwrap().len(), 1);
+    }
 }
