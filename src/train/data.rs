@@ -88,29 +88,37 @@ struct Line {
 
 /// Reads and tokenizes every line of `file` (blank lines skipped).
 pub fn load(file: &Path, processor: &Processor, limits: &DataLimits) -> Result<Vec<Example>, DataError> {
+    read_lines(file, |line, number, folder| {
+        parse_line(line, number, folder, processor, limits)
+    })
+}
+
+/// Every non-blank line of `file` through `parse` (the line, its 1-based number, the file's
+/// folder); an error names the file and line, and a file without any is an error too.
+pub(crate) fn read_lines<T>(
+    file: &Path,
+    mut parse: impl FnMut(&str, usize, &Path) -> Result<T, String>,
+) -> Result<Vec<T>, DataError> {
     let text = std::fs::read_to_string(file).map_err(|source| DataError::Io {
         file: file.to_path_buf(),
         source,
     })?;
     let folder = file.parent().unwrap_or(Path::new("."));
-    let mut examples = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let example = parse_line(line, index + 1, folder, processor, limits).map_err(|message| DataError::Line {
+    let mut items = Vec::new();
+    for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let item = parse(line, index + 1, folder).map_err(|message| DataError::Line {
             file: file.to_path_buf(),
             line: index + 1,
             message,
         })?;
-        examples.push(example);
+        items.push(item);
     }
-    if examples.is_empty() {
+    if items.is_empty() {
         return Err(DataError::Empty {
             file: file.to_path_buf(),
         });
     }
-    Ok(examples)
+    Ok(items)
 }
 
 fn parse_line(

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::data::{DataError, DataLimits, Example, conversation};
+use super::data::{DataError, DataLimits, Example, conversation, read_lines};
 use crate::openai::ChatMessageIn;
 use crate::processor::Processor;
 
@@ -33,26 +33,9 @@ impl Pair {
 
 /// Reads and tokenizes every pair of `file` (blank lines skipped); errors name the line.
 pub fn load(file: &Path, processor: &Processor, limits: &DataLimits) -> Result<Vec<Pair>, DataError> {
-    let text = std::fs::read_to_string(file).map_err(|source| DataError::Io {
-        file: file.to_path_buf(),
-        source,
-    })?;
-    let folder = file.parent().unwrap_or(Path::new("."));
-    let mut pairs = Vec::new();
-    for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let pair = parse_line(line, index + 1, folder, processor, limits).map_err(|message| DataError::Line {
-            file: file.to_path_buf(),
-            line: index + 1,
-            message,
-        })?;
-        pairs.push(pair);
-    }
-    if pairs.is_empty() {
-        return Err(DataError::Empty {
-            file: file.to_path_buf(),
-        });
-    }
-    Ok(pairs)
+    read_lines(file, |line, number, folder| {
+        parse_line(line, number, folder, processor, limits)
+    })
 }
 
 fn parse_line(

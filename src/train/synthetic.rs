@@ -200,95 +200,98 @@ fn draw_digit(image: &mut RgbImage, digit: usize, x0: i32, y0: i32, scale: i32, 
     }
 }
 
-/// Writes `count` samples as `DIR/NAME.jsonl` (chat conversations, each with its `kind`)
-/// and their images under `DIR/images/NAME-*.png`.
-pub fn write_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
+/// Draws `count` samples from `seed`, saves each image as `DIR/images/NAME-I.png` and
+/// writes `DIR/FILE` with one JSON line per sample, made by `line` from the sample and its
+/// image's path (relative to `DIR`).
+fn write_samples(
+    dir: &Path,
+    name: &str,
+    file: &str,
+    count: usize,
+    seed: u64,
+    mut line: impl FnMut(&Sample, &str) -> serde_json::Value,
+) -> anyhow::Result<()> {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).with_context(|| images.display().to_string())?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut lines = String::new();
     for i in 0..count {
         let sample = sample(&mut rng, i);
-        let file = format!("images/{name}-{i}.png");
-        sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
-        let line = serde_json::json!({
-            "kind": sample.kind,
-            "messages": [
-                {"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": file}},
-                    {"type": "text", "text": sample.question},
-                ]},
-                {"role": "assistant", "content": sample.answer},
-            ],
-        });
-        lines.push_str(&line.to_string());
+        let image = format!("images/{name}-{i}.png");
+        sample.image.save(dir.join(&image)).with_context(|| image.clone())?;
+        lines.push_str(&line(&sample, &image).to_string());
         lines.push('\n');
     }
-    let file = dir.join(format!("{name}.jsonl"));
-    std::fs::write(&file, lines).with_context(|| file.display().to_string())?;
+    let path = dir.join(file);
+    std::fs::write(&path, lines).with_context(|| path.display().to_string())?;
     Ok(())
+}
+
+/// The question about a sample's image, as a user message.
+fn question(sample: &Sample, image: &str) -> serde_json::Value {
+    serde_json::json!({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image}},
+        {"type": "text", "text": sample.question},
+    ]})
+}
+
+/// Writes `count` samples as `DIR/NAME.jsonl` (chat conversations, each with its `kind`)
+/// and their images under `DIR/images/NAME-*.png`.
+pub fn write_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
+    write_samples(dir, name, &format!("{name}.jsonl"), count, seed, |sample, image| {
+        serde_json::json!({
+            "kind": sample.kind,
+            "messages": [question(sample, image), {"role": "assistant", "content": sample.answer}],
+        })
+    })
 }
 
 /// Writes `count` samples as image/caption pairs, `DIR/NAME-captions.jsonl` (each line
 /// `{"kind", "image", "text", "labels", "label"}`: the caption, the captions that differ in
 /// the asked attribute and the caption's index among them), images under `DIR/images`.
 pub fn write_caption_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).with_context(|| images.display().to_string())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut lines = String::new();
-    for i in 0..count {
-        let sample = sample(&mut rng, i);
-        let file = format!("images/{name}-{i}.png");
-        sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
-        let label = (sample.alternatives.iter())
-            .position(|c| *c == sample.caption)
-            .expect("the caption is among its alternatives. This is a bug.");
-        let line = serde_json::json!({
-            "kind": sample.kind,
-            "image": file,
-            "text": sample.caption,
-            "labels": sample.alternatives,
-            "label": label,
-        });
-        lines.push_str(&line.to_string());
-        lines.push('\n');
-    }
-    let file = dir.join(format!("{name}-captions.jsonl"));
-    std::fs::write(&file, lines).with_context(|| file.display().to_string())?;
-    Ok(())
+    write_samples(
+        dir,
+        name,
+        &format!("{name}-captions.jsonl"),
+        count,
+        seed,
+        |sample, image| {
+            let label = (sample.alternatives.iter())
+                .position(|c| *c == sample.caption)
+                .expect("the caption is among its alternatives. This is a bug.");
+            serde_json::json!({
+                "kind": sample.kind,
+                "image": image,
+                "text": sample.caption,
+                "labels": sample.alternatives,
+                "label": label,
+            })
+        },
+    )
 }
 
 /// Writes `count` samples as preference pairs, `DIR/NAME-pairs.jsonl` (each line
-/// `{"prompt", "chosen", "rejected"}`: the question about the image, its answer, and
-/// a wrong one: a 2's or 5's mirror image (the digits its 3x5 font draws as mirrors of each
-/// other), another digit's nearest glyph, else another answer of the same kind drawn from
-/// `seed`), images under
-/// `DIR/images` as `write_split` names them.
+/// `{"prompt", "chosen", "rejected"}`: the question about the image, its answer, and a wrong
+/// one: a 2's or 5's mirror image (the digits its 3x5 font draws as mirrors of each other),
+/// another digit's nearest glyph, else another answer of the same kind drawn from `seed`),
+/// images under `DIR/images` as `write_split` names them.
 pub fn write_pair_split(dir: &Path, name: &str, count: usize, seed: u64) -> anyhow::Result<()> {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).with_context(|| images.display().to_string())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut wrong = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
-    let mut lines = String::new();
-    for i in 0..count {
-        let sample = sample(&mut rng, i);
-        let file = format!("images/{name}-{i}.png");
-        sample.image.save(dir.join(&file)).with_context(|| file.clone())?;
-        let line = serde_json::json!({
-            "prompt": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": file}},
-                {"type": "text", "text": sample.question},
-            ]}],
-            "chosen": sample.answer,
-            "rejected": wrong_answer(sample.kind, &sample.answer, &mut wrong),
-        });
-        lines.push_str(&line.to_string());
-        lines.push('\n');
-    }
-    let file = dir.join(format!("{name}-pairs.jsonl"));
-    std::fs::write(&file, lines).with_context(|| file.display().to_string())?;
-    Ok(())
+    write_samples(
+        dir,
+        name,
+        &format!("{name}-pairs.jsonl"),
+        count,
+        seed,
+        |sample, image| {
+            serde_json::json!({
+                "prompt": [question(sample, image)],
+                "chosen": sample.answer,
+                "rejected": wrong_answer(sample.kind, &sample.answer, &mut wrong),
+            })
+        },
+    )
 }
 
 /// A wrong answer to a question of `kind` whose answer is `answer`.
