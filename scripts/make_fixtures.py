@@ -9,6 +9,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
   python scripts/fixtures_tools.py              # tool prompts through Qwen3-VL's template (part of tiny)
   python scripts/fixtures_dpo.py                # TRL's DPOTrainer on tiny-idefics3, 20 steps (LoRA and full)
+  python scripts/make_fixtures.py datasets      # the colours set and DPO pairs as hub Parquet datasets (part of tiny)
   python scripts/make_fixtures.py qwen3vl-big OUT_DIR  # the real Qwen3-VL-2B config, random weights (not committed)
   python scripts/make_fixtures.py embeddings    # tests/fixtures: tiny CLIP and SigLIP + references (part of tiny)
   python scripts/make_fixtures.py embeddings-big OUT_DIR  # the real CLIP and SigLIP configs, random weights (not committed)
@@ -37,6 +38,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from fixture_messages import image_part, text_part, to_hf_messages, user, video_part
+import fixtures_datasets
 import fixtures_dpo
 import fixtures_embeddings
 import fixtures_qwen3vl
@@ -717,6 +719,7 @@ def main() -> None:
     qwen_big = sub.add_parser("qwen3vl-big")
     qwen_big.add_argument("out", type=Path)
     sub.add_parser("embeddings")
+    sub.add_parser("datasets")
     clip_base = sub.add_parser("demo-clip-base")
     clip_base.add_argument("out", type=Path)
     embed_big = sub.add_parser("embeddings-big")
@@ -739,6 +742,9 @@ def main() -> None:
 
     if args.what == "demo-clip-base":
         return fixtures_embeddings.make_demo_clip_base(args.out)
+
+    if args.what == "datasets":
+        return fixtures_datasets.main()
 
     if args.what == "embeddings":
         return fixtures_embeddings.make_tiny(FIXTURES)
@@ -778,6 +784,7 @@ def main() -> None:
         fixtures_qwen3vl.make_tiny(FIXTURES)
         fixtures_tools.main()
         fixtures_dpo.main()
+        fixtures_datasets.main()
         fixtures_embeddings.make_tiny(FIXTURES)
     else:
         # Same layout as tests/fixtures, so the parity test runs on either root.

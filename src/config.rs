@@ -70,9 +70,20 @@ pub struct EvaluateArgs {
     /// A LoRA adapter folder to answer with.
     #[arg(long)]
     pub lora: Option<PathBuf>,
-    /// Conversations as `ocellus finetune` reads them; each ends with the expected answer.
+    /// Rows in any form `ocellus finetune --data` reads: a conversation ending with the
+    /// expected answer, or a preference pair (the chosen answer expected).
     #[arg(long)]
     pub data: PathBuf,
+    /// The split read from a dataset folder or hub id.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Columns of another name, as OURS=THEIRS pairs (as `finetune --columns`).
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Vec<String>,
+    /// Score what this regular expression finds in each answer (its first group, else the
+    /// whole match) instead of the whole answer: `--answer-regex 'answer is \(?([A-D])'`.
+    #[arg(long)]
+    pub answer_regex: Option<regex::Regex>,
     /// Longest answer generated.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
@@ -132,15 +143,26 @@ pub struct FinetuneArgs {
     /// The model to start from: a local folder in the Hugging Face layout.
     #[arg(long, env = "OCELLUS_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Training conversations, one JSON object with OpenAI-style `messages` per line (under
-    /// `--method dpo`: `prompt`, `chosen`, `rejected`); images as paths relative to the
-    /// file, file:// URLs or data: URIs.
+    /// Training conversations: a JSONL file (one object with OpenAI-style `messages` per
+    /// line; under `--method dpo`: `prompt`, `chosen`, `rejected`), a Parquet file, a folder
+    /// in the hub's dataset layout or a hub dataset id (TRL's columns: `messages` or
+    /// `prompt`/`chosen`/`rejected`, with `images`); images as paths relative to the file,
+    /// file:// URLs, data: URIs or `datasets`' encoded bytes.
     #[arg(long)]
     pub data: PathBuf,
-    /// Held-out conversations in the same format: their loss is reported before training
-    /// and after each epoch.
+    /// Held-out conversations in any of the same forms: their loss is reported before
+    /// training and after each epoch.
     #[arg(long)]
     pub eval: Option<PathBuf>,
+    /// The split `--data` reads from a dataset folder or hub id.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// The split `--eval` reads from a dataset folder or hub id.
+    #[arg(long, default_value = "test")]
+    pub eval_split: String,
+    /// Columns of another name, as OURS=THEIRS pairs: `--columns images=image,prompt=question`.
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Vec<String>,
     #[arg(long, value_enum, default_value = "lora")]
     pub method: FinetuneMethod,
     /// Where the adapter (or model) and the `checkpoint-STEP` folders are written.

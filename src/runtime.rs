@@ -466,6 +466,14 @@ pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json
     if let crate::model::registry::Task::Embed(_) = crate::model::registry::task(&ModelFiles::locate(&dir)?)? {
         anyhow::ensure!(args.lora.is_none(), "--lora applies to generative models");
         anyhow::ensure!(args.pairs_out.is_none(), "--pairs-out applies to generative models");
+        anyhow::ensure!(
+            args.answer_regex.is_none(),
+            "--answer-regex applies to generative models"
+        );
+        anyhow::ensure!(
+            args.columns.is_empty(),
+            "--columns applies to generative models' datasets"
+        );
         let loaded = load_embedding_folder(&dir, WeightDType::F32, &Device::Cpu)?;
         return crate::train::zero_shot::evaluate(loaded.model.as_ref(), &loaded.processor, &args.data);
     }
@@ -482,13 +490,16 @@ pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json
     };
     let mut requests = Vec::new();
     let mut expected = Vec::new();
-    for (index, case) in read_cases(&args.data)?.into_iter().enumerate() {
+    let columns = crate::train::dataset::Columns::parse(&args.columns).map_err(|e| anyhow::anyhow!("--columns {e}"))?;
+    let dataset = crate::train::dataset::Dataset::open(&args.data, &args.split, &columns)?;
+    let cases = read_cases(&dataset)?;
+    for (index, case) in cases.iter().enumerate() {
         let prompt = (loaded.processor.process(&case.messages, &case.images))
-            .with_context(|| format!("{}: conversation {}", args.data.display(), index + 1))?;
+            .with_context(|| format!("{}: case {}", dataset.name().display(), index + 1))?;
         let mut request = GenerationRequest::greedy(prompt, args.max_tokens);
         request.adapter = adapter.clone();
         requests.push(request);
-        expected.push((case.kind, case.answer));
+        expected.push((case.kind.clone(), case.answer.clone()));
     }
     let longest = requests.iter().map(|r| r.prompt.token_ids.len()).max().unwrap_or(0);
     let config = EngineConfig {
@@ -505,13 +516,13 @@ pub fn evaluate(args: &crate::config::EvaluateArgs) -> anyhow::Result<serde_json
         .map(|g| processor.decode(&g.tokens))
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(out) = &args.pairs_out {
-        let count = crate::train::evaluate::write_mistake_pairs(&args.data, &answers, out)?;
+        let count = crate::train::evaluate::write_mistake_pairs(&cases, &answers, out)?;
         eprintln!(
             "{count} preference pairs from wrong answers written to {}",
             out.display()
         );
     }
-    Ok(score(&expected, &answers))
+    Ok(score(&expected, &answers, args.answer_regex.as_ref()))
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@ fn the_built_in_model_answers_held_out_demo_questions() {
         data: dir.join("test.jsonl"),
         max_tokens: 8,
         pairs_out: Some(dir.join("mistakes.jsonl")),
+        split: "test".into(),
+        columns: Vec::new(),
+        answer_regex: None,
     };
     let report = ocellus::runtime::evaluate(&args).unwrap();
     eprintln!("{report}");

@@ -17,6 +17,9 @@ fn the_demo_clip_classifies_and_retrieves_held_out_images() {
         data: dir.path().join("test-captions.jsonl"),
         max_tokens: 8,
         pairs_out: None,
+        split: "test".into(),
+        columns: Vec::new(),
+        answer_regex: None,
     };
     let report = ocellus::runtime::evaluate(&args).unwrap();
     eprintln!("{report}");

@@ -109,10 +109,13 @@ fn broken_pairs_stop_with_an_error_naming_the_line() {
     let out = scratch("broken");
     let good = r#"{"prompt": "Say a colour.", "chosen": "red.", "rejected": "blue."}"#;
     let cases = [
-        (r#"{"prompt": "Say a colour.", "chosen": "red."}"#, "`rejected` must be"),
         (
-            r#"{"prompt": "Hi", "chosen": "red.", "rejected": "blue.", "score": 1}"#,
-            "`score`",
+            r#"{"prompt": "Say a colour.", "chosen": "red."}"#,
+            "no column `rejected`",
+        ),
+        (
+            r#"{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], "chosen": "red.", "rejected": "blue."}"#,
+            "`prompt` has 1 image placeholders but the row has 0 images",
         ),
         (
             r#"{"prompt": "Hi", "chosen": [{"role": "user", "content": "x"}], "rejected": "blue."}"#,
@@ -128,7 +131,7 @@ fn broken_pairs_stop_with_an_error_naming_the_line() {
         args.eval = None;
         let error = ocellus::train::finetune(&args).unwrap_err().to_string();
         assert!(
-            error.contains("pairs.jsonl:2:") && error.contains(expected),
+            error.contains("pairs.jsonl: line 2:") && error.contains(expected),
             "{bad}: {error}"
         );
     }

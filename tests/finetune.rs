@@ -15,6 +15,7 @@ use ocellus::model::lora::Adapter;
 use ocellus::model::smolvlm::SmolVlmConfig;
 use ocellus::model::weights::SafetensorsWeights;
 use ocellus::train::data::{self, DataError, DataLimits};
+use ocellus::train::dataset::{Dataset, Location};
 use ocellus::train::text::{LoraSpec, Method, TrainText};
 use ocellus::train::vision::TrainVision;
 
@@ -212,9 +213,9 @@ fn broken_datasets_stop_with_an_error_naming_the_line() {
     ] {
         let file = dir.join("data.jsonl");
         std::fs::write(&file, format!("{good}\n\n{bad}\n")).unwrap();
-        match data::load(&file, &loaded.processor, &limits) {
-            Err(DataError::Line { line, message, .. }) => {
-                assert_eq!(line, 3, "{message}");
+        match data::load(&Dataset::file(&file), &loaded.processor, &limits) {
+            Err(DataError::Row { at, message, .. }) => {
+                assert_eq!(at, Location::Line(3), "{message}");
                 assert!(message.contains(mentions), "`{message}` does not mention `{mentions}`");
             }
             Err(other) => panic!("{bad}: {other}"),
@@ -222,7 +223,7 @@ fn broken_datasets_stop_with_an_error_naming_the_line() {
         }
     }
     std::fs::write(dir.join("data.jsonl"), format!("{good}\n")).unwrap();
-    let examples = data::load(&dir.join("data.jsonl"), &loaded.processor, &limits).unwrap();
+    let examples = data::load(&Dataset::file(&dir.join("data.jsonl")), &loaded.processor, &limits).unwrap();
     let decoded_targets: Vec<u32> = (examples[0].token_ids.iter().zip(&examples[0].targets))
         .filter(|(_, t)| **t)
         .map(|(id, _)| *id)
@@ -271,7 +272,12 @@ fn a_batch_of_sequences_has_the_summed_loss_of_each_alone() {
         max_image_bytes: 1 << 20,
         max_image_pixels: 1 << 20,
     };
-    let examples = data::load(&colours().join("eval.jsonl"), &loaded.processor, &limits).unwrap();
+    let examples = data::load(
+        &Dataset::file(&colours().join("eval.jsonl")),
+        &loaded.processor,
+        &limits,
+    )
+    .unwrap();
     let image_token = loaded.model.info().image_token_ids[0];
     fn seq<'e>(
         e: &'e data::Example,

@@ -66,7 +66,7 @@ pub fn resolve_model(model: &str, cache_dir: &Path, offline: bool) -> Result<Pat
     download(model, cache)
 }
 
-fn looks_like_hub_id(model: &str) -> bool {
+pub(crate) fn looks_like_hub_id(model: &str) -> bool {
     let mut parts = model.split('/');
     let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;

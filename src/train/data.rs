@@ -1,15 +1,20 @@
-//! Fine-tuning data: JSONL, one conversation per line in OpenAI's chat format,
-//! `{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url":
-//! "photos/1.png"}}, {"type": "text", "text": "..."}]}, {"role": "assistant", "content":
-//! "..."}]}`. Images are paths (relative to the file's folder), `file://` URLs or `data:`
-//! URIs. A conversation becomes the tokens the server would give it and, as TRL's SFT
-//! trains VLMs with an assistant-only loss, the assistant turns (with their end-of-turn
-//! token) as the only targets. Every error names the file and line.
+//! Fine-tuning data: one conversation per row (a JSONL line, a Parquet row: `dataset`) in
+//! OpenAI's chat format, `{"messages": [{"role": "user", "content": [{"type": "image_url",
+//! "image_url": {"url": "photos/1.png"}}, {"type": "text", "text": "..."}]}, {"role":
+//! "assistant", "content": "..."}]}`, or TRL's (`messages` with `{"type": "image"}` parts and
+//! `images`: `columns`). Images are paths (relative to the file's folder), `file://` URLs or
+//! `data:` URIs. A conversation becomes the tokens the server would give it and, as TRL's
+//! SFT trains VLMs with an assistant-only loss, the assistant turns (with their end-of-turn
+//! token) as the only targets. Every error names the file and row.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
+use serde_json::Value;
+
+use super::columns;
+use super::dataset::{Dataset, Location, Row};
 use crate::openai::{self, ChatMessageIn, Message};
 use crate::processor::local::{LocalImageLimits, read_image};
 use crate::processor::prepare::{image_options, template_messages};
@@ -17,8 +22,8 @@ use crate::processor::{ChatMessage, ImageInput, Processor};
 
 /// One conversation, tokenized.
 pub struct Example {
-    /// 1-based, in its file.
-    pub line: usize,
+    /// Where it is in its file.
+    pub at: Location,
     pub token_ids: Vec<u32>,
     /// `targets[t]`: token `t` is an assistant token, predicted from the tokens before it.
     pub targets: Vec<bool>,
@@ -71,65 +76,31 @@ impl DataLimits {
 pub enum DataError {
     #[error("{file}: {source}")]
     Io { file: PathBuf, source: std::io::Error },
-    #[error("{file}:{line}: {message}")]
-    Line {
+    #[error("{file}: {at}: {message}")]
+    Row {
         file: PathBuf,
-        line: usize,
+        at: Location,
         message: String,
     },
+    #[error("{file}: {message}")]
+    Format { file: PathBuf, message: String },
     #[error("{file}: no examples")]
     Empty { file: PathBuf },
 }
 
-#[derive(serde::Deserialize)]
-struct Line {
-    messages: Vec<ChatMessageIn>,
+/// Reads and tokenizes every conversation of `dataset`.
+pub fn load(dataset: &Dataset, processor: &Processor, limits: &DataLimits) -> Result<Vec<Example>, DataError> {
+    dataset.rows(|row| parse_row(row, processor, limits))
 }
 
-/// Reads and tokenizes every line of `file` (blank lines skipped).
-pub fn load(file: &Path, processor: &Processor, limits: &DataLimits) -> Result<Vec<Example>, DataError> {
-    read_lines(file, |line, number, folder| {
-        parse_line(line, number, folder, processor, limits)
-    })
-}
-
-/// Every non-blank line of `file` through `parse` (the line, its 1-based number, the file's
-/// folder); an error names the file and line, and a file without any is an error too.
-pub(crate) fn read_lines<T>(
-    file: &Path,
-    mut parse: impl FnMut(&str, usize, &Path) -> Result<T, String>,
-) -> Result<Vec<T>, DataError> {
-    let text = std::fs::read_to_string(file).map_err(|source| DataError::Io {
-        file: file.to_path_buf(),
-        source,
-    })?;
-    let folder = file.parent().unwrap_or(Path::new("."));
-    let mut items = Vec::new();
-    for (index, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let item = parse(line, index + 1, folder).map_err(|message| DataError::Line {
-            file: file.to_path_buf(),
-            line: index + 1,
-            message,
-        })?;
-        items.push(item);
-    }
-    if items.is_empty() {
-        return Err(DataError::Empty {
-            file: file.to_path_buf(),
-        });
-    }
-    Ok(items)
-}
-
-fn parse_line(
-    line: &str,
-    number: usize,
-    folder: &Path,
-    processor: &Processor,
-    limits: &DataLimits,
-) -> Result<Example, String> {
-    let parsed: Line = serde_json::from_str(line).map_err(|e| format!("not a JSON object with `messages`: {e}"))?;
-    conversation(&parsed.messages, 0, number, folder, processor, limits)
+fn parse_row(row: Row, processor: &Processor, limits: &DataLimits) -> Result<Example, String> {
+    let mut row_columns = row.columns;
+    let images = columns::take_images(&mut row_columns)?;
+    let mut messages = columns::turns(&row_columns, "messages", "user")?;
+    columns::place_images(&mut messages, &images, "messages")?;
+    let messages: Vec<ChatMessageIn> =
+        serde_json::from_value(Value::Array(messages)).map_err(|e| format!("`messages`: {e}"))?;
+    conversation(&messages, 0, row.at, row.folder, processor, limits)
 }
 
 /// A conversation tokenized as the server would, its targets the tokens of its assistant
@@ -138,7 +109,7 @@ fn parse_line(
 pub(crate) fn conversation(
     input: &[ChatMessageIn],
     first_target: usize,
-    number: usize,
+    at: Location,
     folder: &Path,
     processor: &Processor,
     limits: &DataLimits,
@@ -192,7 +163,7 @@ pub(crate) fn conversation(
         false => Some(Tensor::cat(&tiles, 0).map_err(|e| e.to_string())?),
     };
     Ok(Example {
-        line: number,
+        at,
         token_ids: prompt.token_ids,
         targets,
         pixel_values,

@@ -146,7 +146,7 @@ mod tests {
 
     fn example(targets: usize) -> Example {
         Example {
-            line: 1,
+            at: crate::train::dataset::Location::Line(1),
             token_ids: vec![0; targets + 1],
             targets: (0..=targets).map(|t| t > 0).collect(),
             pixel_values: None,
@@ -155,7 +155,7 @@ mod tests {
 
     fn pair(reference: [f32; 2]) -> Pair {
         Pair {
-            line: 1,
+            at: crate::train::dataset::Location::Line(1),
             chosen: example(2),
             rejected: example(4),
             reference,

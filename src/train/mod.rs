@@ -4,9 +4,11 @@
 //! accumulation, an eval loss per epoch, checkpoints that resume exactly.
 
 pub mod adamw;
+pub mod columns;
 pub mod contrastive;
 pub mod contrastive_model;
 pub mod data;
+pub mod dataset;
 pub mod dpo;
 pub mod evaluate;
 pub mod preference;
@@ -34,6 +36,7 @@ use crate::model::weights::SafetensorsWeights;
 use crate::processor::Processor;
 use adamw::{AdamW, AdamWParams};
 use data::{DataLimits, Example};
+use dataset::Dataset;
 use preference::Pair;
 use text::{LoraSpec, Method, TrainText, Trainable};
 use trainer::{Item, Trainer};
@@ -155,14 +158,19 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
 
 /// `--data` and `--eval`: conversations, or preference pairs under `--method dpo`.
 fn load_data(args: &FinetuneArgs, processor: &Processor, limits: &DataLimits) -> anyhow::Result<Data> {
+    let columns = dataset::Columns::parse(&args.columns).map_err(|e| anyhow::anyhow!("--columns {e}"))?;
+    let train = Dataset::open(&args.data, &args.split, &columns)?;
+    let eval = (args.eval.as_deref())
+        .map(|eval| Dataset::open(eval, &args.eval_split, &columns))
+        .transpose()?;
     Ok(match args.method {
         FinetuneMethod::Dpo => {
-            let load = |file: &Path| preference::load(file, processor, limits);
-            Data::Pairs(load(&args.data)?, args.eval.as_deref().map(load).transpose()?)
+            let load = |set: Dataset| preference::load(&set, processor, limits);
+            Data::Pairs(load(train)?, eval.map(load).transpose()?)
         }
         _ => {
-            let load = |file: &Path| data::load(file, processor, limits);
-            Data::Conversations(load(&args.data)?, args.eval.as_deref().map(load).transpose()?)
+            let load = |set: Dataset| data::load(&set, processor, limits);
+            Data::Conversations(load(train)?, eval.map(load).transpose()?)
         }
     })
 }

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::adamw::AdamW;
 use super::data::Example;
+use super::dataset::Location;
 use super::dpo::{Preference, Stats};
 use super::preference::Pair;
 use super::text::{Sequence, TrainText};
@@ -29,7 +30,7 @@ pub(super) struct Trainer<'a> {
 
 /// What a step is made of.
 pub(super) trait Item {
-    fn line(&self) -> usize;
+    fn at(&self) -> Location;
     fn tokens(&self) -> usize;
     /// A step's loss is its items' summed loss over their summed weight: target tokens for
     /// a conversation, 1 for a pair.
@@ -41,8 +42,8 @@ pub(super) trait Item {
 }
 
 impl Item for Example {
-    fn line(&self) -> usize {
-        self.line
+    fn at(&self) -> Location {
+        self.at
     }
 
     fn tokens(&self) -> usize {
@@ -61,8 +62,8 @@ impl Item for Example {
 }
 
 impl Item for Pair {
-    fn line(&self) -> usize {
-        self.line
+    fn at(&self) -> Location {
+        self.at
     }
 
     fn tokens(&self) -> usize {
@@ -157,15 +158,8 @@ impl Trainer<'_> {
         let (mut total, mut stats) = (0.0, Stats::default());
         let mut rng = ChaCha8Rng::seed_from_u64(self.args.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step as u64));
         for chunk in batch.chunks(self.args.batch_size.max(1)) {
-            let lines = || {
-                chunk
-                    .iter()
-                    .map(|e| e.line().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let (loss, measured) =
-                T::loss(self, chunk, Some(&mut rng)).with_context(|| format!("lines {}", lines()))?;
+            let rows = || chunk.iter().map(|e| e.at().to_string()).collect::<Vec<_>>().join("; ");
+            let (loss, measured) = T::loss(self, chunk, Some(&mut rng)).with_context(|| format!("at {}", rows()))?;
             stats.add(&measured);
             let scaled = (loss / weight.max(1) as f64)?;
             total += scaled.to_scalar::<f32>()? as f64;
