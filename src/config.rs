@@ -204,6 +204,10 @@ pub struct FinetuneArgs {
     /// Forward passes per optimizer step: a step sees batch size x this many conversations.
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// Keep only each decoder layer's input during the forward pass and run the layer again
+    /// in the backward pass: far less memory for about a third more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Clip the gradients' global L2 norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,

@@ -180,6 +180,69 @@ fn a_resumed_run_ends_where_an_unbroken_one_does() {
     }
 }
 
+/// Every tensor of two saved folders' safetensors files equal within `tolerance`.
+fn assert_same_tensors(a: &Path, b: &Path, file: &str, tolerance: f32) {
+    let load = |dir: &Path| candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap();
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.len(), b.len());
+    for (name, tensor) in &a {
+        let (x, y) = (
+            tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(max_abs_diff(&x, &y) <= tolerance, "{name}: {}", max_abs_diff(&x, &y));
+    }
+}
+
+#[test]
+fn gradient_checkpointing_trains_as_the_plain_backward_does_lora_with_dropout_and_full() {
+    for (name, method, file) in [
+        (
+            "lora",
+            [
+                "--lora-dropout",
+                "0.1",
+                "--lora-target-modules",
+                "q_proj,down_proj,lm_head",
+            ],
+            "adapter_model.safetensors",
+        ),
+        ("full", ["--method", "full", "--lr", "1e-4"], "model.safetensors"),
+    ] {
+        let (plain, checkpointed) = (scratch(&format!("{name}-plain")), scratch(&format!("{name}-ckpt")));
+        let mut flags = vec![
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "2",
+        ];
+        flags.extend(method);
+        let a = ocellus::train::finetune(&args(&plain, &flags)).unwrap();
+        flags.push("--gradient-checkpointing");
+        let b = ocellus::train::finetune(&args(&checkpointed, &flags)).unwrap();
+        eprintln!("{name}: {:?} vs {:?}", a.losses, b.losses);
+        assert_eq!(a.losses.len(), 4);
+        for (x, y) in a
+            .losses
+            .iter()
+            .zip(&b.losses)
+            .chain(a.eval_losses.iter().zip(&b.eval_losses))
+        {
+            assert!((x - y).abs() < 1e-5, "{name}: {x} vs {y}");
+        }
+        assert!(
+            a.losses[3] < a.losses[0] || a.eval_losses.last() < a.eval_losses.first(),
+            "{name} learned nothing"
+        );
+        assert_same_tensors(&plain, &checkpointed, file, 1e-5);
+        for dir in [plain, checkpointed] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+}
+
 #[test]
 fn broken_datasets_stop_with_an_error_naming_the_line() {
     let loaded = load_fixture_model(MODEL);

@@ -36,8 +36,8 @@ pub struct Pair {
 
 pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     anyhow::ensure!(
-        args.resume.is_none() && args.save_steps.is_none(),
-        "--resume and --save-steps are not supported with --method contrastive yet"
+        args.resume.is_none() && args.save_steps.is_none() && !args.gradient_checkpointing,
+        "--resume, --save-steps and --gradient-checkpointing are not supported with --method contrastive yet"
     );
     anyhow::ensure!(
         args.batch_size >= 2,

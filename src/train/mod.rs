@@ -64,6 +64,9 @@ pub struct Summary {
     pub losses: Vec<f64>,
     /// Under `--method dpo`: each step's rewards, accuracy, margin and log-probabilities.
     pub preference: Vec<dpo::Means>,
+    /// Tokens the optimizer steps saw, and the seconds they took (evaluation apart).
+    pub tokens: usize,
+    pub step_seconds: f64,
 }
 
 /// What a run trains on, with its held-out part.
@@ -80,17 +83,8 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     if args.method == FinetuneMethod::Contrastive {
         return contrastive::finetune(args);
     }
+    let files = trainable_files(args)?;
     // The served model's vision encoder gives the features a LoRA run trains on.
-    let files = ModelFiles::locate(Path::new(&args.model))?;
-    let family = crate::model::registry::family(&files)?;
-    if !TRAINABLE.contains(&family.architectures[0]) {
-        anyhow::bail!(
-            "{}: fine-tuning {} is not supported yet (Ocellus trains {}); the model can be served",
-            files.config.display(),
-            family.architectures[0],
-            TRAINABLE.join(", ")
-        )
-    }
     let served = crate::model::load(&files, DType::F32, &Device::Cpu)?;
     let processor = Processor::load(&files, served.info())?;
     let limits = DataLimits {
@@ -102,7 +96,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     let data = load_data(args, &processor, &limits)?;
     let method = method(args)?;
     let config = SmolVlmConfig::load(&files.config)?;
-    let (train_vision, model, trainables) = build(&config, &files, &method, args.seed)?;
+    let (train_vision, model, trainables) = build(&config, &files, &method, args.seed, args.gradient_checkpointing)?;
     init_lora(args, &method, &trainables)?;
     let vars: Vec<Var> = trainables.iter().map(|t| t.var.clone()).collect();
     let params = AdamWParams {
@@ -153,7 +147,43 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     }
     write_output(&args.out, args, &method, &files, &trainables)?;
     eprintln!("saved to {}", args.out.display());
+    report(&run.summary);
     Ok(run.summary)
+}
+
+/// The model folder of `--model`, if its family trains.
+fn trainable_files(args: &FinetuneArgs) -> anyhow::Result<ModelFiles> {
+    let files = ModelFiles::locate(Path::new(&args.model))?;
+    let family = crate::model::registry::family(&files)?;
+    if !TRAINABLE.contains(&family.architectures[0]) {
+        anyhow::bail!(
+            "{}: fine-tuning {} is not supported yet (Ocellus trains {}); the model can be served",
+            files.config.display(),
+            family.architectures[0],
+            TRAINABLE.join(", ")
+        )
+    }
+    Ok(files)
+}
+
+/// The run's speed and memory, as the last lines of its log.
+fn report(summary: &Summary) {
+    let peak = peak_resident_bytes().map_or("unknown".into(), |b| format!("{} MiB", b >> 20));
+    eprintln!(
+        "{} tokens in {:.1} s of steps ({:.0} tokens/s); peak resident memory {peak}",
+        summary.tokens,
+        summary.step_seconds,
+        summary.tokens as f64 / summary.step_seconds.max(1e-9)
+    );
+}
+
+/// The process's peak resident set (Linux's VmHWM), what `--quantize` and
+/// `--gradient-checkpointing` are there to lower.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `--data` and `--eval`: conversations, or preference pairs under `--method dpo`.
@@ -182,6 +212,7 @@ fn build(
     files: &ModelFiles,
     method: &Method,
     seed: u64,
+    checkpointing: bool,
 ) -> anyhow::Result<(Option<vision::TrainVision>, TrainText, Vec<Trainable>)> {
     let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
     let (train_vision, mut trainables) = match method {
@@ -192,7 +223,8 @@ fn build(
         }
         Method::Lora(_) => (None, Vec::new()),
     };
-    let (model, text) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, method, seed)?;
+    let (mut model, text) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, method, seed)?;
+    model.checkpoint_layers(checkpointing);
     trainables.extend(text);
     Ok((train_vision, model, trainables))
 }
@@ -287,9 +319,12 @@ impl Run<'_> {
         let args = self.trainer.args;
         let state = &mut self.state;
         let lr = learning_rate(args.lr, args.warmup_steps, total_steps, state.step);
+        let began = Instant::now();
         let (loss, stats) = self
             .trainer
             .step(batch, self.vars, &mut self.optimizer, lr, state.step)?;
+        self.summary.step_seconds += began.elapsed().as_secs_f64();
+        self.summary.tokens += batch.iter().map(|e| e.tokens()).sum::<usize>();
         state.step += 1;
         state.group += 1;
         *tokens_seen += batch.iter().map(|e| e.tokens()).sum::<usize>();

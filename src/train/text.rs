@@ -5,6 +5,9 @@
 //! or every weight (`--method full`, with `vision`'s encoder); image features come in
 //! computed and are spliced in place of the image tokens.
 
+use std::cell::RefCell;
+
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{RngExt, SeedableRng};
@@ -64,6 +67,25 @@ pub struct TrainText {
     kv_heads: usize,
     head_dim: usize,
     dropout: f32,
+    /// `--gradient-checkpointing`: keep each layer's input only, recompute in `Tape::backward`.
+    checkpointing: bool,
+    /// The last training forward's checkpoints, under `checkpointing`.
+    tape: RefCell<Option<Tape>>,
+}
+
+/// What a checkpointed forward kept: each layer's input (detached), the seed of its dropout,
+/// and what attention needs to run a layer again; `output` is the last layer's output as a
+/// leaf whose gradient the loss's backward gives, `embedded` the first layer's input still
+/// attached to the embedding (and, under `--method full`, the vision encoder).
+pub struct Tape {
+    inputs: Vec<Tensor>,
+    seeds: Vec<u64>,
+    cos: Tensor,
+    sin: Tensor,
+    lens: Vec<usize>,
+    masks: Vec<Tensor>,
+    output: Var,
+    embedded: Tensor,
 }
 
 struct Layer {
@@ -215,6 +237,8 @@ impl TrainText {
             kv_heads,
             head_dim: hd,
             dropout,
+            checkpointing: false,
+            tape: RefCell::new(None),
         };
         Ok((model, b.trainables))
     }
@@ -256,10 +280,100 @@ impl TrainText {
         );
         let lens: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
         let masks: Vec<Tensor> = lens.iter().map(|&n| causal_mask(n, device)).collect::<Result<_>>()?;
-        for layer in &self.layers {
-            xs = self.layer(layer, &xs, &cos, &sin, &lens, &masks, dropout)?;
+        // Each layer's dropout from its own seed, so a checkpointed layer run again draws
+        // the same masks (and a run is the same with checkpointing or without).
+        let seeds: Vec<u64> = match dropout {
+            Some(rng) => self.layers.iter().map(|_| rng.random()).collect(),
+            None => Vec::new(),
+        };
+        let run = |index: usize, xs: &Tensor| -> Result<Tensor> {
+            let mut rng = seeds.get(index).map(|&seed| ChaCha8Rng::seed_from_u64(seed));
+            let (cos, sin, lens, masks) = (&cos, &sin, &lens, &masks);
+            self.layer(&self.layers[index], xs, cos, sin, lens, masks, &mut rng.as_mut())
+        };
+        if !self.checkpointing {
+            for index in 0..self.layers.len() {
+                xs = run(index, &xs)?;
+            }
+            return Ok(xs);
         }
-        Ok(xs)
+        // Only the layers' inputs stay alive: detaching each output drops the graph (and
+        // the activations) of the layer that made it.
+        let embedded = xs;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut xs = embedded.detach();
+        for index in 0..self.layers.len() {
+            let next = run(index, &xs)?.detach();
+            inputs.push(xs);
+            xs = next;
+        }
+        if seeds.is_empty() {
+            return Ok(xs);
+        }
+        let output = Var::from_tensor(&xs)?;
+        let leaf = output.as_tensor().clone();
+        *self.tape.borrow_mut() = Some(Tape {
+            inputs,
+            seeds,
+            cos,
+            sin,
+            lens,
+            masks,
+            output,
+            embedded,
+        });
+        Ok(leaf)
+    }
+
+    /// The leaf standing for the last layer's output in the loss's graph.
+    pub fn tape_output(tape: &Tape) -> &Tensor {
+        tape.output.as_tensor()
+    }
+
+    /// Turns gradient checkpointing on or off (`--gradient-checkpointing`).
+    pub fn checkpoint_layers(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// The checkpoints of the last training forward, if it kept any.
+    pub fn take_tape(&self) -> Option<Tape> {
+        self.tape.borrow_mut().take()
+    }
+
+    /// The backward pass through the layers of a checkpointed forward, given the gradient of
+    /// its output: each layer runs again from its saved input (last first) and back-propagates
+    /// the gradient it receives; `sink` gets each part's gradients.
+    pub fn backward_layers(
+        &self,
+        tape: Tape,
+        grad: &Tensor,
+        mut sink: impl FnMut(&GradStore) -> Result<()>,
+    ) -> Result<()> {
+        let mut grad = grad.clone();
+        for index in (0..self.layers.len()).rev() {
+            let input = Var::from_tensor(&tape.inputs[index])?;
+            let mut rng = ChaCha8Rng::seed_from_u64(tape.seeds[index]);
+            let (cos, sin, lens, masks) = (&tape.cos, &tape.sin, &tape.lens, &tape.masks);
+            let output = self.layer(
+                &self.layers[index],
+                input.as_tensor(),
+                cos,
+                sin,
+                lens,
+                masks,
+                &mut Some(&mut rng),
+            )?;
+            let store = (output * &grad)?.sum_all()?.backward()?;
+            sink(&store)?;
+            grad = match store.get(input.as_tensor()) {
+                Some(g) => g.clone(),
+                None => input.zeros_like()?,
+            };
+        }
+        if tape.embedded.track_op() {
+            sink(&(tape.embedded * grad)?.sum_all()?.backward()?)?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

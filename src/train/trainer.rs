@@ -3,6 +3,7 @@
 //! pair). Images are encoded once per forward for all its sequences.
 
 use anyhow::Context;
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -164,13 +165,15 @@ impl Trainer<'_> {
             let scaled = (loss / weight.max(1) as f64)?;
             total += scaled.to_scalar::<f32>()? as f64;
             let store = scaled.backward()?;
-            for (slot, var) in grads.iter_mut().zip(vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(sum) => (sum + g)?,
-                        None => g.clone(),
-                    });
-                }
+            accumulate(&mut grads, vars, &store)?;
+            // Under --gradient-checkpointing the loss's graph stops at the last layer's
+            // output: the layers' gradients come from running them again, last first.
+            if let Some(tape) = self.model.take_tape() {
+                let grad = store.get(TrainText::tape_output(&tape)).cloned();
+                let grad = grad.map_or_else(|| TrainText::tape_output(&tape).zeros_like(), Ok)?;
+                drop(store);
+                self.model
+                    .backward_layers(tape, &grad, |part| accumulate(&mut grads, vars, part))?;
             }
         }
         let grads: Vec<Tensor> = (grads.into_iter().zip(vars))
@@ -192,6 +195,19 @@ impl Trainer<'_> {
         }
         Ok(sum / weight.max(1) as f64)
     }
+}
+
+/// Adds `store`'s gradients of `vars` to the running sums.
+fn accumulate(grads: &mut [Option<Tensor>], vars: &[Var], store: &GradStore) -> candle_core::Result<()> {
+    for (slot, var) in grads.iter_mut().zip(vars) {
+        if let Some(g) = store.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(sum) => (sum + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Scales the gradients down to a global L2 norm of `max_norm` (0: no clipping).
