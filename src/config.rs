@@ -204,6 +204,10 @@ pub struct FinetuneArgs {
     /// Forward passes per optimizer step: a step sees batch size x this many conversations.
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
+    /// QLoRA: keep the frozen base's text projections, head and embedding in int8 blocks
+    /// (`q8_0`), expanded to f32 one layer at a time; LoRA pairs train in f32.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizationArg>,
     /// Keep only each decoder layer's input during the forward pass and run the layer again
     /// in the backward pass: far less memory for about a third more compute.
     #[arg(long)]

@@ -63,6 +63,7 @@ fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapte
             .iter()
             .map(|m| m.to_string())
             .collect(),
+        quantize_base: false,
     };
     for (method, reference) in [
         (Method::Full, Reference::load(&fixtures(), MODEL)),
@@ -240,6 +241,49 @@ fn gradient_checkpointing_trains_as_the_plain_backward_does_lora_with_dropout_an
         for dir in [plain, checkpointed] {
             std::fs::remove_dir_all(dir).unwrap();
         }
+    }
+}
+
+#[test]
+fn qlora_trains_close_to_f32_lora_and_refuses_full_weights() {
+    let (plain, quantized) = (scratch("q-plain"), scratch("q8"));
+    let flags = [
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--lr",
+        "1e-3",
+    ];
+    let a = ocellus::train::finetune(&args(&plain, &flags)).unwrap();
+    let mut q8 = flags.to_vec();
+    q8.extend(["--quantize", "q8_0", "--gradient-checkpointing"]);
+    let b = ocellus::train::finetune(&args(&quantized, &q8)).unwrap();
+    eprintln!(
+        "f32 {:?} / {:?}\nq8_0 {:?} / {:?}",
+        a.losses, a.eval_losses, b.losses, b.eval_losses
+    );
+    // Int8 blocks move the losses a little, not the run: the same data, the same descent.
+    for (x, y) in a
+        .losses
+        .iter()
+        .zip(&b.losses)
+        .chain(a.eval_losses.iter().zip(&b.eval_losses))
+    {
+        assert!((x - y).abs() < 0.02 * x.abs(), "{x} vs {y}");
+        assert!(x != y, "q8_0 changed nothing: the base was not quantized");
+    }
+    assert!(b.eval_losses.last() < b.eval_losses.first(), "{:?}", b.eval_losses);
+    // The adapter applies to the unquantized base, as a QLoRA adapter does.
+    assert!(quantized.join("adapter_model.safetensors").exists());
+    let error = ocellus::train::finetune(&args(&scratch("q-full"), &["--method", "full", "--quantize", "q8_0"]))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("--quantize"), "{error}");
+    for dir in [plain, quantized] {
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
 

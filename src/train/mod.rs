@@ -11,6 +11,7 @@ pub mod data;
 pub mod dataset;
 pub mod dpo;
 pub mod evaluate;
+pub mod frozen;
 pub mod preference;
 pub mod save;
 pub mod synthetic;
@@ -85,7 +86,11 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     }
     let files = trainable_files(args)?;
     // The served model's vision encoder gives the features a LoRA run trains on.
-    let served = crate::model::load(&files, DType::F32, &Device::Cpu)?;
+    let mut served = crate::model::load(&files, DType::F32, &Device::Cpu)?;
+    if args.quantize.is_some() {
+        // Only its vision encoder serves the run: its text layers need not stay in f32.
+        served.quantize_text(crate::model::Quantization::Q8_0)?;
+    }
     let processor = Processor::load(&files, served.info())?;
     let limits = DataLimits {
         max_seq_len: args.max_seq_len.min(served.info().max_positions),
@@ -489,6 +494,10 @@ fn method(args: &FinetuneArgs) -> anyhow::Result<Method> {
         }
     };
     if every_weight {
+        anyhow::ensure!(
+            args.quantize.is_none(),
+            "--quantize keeps a frozen base: it applies to LoRA runs, not every weight"
+        );
         return Ok(Method::Full);
     }
     anyhow::ensure!(args.lora_r > 0, "--lora-r must be at least 1");
@@ -508,6 +517,7 @@ fn method(args: &FinetuneArgs) -> anyhow::Result<Method> {
         alpha: args.lora_alpha,
         dropout: args.lora_dropout,
         targets: args.lora_target_modules.clone(),
+        quantize_base: args.quantize.is_some(),
     }))
 }
 

@@ -7,12 +7,15 @@
 
 use std::cell::RefCell;
 
-use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::frozen::Frozen;
+pub use checkpoint::Tape;
+
+mod checkpoint;
 use crate::model::smolvlm::config::TextConfig;
 
 /// Which weights train.
@@ -29,6 +32,8 @@ pub struct LoraSpec {
     pub dropout: f32,
     /// Module names as PEFT's `target_modules` list matches them (`q_proj`, `lm_head`).
     pub targets: Vec<String>,
+    /// QLoRA: the frozen projections, head and embedding kept in Q8_0 blocks.
+    pub quantize_base: bool,
 }
 
 impl LoraSpec {
@@ -44,7 +49,7 @@ pub struct Trainable {
 }
 
 struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
     lora: Option<LoraPair>,
 }
@@ -55,8 +60,14 @@ struct LoraPair {
     scale: f64,
 }
 
+/// A linear layer's weight: trained (a variable's tensor, `--method full`) or frozen.
+enum Weight {
+    Trained(Tensor),
+    Frozen(Frozen),
+}
+
 pub struct TrainText {
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -71,21 +82,6 @@ pub struct TrainText {
     checkpointing: bool,
     /// The last training forward's checkpoints, under `checkpointing`.
     tape: RefCell<Option<Tape>>,
-}
-
-/// What a checkpointed forward kept: each layer's input (detached), the seed of its dropout,
-/// and what attention needs to run a layer again; `output` is the last layer's output as a
-/// leaf whose gradient the loss's backward gives, `embedded` the first layer's input still
-/// attached to the embedding (and, under `--method full`, the vision encoder).
-pub struct Tape {
-    inputs: Vec<Tensor>,
-    seeds: Vec<u64>,
-    cos: Tensor,
-    sin: Tensor,
-    lens: Vec<usize>,
-    masks: Vec<Tensor>,
-    output: Var,
-    embedded: Tensor,
 }
 
 struct Layer {
@@ -119,10 +115,18 @@ impl Builder<'_> {
         Ok(t)
     }
 
+    /// A matrix: a variable under the full method, else frozen (in Q8_0 blocks under QLoRA).
+    fn matrix(&mut self, name: String, tensor: Tensor) -> Result<Weight> {
+        match self.method {
+            Method::Full => Ok(Weight::Trained(self.weight(name, tensor)?)),
+            Method::Lora(spec) => Ok(Weight::Frozen(Frozen::new(tensor, spec.quantize_base)?)),
+        }
+    }
+
     /// `module`: PEFT's name for it (`model.text_model.layers.0.self_attn.q_proj`).
     fn linear(&mut self, module: &str, vb: &VarBuilder, shape: (usize, usize), bias: bool) -> Result<Linear> {
         let out = shape.0;
-        let weight = self.weight(format!("{module}.weight"), vb.get(shape, &format!("{module}.weight"))?)?;
+        let weight = self.matrix(format!("{module}.weight"), vb.get(shape, &format!("{module}.weight"))?)?;
         let bias = if bias {
             Some(self.weight(format!("{module}.bias"), vb.get(out, &format!("{module}.bias"))?)?)
         } else {
@@ -188,7 +192,7 @@ impl TrainText {
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let embed_name = "model.text_model.embed_tokens.weight";
-        let embed = b.weight(embed_name.into(), vb.get((cfg.vocab_size, h), embed_name)?)?;
+        let embed = b.matrix(embed_name.into(), vb.get((cfg.vocab_size, h), embed_name)?)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let m = format!("model.text_model.layers.{i}");
@@ -213,7 +217,7 @@ impl TrainText {
         let lm_head = if tie_word_embeddings {
             // Tied: the head is the embedding matrix itself (a LoRA on lm_head still applies).
             Linear {
-                weight: embed.clone(),
+                weight: embed.shared(),
                 bias: None,
                 lora: b.lora_pair("lm_head", (cfg.vocab_size, h), vb.device())?,
             }
@@ -247,9 +251,9 @@ impl TrainText {
     /// matrix: the linear layers run once over all of them, attention per sequence.
     /// `dropout`: a seeded source for LoRA dropout, `None` to evaluate.
     fn hidden(&self, seqs: &[Sequence<'_>], image_token: u32, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let device = self.embed.device();
+        let device = self.norm.device();
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.ids.iter().copied()).collect();
-        let mut xs = self.embed.index_select(&Tensor::new(ids.as_slice(), device)?, 0)?;
+        let mut xs = self.embed.rows(&Tensor::new(ids.as_slice(), device)?)?;
         let features: Vec<Tensor> = (seqs.iter().filter_map(|s| s.features.clone()))
             .map(|f| f.to_dtype(DType::F32))
             .collect::<Result<_>>()?;
@@ -325,57 +329,6 @@ impl TrainText {
         Ok(leaf)
     }
 
-    /// The leaf standing for the last layer's output in the loss's graph.
-    pub fn tape_output(tape: &Tape) -> &Tensor {
-        tape.output.as_tensor()
-    }
-
-    /// Turns gradient checkpointing on or off (`--gradient-checkpointing`).
-    pub fn checkpoint_layers(&mut self, on: bool) {
-        self.checkpointing = on;
-    }
-
-    /// The checkpoints of the last training forward, if it kept any.
-    pub fn take_tape(&self) -> Option<Tape> {
-        self.tape.borrow_mut().take()
-    }
-
-    /// The backward pass through the layers of a checkpointed forward, given the gradient of
-    /// its output: each layer runs again from its saved input (last first) and back-propagates
-    /// the gradient it receives; `sink` gets each part's gradients.
-    pub fn backward_layers(
-        &self,
-        tape: Tape,
-        grad: &Tensor,
-        mut sink: impl FnMut(&GradStore) -> Result<()>,
-    ) -> Result<()> {
-        let mut grad = grad.clone();
-        for index in (0..self.layers.len()).rev() {
-            let input = Var::from_tensor(&tape.inputs[index])?;
-            let mut rng = ChaCha8Rng::seed_from_u64(tape.seeds[index]);
-            let (cos, sin, lens, masks) = (&tape.cos, &tape.sin, &tape.lens, &tape.masks);
-            let output = self.layer(
-                &self.layers[index],
-                input.as_tensor(),
-                cos,
-                sin,
-                lens,
-                masks,
-                &mut Some(&mut rng),
-            )?;
-            let store = (output * &grad)?.sum_all()?.backward()?;
-            sink(&store)?;
-            grad = match store.get(input.as_tensor()) {
-                Some(g) => g.clone(),
-                None => input.zeros_like()?,
-            };
-        }
-        if tape.embedded.track_op() {
-            sink(&(tape.embedded * grad)?.sum_all()?.backward()?)?;
-        }
-        Ok(())
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -430,7 +383,10 @@ impl TrainText {
 
     /// `xs · Wᵀ + b`, plus PEFT's `scale · B(A(dropout(xs)))` where a LoRA pair sits.
     fn project(&self, linear: &Linear, xs: &Tensor, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let mut ys = xs.matmul(&linear.weight.t()?)?;
+        let mut ys = match &linear.weight {
+            Weight::Trained(weight) => xs.matmul(&weight.t()?)?,
+            Weight::Frozen(weight) => weight.linear(xs)?,
+        };
         if let Some(bias) = &linear.bias {
             ys = ys.broadcast_add(bias)?;
         }
@@ -511,6 +467,24 @@ impl TrainText {
         };
         let hidden = self.hidden(std::slice::from_ref(&seq), image_token, &mut None)?;
         self.project(&self.lm_head, &rms_norm(&hidden, &self.norm, self.eps)?, &mut None)
+    }
+}
+
+impl Weight {
+    /// The same weight again (the tied head is the embedding).
+    fn shared(&self) -> Weight {
+        match self {
+            Weight::Trained(t) => Weight::Trained(t.clone()),
+            Weight::Frozen(f) => Weight::Frozen(f.clone()),
+        }
+    }
+
+    /// Rows `ids` of the matrix (the embedding lookup).
+    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Trained(t) => t.index_select(ids, 0),
+            Weight::Frozen(f) => f.dense()?.index_select(ids, 0),
+        }
     }
 }
 
