@@ -34,9 +34,11 @@ REFERENCE = FIXTURES / "reference" / "tiny-idefics3-dpo.json"
 TEXT_LINEAR = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 STEPS = 20
 RUNS = {
-    # name: (learning rate, LoRA or not)
-    "lora": (2e-3, True),
-    "full": (1e-4, False),
+    # name: (learning rate, LoRA or not, the SFT term's weight: TRL's loss_type
+    # ["sigmoid", "sft"] with loss_weights [1, w]; 0: sigmoid alone)
+    "lora": (2e-3, True, 0.0),
+    "full": (1e-4, False, 0.0),
+    "lora-sft": (2e-3, True, 0.5),
 }
 LOGGED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
 
@@ -64,7 +66,7 @@ def pairs():
     return ours, theirs
 
 
-def run(name, lr, lora, dataset, processor):
+def run(name, lr, lora, sft, dataset, processor):
     torch.manual_seed(0)
     model = Idefics3ForConditionalGeneration.from_pretrained(MODEL, dtype=torch.float32)
     if lora:
@@ -86,12 +88,12 @@ def run(name, lr, lora, dataset, processor):
             output_dir=tmp, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=STEPS,
             learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", beta=0.1,
-            loss_type=["sigmoid"], logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+            loss_type=["sigmoid", "sft"] if sft else ["sigmoid"], loss_weights=[1.0, sft] if sft else None, logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
             max_length=None, dataloader_num_workers=0, bf16=False,  # TRL defaults to bf16 autocast
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
         trainer.train()
-    if lora:
+    if name == "lora":
         # The trained adapter, for tests/dpo.rs to hold Ocellus's to it tensor by tensor.
         trained = OUT / "trl-lora"
         shutil.rmtree(trained, ignore_errors=True)
@@ -102,7 +104,7 @@ def run(name, lr, lora, dataset, processor):
     steps = [{k: log[k] for k in LOGGED} for log in trainer.state.log_history if "rewards/chosen" in log]
     assert len(steps) == STEPS, steps
     print(f"  {name}: loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}")
-    return {"lr": lr, "steps": steps}
+    return {"lr": lr, "weights": "lora" if lora else "full", "sft_weight": sft, "steps": steps}
 
 
 def main():
@@ -112,7 +114,7 @@ def main():
     processor = AutoProcessor.from_pretrained(MODEL)
     processor.image_processor = AutoImageProcessor.from_pretrained(MODEL, backend="pil")
     dataset = Dataset.from_list(theirs)
-    runs = {name: run(name, lr, lora, dataset, processor) for name, (lr, lora) in RUNS.items()}
+    runs = {name: run(name, lr, lora, sft, dataset, processor) for name, (lr, lora, sft) in RUNS.items()}
     meta = {"trl": trl.__version__, "torch": torch.__version__, "batch_size": 4, "beta": 0.1}
     REFERENCE.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
 

@@ -249,6 +249,11 @@ pub struct FinetuneArgs {
     /// Under `--method dpo`: TRL's `loss_type`.
     #[arg(long, value_enum, default_value = "sigmoid")]
     pub dpo_loss: DpoLoss,
+    /// Under `--method dpo`: add this times the chosen completions' mean token NLL (TRL's
+    /// `loss_type=[..., "sft"]` with `loss_weights=[1, W]`; RPO's alpha), which keeps the
+    /// chosen answers likely while the margin grows.
+    #[arg(long, default_value_t = 0.0)]
+    pub sft_weight: f64,
 }
 
 #[derive(Debug, Clone, Args)]

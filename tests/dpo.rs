@@ -138,35 +138,56 @@ fn broken_pairs_stop_with_an_error_naming_the_line() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
+/// The flags of one of `scripts/fixtures_dpo.py`'s runs, writing to `target`.
+fn trl_run_args(run: &Value, target: &Path) -> FinetuneArgs {
+    let dpo = fixtures().join("finetune/dpo");
+    let model = Reference::model_dir(&fixtures(), MODEL);
+    let (data, init) = (dpo.join("pairs.jsonl"), dpo.join("init-lora"));
+    let lr = run["lr"].as_f64().unwrap().to_string();
+    let weights = run["weights"].as_str().unwrap();
+    let sft = run["sft_weight"].as_f64().unwrap().to_string();
+    let mut argv = vec!["ocellus", "finetune", "--method", "dpo", "--dpo-weights", weights];
+    argv.extend(["--sft-weight", &sft, "--model", model.to_str().unwrap()]);
+    argv.extend(["--data", data.to_str().unwrap(), "--out", target.to_str().unwrap()]);
+    argv.extend([
+        "--lr",
+        &lr,
+        "--beta",
+        "0.1",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "20",
+        "--max-steps",
+        "20",
+    ]);
+    if weights == "lora" {
+        argv.extend([
+            "--lora-init",
+            init.to_str().unwrap(),
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+        ]);
+        argv.extend(["--lora-dropout", "0"]);
+    }
+    let Command::Finetune(args) = Cli::parse_from(argv).command else {
+        unreachable!()
+    };
+    args
+}
+
 /// `scripts/fixtures_dpo.py`'s runs: TRL's DPOTrainer, 20 steps of the four pairs at once.
 #[test]
-fn twenty_steps_log_what_trl_logs_lora_and_full() {
+fn twenty_steps_log_what_trl_logs_lora_full_and_lora_with_the_sft_term() {
     let text = std::fs::read_to_string(fixtures().join("reference/tiny-idefics3-dpo.json")).unwrap();
     let reference: Value = serde_json::from_str(&text).unwrap();
     let dpo = fixtures().join("finetune/dpo");
-    let model = Reference::model_dir(&fixtures(), MODEL);
     for (name, run) in reference["runs"].as_object().unwrap() {
         let out = scratch(&format!("trl-{name}"));
-        let lr = run["lr"].as_f64().unwrap().to_string();
-        let (data, init, target) = (dpo.join("pairs.jsonl"), dpo.join("init-lora"), out.join("out"));
-        let mut argv = vec!["ocellus", "finetune", "--method", "dpo", "--dpo-weights", name];
-        argv.extend(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
-        argv.extend(["--out", target.to_str().unwrap(), "--lr", &lr, "--beta", "0.1"]);
-        argv.extend(["--batch-size", "4", "--epochs", "20", "--max-steps", "20"]);
-        if name == "lora" {
-            argv.extend([
-                "--lora-init",
-                init.to_str().unwrap(),
-                "--lora-r",
-                "8",
-                "--lora-alpha",
-                "16",
-            ]);
-            argv.extend(["--lora-dropout", "0"]);
-        }
-        let Command::Finetune(args) = Cli::parse_from(argv).command else {
-            unreachable!()
-        };
+        let target = out.join("out");
+        let args = trl_run_args(run, &target);
         let summary = ocellus::train::finetune(&args).unwrap();
         let steps = run["steps"].as_array().unwrap();
         assert_eq!(

@@ -3,18 +3,20 @@
 //! training: a new LoRA adapter's base, or the initial weights, scored once before the first
 //! step, so no second copy is kept), the log-ratio of chosen over rejected against the
 //! reference's, and one of TRL's losses on it (`sigmoid`, the DPO paper's; `hinge`; `ipo`,
-//! per-token averaged). Rewards, reward accuracy and margins as TRL logs them.
+//! per-token averaged), plus, with a weight, TRL's `sft` term (the chosen completions' mean
+//! token NLL). Rewards, reward accuracy and margins as TRL logs them.
 
 use candle_core::{Result, Tensor};
 
 use super::preference::Pair;
 pub use crate::config::DpoLoss;
 
-/// A DPO run's settings (`--beta`, `--dpo-loss`).
+/// A DPO run's settings (`--beta`, `--dpo-loss`, `--sft-weight`).
 #[derive(Debug, Clone, Copy)]
 pub struct Preference {
     pub beta: f64,
     pub loss: DpoLoss,
+    pub sft_weight: f64,
 }
 
 /// Sums over pairs of what TRL logs as means.
@@ -84,6 +86,7 @@ impl Preference {
         Self {
             beta: args.beta,
             loss: args.dpo_loss,
+            sft_weight: args.sft_weight,
         }
     }
 
@@ -110,7 +113,16 @@ impl Preference {
             }
         };
         let stats = self.stats(&policy.detach(), &ratios.detach())?;
-        Ok((per_pair.sum_all()?, stats))
+        let mut loss = per_pair.sum_all()?;
+        if self.sft_weight > 0.0 {
+            // TRL's `sft` term is the mean over the batch's chosen tokens, added once per
+            // batch: `n` times here, as the step divides the summed loss by its pairs.
+            let tokens: usize = pairs.iter().map(|p| p.chosen.target_count()).sum();
+            let chosen_sum = policy.narrow(1, 0, 1)?.sum_all()?;
+            let sft = (chosen_sum * (-self.sft_weight * n as f64 / tokens.max(1) as f64))?;
+            loss = (loss + sft)?;
+        }
+        Ok((loss, stats))
     }
 
     fn stats(&self, policy: &Tensor, ratios: &Tensor) -> Result<Stats> {
@@ -169,10 +181,16 @@ mod tests {
         // Pair 0: log-ratios (+1, -1); pair 1: (-0.5, +0.5).
         let policy = Tensor::new(&[-2.0f32, -6.0, -2.5, -1.5], &Device::Cpu)?;
         let beta = 0.1;
-        let loss = |kind| -> Result<(f64, Stats)> {
-            let (loss, stats) = Preference { beta, loss: kind }.loss(&policy, &refs)?;
+        let weighted = |kind, sft_weight| -> Result<(f64, Stats)> {
+            let (loss, stats) = Preference {
+                beta,
+                loss: kind,
+                sft_weight,
+            }
+            .loss(&policy, &refs)?;
             Ok((loss.to_scalar::<f32>()? as f64, stats))
         };
+        let loss = |kind| weighted(kind, 0.0);
         let softplus = |x: f64| (1.0 + x.exp()).ln();
         let (sigmoid, stats) = loss(DpoLoss::Sigmoid)?;
         assert!(
@@ -195,6 +213,9 @@ mod tests {
         assert!((means.chosen_rewards - beta * 0.25).abs() < 1e-6);
         assert!((means.margin - beta * 0.5).abs() < 1e-6);
         assert!((means.rejected_logps - -3.75).abs() < 1e-6);
+        // The SFT term: 0.5 x the mean NLL of the 4 chosen tokens (4.5 / 4), per pair.
+        let (with_sft, _) = weighted(DpoLoss::Sigmoid, 0.5)?;
+        assert!((with_sft - sigmoid - 2.0 * 0.5 * 4.5 / 4.0).abs() < 1e-5, "{with_sft}");
         Ok(())
     }
 

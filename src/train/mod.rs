@@ -31,9 +31,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DpoWeights, FinetuneArgs, FinetuneMethod};
-use crate::model::ModelFiles;
 use crate::model::smolvlm::SmolVlmConfig;
 use crate::model::weights::SafetensorsWeights;
+use crate::model::{ModelFiles, VisionLanguageModel};
 use crate::processor::Processor;
 use adamw::{AdamW, AdamWParams};
 use data::{DataLimits, Example};
@@ -86,11 +86,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     }
     let files = trainable_files(args)?;
     // The served model's vision encoder gives the features a LoRA run trains on.
-    let mut served = crate::model::load(&files, DType::F32, &Device::Cpu)?;
-    if args.quantize.is_some() {
-        // Only its vision encoder serves the run: its text layers need not stay in f32.
-        served.quantize_text(crate::model::Quantization::Q8_0)?;
-    }
+    let served = served_model(args, &files)?;
     let processor = Processor::load(&files, served.info())?;
     let limits = DataLimits {
         max_seq_len: args.max_seq_len.min(served.info().max_positions),
@@ -154,6 +150,22 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     eprintln!("saved to {}", args.out.display());
     report(&run.summary);
     Ok(run.summary)
+}
+
+/// The model as the server loads it, for its vision encoder (and the processor's facts).
+/// Under --quantize the frozen vision encoder runs in bf16 and the text layers (which the
+/// run does not use) shrink to Q8_0: QLoRA keeps no f32 copy of the base.
+fn served_model(args: &FinetuneArgs, files: &ModelFiles) -> anyhow::Result<Box<dyn VisionLanguageModel>> {
+    let dtype = if args.quantize.is_some() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let mut served = crate::model::load(files, dtype, &Device::Cpu)?;
+    if args.quantize.is_some() {
+        served.quantize_text(crate::model::Quantization::Q8_0)?;
+    }
+    Ok(served)
 }
 
 /// The model folder of `--model`, if its family trains.
