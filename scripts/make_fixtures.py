@@ -5,6 +5,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py tiny          # tests/fixtures: two tiny models + references (committed)
   python scripts/make_fixtures.py adapters      # PEFT LoRA adapters of tiny-idefics3 + references (part of tiny)
   python scripts/make_fixtures.py ocellus-adapter  # a LoRA trained by `ocellus finetune`, run in PEFT (part of tiny)
+  python scripts/make_fixtures.py ocellus-dpo-adapter  # a LoRA trained by `finetune --method dpo`, run in PEFT (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
   python scripts/fixtures_tools.py              # tool prompts through Qwen3-VL's template (part of tiny)
@@ -705,12 +706,33 @@ def make_ocellus_adapter(model_dir: Path, refs: Path) -> None:
     record(model_dir, FIXTURES, CASES, refs / f"{model_dir.name}-lora-{OCELLUS_ADAPTER}", store_pixels=False, model=model)
 
 
+def make_ocellus_dpo_adapter(model_dir: Path, refs: Path) -> None:
+    """Trains a LoRA with `ocellus finetune --method dpo` (the flags of fixtures_dpo.py's
+    LoRA run, from its initial adapter), then records what transformers+PEFT compute with
+    it: tests/lora.rs checks that Ocellus serves the same logits and greedy tokens."""
+    import subprocess
+
+    from peft import PeftModel
+
+    dpo = FIXTURES / "finetune" / "dpo"
+    dst = FIXTURES / "adapters" / model_dir.name / "ocellus-dpo"
+    shutil.rmtree(dst, ignore_errors=True)
+    binary = [os.environ["OCELLUS"]] if "OCELLUS" in os.environ else ["cargo", "run", "-q", "--"]
+    flags = ["finetune", "--method", "dpo", "--model", str(model_dir), "--data", str(dpo / "pairs.jsonl")]
+    flags += ["--out", str(dst), "--lora-init", str(dpo / "init-lora"), "--lora-r", "8", "--lora-alpha", "16"]
+    flags += ["--lora-dropout", "0", "--lr", "2e-3", "--beta", "0.1", "--batch-size", "4", "--epochs", "20", "--max-steps", "20"]
+    subprocess.run(binary + flags, check=True, cwd=REPO)
+    model = PeftModel.from_pretrained(load_model(model_dir), dst).eval()
+    record(model_dir, FIXTURES, CASES, refs / f"{model_dir.name}-lora-ocellus-dpo", store_pixels=False, model=model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("tiny")
     sub.add_parser("adapters")
     sub.add_parser("ocellus-adapter")
+    sub.add_parser("ocellus-dpo-adapter")
     demo = sub.add_parser("demo-base")
     demo.add_argument("out", type=Path)
     big = sub.add_parser("big")
@@ -755,6 +777,9 @@ def main() -> None:
     if args.what == "ocellus-adapter":
         return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
 
+    if args.what == "ocellus-dpo-adapter":
+        return make_ocellus_dpo_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
+
     if args.what == "adapters":
         return make_adapters(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", FIXTURES / "reference")
 
@@ -784,6 +809,7 @@ def main() -> None:
         fixtures_qwen3vl.make_tiny(FIXTURES)
         fixtures_tools.main()
         fixtures_dpo.main()
+        make_ocellus_dpo_adapter(models / "tiny-idefics3", refs)
         fixtures_datasets.main()
         fixtures_embeddings.make_tiny(FIXTURES)
     else:

@@ -277,7 +277,10 @@ fn qlora_trains_close_to_f32_lora_and_refuses_full_weights() {
     }
     assert!(b.eval_losses.last() < b.eval_losses.first(), "{:?}", b.eval_losses);
     // The adapter applies to the unquantized base, as a QLoRA adapter does.
-    assert!(quantized.join("adapter_model.safetensors").exists());
+    let weights = std::fs::metadata(quantized.join("adapter_model.safetensors")).unwrap();
+    // Readable by a server running as another user, as the config beside it is.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(weights.permissions().mode() & 0o044, 0o044);
     let error = ocellus::train::finetune(&args(&scratch("q-full"), &["--method", "full", "--quantize", "q8_0"]))
         .unwrap_err()
         .to_string();

@@ -1,6 +1,6 @@
-//! LoRA adapters served by Ocellus: three trained by PEFT and one by `ocellus finetune`
-//! (scripts/make_fixtures.py), each giving transformers+PEFT's logits and greedy tokens; all
-//! four and the base model in one batch give what each gives alone; the prefix cache keeps them apart; broken adapter
+//! LoRA adapters served by Ocellus: three trained by PEFT and two by `ocellus finetune` (SFT
+//! and `--method dpo`; scripts/make_fixtures.py), each giving transformers+PEFT's logits and
+//! greedy tokens; all five and the base model in one batch give what each gives alone; the prefix cache keeps them apart; broken adapter
 //! folders are refused with errors that name what is wrong.
 
 mod common;
@@ -16,7 +16,13 @@ use ocellus::model::lora::{Adapter, AdapterError};
 use ocellus::processor::Processor;
 
 const MODEL: &str = "tiny-idefics3";
-const ADAPTERS: [&str; 4] = ["all-linear-r4", "attn-r8", "mlp-rslora", "ocellus-colours"];
+const ADAPTERS: [&str; 5] = [
+    "all-linear-r4",
+    "attn-r8",
+    "mlp-rslora",
+    "ocellus-colours",
+    "ocellus-dpo",
+];
 const LOGIT_TOLERANCE: f32 = 1e-4;
 const MAX_RANK: usize = 64;
 

@@ -24,14 +24,27 @@ pub const LORA_MODULES: &[&str] = &[
     "lm_head",
 ];
 
+/// A safetensors file readable by others, as the folder's other files are: the safetensors
+/// crate creates its files owner-only (0600), and a server running as another user (a
+/// container's) could not load the adapter or model a run wrote.
+fn write_tensors(tensors: &HashMap<String, Tensor>, file: &Path) -> anyhow::Result<()> {
+    candle_core::safetensors::save(tensors, file).with_context(|| file.display().to_string())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| file.display().to_string())?;
+    }
+    Ok(())
+}
+
 /// `adapter_config.json` and `adapter_model.safetensors` in `dir`.
 pub fn save_adapter(dir: &Path, spec: &LoraSpec, base_model: &str, trainables: &[Trainable]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     let tensors: HashMap<String, Tensor> = (trainables.iter())
         .map(|t| (t.name.clone(), t.var.as_tensor().clone()))
         .collect();
-    let weights = dir.join(WEIGHTS_FILE);
-    candle_core::safetensors::save(&tensors, &weights).with_context(|| weights.display().to_string())?;
+    write_tensors(&tensors, &dir.join(WEIGHTS_FILE))?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": null,
@@ -102,8 +115,7 @@ pub fn save_full(dir: &Path, base: &ModelFiles, trainables: &[Trainable]) -> any
             .unwrap_or(candle_core::DType::F32);
         tensors.insert(t.name.clone(), t.var.as_tensor().to_dtype(original)?);
     }
-    let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights).with_context(|| weights.display().to_string())?;
+    write_tensors(&tensors, &dir.join("model.safetensors"))?;
     for entry in std::fs::read_dir(&base.dir)? {
         let path = entry?.path();
         let name = path
