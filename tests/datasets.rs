@@ -89,6 +89,7 @@ fn trl_preference_columns_in_parquet_read_to_the_jsonl_pairs() {
                 token_ids: e.token_ids.clone(),
                 targets: e.targets.clone(),
                 pixel_values: e.pixel_values.clone(),
+                features: None,
             })
             .collect()
     };

@@ -29,6 +29,9 @@ pub struct Example {
     pub targets: Vec<bool>,
     /// Every image's tiles, in order, `[tiles, 3, S, S]`.
     pub pixel_values: Option<Tensor>,
+    /// Its image tokens' features, computed once when the vision encoder is frozen (then
+    /// `pixel_values` is dropped).
+    pub features: Option<Tensor>,
 }
 
 impl Example {
@@ -167,6 +170,7 @@ pub(crate) fn conversation(
         token_ids: prompt.token_ids,
         targets,
         pixel_values,
+        features: None,
     })
 }
 

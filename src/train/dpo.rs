@@ -162,6 +162,7 @@ mod tests {
             token_ids: vec![0; targets + 1],
             targets: (0..=targets).map(|t| t > 0).collect(),
             pixel_values: None,
+            features: None,
         }
     }
 

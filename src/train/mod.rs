@@ -132,11 +132,13 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         evaluated_at: None,
     };
     match data {
-        Data::Conversations(train, eval) => {
+        Data::Conversations(mut train, mut eval) => {
+            trainer.encode_frozen(train.iter_mut().chain(eval.iter_mut().flatten()))?;
             run.resume()?;
             run.train(&train, eval.as_deref())?;
         }
         Data::Pairs(mut train, mut eval) => {
+            trainer.encode_frozen(sides(&mut train).chain(eval.iter_mut().flat_map(|e| sides(e))))?;
             // The reference is the model before any step: scored before a checkpoint loads.
             trainer.score_references(&mut train)?;
             if let Some(eval) = &mut eval {
@@ -150,6 +152,11 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     eprintln!("saved to {}", args.out.display());
     report(&run.summary);
     Ok(run.summary)
+}
+
+/// Both completions of every pair.
+fn sides(pairs: &mut [Pair]) -> impl Iterator<Item = &mut Example> {
+    (pairs.iter_mut()).flat_map(|Pair { chosen, rejected, .. }| [chosen, rejected])
 }
 
 /// The model as the server loads it, for its vision encoder (and the processor's facts).

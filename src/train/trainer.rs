@@ -86,7 +86,9 @@ impl Trainer<'_> {
     /// The sequences of `examples` with their image features: one vision forward for all
     /// their tiles, split back per example.
     fn sequences<'e>(&self, examples: &[&'e Example]) -> anyhow::Result<Vec<Sequence<'e>>> {
-        let pixels: Vec<Tensor> = examples.iter().filter_map(|e| e.pixel_values.clone()).collect();
+        let pixels: Vec<Tensor> = (examples.iter().filter(|e| e.features.is_none()))
+            .filter_map(|e| e.pixel_values.clone())
+            .collect();
         let mut features = if pixels.is_empty() {
             None
         } else {
@@ -106,8 +108,9 @@ impl Trainer<'_> {
         };
         let mut seqs = Vec::with_capacity(examples.len());
         for e in examples {
-            let own = match (&e.pixel_values, &mut features) {
-                (Some(p), Some((per_tile, rows, offset))) => {
+            let own = match (&e.features, &e.pixel_values, &mut features) {
+                (Some(own), _, _) => Some(own.clone()),
+                (None, Some(p), Some((per_tile, rows, offset))) => {
                     let n = p.dim(0)? * *per_tile;
                     let own = rows.narrow(0, *offset, n)?;
                     *offset += n;
@@ -122,6 +125,23 @@ impl Trainer<'_> {
             });
         }
         Ok(seqs)
+    }
+
+    /// With the vision encoder frozen (LoRA), each example's image features once, before
+    /// training, in place of its pixels: every later step (and epoch) reuses them, and they
+    /// are about a twentieth of their tiles' size.
+    pub fn encode_frozen<'e>(&self, examples: impl Iterator<Item = &'e mut Example>) -> anyhow::Result<()> {
+        if self.train_vision.is_some() {
+            return Ok(());
+        }
+        for example in examples {
+            if let Some(values) = example.pixel_values.take() {
+                let tiles = Pixels { values, grid: None };
+                let mut encoded = self.vision.encode_images(&[&tiles])?;
+                example.features = Some(encoded.remove(0).embeds.detach());
+            }
+        }
+        Ok(())
     }
 
     /// The completions' summed log-probabilities, `[chosen 0, rejected 0, chosen 1, ...]`.
