@@ -3,7 +3,8 @@
 # folder, four ways in one run — the f32 base, --gradient-checkpointing, --quantize q8_0, and
 # both — each a fresh process of the release binary; prints each run's peak resident memory
 # (the process's VmHWM, loading included) and tokens/s of its optimizer steps, with ratios
-# against the f32 base measured here.
+# against the f32 base measured here, and each process's wall time (loading, the frozen
+# encoder's pass over the images, the steps).
 #   [DETAIL=low|high] scripts/bench_finetune.sh MODEL_DIR [STEPS] [THREADS]
 #   (MODEL_DIR: e.g. `python scripts/make_fixtures.py big OUT` → OUT/models/smolvlm-256m-random)
 # DETAIL: the images' `detail` (low, the default: one 512-pixel view, 64 image tokens;
@@ -37,29 +38,31 @@ with open(work / "train.jsonl", "w") as f:
         f.write(json.dumps({"messages": [user, {"role": "assistant", "content": answer}]}) + "\n")
 PY
 
-run() {  # name, extra flags... -> "peak_mib tokens_per_s"
+run() {  # name, extra flags... -> "peak_mib tokens_per_s tokens wall_s"
   local name=$1; shift
+  local began; began=$(date +%s.%N)
   RAYON_NUM_THREADS=$threads "$bin" finetune --model "$model" --data "$work/train.jsonl" \
     --out "$work/out-$name" --max-steps "$steps" --batch-size 4 --lora-dropout 0 \
     --logging-steps 1 "$@" > "$work/$name.log" 2>&1 || { echo "failed failed 0 0"; return; }
-  python3 - "$work/$name.log" <<'PY'
+  local wall; wall=$(echo "$(date +%s.%N) - $began" | bc -l)
+  python3 - "$work/$name.log" "$wall" <<'PY'
 import re, sys
 line = [l for l in open(sys.argv[1]) if "peak resident memory" in l][-1]
 tokens, seconds, rate, peak = re.search(r"(\d+) tokens in ([\d.]+) s of steps \((\d+) tokens/s\); peak resident memory (\d+) MiB", line).groups()
-print(peak, rate, tokens, seconds)
+print(peak, rate, tokens, f"{float(sys.argv[2]):.0f}")
 PY
 }
 
 echo "$(lscpu | sed -n 's/^Model name: *//p'); $(grep -o -w 'avx2\|fma\|avx512f\|avx512_bf16\|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "model: $model; $steps steps of batch 4; $threads threads"
 ratio() { [ "$1" = failed ] || [ "$2" = failed ] && echo "-" || printf "%.2f" "$(echo "$1 / $2" | bc -l)"; }
-printf "%-26s %10s %8s %12s %8s %8s\n" run "peak MiB" ratio "tokens/s" ratio tokens
-read -r base_peak base_rate base_tokens _ < <(run f32)
-printf "%-26s %10s %8s %12s %8s %8s\n" "f32 base" "$base_peak" 1.00 "$base_rate" 1.00 "$base_tokens"
+printf "%-26s %10s %8s %12s %8s %8s %8s\n" run "peak MiB" ratio "tokens/s" ratio tokens "wall s"
+read -r base_peak base_rate base_tokens base_wall < <(run f32)
+printf "%-26s %10s %8s %12s %8s %8s %8s\n" "f32 base" "$base_peak" 1.00 "$base_rate" 1.00 "$base_tokens" "$base_wall"
 for spec in "checkpointing:--gradient-checkpointing" "q8_0:--quantize q8_0" "q8_0+checkpointing:--quantize q8_0 --gradient-checkpointing"; do
   name=${spec%%:*}; flags=${spec#*:}
   # shellcheck disable=SC2086
-  read -r peak rate tokens _ < <(run "${name//+/-}" $flags)
-  printf "%-26s %10s %8s %12s %8s %8s\n" "$name" "$peak" "$(ratio "$peak" "$base_peak")" \
-    "$rate" "$(ratio "$rate" "$base_rate")" "$tokens"
+  read -r peak rate tokens wall < <(run "${name//+/-}" $flags)
+  printf "%-26s %10s %8s %12s %8s %8s %8s\n" "$name" "$peak" "$(ratio "$peak" "$base_peak")" \
+    "$rate" "$(ratio "$rate" "$base_rate")" "$tokens" "$wall"
 done
