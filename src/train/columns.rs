@@ -64,6 +64,11 @@ fn without_nulls(message: &Value) -> Value {
         for part in parts.iter_mut() {
             if let Value::Object(fields) = part {
                 fields.retain(|_, v| !v.is_null());
+                // Datasets number their parts (llava-instruct-mix-vsft's `index`): a text
+                // part is its text.
+                if fields.get("type").and_then(Value::as_str) == Some("text") {
+                    fields.retain(|k, _| k == "type" || k == "text");
+                }
             }
         }
     }
@@ -160,7 +165,7 @@ mod tests {
     #[test]
     fn trl_placeholders_take_the_rows_images_in_order_and_arrow_nulls_go() {
         let mut columns = row(r#"{"images": ["data:image/png;base64,AA", "b.png"], "messages": [
-                {"role": "user", "content": [{"type": "image", "text": null}, {"type": "text", "text": "Same?"}, {"type": "image", "text": null}]},
+                {"role": "user", "content": [{"type": "image", "text": null, "index": 0}, {"type": "text", "text": "Same?", "index": null}, {"type": "image", "text": null, "index": 1}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "No."}], "tool_calls": null}]}"#);
         let images = take_images(&mut columns).unwrap();
         let mut messages = turns(&columns, "messages", "user").unwrap();
@@ -170,6 +175,7 @@ mod tests {
         assert_eq!(user[1], json!({"type": "text", "text": "Same?"}));
         assert_eq!(user[2]["image_url"]["url"], "b.png");
         assert!(messages[1].get("tool_calls").is_none());
+        assert_eq!(messages[1]["content"][0], json!({"type": "text", "text": "No."}));
         assert_eq!(text_of(&messages[1]).as_deref(), Some("No."));
     }
 
