@@ -209,7 +209,7 @@ pub struct FinetuneArgs {
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizationArg>,
     /// Keep only each decoder layer's input during the forward pass and run the layer again
-    /// in the backward pass: far less memory for about a third more compute.
+    /// in the backward pass: far less memory, for a second forward pass of each layer.
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// Clip the gradients' global L2 norm to this (0: no clipping).
