@@ -7,8 +7,17 @@
 
 use serde_json::{Map, Value, json};
 
+/// `field`'s messages (a string as a user message) with the row's images in their places,
+/// the image columns taken out of `columns`: what a conversation, or a pair's prompt, opens with.
+pub fn with_images(columns: &mut Map<String, Value>, field: &str) -> Result<Vec<Value>, String> {
+    let images = take_images(columns)?;
+    let mut messages = turns(columns, field, "user")?;
+    place_images(&mut messages, &images, field)?;
+    Ok(messages)
+}
+
 /// The row's images as URLs (data URIs, paths, file:// URLs), taken out of its columns.
-pub fn take_images(columns: &mut Map<String, Value>) -> Result<Vec<String>, String> {
+fn take_images(columns: &mut Map<String, Value>) -> Result<Vec<String>, String> {
     let (field, values) = match (columns.remove("images"), columns.remove("image")) {
         (Some(_), Some(_)) => return Err("both `images` and `image`: name one (--columns)".into()),
         (Some(Value::Array(list)), None) => ("images", list),
@@ -79,7 +88,7 @@ fn without_nulls(message: &Value) -> Value {
 /// naming its own `image`, `url` or `path` keeps it); with no placeholders at all, the
 /// images open the first user message, as TRL's recipes build a prompt from an image and a
 /// question. Every image must find its place.
-pub fn place_images(messages: &mut [Value], images: &[String], field: &str) -> Result<(), String> {
+fn place_images(messages: &mut [Value], images: &[String], field: &str) -> Result<(), String> {
     let placeholders = count_placeholders(messages);
     if placeholders == 0 {
         if images.is_empty() {

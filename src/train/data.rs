@@ -98,9 +98,7 @@ pub fn load(dataset: &Dataset, processor: &Processor, limits: &DataLimits) -> Re
 
 fn parse_row(row: Row, processor: &Processor, limits: &DataLimits) -> Result<Example, String> {
     let mut row_columns = row.columns;
-    let images = columns::take_images(&mut row_columns)?;
-    let mut messages = columns::turns(&row_columns, "messages", "user")?;
-    columns::place_images(&mut messages, &images, "messages")?;
+    let messages = columns::with_images(&mut row_columns, "messages")?;
     let messages: Vec<ChatMessageIn> =
         serde_json::from_value(Value::Array(messages)).map_err(|e| format!("`messages`: {e}"))?;
     conversation(&messages, 0, row.at, row.folder, processor, limits)

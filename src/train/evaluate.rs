@@ -43,18 +43,20 @@ fn read_case(row: Row) -> Result<Case, String> {
         max_image_pixels: 100_000_000,
     };
     let mut row_columns = row.columns;
-    let images = columns::take_images(&mut row_columns)?;
     let kind = match row_columns.get("kind") {
         Some(Value::String(kind)) => kind.clone(),
         _ => "all".into(),
     };
-    let (mut prompt, answer) = match row_columns.contains_key("chosen") {
+    let (prompt, answer) = match row_columns.contains_key("chosen") {
         true => {
             let chosen = columns::turns(&row_columns, "chosen", "assistant")?;
-            (columns::turns(&row_columns, "prompt", "user")?, chosen.last().cloned())
+            (
+                columns::with_images(&mut row_columns, "prompt")?,
+                chosen.last().cloned(),
+            )
         }
         false => {
-            let mut messages = columns::turns(&row_columns, "messages", "user")?;
+            let mut messages = columns::with_images(&mut row_columns, "messages")?;
             let answer = messages.pop();
             (messages, answer)
         }
@@ -64,7 +66,6 @@ fn read_case(row: Row) -> Result<Case, String> {
         _ => None,
     }
     .ok_or("the last message must be the assistant's answer, as text")?;
-    columns::place_images(&mut prompt, &images, "prompt")?;
     let parsed: Vec<ChatMessageIn> = serde_json::from_value(Value::Array(prompt.clone())).map_err(|e| e.to_string())?;
     let messages = crate::openai::messages(&parsed, &limits.messages(), crate::openai::PixelBudget::default())
         .map_err(|e| e.to_string())?;

@@ -40,9 +40,7 @@ pub fn load(dataset: &Dataset, processor: &Processor, limits: &DataLimits) -> Re
 
 fn parse_row(row: Row, processor: &Processor, limits: &DataLimits) -> Result<Pair, String> {
     let mut row_columns = row.columns;
-    let images = columns::take_images(&mut row_columns)?;
-    let mut prompt = columns::turns(&row_columns, "prompt", "user")?;
-    columns::place_images(&mut prompt, &images, "prompt")?;
+    let prompt = columns::with_images(&mut row_columns, "prompt")?;
     let side = |field: &str| -> Result<Example, String> {
         let completion = columns::turns(&row_columns, field, "assistant")?;
         if let Some(i) = completion.iter().position(|m| m["role"] != "assistant") {
