@@ -100,16 +100,18 @@ fn benches(c: &mut Criterion) {
     group.sample_size(10);
     let tile = first_tiles(1);
     group.throughput(Throughput::Elements(1));
-    group.bench_function("encode_1_tile", |b| b.iter(|| model.encode_images(&[&tile]).unwrap()));
+    group.bench_function("encode_1_tile", |b| {
+        b.iter(|| model.encode_images(&[&tile], None).unwrap())
+    });
     let tiles = first_tiles(TILE_BATCH.min(photo.values.dim(0).unwrap()));
     let count = tiles.values.dim(0).unwrap();
     group.throughput(Throughput::Elements(count as u64));
     group.bench_function(BenchmarkId::new("encode_tiles", count), |b| {
-        b.iter(|| model.encode_images(&[&tiles]).unwrap())
+        b.iter(|| model.encode_images(&[&tiles], None).unwrap())
     });
     group.finish();
 
-    let features: ImageFeatures = model.encode_images(&[photo]).unwrap().remove(0);
+    let features: ImageFeatures = model.encode_images(&[photo], None).unwrap().remove(0);
     let mut group = c.benchmark_group("prefill");
     group.sample_size(10);
     group.throughput(Throughput::Elements(prompt.token_ids.len() as u64));

@@ -398,7 +398,7 @@ fn a_batch_of_sequences_has_the_summed_loss_of_each_alone() {
                 values: p.clone(),
                 grid: None,
             };
-            model.encode_images(&[&tiles]).unwrap().remove(0).embeds
+            model.encode_images(&[&tiles], None).unwrap().remove(0).embeds
         });
         ocellus::train::text::Sequence {
             ids: &e.token_ids,

@@ -1,7 +1,8 @@
-//! LoRA adapters served by Ocellus: three trained by PEFT and two by `ocellus finetune` (SFT
-//! and `--method dpo`; scripts/make_fixtures.py), each giving transformers+PEFT's logits and
-//! greedy tokens; all five and the base model in one batch give what each gives alone; the prefix cache keeps them apart; broken adapter
-//! folders are refused with errors that name what is wrong.
+//! LoRA adapters served by Ocellus: five trained by PEFT (two on the vision tower and the
+//! connector) and two by `ocellus finetune` (SFT and `--method dpo`; scripts/make_fixtures.py),
+//! each giving transformers+PEFT's logits and greedy tokens; all seven and the base model in
+//! one batch give what each gives alone; the prefix and vision caches keep them apart; broken
+//! adapter folders are refused with errors that name what is wrong.
 
 mod common;
 
@@ -16,12 +17,14 @@ use ocellus::model::lora::{Adapter, AdapterError};
 use ocellus::processor::Processor;
 
 const MODEL: &str = "tiny-idefics3";
-const ADAPTERS: [&str; 5] = [
+const ADAPTERS: [&str; 7] = [
     "all-linear-r4",
     "attn-r8",
     "mlp-rslora",
     "ocellus-colours",
     "ocellus-dpo",
+    "vision-r4",
+    "vision-text-r8",
 ];
 const LOGIT_TOLERANCE: f32 = 1e-4;
 const MAX_RANK: usize = 64;
@@ -177,6 +180,39 @@ fn the_prefix_cache_does_not_hand_one_adapters_blocks_to_another() {
     }
 }
 
+#[test]
+fn the_vision_cache_keeps_each_vision_adapters_image_features_apart() {
+    // The same image, one request at a time: the base model's features are cached first.
+    // A vision adapter must encode the image itself (a miss) and still answer as PEFT; a
+    // text-only adapter takes the base features (a hit); a second vision adapter again
+    // encodes its own; and the base model, asked again, gets its own features back.
+    let (processor, mut engine) = fixture_engine();
+    let base = reference(None);
+    let runs: [(Option<&str>, usize, usize); 5] = [
+        (None, 0, 1),
+        (Some("vision-r4"), 0, 1),
+        (Some("all-linear-r4"), 1, 0),
+        (Some("vision-text-r8"), 0, 1),
+        (None, 1, 0),
+    ];
+    for (name, hits, misses) in runs {
+        let reference = name.map_or_else(|| reference(None), |n| reference(Some(n)));
+        let adapter = name.map(|n| load_adapter(&engine, n));
+        let case = &reference.cases["wide"];
+        let mut request = greedy(prompt_for(&processor, &base, case), case.greedy_tokens.len());
+        request.adapter = adapter;
+        let (mut seen_hits, mut seen_misses) = (0, 0);
+        let (generations, _) = ocellus::engine::generate(&mut engine, vec![request], |report| {
+            seen_hits += report.vision_cache_hits;
+            seen_misses += report.vision_cache_misses;
+        })
+        .unwrap();
+        let who = name.unwrap_or("base");
+        assert_eq!(generations[0].tokens, case.greedy_tokens, "{who}");
+        assert_eq!((seen_hits, seen_misses), (hits, misses), "{who}: cache hits and misses");
+    }
+}
+
 /// A copy of a fixture adapter in a fresh folder, with its config and tensors changed.
 fn broken_adapter(
     test: &str,
@@ -223,13 +259,33 @@ fn broken_adapter_folders_are_refused_naming_what_is_wrong() {
         "use_dora",
     );
 
+    // PEFT adapts a convolution with 4-D pairs; the patch embedding is not a slot here.
+    let conv = broken_adapter(
+        "conv",
+        |_| {},
+        |t| {
+            let a = Tensor::zeros((8, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+            let b = Tensor::zeros((32, 8, 1, 1), DType::F32, &Device::Cpu).unwrap();
+            let m = "base_model.model.model.vision_model.embeddings.patch_embedding";
+            t.insert(format!("{m}.lora_A.weight"), a);
+            t.insert(format!("{m}.lora_B.weight"), b);
+        },
+    );
+    check(
+        &conv,
+        MAX_RANK,
+        &|e| matches!(e, AdapterError::UnknownModule { .. }),
+        "model.vision_model.embeddings.patch_embedding",
+    );
+
+    // A vision projection's pair made for another width.
     let vision = broken_adapter(
         "vision",
         |_| {},
         |t| {
-            let a = Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap();
+            let a = Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap();
             let b = Tensor::zeros((32, 8), DType::F32, &Device::Cpu).unwrap();
-            let m = "base_model.model.model.vision_model.encoder.layers.0.self_attn.q_proj";
+            let m = "base_model.model.model.vision_model.encoder.layers.0.mlp.fc1";
             t.insert(format!("{m}.lora_A.weight"), a);
             t.insert(format!("{m}.lora_B.weight"), b);
         },
@@ -237,8 +293,8 @@ fn broken_adapter_folders_are_refused_naming_what_is_wrong() {
     check(
         &vision,
         MAX_RANK,
-        &|e| matches!(e, AdapterError::UnknownModule { .. }),
-        "model.vision_model.encoder.layers.0.self_attn.q_proj",
+        &|e| matches!(e, AdapterError::Tensor { .. }),
+        "vision_model.encoder.layers.0.mlp.fc1.lora_A",
     );
 
     let misshapen = broken_adapter(

@@ -83,9 +83,10 @@ impl Sequence {
         let prompt = request.prompt;
         let sampler = Sampler::new(request.params.sampling.clone(), seed);
         let stops = StopStrings::new(request.params.stop.clone());
+        // An adapter that changes the vision tower has features of its own: keyed apart.
         let images = (prompt.images.iter())
             .map(|i| ImageSlot {
-                key: i.key,
+                key: request.adapter.as_ref().map_or(i.key, |a| a.image_key(i.key)),
                 tokens: i.tokens,
             })
             .collect();

@@ -12,12 +12,15 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::sequence::{ImageSlot, SeqId, Sequence, Vision};
 use super::vision_cache::VisionCache;
+use crate::model::lora::Adapter;
 use crate::model::{ContentKey, ImageFeatures, Pixels, VisionLanguageModel};
 
 pub struct VisionJob {
     pub seq: SeqId,
     /// The images to encode, in prompt order.
     pub images: Vec<Pixels>,
+    /// The sequence's adapter, which may change the vision tower.
+    pub adapter: Option<Arc<Adapter>>,
 }
 
 pub struct VisionDone {
@@ -44,7 +47,7 @@ impl VisionWorker {
                 for job in inbox {
                     let started = Instant::now();
                     let images: Vec<&Pixels> = job.images.iter().collect();
-                    let features = model.encode_images(&images).map_err(|e| e.to_string());
+                    let features = (model.encode_images(&images, job.adapter.as_deref())).map_err(|e| e.to_string());
                     if results
                         .send(VisionDone {
                             seq: job.seq,
@@ -128,7 +131,11 @@ pub fn start(seq: &mut Sequence, cache: &mut VisionCache, worker: &mut VisionWor
         seq.vision = Vision::Ready(Some(assemble(&seq.images, &parts)?));
     } else {
         seq.vision = Vision::Encoding(parts);
-        worker.submit(VisionJob { seq: seq.id, images });
+        worker.submit(VisionJob {
+            seq: seq.id,
+            images,
+            adapter: seq.adapter.clone(),
+        });
     }
     Ok(Started { hits, encoding })
 }

@@ -392,6 +392,7 @@ fn adapter_layout(cfg: &DecoderConfig) -> AdapterLayout {
     }
     slots.push(vec![spec("lm_head".into(), h, cfg.vocab_size)]);
     AdapterLayout {
+        first_vision_slot: slots.len(),
         slots,
         supported: "adapters may change the text model's q/k/v/o, gate/up/down projections and lm_head".into(),
     }

@@ -9,6 +9,7 @@
 use candle_core::{Module, Result, Tensor, bail};
 use candle_nn::{Linear, VarBuilder, linear};
 
+use crate::model::lora::{LoraBatch, ModuleSpec};
 use crate::model::ops::epilogue::{self, Then};
 use crate::model::ops::norm::LayerNorm;
 use crate::model::ops::{frame_attention, prefill_attention};
@@ -35,6 +36,16 @@ impl Activation {
             "gelu_pytorch_tanh" | "gelu_new" => Some(Self::GeluTanh),
             "gelu" => Some(Self::GeluErf),
             _ => None,
+        }
+    }
+
+    /// `act(ys)`.
+    pub fn on(self, ys: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluTanh if crate::model::ops::kernels::applies(ys) => crate::model::ops::kernels::gelu_tanh(ys),
+            Self::GeluTanh => ys.gelu(),
+            Self::GeluErf => ys.gelu_erf(),
+            Self::QuickGelu => ys * candle_nn::ops::sigmoid(&(ys * 1.702)?)?,
         }
     }
 
@@ -94,6 +105,39 @@ impl EncoderConfig {
             activation: Activation::from_hf(act).unwrap_or(default),
         }
     }
+}
+
+/// LoRA slots of a layer: q/k/v (stacked), out, fc1, fc2.
+pub const SLOTS_PER_LAYER: usize = 4;
+
+/// The adapters of an encoding, and where the encoder's slots begin in their layout.
+#[derive(Clone, Copy)]
+pub struct EncoderLora<'a> {
+    pub batch: &'a LoraBatch<'a>,
+    pub first_slot: usize,
+}
+
+/// PEFT's module names for the encoder's slots (`SLOTS_PER_LAYER` a layer, in
+/// `EncoderLayer::forward`'s order), under `prefix` (`model.vision_model.encoder`).
+pub fn adapter_slots(prefix: &str, cfg: &EncoderConfig) -> Vec<Vec<ModuleSpec>> {
+    let (d, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut slots = Vec::with_capacity(cfg.num_hidden_layers * SLOTS_PER_LAYER);
+    for i in 0..cfg.num_hidden_layers {
+        let spec = |name: &str, in_features, out_features| ModuleSpec {
+            name: format!("{prefix}.layers.{i}.{name}"),
+            in_features,
+            out_features,
+        };
+        slots.push(vec![
+            spec("self_attn.q_proj", d, d),
+            spec("self_attn.k_proj", d, d),
+            spec("self_attn.v_proj", d, d),
+        ]);
+        slots.push(vec![spec("self_attn.out_proj", d, d)]);
+        slots.push(vec![spec("mlp.fc1", d, inter)]);
+        slots.push(vec![spec("mlp.fc2", inter, d)]);
+    }
+    slots
 }
 
 /// One tower's shape as a config gives it: hidden size, attention heads, `hidden_act`.
@@ -157,6 +201,8 @@ struct EncoderLayer {
     qkv_proj: Linear,
     /// The scale still to apply to q (1 when folded into the weights).
     q_scale: f64,
+    /// The scale folded into q's weights (1 when not), which an adapter's q delta takes too.
+    q_folded: f64,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -191,12 +237,18 @@ impl Encoder {
 
     /// `xs`: `[rows, hidden]`, the rows of sequences of `lens` rows each, one after the other.
     pub fn forward(&self, xs: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        self.forward_adapted(xs, lens, None)
+    }
+
+    /// `forward` with LoRA adapters' deltas on the layers' projections.
+    pub fn forward_adapted(&self, xs: &Tensor, lens: &[usize], lora: Option<EncoderLora<'_>>) -> Result<Tensor> {
         if lens.iter().sum::<usize>() != xs.dim(0)? {
             bail!("encoder: {} rows for sequences of {lens:?}", xs.dim(0)?)
         }
         let mut xs = xs.clone();
-        for layer in &self.layers {
-            xs = layer.forward(&xs, lens, self.mask, self.scores_bytes)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lora = lora.map(|l| (l.batch, l.first_slot + i * SLOTS_PER_LAYER));
+            xs = layer.forward(&xs, lens, self.mask, self.scores_bytes, lora)?;
         }
         Ok(xs)
     }
@@ -218,7 +270,7 @@ impl Encoder {
         }
         let mut xs = xs.clone();
         for layer in layers {
-            xs = layer.forward(&xs, lens, self.mask, self.scores_bytes)?;
+            xs = layer.forward(&xs, lens, self.mask, self.scores_bytes, None)?;
         }
         last.forward_pooled(&xs, lens, pooled, self.mask)
     }
@@ -262,6 +314,7 @@ impl EncoderLayer {
             layer_norm1: norm("layer_norm1")?,
             qkv_proj,
             q_scale,
+            q_folded: q_weight_scale,
             out_proj: linear(d, d, attn.pp(out_name))?,
             layer_norm2: norm("layer_norm2")?,
             fc1: linear(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
@@ -271,11 +324,44 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, lens: &[usize], mask: Mask, scores_bytes: usize) -> Result<Tensor> {
-        let hs = self.attention(&self.layer_norm1.forward(xs)?, lens, mask, xs, scores_bytes)?;
+    /// `lora`: the adapters and this layer's first slot.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        mask: Mask,
+        scores_bytes: usize,
+        lora: Option<(&LoraBatch<'_>, usize)>,
+    ) -> Result<Tensor> {
+        let hs = self.attention(&self.layer_norm1.forward(xs)?, lens, mask, xs, scores_bytes, lora)?;
         let normed = self.layer_norm2.forward(&hs)?;
-        let mlp = self.activation.after(&self.fc1, &normed)?;
-        epilogue::linear(&self.fc2, &mlp, Then::Add(&hs))
+        let Some((lora, slot)) = lora else {
+            let mlp = self.activation.after(&self.fc1, &normed)?;
+            return epilogue::linear(&self.fc2, &mlp, Then::Add(&hs));
+        };
+        // The activation follows fc1's delta, so it cannot be fused into fc1's output.
+        let fc1 = epilogue::linear(&self.fc1, &normed, Then::Nothing)?;
+        let mlp = self.activation.on(&lora.apply(slot + 2, &normed, fc1)?)?;
+        let ys = epilogue::linear(&self.fc2, &mlp, Then::Add(&hs))?;
+        lora.apply(slot + 3, &mlp, ys)
+    }
+
+    /// `xs · [q k v]ᵀ` with the adapters' deltas, q's scaled as its weights are.
+    fn qkv(&self, xs: &Tensor, lora: Option<(&LoraBatch<'_>, usize)>) -> Result<Tensor> {
+        let qkv = epilogue::linear(&self.qkv_proj, xs, Then::Nothing)?;
+        let Some((lora, slot)) = lora.filter(|(lora, slot)| lora.touches(*slot)) else {
+            return Ok(qkv);
+        };
+        if self.q_folded == 1.0 {
+            return lora.apply(slot, xs, qkv);
+        }
+        let delta = lora.apply(slot, xs, qkv.zeros_like()?)?;
+        let d = delta.dim(1)? / 3;
+        let delta = Tensor::cat(
+            &[(delta.narrow(1, 0, d)? * self.q_folded)?, delta.narrow(1, d, 2 * d)?],
+            1,
+        )?;
+        qkv + delta
     }
 
     /// `forward` at `pooled[i]` of each sequence only (see `Encoder::forward_pooled`).
@@ -316,10 +402,11 @@ impl EncoderLayer {
         mask: Mask,
         residual: &Tensor,
         scores_bytes: usize,
+        lora: Option<(&LoraBatch<'_>, usize)>,
     ) -> Result<Tensor> {
         let (rows, d) = xs.dims2()?;
         let head_dim = d / self.num_heads;
-        let qkv = epilogue::linear(&self.qkv_proj, xs, Then::Nothing)?.reshape((rows, 3, self.num_heads, head_dim))?;
+        let qkv = self.qkv(xs, lora)?.reshape((rows, 3, self.num_heads, head_dim))?;
         let mut q = qkv.narrow(1, 0, 1)?.squeeze(1)?;
         if self.q_scale != 1.0 {
             q = (q * self.q_scale)?;
@@ -327,7 +414,11 @@ impl EncoderLayer {
         let (k, v) = (qkv.narrow(1, 1, 1)?.squeeze(1)?, qkv.narrow(1, 2, 1)?.squeeze(1)?);
         let causal = mask == Mask::Causal;
         let out = frame_attention::attention_masked(&q, &k, &v, lens, scores_bytes, causal)?;
-        epilogue::linear(&self.out_proj, &out, Then::Add(residual))
+        let ys = epilogue::linear(&self.out_proj, &out, Then::Add(residual))?;
+        match lora {
+            Some((lora, slot)) => lora.apply(slot + 1, &out, ys),
+            None => Ok(ys),
+        }
     }
 }
 

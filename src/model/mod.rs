@@ -202,8 +202,10 @@ pub trait VisionLanguageModel: Send + Sync {
     fn kv_spec(&self) -> KvSpec;
 
     /// Vision features of images, one result per image, in order: as many rows as the
-    /// image has placeholder tokens. The images may be encoded together.
-    fn encode_images(&self, images: &[&Pixels]) -> Result<Vec<ImageFeatures>>;
+    /// image has placeholder tokens. The images may be encoded together. `adapter`: the
+    /// LoRA adapter of the sequence they belong to, which may change the vision tower and
+    /// connector (`lora::Adapter::changes_vision`).
+    fn encode_images(&self, images: &[&Pixels], adapter: Option<&lora::Adapter>) -> Result<Vec<ImageFeatures>>;
 
     /// One step over a ragged batch. Each input's KV blocks (in `pool`) must already have
     /// room for its tokens; they are written and committed. Returns f32 logits `[k, vocab]`

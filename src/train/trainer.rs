@@ -100,7 +100,7 @@ impl Trainer<'_> {
                         values: pixels.clone(),
                         grid: None,
                     };
-                    let mut encoded = self.vision.encode_images(&[&tiles])?;
+                    let mut encoded = self.vision.encode_images(&[&tiles], None)?;
                     encoded.remove(0).embeds.detach()
                 }
             };
@@ -137,7 +137,7 @@ impl Trainer<'_> {
         for example in examples {
             if let Some(values) = example.pixel_values.take() {
                 let tiles = Pixels { values, grid: None };
-                let mut encoded = self.vision.encode_images(&[&tiles])?;
+                let mut encoded = self.vision.encode_images(&[&tiles], None)?;
                 example.features = Some(encoded.remove(0).embeds.detach());
             }
         }

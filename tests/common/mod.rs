@@ -293,7 +293,7 @@ pub fn first_step_logits_with(
     prompt: &Prompt,
     adapter: Option<&ocellus::model::lora::Adapter>,
 ) -> Vec<f32> {
-    let features = prompt_features(model, prompt);
+    let features = adapted_features(model, prompt, adapter);
     let n = prompt.token_ids.len();
     let spec = ocellus::kv::KvSpec {
         dtype: kv_dtype,
@@ -321,9 +321,18 @@ pub fn first_step_logits_with(
 
 /// The vision features of all a prompt's images, in order (`None` without images).
 pub fn prompt_features(model: &dyn VisionLanguageModel, prompt: &Prompt) -> Option<ImageFeatures> {
+    adapted_features(model, prompt, None)
+}
+
+/// `prompt_features` under a LoRA adapter (which may change the vision tower).
+pub fn adapted_features(
+    model: &dyn VisionLanguageModel,
+    prompt: &Prompt,
+    adapter: Option<&ocellus::model::lora::Adapter>,
+) -> Option<ImageFeatures> {
     let pixels: Vec<_> = prompt.images.iter().map(|i| &i.pixels).collect();
     (!pixels.is_empty()).then(|| {
-        let encoded = model.encode_images(&pixels).unwrap();
+        let encoded = model.encode_images(&pixels, adapter).unwrap();
         ImageFeatures::cat(&encoded.iter().collect::<Vec<_>>()).unwrap()
     })
 }

@@ -41,6 +41,11 @@ impl<'a> LoraBatch<'a> {
         Ok(Self { groups })
     }
 
+    /// Whether any of the batch's adapters changes slot `slot`.
+    pub fn touches(&self, slot: usize) -> bool {
+        (self.groups.iter()).any(|g| matches!(g.adapter.slots.get(slot), Some(Some(_))))
+    }
+
     /// `ys` (slot `slot`'s base output for inputs `xs`, both `[rows, _]`) with each row's
     /// adapter delta added.
     pub fn apply(&self, slot: usize, xs: &Tensor, ys: Tensor) -> Result<Tensor> {

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::ContentKey;
 use super::ops::proj::Proj;
 
 pub use batch::LoraBatch;
@@ -65,8 +66,22 @@ pub enum AdapterError {
 #[derive(Debug, Clone)]
 pub struct AdapterLayout {
     pub slots: Vec<Vec<ModuleSpec>>,
+    /// Slots from this one on feed the image features (the vision tower, the connector):
+    /// an adapter changing any of them encodes images its own way.
+    pub first_vision_slot: usize,
     /// Said when an adapter names a module outside the layout.
     pub supported: String,
+}
+
+impl AdapterLayout {
+    /// A text model's layout, with `vision` (the vision tower's and connector's slots)
+    /// after its own; the text slots keep their numbers.
+    pub fn with_vision(mut self, vision: Vec<Vec<ModuleSpec>>, supported: &str) -> Self {
+        self.first_vision_slot = self.slots.len();
+        self.slots.extend(vision);
+        self.supported = supported.to_string();
+        self
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +99,8 @@ pub struct Adapter {
     rank: usize,
     modules: usize,
     slots: Vec<Option<SlotDelta>>,
+    /// Whether it changes a vision slot: its image features are its own.
+    changes_vision: bool,
 }
 
 /// `delta = b(a(xs))`: `a` `[ranks, in]` (the modules' A stacked), `b` `[out, ranks]`
@@ -166,19 +183,21 @@ impl Adapter {
                 (b.to_dtype(DType::F64).and_then(|b| b * scale)).map_err(|e| tensor_error("lora_B", e.to_string()))?;
             found[slot][part] = Some((a, b));
         }
-        let slots = (found.into_iter().zip(&layout.slots))
+        let slots: Vec<Option<SlotDelta>> = (found.into_iter().zip(&layout.slots))
             .map(|(parts, specs)| slot_delta(parts, specs, dtype, device))
             .collect::<candle_core::Result<_>>()
             .map_err(|e| AdapterError::Weights {
                 file: file.clone(),
                 message: e.to_string(),
             })?;
+        let changes_vision = (found_slots(&slots)).any(|slot| slot >= layout.first_vision_slot);
         Ok(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
             rank,
             modules,
             slots,
+            changes_vision,
         })
     }
 
@@ -198,6 +217,27 @@ impl Adapter {
     /// How many of PEFT's modules it changes.
     pub fn modules(&self) -> usize {
         self.modules
+    }
+
+    /// Whether it changes the vision tower or the connector, so that an image's features
+    /// under it differ from the base model's.
+    pub fn changes_vision(&self) -> bool {
+        self.changes_vision
+    }
+
+    /// The key an image's features are cached (and its KV blocks hashed) under for sequences
+    /// of this adapter: the content's own where the adapter leaves vision alone (the base
+    /// model's features serve), else one of its own, so that no two adapters, nor an adapter
+    /// and the base, share an encoding.
+    pub fn image_key(&self, content: ContentKey) -> ContentKey {
+        if !self.changes_vision {
+            return content;
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ocellus lora vision");
+        hasher.update(&content);
+        hasher.update(&self.id.to_le_bytes());
+        *hasher.finalize().as_bytes()
     }
 
     /// What it adds to slot `slot`'s output for inputs `xs`, if it changes that slot.
@@ -259,6 +299,11 @@ fn pair_up(
         }
     }
     Ok(pairs)
+}
+
+/// The indices of the slots an adapter changes.
+fn found_slots(slots: &[Option<SlotDelta>]) -> impl Iterator<Item = usize> + '_ {
+    (slots.iter().enumerate()).filter_map(|(i, s)| s.as_ref().map(|_| i))
 }
 
 fn locate(layout: &AdapterLayout, module: &str) -> Option<(usize, usize)> {

@@ -152,8 +152,13 @@ impl VisionLanguageModel for Qwen3Vl {
         self.text.kv_spec(self.dtype, &self.device)
     }
 
-    /// All images in one pass (attention stays within each), split back per image.
-    fn encode_images(&self, images: &[&Pixels]) -> Result<Vec<ImageFeatures>> {
+    /// All images in one pass (attention stays within each), split back per image. Its
+    /// adapters change the text model only (`adapter_layout`), so none changes these.
+    fn encode_images(
+        &self,
+        images: &[&Pixels],
+        _adapter: Option<&crate::model::lora::Adapter>,
+    ) -> Result<Vec<ImageFeatures>> {
         let mut batch = Vec::with_capacity(images.len());
         for pixels in images {
             let Some(grid) = pixels.grid else {

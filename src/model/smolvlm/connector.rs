@@ -5,6 +5,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear_no_bias};
 
+use crate::model::lora::{LoraBatch, ModuleSpec};
+
+/// PEFT's name for the connector's projection.
+pub const MODULE: &str = "model.connector.modality_projection.proj";
+
 pub struct Connector {
     proj: Linear,
     scale_factor: usize,
@@ -20,11 +25,27 @@ impl Connector {
         })
     }
 
-    /// `[tiles, patches, vision_hidden]` -> `[tiles * patches / scale², text_hidden]`.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `[tiles, patches, vision_hidden]` -> `[tiles * patches / scale², text_hidden]`;
+    /// `lora`: adapters and the connector's slot.
+    pub fn forward(&self, xs: &Tensor, lora: Option<(&LoraBatch<'_>, usize)>) -> Result<Tensor> {
         let shuffled = pixel_shuffle(xs, self.scale_factor)?;
         let (tiles, seq, dim) = shuffled.dims3()?;
-        self.proj.forward(&shuffled.reshape((tiles * seq, dim))?)
+        let rows = shuffled.reshape((tiles * seq, dim))?;
+        let ys = self.proj.forward(&rows)?;
+        match lora {
+            Some((lora, slot)) => lora.apply(slot, &rows, ys),
+            None => Ok(ys),
+        }
+    }
+
+    /// Its LoRA slot, as `lora::AdapterLayout` lists it.
+    pub fn adapter_slot(&self) -> Vec<ModuleSpec> {
+        let (out_features, in_features) = self.proj.weight().dims2().unwrap_or_default();
+        vec![ModuleSpec {
+            name: MODULE.into(),
+            in_features,
+            out_features,
+        }]
     }
 }
 

@@ -17,7 +17,8 @@ pub use processor::SmolVlmProcessor;
 
 use crate::kv::{KvPool, KvSpec};
 use crate::model::decoder::{RotaryTable, StepRules, TextModel};
-use crate::model::lora::AdapterLayout;
+use crate::model::encoder::EncoderLora;
+use crate::model::lora::{Adapter, AdapterLayout, LoraBatch};
 use crate::model::registry::Family;
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{
@@ -54,6 +55,8 @@ pub struct SmolVlm {
     vision: VisionTransformer,
     connector: Connector,
     text: TextModel,
+    /// The text model's LoRA slots, then the vision encoder's and the connector's.
+    layout: AdapterLayout,
     rope: RotaryTable,
     config: SmolVlmConfig,
     info: ModelInfo,
@@ -84,10 +87,19 @@ impl SmolVlm {
             .map_err(tensor_error)?;
         let text = TextModel::new(&t.decoder(config.tie_word_embeddings), vb).map_err(tensor_error)?;
         let info = config.info();
+        let mut vision_slots = vision.adapter_slots().to_vec();
+        vision_slots.push(connector.adapter_slot());
+        let layout = text.adapter_layout().clone().with_vision(
+            vision_slots,
+            "adapters may change the text model's q/k/v/o, gate/up/down projections and lm_head, \
+             the vision encoder's q/k/v/out projections and fc1/fc2, and the connector's \
+             modality_projection.proj",
+        );
         Ok(Self {
             vision,
             connector,
             text,
+            layout,
             rope,
             config,
             info,
@@ -107,13 +119,27 @@ impl VisionLanguageModel for SmolVlm {
     }
 
     /// The tiles of every image in one pass, split back per image.
-    fn encode_images(&self, images: &[&Pixels]) -> Result<Vec<ImageFeatures>> {
+    fn encode_images(&self, images: &[&Pixels], adapter: Option<&Adapter>) -> Result<Vec<ImageFeatures>> {
         let tiles: Vec<Tensor> = images.iter().map(|p| p.values.clone()).collect();
         let counts: Vec<usize> = images.iter().map(|p| p.values.dim(0)).collect::<Result<_>>()?;
+        let adapter = adapter.filter(|a| a.changes_vision());
         let features = on_compute_pool(|| {
             let pixels = Tensor::cat(&tiles, 0)?.to_device(&self.device)?.to_dtype(self.dtype)?;
-            let hidden = self.vision.forward(&pixels)?;
-            self.connector.forward(&hidden)
+            let Some(adapter) = adapter else {
+                return self.connector.forward(&self.vision.forward(&pixels)?, None);
+            };
+            // Every tile of the call is the one sequence's: the adapter covers all rows.
+            let lora = LoraBatch::new(&[Some(adapter)], &self.device)?;
+            let first_slot = self.layout.first_vision_slot;
+            let hidden = self.vision.forward_adapted(
+                &pixels,
+                Some(EncoderLora {
+                    batch: &lora,
+                    first_slot,
+                }),
+            )?;
+            self.connector
+                .forward(&hidden, Some((&lora, self.layout.slots.len() - 1)))
         })?;
         let rows: Vec<usize> = counts.iter().map(|tiles| tiles * self.config.image_seq_len()).collect();
         let all = ImageFeatures {
@@ -127,7 +153,7 @@ impl VisionLanguageModel for SmolVlm {
         on_compute_pool(|| (self.text).step(batch, pool, self.info.max_positions, self))
     }
     fn adapter_layout(&self) -> AdapterLayout {
-        self.text.adapter_layout().clone()
+        self.layout.clone()
     }
 
     fn device(&self) -> &Device {

@@ -10,7 +10,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::encoder::{self, Activation, Encoder, EncoderConfig, Mask};
+use crate::model::encoder::{self, Activation, Encoder, EncoderConfig, EncoderLora, Mask};
+use crate::model::lora::ModuleSpec;
 use crate::model::ops::norm::LayerNorm;
 
 use super::config::VisionConfig;
@@ -24,6 +25,8 @@ pub struct VisionTransformer {
     patch_size: usize,
     image_size: usize,
     hidden_size: usize,
+    /// PEFT's names for the encoder's LoRA slots.
+    adapter_slots: Vec<Vec<ModuleSpec>>,
 }
 
 impl VisionTransformer {
@@ -45,7 +48,9 @@ impl VisionTransformer {
             layer_norm_eps: cfg.layer_norm_eps,
             activation,
         };
+        let adapter_slots = encoder::adapter_slots("model.vision_model.encoder", &encoder_config);
         Ok(Self {
+            adapter_slots,
             patch_weight,
             patch_bias,
             position_embedding,
@@ -61,8 +66,18 @@ impl VisionTransformer {
         (self.image_size / self.patch_size).pow(2)
     }
 
+    /// The encoder's LoRA slots, as `lora::AdapterLayout` lists them.
+    pub fn adapter_slots(&self) -> &[Vec<ModuleSpec>] {
+        &self.adapter_slots
+    }
+
     /// `[tiles, 3, image_size, image_size]` -> `[tiles, patches, hidden]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.forward_adapted(pixel_values, None)
+    }
+
+    /// `forward` with LoRA adapters on the encoder's projections.
+    pub fn forward_adapted(&self, pixel_values: &Tensor, lora: Option<EncoderLora<'_>>) -> Result<Tensor> {
         let (tiles, _, h, w) = pixel_values.dims4()?;
         if h != self.image_size || w != self.image_size {
             candle_core::bail!("vision tiles must be {0}x{0}, got {h}x{w}", self.image_size)
@@ -75,7 +90,7 @@ impl VisionTransformer {
             .reshape((tiles, per_tile, self.hidden_size))?
             .broadcast_add(&self.position_embedding)?
             .reshape((tiles * per_tile, self.hidden_size))?;
-        let xs = self.encoder.forward(&xs, &vec![per_tile; tiles])?;
+        let xs = self.encoder.forward_adapted(&xs, &vec![per_tile; tiles], lora)?;
         self.post_layernorm
             .forward(&xs)?
             .reshape((tiles, per_tile, self.hidden_size))
