@@ -128,13 +128,7 @@ impl Adapter {
         device: &Device,
     ) -> Result<Self, AdapterError> {
         let config = LoraConfig::load(&dir.join(CONFIG_FILE))?;
-        let file = dir.join(WEIGHTS_FILE);
-        if !file.exists() && dir.join("adapter_model.bin").exists() {
-            return Err(AdapterError::Unsupported {
-                file: dir.join("adapter_model.bin"),
-                feature: "pickled weights (save with safe_serialization=True)".into(),
-            });
-        }
+        let file = weights_file(dir)?;
         let weights = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| AdapterError::Weights {
             file: file.clone(),
             message: e.to_string(),
@@ -257,6 +251,18 @@ impl std::fmt::Debug for Adapter {
         .field("rank", &self.rank)
         .finish_non_exhaustive()
     }
+}
+
+/// The folder's safetensors file; pickled weights are refused by name.
+fn weights_file(dir: &Path) -> Result<PathBuf, AdapterError> {
+    let file = dir.join(WEIGHTS_FILE);
+    if !file.exists() && dir.join("adapter_model.bin").exists() {
+        return Err(AdapterError::Unsupported {
+            file: dir.join("adapter_model.bin"),
+            feature: "pickled weights (save with safe_serialization=True)".into(),
+        });
+    }
+    Ok(file)
 }
 
 /// The file's tensors as `(module, A, B)`, refusing any tensor that is not a LoRA pair.
