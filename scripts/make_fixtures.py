@@ -5,6 +5,7 @@ transformers (the reference implementation) computes on them, for Ocellus's pari
   python scripts/make_fixtures.py tiny          # tests/fixtures: two tiny models + references (committed)
   python scripts/make_fixtures.py adapters      # PEFT LoRA adapters of tiny-idefics3 + references (part of tiny)
   python scripts/make_fixtures.py ocellus-adapter  # a LoRA trained by `ocellus finetune`, run in PEFT (part of tiny)
+  python scripts/make_fixtures.py ocellus-vision-adapter  # the same on the vision tower, connector and text q/v (part of tiny)
   python scripts/make_fixtures.py ocellus-dpo-adapter  # a LoRA trained by `finetune --method dpo`, run in PEFT (part of tiny)
   python scripts/make_fixtures.py big OUT_DIR   # a SmolVLM-256M-shaped model + references (not committed)
   python scripts/make_fixtures.py qwen3vl       # tests/fixtures: tiny Qwen3-VL + references (part of tiny)
@@ -708,7 +709,16 @@ def make_colours(dst: Path) -> None:
         (dst / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def make_ocellus_adapter(model_dir: Path, refs: Path) -> None:
+# What `ocellus finetune` adapts in each adapter it trains for the round trip: the text
+# model's projections and head; and the vision tower's projections and the connector with
+# the text model's q and v (a LoRA on both sides of the image features).
+OCELLUS_TARGETS = {
+    OCELLUS_ADAPTER: "q_proj,v_proj,gate_proj,down_proj,lm_head",
+    "ocellus-vision": "vision.q_proj,vision.v_proj,vision.out_proj,vision.fc1,vision.fc2,connector,q_proj,v_proj",
+}
+
+
+def make_ocellus_adapter(model_dir: Path, refs: Path, name: str = OCELLUS_ADAPTER) -> None:
     """Trains a LoRA with `ocellus finetune` (OCELLUS names the binary; else cargo runs it),
     then records what transformers+PEFT compute with it: Ocellus's tests check that Ocellus
     serves the same tokens, which closes the round trip Ocellus -> PEFT -> Ocellus."""
@@ -717,15 +727,17 @@ def make_ocellus_adapter(model_dir: Path, refs: Path) -> None:
     from peft import PeftModel
 
     make_colours(FINETUNE)
-    dst = FIXTURES / "adapters" / model_dir.name / OCELLUS_ADAPTER
+    dst = FIXTURES / "adapters" / model_dir.name / name
     shutil.rmtree(dst, ignore_errors=True)
     binary = [os.environ["OCELLUS"]] if "OCELLUS" in os.environ else ["cargo", "run", "-q", "--"]
     flags = ["finetune", "--model", str(model_dir), "--data", str(FINETUNE / "train.jsonl")]
     flags += ["--eval", str(FINETUNE / "eval.jsonl"), "--out", str(dst), "--epochs", "3", "--lr", "1e-3"]
-    flags += ["--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj,v_proj,gate_proj,down_proj,lm_head"]
+    flags += ["--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", OCELLUS_TARGETS[name]]
     subprocess.run(binary + flags, check=True, cwd=REPO)
     model = PeftModel.from_pretrained(load_model(model_dir), dst).eval()
-    record(model_dir, FIXTURES, CASES, refs / f"{model_dir.name}-lora-{OCELLUS_ADAPTER}", store_pixels=False, model=model)
+    modules = [n for n, _ in model.named_modules() if n.endswith(".lora_A")]
+    print(f"  PEFT placed {len(modules)} LoRA pairs, {sum('vision_model' in m for m in modules)} in the vision tower")
+    record(model_dir, FIXTURES, CASES, refs / f"{model_dir.name}-lora-{name}", store_pixels=False, model=model)
 
 
 def make_ocellus_dpo_adapter(model_dir: Path, refs: Path) -> None:
@@ -755,6 +767,7 @@ def main() -> None:
     adapters = sub.add_parser("adapters")
     adapters.add_argument("--only", nargs="*", default=[], choices=list(ADAPTERS))
     sub.add_parser("ocellus-adapter")
+    sub.add_parser("ocellus-vision-adapter")
     sub.add_parser("ocellus-dpo-adapter")
     demo = sub.add_parser("demo-base")
     demo.add_argument("out", type=Path)
@@ -800,6 +813,9 @@ def main() -> None:
     if args.what == "ocellus-adapter":
         return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
 
+    if args.what == "ocellus-vision-adapter":
+        return make_ocellus_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference", "ocellus-vision")
+
     if args.what == "ocellus-dpo-adapter":
         return make_ocellus_dpo_adapter(FIXTURES / "models" / "tiny-idefics3", FIXTURES / "reference")
 
@@ -829,6 +845,7 @@ def main() -> None:
         record_processor(SHARED_REF, FIXTURES, PROCESSOR_CASES, refs / "smolvlm-256m-processor.json")
         make_adapters(models / "tiny-idefics3", FIXTURES / "adapters" / "tiny-idefics3", refs, [])
         make_ocellus_adapter(models / "tiny-idefics3", refs)
+        make_ocellus_adapter(models / "tiny-idefics3", refs, "ocellus-vision")
         fixtures_qwen3vl.make_tiny(FIXTURES)
         fixtures_tools.main()
         fixtures_dpo.main()

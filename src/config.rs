@@ -178,8 +178,11 @@ pub struct FinetuneArgs {
     /// modules) instead of PEFT's initialisation.
     #[arg(long)]
     pub lora_init: Option<PathBuf>,
-    /// The projections LoRA adapts (of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    /// down_proj, lm_head), in every text layer.
+    /// The projections LoRA adapts: of the text model, in every layer, q_proj, k_proj,
+    /// v_proj, o_proj, gate_proj, up_proj, down_proj, and lm_head; of the vision encoder, in
+    /// every layer, vision.q_proj, vision.k_proj, vision.v_proj, vision.out_proj,
+    /// vision.fc1, vision.fc2; and connector (its projection). A LoRA on the vision side
+    /// encodes each image at every step, where a text-only one encodes it once.
     #[arg(
         long,
         value_delimiter = ',',

@@ -16,6 +16,7 @@ use ocellus::model::smolvlm::SmolVlmConfig;
 use ocellus::model::weights::SafetensorsWeights;
 use ocellus::train::data::{self, DataError, DataLimits};
 use ocellus::train::dataset::{Dataset, Location};
+use ocellus::train::layers::Builder;
 use ocellus::train::text::{LoraSpec, Method, TrainText};
 use ocellus::train::vision::TrainVision;
 
@@ -47,70 +48,88 @@ fn args(out: &Path, extra: &[&str]) -> FinetuneArgs {
     }
 }
 
+/// A LoRA spec for a fixture adapter's modules (rank and alpha as it was trained).
+fn lora(rank: usize, alpha: f64, targets: &[&str]) -> Method {
+    Method::Lora(LoraSpec {
+        rank,
+        alpha,
+        dropout: 0.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        quantize_base: false,
+    })
+}
+
 #[test]
 fn the_training_forward_gives_transformers_logits_with_and_without_a_peft_adapter_vision_included() {
     let loaded = load_fixture_model(MODEL);
     let dir = Reference::model_dir(&fixtures(), MODEL);
     let config = SmolVlmConfig::load(&dir.join("config.json")).unwrap();
-    let adapter_dir = fixtures().join("adapters").join(MODEL).join("all-linear-r4");
-    let saved = candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-    let spec = LoraSpec {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        // Every projection of every layer, not the head.
-        targets: ocellus::train::save::LORA_MODULES[..7]
-            .iter()
-            .map(|m| m.to_string())
-            .collect(),
-        quantize_base: false,
-    };
-    for (method, reference) in [
-        (Method::Full, Reference::load(&fixtures(), MODEL)),
-        (
-            Method::Lora(spec),
-            Reference::load(&fixtures(), &format!("{MODEL}-lora-all-linear-r4")),
-        ),
+    // Every text projection of every layer, not the head; every vision projection and the
+    // connector, the text model untouched.
+    let text = &ocellus::train::save::LORA_MODULES[..7];
+    let vision = [
+        "vision.q_proj",
+        "vision.k_proj",
+        "vision.v_proj",
+        "vision.out_proj",
+        "vision.fc1",
+        "vision.fc2",
+        "connector",
+    ];
+    for (method, adapter) in [
+        (Method::Full, None),
+        (lora(4, 8.0, text), Some("all-linear-r4")),
+        (lora(4, 8.0, &vision), Some("vision-r4")),
     ] {
+        let reference = match adapter {
+            Some(name) => Reference::load(&fixtures(), &format!("{MODEL}-lora-{name}")),
+            None => Reference::load(&fixtures(), MODEL),
+        };
         let vb = SafetensorsWeights::open(&loaded.files.weights)
             .unwrap()
             .into_var_builder(DType::F32, &Device::Cpu);
-        let (model, trainables) =
-            TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &method, 0).unwrap();
-        if let Method::Lora(_) = method {
-            assert_eq!(trainables.len(), saved.len(), "one variable per saved tensor");
+        let mut builder = Builder::new(&method, 0);
+        let hidden = config.text_config.hidden_size;
+        let vision = TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb, &mut builder).unwrap();
+        let model = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &mut builder).unwrap();
+        let trainables = builder.into_trainables();
+        if let Some(name) = adapter {
+            let file = fixtures()
+                .join("adapters")
+                .join(MODEL)
+                .join(name)
+                .join("adapter_model.safetensors");
+            let saved = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+            assert_eq!(trainables.len(), saved.len(), "{name}: one variable per saved tensor");
             for t in &trainables {
                 t.var.set(&saved[&t.name]).unwrap();
             }
         }
-        let vb = SafetensorsWeights::open(&loaded.files.weights)
-            .unwrap()
-            .into_var_builder(DType::F32, &Device::Cpu);
-        let hidden = config.text_config.hidden_size;
-        let (vision, _) = TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb).unwrap();
+        let adapter_served = adapter.map(|name| {
+            let model = loaded.model.as_ref();
+            let dir = fixtures().join("adapters").join(MODEL).join(name);
+            Adapter::load(name, &dir, &model.adapter_layout(), 64, model.dtype(), model.device()).unwrap()
+        });
         for (name, case) in &reference.cases {
             let prompt = prompt_for(&loaded.processor, &reference, case);
-            // The trainable vision encoder's features (those of --method full), of all the
-            // prompt's tiles.
+            // The trainable vision encoder's features (those of --method full or a vision
+            // LoRA), of all the prompt's tiles, against the server's.
             let tiles = stacked_tiles(&prompt);
-            let features = tiles.as_ref().map(|p| vision.forward(p).unwrap());
+            let features = tiles.as_ref().map(|p| vision.forward(p, &mut None).unwrap());
             if let Some(ours) = &features {
-                let served = (prompt_features(loaded.model.as_ref(), &prompt).unwrap().embeds)
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let served = adapted_features(loaded.model.as_ref(), &prompt, adapter_served.as_ref()).unwrap();
+                let served = served.embeds.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let diff = max_abs_diff(&ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &served);
                 assert!(
                     diff < 1e-4,
-                    "{name}: trainable vision features differ from the served by {diff}"
+                    "{adapter:?}/{name}: trainable vision features differ from the served by {diff}"
                 );
             }
             let image_token = loaded.model.info().image_token_ids[0];
             let logits = model.logits(&prompt.token_ids, image_token, features.as_ref()).unwrap();
             let last = logits.i(prompt.token_ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
             let diff = max_abs_diff(&last, &reference.logits(name));
-            assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+            assert!(diff < 1e-4, "{adapter:?}/{name}: logits differ by {diff}");
         }
     }
 }
@@ -197,7 +216,19 @@ fn assert_same_tensors(a: &Path, b: &Path, file: &str, tolerance: f32) {
 
 #[test]
 fn gradient_checkpointing_trains_as_the_plain_backward_does_lora_with_dropout_and_full() {
+    // The vision LoRA's gradients come through the spliced image features, which under
+    // checkpointing reach it from the first layer's saved input.
     for (name, method, file) in [
+        (
+            "lora-vision",
+            [
+                "--lora-dropout",
+                "0.1",
+                "--lora-target-modules",
+                "vision.q_proj,vision.fc2,connector,q_proj",
+            ],
+            "adapter_model.safetensors",
+        ),
         (
             "lora",
             [
@@ -238,10 +269,60 @@ fn gradient_checkpointing_trains_as_the_plain_backward_does_lora_with_dropout_an
             "{name} learned nothing"
         );
         assert_same_tensors(&plain, &checkpointed, file, 1e-5);
+        if name == "lora-vision" {
+            assert_vision_trained(&plain);
+        }
         for dir in [plain, checkpointed] {
             std::fs::remove_dir_all(dir).unwrap();
         }
     }
+}
+
+/// The adapter in `dir` moved its vision and connector pairs off PEFT's initial B = 0, and
+/// the server, loading it, encodes images otherwise than the base model.
+fn assert_vision_trained(dir: &Path) {
+    let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    for part in [
+        "vision_model.encoder.layers.0.self_attn.q_proj",
+        "vision_model.encoder.layers.1.mlp.fc2",
+        "connector",
+    ] {
+        let b = (tensors.iter())
+            .find(|(name, _)| name.contains(part) && name.ends_with("lora_B.weight"))
+            .unwrap_or_else(|| panic!("no {part} lora_B in {:?}", tensors.keys()))
+            .1;
+        let largest = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(largest > 0.0, "{part}: B is still 0");
+    }
+    let loaded = load_fixture_model(MODEL);
+    let model = loaded.model.as_ref();
+    let adapter = Adapter::load(
+        "vision",
+        dir,
+        &model.adapter_layout(),
+        64,
+        model.dtype(),
+        model.device(),
+    )
+    .unwrap();
+    assert!(adapter.changes_vision());
+    let reference = Reference::load(&fixtures(), MODEL);
+    let prompt = prompt_for(&loaded.processor, &reference, &reference.cases["wide"]);
+    let features = |adapter| {
+        adapted_features(model, &prompt, adapter)
+            .unwrap()
+            .embeds
+            .flatten_all()
+            .unwrap()
+    };
+    let diff = max_abs_diff(
+        &features(Some(&adapter)).to_vec1::<f32>().unwrap(),
+        &features(None).to_vec1::<f32>().unwrap(),
+    );
+    assert!(
+        diff > 1e-6,
+        "the adapter leaves the image features as they were ({diff})"
+    );
 }
 
 #[test]
@@ -375,7 +456,13 @@ fn a_batch_of_sequences_has_the_summed_loss_of_each_alone() {
     let vb = SafetensorsWeights::open(&loaded.files.weights)
         .unwrap()
         .into_var_builder(DType::F32, &Device::Cpu);
-    let (model, _) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &Method::Full, 0).unwrap();
+    let model = TrainText::new(
+        &config.text_config,
+        config.tie_word_embeddings,
+        vb,
+        &mut Builder::new(&Method::Full, 0),
+    )
+    .unwrap();
     let limits = DataLimits {
         max_seq_len: 2048,
         max_images: 4,

@@ -1,6 +1,7 @@
 //! LoRA adapters served by Ocellus: five trained by PEFT (two on the vision tower and the
-//! connector) and two by `ocellus finetune` (SFT and `--method dpo`; scripts/make_fixtures.py),
-//! each giving transformers+PEFT's logits and greedy tokens; all seven and the base model in
+//! connector) and three by `ocellus finetune` (SFT on the text model, SFT on the vision tower,
+//! connector and text, and `--method dpo`; scripts/make_fixtures.py), each giving
+//! transformers+PEFT's logits and greedy tokens; all eight and the base model in
 //! one batch give what each gives alone; the prefix and vision caches keep them apart; broken
 //! adapter folders are refused with errors that name what is wrong.
 
@@ -17,12 +18,13 @@ use ocellus::model::lora::{Adapter, AdapterError};
 use ocellus::processor::Processor;
 
 const MODEL: &str = "tiny-idefics3";
-const ADAPTERS: [&str; 7] = [
+const ADAPTERS: [&str; 8] = [
     "all-linear-r4",
     "attn-r8",
     "mlp-rslora",
     "ocellus-colours",
     "ocellus-dpo",
+    "ocellus-vision",
     "vision-r4",
     "vision-text-r8",
 ];

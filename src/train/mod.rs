@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod dpo;
 pub mod evaluate;
 pub mod frozen;
+pub mod layers;
 pub mod preference;
 pub mod save;
 pub mod synthetic;
@@ -226,7 +227,8 @@ fn load_data(args: &FinetuneArgs, processor: &Processor, limits: &DataLimits) ->
 }
 
 /// The models a run trains: the text model with the method's trainable weights and, under
-/// `--method full`, the vision encoder and connector too.
+/// `--method full` or a LoRA reaching the vision encoder or connector, those too (else the
+/// served model's frozen encoder gives the features).
 fn build(
     config: &SmolVlmConfig,
     files: &ModelFiles,
@@ -235,18 +237,21 @@ fn build(
     checkpointing: bool,
 ) -> anyhow::Result<(Option<vision::TrainVision>, TrainText, Vec<Trainable>)> {
     let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
-    let (train_vision, mut trainables) = match method {
-        Method::Full => {
-            let hidden = config.text_config.hidden_size;
-            let (vision, vars) = vision::TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb)?;
-            (Some(vision), vars)
-        }
-        Method::Lora(_) => (None, Vec::new()),
+    let mut builder = layers::Builder::new(method, seed);
+    let trains_vision = match method {
+        Method::Full => true,
+        Method::Lora(spec) => layers::targets_vision(spec),
     };
-    let (mut model, text) = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, method, seed)?;
+    let train_vision = if trains_vision {
+        let hidden = config.text_config.hidden_size;
+        let vision = vision::TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb, &mut builder)?;
+        Some(vision)
+    } else {
+        None
+    };
+    let mut model = TrainText::new(&config.text_config, config.tie_word_embeddings, vb, &mut builder)?;
     model.checkpoint_layers(checkpointing);
-    trainables.extend(text);
-    Ok((train_vision, model, trainables))
+    Ok((train_vision, model, builder.into_trainables()))
 }
 
 /// A run under way: the optimizer, where it stands, and what it measured.

@@ -12,7 +12,9 @@ use super::text::{LoraSpec, Trainable};
 use crate::model::ModelFiles;
 use crate::model::lora::{CONFIG_FILE, WEIGHTS_FILE};
 
-/// The text projections a LoRA may target, by their last name.
+/// The modules a LoRA may target, as `--lora-target-modules` names them
+/// (`layers::target_name`): the text projections by their last name, the vision encoder's
+/// under `vision.`, and the connector's projection.
 pub const LORA_MODULES: &[&str] = &[
     "q_proj",
     "k_proj",
@@ -22,6 +24,13 @@ pub const LORA_MODULES: &[&str] = &[
     "up_proj",
     "down_proj",
     "lm_head",
+    "vision.q_proj",
+    "vision.k_proj",
+    "vision.v_proj",
+    "vision.out_proj",
+    "vision.fc1",
+    "vision.fc2",
+    "connector",
 ];
 
 /// A safetensors file readable by others, as the folder's other files are: the safetensors
@@ -73,24 +82,31 @@ pub fn save_adapter(dir: &Path, spec: &LoraSpec, base_model: &str, trainables: &
     Ok(())
 }
 
-/// PEFT's `target_modules` as one full-match pattern over the text model's projections.
+/// PEFT's `target_modules` as one full-match pattern over the modules the targets name
+/// (`layers::target_name`): a plain list would match the text model's q/k/v in the vision
+/// tower too, and `vision.q_proj` is no module name.
 fn target_regex(targets: &[String]) -> String {
     let mut alternatives = Vec::new();
-    let layer: Vec<&str> = (targets.iter().map(String::as_str))
-        .filter(|t| *t != "lm_head")
-        .collect();
-    let attn: Vec<&str> = (layer.iter().copied())
-        .filter(|t| ["q_proj", "k_proj", "v_proj", "o_proj"].contains(t))
-        .collect();
-    let mlp: Vec<&str> = layer.iter().copied().filter(|t| !attn.contains(t)).collect();
-    if !attn.is_empty() {
-        alternatives.push(format!(
-            r"model\.text_model\.layers\.\d+\.self_attn\.({})",
-            attn.join("|")
-        ));
+    let attention = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj"];
+    let towers = [
+        ("", r"model\.text_model\.layers"),
+        ("vision.", r"model\.vision_model\.encoder\.layers"),
+    ];
+    for (tower, layers) in towers {
+        let names: Vec<&str> = (targets.iter())
+            .filter_map(|t| t.strip_prefix(tower))
+            .filter(|t| !t.contains('.') && *t != "lm_head" && *t != "connector")
+            .collect();
+        let (attn, mlp): (Vec<&str>, Vec<&str>) = names.iter().partition(|t| attention.contains(t));
+        if !attn.is_empty() {
+            alternatives.push(format!(r"{layers}\.\d+\.self_attn\.({})", attn.join("|")));
+        }
+        if !mlp.is_empty() {
+            alternatives.push(format!(r"{layers}\.\d+\.mlp\.({})", mlp.join("|")));
+        }
     }
-    if !mlp.is_empty() {
-        alternatives.push(format!(r"model\.text_model\.layers\.\d+\.mlp\.({})", mlp.join("|")));
+    if targets.iter().any(|t| t == "connector") {
+        alternatives.push(r"model\.connector\.modality_projection\.proj".into());
     }
     if targets.iter().any(|t| t == "lm_head") {
         alternatives.push("lm_head".into());
@@ -150,6 +166,33 @@ mod tests {
             "model.text_model.layers.0.self_attn.k_proj",
             "model.text_model.layers.0.mlp.up_proj",
             "model.text_model.layers.0.self_attn.q_proj.lora_A",
+            "model.connector.modality_projection.proj",
+        ] {
+            assert!(!re.is_match(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn the_target_pattern_matches_the_vision_projections_and_connector_named() {
+        let targets: Vec<String> = ["q_proj", "vision.q_proj", "vision.out_proj", "vision.fc1", "connector"]
+            .map(String::from)
+            .to_vec();
+        let re = regex::Regex::new(&target_regex(&targets)).unwrap();
+        for yes in [
+            "model.text_model.layers.0.self_attn.q_proj",
+            "model.vision_model.encoder.layers.0.self_attn.q_proj",
+            "model.vision_model.encoder.layers.11.self_attn.out_proj",
+            "model.vision_model.encoder.layers.3.mlp.fc1",
+            "model.connector.modality_projection.proj",
+        ] {
+            assert!(re.is_match(yes), "{yes}");
+        }
+        for no in [
+            "model.vision_model.encoder.layers.0.self_attn.k_proj",
+            "model.vision_model.encoder.layers.0.mlp.fc2",
+            "model.vision_model.embeddings.patch_embedding",
+            "model.text_model.layers.0.mlp.fc1",
+            "lm_head",
         ] {
             assert!(!re.is_match(no), "{no}");
         }

@@ -12,7 +12,8 @@ use candle_nn::VarBuilder;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::frozen::Frozen;
+pub use super::layers::Trainable;
+use super::layers::{Builder, Linear, Weight};
 pub use checkpoint::Tape;
 
 mod checkpoint;
@@ -30,7 +31,8 @@ pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
     pub dropout: f32,
-    /// Module names as PEFT's `target_modules` list matches them (`q_proj`, `lm_head`).
+    /// Modules as `--lora-target-modules` names them (`layers::target_name`: `q_proj`,
+    /// `lm_head`, `vision.fc1`, `connector`).
     pub targets: Vec<String>,
     /// QLoRA: the frozen projections, head and embedding kept in Q8_0 blocks.
     pub quantize_base: bool,
@@ -40,30 +42,6 @@ impl LoraSpec {
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
     }
-}
-
-/// A trainable tensor and the name it is saved under.
-pub struct Trainable {
-    pub name: String,
-    pub var: Var,
-}
-
-struct Linear {
-    weight: Weight,
-    bias: Option<Tensor>,
-    lora: Option<LoraPair>,
-}
-
-struct LoraPair {
-    a: Tensor,
-    b: Tensor,
-    scale: f64,
-}
-
-/// A linear layer's weight: trained (a variable's tensor, `--method full`) or frozen.
-enum Weight {
-    Trained(Tensor),
-    Frozen(Frozen),
 }
 
 pub struct TrainText {
@@ -96,99 +74,11 @@ struct Layer {
     down: Linear,
 }
 
-/// Builds trainable tensors while the model is assembled, recording their names.
-struct Builder<'a> {
-    method: &'a Method,
-    rng: ChaCha8Rng,
-    trainables: Vec<Trainable>,
-}
-
-impl Builder<'_> {
-    /// A full-method weight becomes a variable; otherwise it stays a constant.
-    fn weight(&mut self, name: String, tensor: Tensor) -> Result<Tensor> {
-        if !matches!(self.method, Method::Full) {
-            return Ok(tensor);
-        }
-        let var = Var::from_tensor(&tensor)?;
-        let t = var.as_tensor().clone();
-        self.trainables.push(Trainable { name, var });
-        Ok(t)
-    }
-
-    /// A matrix: a variable under the full method, else frozen (in Q8_0 blocks under QLoRA).
-    fn matrix(&mut self, name: String, tensor: Tensor) -> Result<Weight> {
-        match self.method {
-            Method::Full => Ok(Weight::Trained(self.weight(name, tensor)?)),
-            Method::Lora(spec) => Ok(Weight::Frozen(Frozen::new(tensor, spec.quantize_base)?)),
-        }
-    }
-
-    /// `module`: PEFT's name for it (`model.text_model.layers.0.self_attn.q_proj`).
-    fn linear(&mut self, module: &str, vb: &VarBuilder, shape: (usize, usize), bias: bool) -> Result<Linear> {
-        let out = shape.0;
-        let weight = self.matrix(format!("{module}.weight"), vb.get(shape, &format!("{module}.weight"))?)?;
-        let bias = if bias {
-            Some(self.weight(format!("{module}.bias"), vb.get(out, &format!("{module}.bias"))?)?)
-        } else {
-            None
-        };
-        let lora = self.lora_pair(module, shape, vb.device())?;
-        Ok(Linear { weight, bias, lora })
-    }
-
-    /// A fresh LoRA pair for `module` (`[out, in]`) if the method targets it.
-    fn lora_pair(&mut self, module: &str, (out, inp): (usize, usize), device: &Device) -> Result<Option<LoraPair>> {
-        let Method::Lora(spec) = self.method else {
-            return Ok(None);
-        };
-        if !targeted(spec, module) {
-            return Ok(None);
-        }
-        // PEFT's initialisation: A ~ kaiming_uniform(a = sqrt 5), i.e. U(±1/sqrt(in)); B = 0,
-        // so training starts from the base model exactly.
-        let bound = 1.0 / (inp as f32).sqrt();
-        let a: Vec<f32> = (0..spec.rank * inp)
-            .map(|_| self.rng.random_range(-bound..bound))
-            .collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), device)?)?;
-        let b = Var::zeros((out, spec.rank), DType::F32, device)?;
-        let pair = LoraPair {
-            a: a.as_tensor().clone(),
-            b: b.as_tensor().clone(),
-            scale: spec.scale(),
-        };
-        let prefix = format!("base_model.model.{module}");
-        self.trainables.push(Trainable {
-            name: format!("{prefix}.lora_A.weight"),
-            var: a,
-        });
-        self.trainables.push(Trainable {
-            name: format!("{prefix}.lora_B.weight"),
-            var: b,
-        });
-        Ok(Some(pair))
-    }
-}
-
-/// PEFT's list matching: the module's name or a dotted suffix of it.
-fn targeted(spec: &LoraSpec, module: &str) -> bool {
-    (spec.targets.iter()).any(|t| module == t || module.ends_with(&format!(".{t}")))
-}
-
 impl TrainText {
-    /// `vb` is the model's root (weights in f32). Returns the model and what trains.
-    pub fn new(
-        cfg: &TextConfig,
-        tie_word_embeddings: bool,
-        vb: VarBuilder,
-        method: &Method,
-        seed: u64,
-    ) -> Result<(Self, Vec<Trainable>)> {
-        let mut b = Builder {
-            method,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            trainables: Vec::new(),
-        };
+    /// `vb` is the model's root (weights in f32); `b` makes its weights trainable or frozen
+    /// as its method says, and records what trains.
+    pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, vb: VarBuilder, b: &mut Builder) -> Result<Self> {
+        b.quantize_frozen(true);
         let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let embed_name = "model.text_model.embed_tokens.weight";
@@ -196,17 +86,17 @@ impl TrainText {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let m = format!("model.text_model.layers.{i}");
-            let norm = |b: &mut Builder, name: &str| {
+            let norm = |b: &mut Builder<'_>, name: &str| {
                 b.weight(format!("{m}.{name}.weight"), vb.get(h, &format!("{m}.{name}.weight"))?)
             };
             let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
             layers.push(Layer {
-                input_norm: norm(&mut b, "input_layernorm")?,
+                input_norm: norm(b, "input_layernorm")?,
                 q: b.linear(&format!("{m}.self_attn.q_proj"), &vb, (heads * hd, h), ab)?,
                 k: b.linear(&format!("{m}.self_attn.k_proj"), &vb, (kv_heads * hd, h), ab)?,
                 v: b.linear(&format!("{m}.self_attn.v_proj"), &vb, (kv_heads * hd, h), ab)?,
                 o: b.linear(&format!("{m}.self_attn.o_proj"), &vb, (h, heads * hd), ab)?,
-                post_norm: norm(&mut b, "post_attention_layernorm")?,
+                post_norm: norm(b, "post_attention_layernorm")?,
                 gate: b.linear(&format!("{m}.mlp.gate_proj"), &vb, (inter, h), mb)?,
                 up: b.linear(&format!("{m}.mlp.up_proj"), &vb, (inter, h), mb)?,
                 down: b.linear(&format!("{m}.mlp.down_proj"), &vb, (h, inter), mb)?,
@@ -225,7 +115,7 @@ impl TrainText {
             b.linear("lm_head", &vb, (cfg.vocab_size, h), false)?
         };
         let (cos, sin) = rotary(cfg, vb.device())?;
-        let dropout = match method {
+        let dropout = match b.method() {
             Method::Lora(spec) => spec.dropout,
             Method::Full => 0.0,
         };
@@ -244,7 +134,7 @@ impl TrainText {
             checkpointing: false,
             tape: RefCell::new(None),
         };
-        Ok((model, b.trainables))
+        Ok(model)
     }
 
     /// Hidden states before the final norm for sequences stacked into one `[Σn, hidden]`
@@ -381,24 +271,9 @@ impl TrainText {
         self.project(&l.down, &gated, dropout)? + xs
     }
 
-    /// `xs · Wᵀ + b`, plus PEFT's `scale · B(A(dropout(xs)))` where a LoRA pair sits.
+    /// `linear(xs)`, with this model's LoRA dropout.
     fn project(&self, linear: &Linear, xs: &Tensor, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let mut ys = match &linear.weight {
-            Weight::Trained(weight) => xs.matmul(&weight.t()?)?,
-            Weight::Frozen(weight) => weight.linear(xs)?,
-        };
-        if let Some(bias) = &linear.bias {
-            ys = ys.broadcast_add(bias)?;
-        }
-        if let Some(lora) = &linear.lora {
-            let dropped = match dropout {
-                Some(rng) if self.dropout > 0.0 => drop(xs, self.dropout, rng)?,
-                _ => xs.clone(),
-            };
-            let delta = dropped.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
-            ys = (ys + (delta * lora.scale)?)?;
-        }
-        Ok(ys)
+        linear.forward(xs, self.dropout, dropout)
     }
 
     /// The summed cross-entropy of the sequences' target tokens (`targets[t]`: token `t` is
@@ -470,24 +345,6 @@ impl TrainText {
     }
 }
 
-impl Weight {
-    /// The same weight again (the tied head is the embedding).
-    fn shared(&self) -> Weight {
-        match self {
-            Weight::Trained(t) => Weight::Trained(t.clone()),
-            Weight::Frozen(f) => Weight::Frozen(f.clone()),
-        }
-    }
-
-    /// Rows `ids` of the matrix (the embedding lookup).
-    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
-        match self {
-            Weight::Trained(t) => t.index_select(ids, 0),
-            Weight::Frozen(f) => f.dense()?.index_select(ids, 0),
-        }
-    }
-}
-
 /// One sequence of a training batch.
 pub struct Sequence<'a> {
     pub ids: &'a [u32],
@@ -529,13 +386,4 @@ fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..n).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Tensor::from_vec(mask, (n, n), device)
-}
-
-/// Inverted dropout with a seeded mask (candle's own draws from an unseeded generator).
-fn drop(xs: &Tensor, p: f32, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..xs.elem_count())
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    xs * Tensor::from_vec(mask, xs.shape(), xs.device())?
 }

@@ -22,7 +22,8 @@ pub(super) struct Trainer<'a> {
     pub args: &'a FinetuneArgs,
     pub model: &'a TrainText,
     pub vision: &'a dyn VisionLanguageModel,
-    /// The trainable encoder (`--method full`); otherwise the serving model's, frozen.
+    /// The trainable encoder (`--method full`, or a LoRA on it or the connector); otherwise
+    /// the serving model's, frozen.
     pub train_vision: Option<&'a vision::TrainVision>,
     pub image_token: u32,
     /// Under `--method dpo`.
@@ -55,8 +56,12 @@ impl Item for Example {
         self.target_count()
     }
 
-    fn loss(trainer: &Trainer, items: &[&Self], dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<(Tensor, Stats)> {
-        let seqs = trainer.sequences(items)?;
+    fn loss(
+        trainer: &Trainer,
+        items: &[&Self],
+        mut dropout: Option<&mut ChaCha8Rng>,
+    ) -> anyhow::Result<(Tensor, Stats)> {
+        let seqs = trainer.sequences(items, &mut dropout)?;
         let (loss, _) = trainer.model.loss(&seqs, trainer.image_token, dropout)?;
         Ok((loss, Stats::default()))
     }
@@ -84,8 +89,13 @@ impl Item for Pair {
 
 impl Trainer<'_> {
     /// The sequences of `examples` with their image features: one vision forward for all
-    /// their tiles, split back per example.
-    fn sequences<'e>(&self, examples: &[&'e Example]) -> anyhow::Result<Vec<Sequence<'e>>> {
+    /// their tiles, split back per example (with LoRA dropout from `dropout` where the
+    /// encoder trains).
+    fn sequences<'e>(
+        &self,
+        examples: &[&'e Example],
+        dropout: &mut Option<&mut ChaCha8Rng>,
+    ) -> anyhow::Result<Vec<Sequence<'e>>> {
         let pixels: Vec<Tensor> = (examples.iter().filter(|e| e.features.is_none()))
             .filter_map(|e| e.pixel_values.clone())
             .collect();
@@ -94,7 +104,7 @@ impl Trainer<'_> {
         } else {
             let pixels = Tensor::cat(&pixels, 0)?;
             let rows = match self.train_vision {
-                Some(vision) => vision.forward(&pixels)?,
+                Some(vision) => vision.forward(&pixels, dropout)?,
                 None => {
                     let tiles = Pixels {
                         values: pixels.clone(),
@@ -127,7 +137,8 @@ impl Trainer<'_> {
         Ok(seqs)
     }
 
-    /// With the vision encoder frozen (LoRA), each example's image features once, before
+    /// With the vision encoder and connector frozen (a LoRA on the text model only), each
+    /// example's image features once, before
     /// training, in place of its pixels: every later step (and epoch) reuses them, and they
     /// are about a twentieth of their tiles' size.
     pub fn encode_frozen<'e>(&self, examples: impl Iterator<Item = &'e mut Example>) -> anyhow::Result<()> {
@@ -145,9 +156,9 @@ impl Trainer<'_> {
     }
 
     /// The completions' summed log-probabilities, `[chosen 0, rejected 0, chosen 1, ...]`.
-    fn log_probs(&self, pairs: &[&Pair], dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<Tensor> {
+    fn log_probs(&self, pairs: &[&Pair], mut dropout: Option<&mut ChaCha8Rng>) -> anyhow::Result<Tensor> {
         let examples: Vec<&Example> = pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
-        let seqs = self.sequences(&examples)?;
+        let seqs = self.sequences(&examples, &mut dropout)?;
         Ok(self.model.sequence_log_probs(&seqs, self.image_token, dropout)?)
     }
 

@@ -1,13 +1,17 @@
-//! The vision encoder (SigLIP, as `model::smolvlm::vision`) and connector for `--method
-//! full`, in candle ops that carry gradients: composed LayerNorm and softmax instead of the
-//! serving path's fused kernels, every tile's heads at once.
+//! The vision encoder (SigLIP, as `model::smolvlm::vision`) and connector for training, in
+//! candle ops that carry gradients: composed LayerNorm and softmax instead of the serving
+//! path's fused kernels, every tile's heads at once. Under `--method full` every weight
+//! trains; under LoRA the weights are frozen and pairs sit on the projections
+//! `--lora-target-modules` names (`vision.q_proj`, ..., `connector`), as PEFT places them.
 
-use candle_core::{D, Result, Tensor, Var};
+use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
+use rand_chacha::ChaCha8Rng;
 
-use super::text::Trainable;
+use super::layers::{Builder, Linear};
+use super::text::Method;
 use crate::model::smolvlm::config::VisionConfig;
-use crate::model::smolvlm::connector::pixel_shuffle;
+use crate::model::smolvlm::connector::{self, pixel_shuffle};
 
 pub struct TrainVision {
     patch_weight: Tensor,
@@ -15,74 +19,81 @@ pub struct TrainVision {
     position: Tensor,
     layers: Vec<Layer>,
     post_norm: (Tensor, Tensor),
-    connector: Tensor,
+    connector: Linear,
     cfg: VisionConfig,
     scale_factor: usize,
+    /// LoRA dropout (0 under the full method).
+    dropout: f32,
 }
 
 struct Layer {
     norm1: (Tensor, Tensor),
-    q: (Tensor, Tensor),
-    k: (Tensor, Tensor),
-    v: (Tensor, Tensor),
-    out: (Tensor, Tensor),
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
     norm2: (Tensor, Tensor),
-    fc1: (Tensor, Tensor),
-    fc2: (Tensor, Tensor),
+    fc1: Linear,
+    fc2: Linear,
 }
 
 impl TrainVision {
-    /// `vb` is the model's root; every weight becomes a trainable variable.
+    /// `vb` is the model's root; `b` makes its weights trainable or frozen as its method says
+    /// (frozen ones stay f32, also under QLoRA).
     pub fn new(
         cfg: &VisionConfig,
         scale_factor: usize,
         text_hidden: usize,
         vb: &VarBuilder,
-    ) -> Result<(Self, Vec<Trainable>)> {
-        let mut trainables = Vec::new();
-        let mut var = |name: String, shape: &[usize]| -> Result<Tensor> {
-            let var = Var::from_tensor(&vb.get(shape, &name)?)?;
-            let t = var.as_tensor().clone();
-            trainables.push(Trainable { name, var });
-            Ok(t)
-        };
+        b: &mut Builder,
+    ) -> Result<Self> {
+        b.quantize_frozen(false);
         let (d, p, c, inter) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels, cfg.intermediate_size);
         let m = "model.vision_model";
-        let patch_weight = var(format!("{m}.embeddings.patch_embedding.weight"), &[d, c, p, p])?;
-        let patch_bias = var(format!("{m}.embeddings.patch_embedding.bias"), &[d])?;
+        let get = |b: &mut Builder, name: String, shape: &[usize]| b.weight(name.clone(), vb.get(shape, &name)?);
+        let patch_weight = get(b, format!("{m}.embeddings.patch_embedding.weight"), &[d, c, p, p])?;
+        let patch_bias = get(b, format!("{m}.embeddings.patch_embedding.bias"), &[d])?;
         let patches = (cfg.image_size / p).pow(2);
-        let position = var(format!("{m}.embeddings.position_embedding.weight"), &[patches, d])?;
+        let position = get(b, format!("{m}.embeddings.position_embedding.weight"), &[patches, d])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = format!("{m}.encoder.layers.{i}");
-            let mut pair = |name: &str, out: usize, inp: Option<usize>| -> Result<(Tensor, Tensor)> {
-                let weight_shape: Vec<usize> = inp.map_or(vec![out], |i| vec![out, i]);
+            let norm = |b: &mut Builder, name: &str| -> Result<(Tensor, Tensor)> {
                 Ok((
-                    var(format!("{l}.{name}.weight"), &weight_shape)?,
-                    var(format!("{l}.{name}.bias"), &[out])?,
+                    get(b, format!("{l}.{name}.weight"), &[d])?,
+                    get(b, format!("{l}.{name}.bias"), &[d])?,
                 ))
             };
+            let norm1 = norm(b, "layer_norm1")?;
+            let q = b.linear(&format!("{l}.self_attn.q_proj"), vb, (d, d), true)?;
+            let k = b.linear(&format!("{l}.self_attn.k_proj"), vb, (d, d), true)?;
+            let v = b.linear(&format!("{l}.self_attn.v_proj"), vb, (d, d), true)?;
+            let out = b.linear(&format!("{l}.self_attn.out_proj"), vb, (d, d), true)?;
+            let norm2 = norm(b, "layer_norm2")?;
+            let fc1 = b.linear(&format!("{l}.mlp.fc1"), vb, (inter, d), true)?;
+            let fc2 = b.linear(&format!("{l}.mlp.fc2"), vb, (d, inter), true)?;
             layers.push(Layer {
-                norm1: pair("layer_norm1", d, None)?,
-                q: pair("self_attn.q_proj", d, Some(d))?,
-                k: pair("self_attn.k_proj", d, Some(d))?,
-                v: pair("self_attn.v_proj", d, Some(d))?,
-                out: pair("self_attn.out_proj", d, Some(d))?,
-                norm2: pair("layer_norm2", d, None)?,
-                fc1: pair("mlp.fc1", inter, Some(d))?,
-                fc2: pair("mlp.fc2", d, Some(inter))?,
+                norm1,
+                q,
+                k,
+                v,
+                out,
+                norm2,
+                fc1,
+                fc2,
             });
         }
         let post_norm = (
-            var(format!("{m}.post_layernorm.weight"), &[d])?,
-            var(format!("{m}.post_layernorm.bias"), &[d])?,
+            get(b, format!("{m}.post_layernorm.weight"), &[d])?,
+            get(b, format!("{m}.post_layernorm.bias"), &[d])?,
         );
         let input = d * scale_factor * scale_factor;
-        let connector = var(
-            "model.connector.modality_projection.proj.weight".into(),
-            &[text_hidden, input],
-        )?;
-        let model = Self {
+        let connector = b.linear(connector::MODULE, vb, (text_hidden, input), false)?;
+        let dropout = match b.method() {
+            Method::Lora(spec) => spec.dropout,
+            Method::Full => 0.0,
+        };
+        Ok(Self {
             patch_weight: patch_weight.reshape((d, c * p * p))?,
             patch_bias,
             position,
@@ -91,12 +102,13 @@ impl TrainVision {
             connector,
             cfg: cfg.clone(),
             scale_factor,
-        };
-        Ok((model, trainables))
+            dropout,
+        })
     }
 
     /// `[tiles, 3, S, S]` -> the decoder's image-token rows `[tiles * tokens, text_hidden]`.
-    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    /// `dropout`: a seeded source for LoRA dropout, `None` to evaluate.
+    pub fn forward(&self, pixel_values: &Tensor, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let (tiles, channels, _, _) = pixel_values.dims4()?;
         let (p, side, d) = (
             self.cfg.patch_size,
@@ -109,45 +121,43 @@ impl TrainVision {
         let embeds = patches
             .matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
-        let mut xs = embeds.reshape((tiles, side * side, d))?.broadcast_add(&self.position)?;
+        let xs = embeds.reshape((tiles, side * side, d))?.broadcast_add(&self.position)?;
+        let mut xs = xs.reshape((tiles * side * side, d))?;
         for layer in &self.layers {
-            xs = self.layer(layer, &xs)?;
+            xs = self.layer(layer, &xs, tiles, dropout)?;
         }
         let xs = layer_norm(&xs, &self.post_norm, self.cfg.layer_norm_eps)?;
-        let shuffled = pixel_shuffle(&xs, self.scale_factor)?;
+        let shuffled = pixel_shuffle(&xs.reshape((tiles, side * side, d))?, self.scale_factor)?;
         let (tiles, tokens, width) = shuffled.dims3()?;
-        shuffled.reshape((tiles * tokens, width))?.matmul(&self.connector.t()?)
+        (self.connector).forward(&shuffled.reshape((tiles * tokens, width))?, self.dropout, dropout)
     }
 
-    /// `xs`: `[tiles, patches, hidden]`.
-    fn layer(&self, l: &Layer, xs: &Tensor) -> Result<Tensor> {
-        let (tiles, patches, d) = xs.dims3()?;
+    /// `xs`: `[tiles * patches, hidden]`, the tiles' patches one after the other.
+    fn layer(&self, l: &Layer, xs: &Tensor, tiles: usize, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let (rows, d) = xs.dims2()?;
+        let patches = rows / tiles;
         let heads = self.cfg.num_attention_heads;
         let hd = d / heads;
         let eps = self.cfg.layer_norm_eps;
+        let p = self.dropout;
         let hs = layer_norm(xs, &l.norm1, eps)?;
         let split = |t: Tensor| t.reshape((tiles, patches, heads, hd))?.transpose(1, 2)?.contiguous();
-        let q = split(linear(&hs, &l.q)?)?;
-        let k = split(linear(&hs, &l.k)?)?;
-        let v = split(linear(&hs, &l.v)?)?;
+        let q = split(l.q.forward(&hs, p, dropout)?)?;
+        let k = split(l.k.forward(&hs, p, dropout)?)?;
+        let v = split(l.v.forward(&hs, p, dropout)?)?;
         let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let attended = probs.matmul(&v)?.transpose(1, 2)?.reshape((tiles, patches, d))?;
-        let xs = (linear(&attended, &l.out)? + xs)?;
+        let attended = probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, d))?;
+        let xs = (l.out.forward(&attended, p, dropout)? + xs)?;
         let hs = layer_norm(&xs, &l.norm2, eps)?;
-        let hs = linear(&hs, &l.fc1)?;
+        let hs = l.fc1.forward(&hs, p, dropout)?;
         let hs = if self.cfg.hidden_act == "gelu" {
             hs.gelu_erf()?
         } else {
             hs.gelu()?
         };
-        linear(&hs, &l.fc2)? + xs
+        l.fc2.forward(&hs, p, dropout)? + xs
     }
-}
-
-/// `xs · Wᵀ + b` over the last dimension.
-fn linear(xs: &Tensor, (weight, bias): &(Tensor, Tensor)) -> Result<Tensor> {
-    xs.broadcast_matmul(&weight.t()?)?.broadcast_add(bias)
 }
 
 fn layer_norm(xs: &Tensor, (weight, bias): &(Tensor, Tensor), eps: f64) -> Result<Tensor> {
