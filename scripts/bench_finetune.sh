@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fine-tuning memory and speed: LoRA (r 8, every text projection) at batch 4 on a model
-# folder, four ways in one run — the f32 base, --gradient-checkpointing, --quantize q8_0, and
-# both — each a fresh process of the release binary; prints each run's peak resident memory
+# folder, five ways in one run — the f32 base, --gradient-checkpointing, --quantize q8_0
+# (which checkpoints too, by default), q8_0 alone (--no-gradient-checkpointing), and a LoRA
+# on the vision encoder and connector as well, checkpointed — each a fresh process of the
+# release binary; prints each run's peak resident memory
 # (the process's VmHWM, loading included) and tokens/s of its optimizer steps, with ratios
 # against the f32 base measured here, and each process's wall time (loading, the frozen
 # encoder's pass over the images, the steps).
@@ -59,10 +61,14 @@ ratio() { [ "$1" = failed ] || [ "$2" = failed ] && echo "-" || printf "%.2f" "$
 printf "%-26s %10s %8s %12s %8s %8s %8s\n" run "peak MiB" ratio "tokens/s" ratio tokens "wall s"
 read -r base_peak base_rate base_tokens base_wall < <(run f32)
 printf "%-26s %10s %8s %12s %8s %8s %8s\n" "f32 base" "$base_peak" 1.00 "$base_rate" 1.00 "$base_tokens" "$base_wall"
-for spec in "checkpointing:--gradient-checkpointing" "q8_0:--quantize q8_0" "q8_0+checkpointing:--quantize q8_0 --gradient-checkpointing"; do
+vision=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,vision.q_proj,vision.k_proj,vision.v_proj
+vision=$vision,vision.out_proj,vision.fc1,vision.fc2,connector
+for spec in "checkpointing:--gradient-checkpointing" "q8_0 (checkpointed):--quantize q8_0" \
+  "q8_0 alone:--quantize q8_0 --no-gradient-checkpointing" \
+  "vision LoRA, checkpointed:--gradient-checkpointing --lora-target-modules $vision"; do
   name=${spec%%:*}; flags=${spec#*:}
   # shellcheck disable=SC2086
-  read -r peak rate tokens wall < <(run "${name//+/-}" $flags)
+  read -r peak rate tokens wall < <(run "${name//[^a-z0-9_]/-}" $flags)
   printf "%-26s %10s %8s %12s %8s %8s %8s\n" "$name" "$peak" "$(ratio "$peak" "$base_peak")" \
     "$rate" "$(ratio "$rate" "$base_rate")" "$tokens" "$wall"
 done

@@ -208,13 +208,18 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// QLoRA: keep the frozen base's text projections, head and embedding in int8 blocks
-    /// (`q8_0`), expanded to f32 one layer at a time; LoRA pairs train in f32.
+    /// (`q8_0`), expanded to f32 one layer at a time; LoRA pairs train in f32. Turns
+    /// `--gradient-checkpointing` on unless `--no-gradient-checkpointing` is given (as PEFT's
+    /// `prepare_model_for_kbit_training` does).
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizationArg>,
     /// Keep only each decoder layer's input during the forward pass and run the layer again
     /// in the backward pass: far less memory, for a second forward pass of each layer.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_gradient_checkpointing")]
     pub gradient_checkpointing: bool,
+    /// Keep every activation, also under `--quantize`.
+    #[arg(long, overrides_with = "gradient_checkpointing")]
+    pub no_gradient_checkpointing: bool,
     /// Clip the gradients' global L2 norm to this (0: no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,

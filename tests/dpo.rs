@@ -70,13 +70,11 @@ fn args(out: &Path, extra: &[&str]) -> FinetuneArgs {
     }
 }
 
-fn trains_the_chosen_answer_up(weights: &str, lr: &str) {
-    let out = scratch(weights);
-    let summary = ocellus::train::finetune(&args(
-        &out,
-        &["--dpo-weights", weights, "--lr", lr, "--max-steps", "24"],
-    ))
-    .unwrap();
+fn trains_the_chosen_answer_up(name: &str, flags: &[&str]) {
+    let out = scratch(name);
+    let mut all = vec!["--max-steps", "24"];
+    all.extend(flags);
+    let summary = ocellus::train::finetune(&args(&out, &all)).unwrap();
     let first = summary.preference[0];
     // The policy starts as the reference: every reward 0, the loss -log sigmoid(0).
     assert!(
@@ -87,7 +85,7 @@ fn trains_the_chosen_answer_up(weights: &str, lr: &str) {
     assert_eq!((first.chosen_rewards, first.margin, first.accuracy), (0.0, 0.0, 0.0));
     let (before, after) = (summary.eval_losses[0], *summary.eval_losses.last().unwrap());
     let last = summary.preference.last().unwrap();
-    eprintln!("{weights}: eval loss {before:.4} -> {after:.4}; last step {last}");
+    eprintln!("{name}: eval loss {before:.4} -> {after:.4}; last step {last}");
     assert!((before - std::f64::consts::LN_2).abs() < 1e-5, "{before}");
     assert!(after < 0.6, "eval loss {before} -> {after}");
     assert!(last.margin > 0.0, "{last}");
@@ -96,12 +94,20 @@ fn trains_the_chosen_answer_up(weights: &str, lr: &str) {
 
 #[test]
 fn lora_dpo_raises_the_chosen_answer_over_the_rejected_one() {
-    trains_the_chosen_answer_up("lora", "2e-3");
+    trains_the_chosen_answer_up("lora", &["--lr", "2e-3"]);
 }
 
 #[test]
 fn full_dpo_raises_the_chosen_answer_over_the_rejected_one() {
-    trains_the_chosen_answer_up("full", "1e-4");
+    trains_the_chosen_answer_up("full", &["--dpo-weights", "full", "--lr", "1e-4"]);
+}
+
+#[test]
+fn dpo_with_a_lora_on_the_vision_tower_starts_from_the_reference_and_raises_the_chosen_answer() {
+    // The reference is the model before any step: with the vision pairs' B at 0 its image
+    // features are the base model's, so the first loss is -log sigmoid(0) exactly.
+    let targets = "vision.q_proj,vision.v_proj,vision.fc1,connector,q_proj,v_proj,down_proj";
+    trains_the_chosen_answer_up("lora-vision", &["--lr", "2e-3", "--lora-target-modules", targets]);
 }
 
 #[test]

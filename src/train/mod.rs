@@ -13,8 +13,10 @@ pub mod dpo;
 pub mod evaluate;
 pub mod frozen;
 pub mod layers;
+mod method;
 pub mod preference;
 pub mod save;
+pub mod softmax;
 pub mod synthetic;
 pub mod text;
 mod trainer;
@@ -31,7 +33,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DpoWeights, FinetuneArgs, FinetuneMethod};
+use crate::config::{FinetuneArgs, FinetuneMethod};
 use crate::model::smolvlm::SmolVlmConfig;
 use crate::model::weights::SafetensorsWeights;
 use crate::model::{ModelFiles, VisionLanguageModel};
@@ -39,8 +41,9 @@ use crate::processor::Processor;
 use adamw::{AdamW, AdamWParams};
 use data::{DataLimits, Example};
 use dataset::Dataset;
+use method::{checkpointing, method, trains_vision};
 use preference::Pair;
-use text::{LoraSpec, Method, TrainText, Trainable};
+use text::{Method, TrainText, Trainable};
 use trainer::{Item, Trainer};
 
 /// Where a run stands, saved with each checkpoint.
@@ -86,7 +89,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         return contrastive::finetune(args);
     }
     let files = trainable_files(args)?;
-    // The served model's vision encoder gives the features a LoRA run trains on.
+    // The served model's vision encoder gives the features a text-only LoRA run trains on.
     let served = served_model(args, &files)?;
     let processor = Processor::load(&files, served.info())?;
     let limits = DataLimits {
@@ -98,7 +101,9 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     let data = load_data(args, &processor, &limits)?;
     let method = method(args)?;
     let config = SmolVlmConfig::load(&files.config)?;
-    let (train_vision, model, trainables) = build(&config, &files, &method, args.seed, args.gradient_checkpointing)?;
+    // Where the encoder trains, the served copy's weights would only take memory.
+    let served = (!trains_vision(&method)).then_some(served);
+    let (train_vision, model, trainables) = build(&config, &files, &method, args.seed, checkpointing(args))?;
     init_lora(args, &method, &trainables)?;
     let vars: Vec<Var> = trainables.iter().map(|t| t.var.clone()).collect();
     let params = AdamWParams {
@@ -112,7 +117,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
     let trainer = Trainer {
         args,
         model: &model,
-        vision: served.as_ref(),
+        vision: served.as_deref(),
         train_vision: train_vision.as_ref(),
         image_token: config.image_token_id,
         preference: (args.method == FinetuneMethod::Dpo).then_some(dpo::Preference::of(args)),
@@ -238,13 +243,11 @@ fn build(
 ) -> anyhow::Result<(Option<vision::TrainVision>, TrainText, Vec<Trainable>)> {
     let vb = SafetensorsWeights::open(&files.weights)?.into_var_builder(DType::F32, &Device::Cpu);
     let mut builder = layers::Builder::new(method, seed);
-    let trains_vision = match method {
-        Method::Full => true,
-        Method::Lora(spec) => layers::targets_vision(spec),
-    };
-    let train_vision = if trains_vision {
+    let train_vision = if trains_vision(method) {
         let hidden = config.text_config.hidden_size;
-        let vision = vision::TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb, &mut builder)?;
+        let mut vision =
+            vision::TrainVision::new(&config.vision_config, config.scale_factor, hidden, &vb, &mut builder)?;
+        vision.checkpoint_layers(checkpointing);
         Some(vision)
     } else {
         None
@@ -499,46 +502,6 @@ fn init_lora(args: &FinetuneArgs, method: &Method, trainables: &[Trainable]) -> 
     let file = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu).with_context(|| file.display().to_string())?;
     set_trainables(dir, &tensors, trainables)
-}
-
-fn method(args: &FinetuneArgs) -> anyhow::Result<Method> {
-    let every_weight = match args.method {
-        FinetuneMethod::Contrastive => {
-            anyhow::bail!("--method contrastive trains embedding models (train::contrastive)")
-        }
-        FinetuneMethod::Full => true,
-        FinetuneMethod::Lora => false,
-        FinetuneMethod::Dpo => {
-            anyhow::ensure!(args.beta > 0.0 && args.beta.is_finite(), "--beta must be above 0");
-            args.dpo_weights == DpoWeights::Full
-        }
-    };
-    if every_weight {
-        anyhow::ensure!(
-            args.quantize.is_none(),
-            "--quantize keeps a frozen base: it applies to LoRA runs, not every weight"
-        );
-        return Ok(Method::Full);
-    }
-    anyhow::ensure!(args.lora_r > 0, "--lora-r must be at least 1");
-    anyhow::ensure!(
-        (0.0..1.0).contains(&args.lora_dropout),
-        "--lora-dropout must be in [0, 1)"
-    );
-    for t in &args.lora_target_modules {
-        anyhow::ensure!(
-            save::LORA_MODULES.contains(&t.as_str()),
-            "--lora-target-modules: `{t}` is not one of {}",
-            save::LORA_MODULES.join(", ")
-        );
-    }
-    Ok(Method::Lora(LoraSpec {
-        rank: args.lora_r,
-        alpha: args.lora_alpha,
-        dropout: args.lora_dropout,
-        targets: args.lora_target_modules.clone(),
-        quantize_base: args.quantize.is_some(),
-    }))
 }
 
 /// transformers' linear schedule: warmup from 0, then down to 0 at the last step.

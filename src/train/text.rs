@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use super::layers::Trainable;
 use super::layers::{Builder, Linear, Weight};
+use super::softmax::softmax_last_dim;
 pub use checkpoint::Tape;
 
 mod checkpoint;
@@ -259,7 +260,7 @@ impl TrainText {
             };
             let (k, v) = (repeat(k)?, repeat(v)?);
             let scores = (q.contiguous()?.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.broadcast_add(mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let probs = softmax_last_dim(&scores)?;
             outputs.push(probs.matmul(&v)?);
         }
         let attn = Tensor::cat(&outputs, 1)?

@@ -14,14 +14,15 @@ use super::dataset::Location;
 use super::dpo::{Preference, Stats};
 use super::preference::Pair;
 use super::text::{Sequence, TrainText};
-use super::vision;
+use super::vision::{self, TrainVision};
 use crate::config::FinetuneArgs;
 use crate::model::{Pixels, VisionLanguageModel};
 
 pub(super) struct Trainer<'a> {
     pub args: &'a FinetuneArgs,
     pub model: &'a TrainText,
-    pub vision: &'a dyn VisionLanguageModel,
+    /// The served model, whose frozen encoder gives the features when none trains.
+    pub vision: Option<&'a dyn VisionLanguageModel>,
     /// The trainable encoder (`--method full`, or a LoRA on it or the connector); otherwise
     /// the serving model's, frozen.
     pub train_vision: Option<&'a vision::TrainVision>,
@@ -110,7 +111,10 @@ impl Trainer<'_> {
                         values: pixels.clone(),
                         grid: None,
                     };
-                    let mut encoded = self.vision.encode_images(&[&tiles], None)?;
+                    let vision = self
+                        .vision
+                        .context("no vision encoder, trained or frozen. This is a bug.")?;
+                    let mut encoded = vision.encode_images(&[&tiles], None)?;
                     encoded.remove(0).embeds.detach()
                 }
             };
@@ -142,13 +146,13 @@ impl Trainer<'_> {
     /// training, in place of its pixels: every later step (and epoch) reuses them, and they
     /// are about a twentieth of their tiles' size.
     pub fn encode_frozen<'e>(&self, examples: impl Iterator<Item = &'e mut Example>) -> anyhow::Result<()> {
-        if self.train_vision.is_some() {
+        let (None, Some(vision)) = (self.train_vision, self.vision) else {
             return Ok(());
-        }
+        };
         for example in examples {
             if let Some(values) = example.pixel_values.take() {
                 let tiles = Pixels { values, grid: None };
-                let mut encoded = self.vision.encode_images(&[&tiles], None)?;
+                let mut encoded = vision.encode_images(&[&tiles], None)?;
                 example.features = Some(encoded.remove(0).embeds.detach());
             }
         }
@@ -195,17 +199,7 @@ impl Trainer<'_> {
             stats.add(&measured);
             let scaled = (loss / weight.max(1) as f64)?;
             total += scaled.to_scalar::<f32>()? as f64;
-            let store = scaled.backward()?;
-            accumulate(&mut grads, vars, &store)?;
-            // Under --gradient-checkpointing the loss's graph stops at the last layer's
-            // output: the layers' gradients come from running them again, last first.
-            if let Some(tape) = self.model.take_tape() {
-                let grad = store.get(TrainText::tape_output(&tape)).cloned();
-                let grad = grad.map_or_else(|| TrainText::tape_output(&tape).zeros_like(), Ok)?;
-                drop(store);
-                self.model
-                    .backward_layers(tape, &grad, |part| accumulate(&mut grads, vars, part))?;
-            }
+            self.backward(&scaled, &mut grads, vars)?;
         }
         let grads: Vec<Tensor> = (grads.into_iter().zip(vars))
             .map(|(g, v)| g.map_or_else(|| v.zeros_like(), Ok))
@@ -213,6 +207,41 @@ impl Trainer<'_> {
         let grads = clip(grads, self.args.max_grad_norm)?;
         optimizer.step(vars, &grads, lr)?;
         Ok((total, stats))
+    }
+
+    /// The backward pass of one forward's loss, its gradients added to `grads`. Under
+    /// --gradient-checkpointing the loss's graph stops at each tower's last layer output:
+    /// those layers' gradients come from running them again, last first; the text model's
+    /// first, whose first layer's input carries the image features' gradient back to the
+    /// vision encoder's output.
+    fn backward(&self, loss: &Tensor, grads: &mut [Option<Tensor>], vars: &[Var]) -> anyhow::Result<()> {
+        let vision_tape = self.train_vision.and_then(|v| v.take_tape());
+        let mut vision_grad: Option<Tensor> = None;
+        let mut collect = |store: &GradStore, grads: &mut [Option<Tensor>]| -> candle_core::Result<()> {
+            accumulate(grads, vars, store)?;
+            if let Some(tape) = &vision_tape
+                && let Some(g) = store.get(TrainVision::tape_output(tape))
+            {
+                vision_grad = Some(match vision_grad.take() {
+                    Some(sum) => (sum + g)?,
+                    None => g.clone(),
+                });
+            }
+            Ok(())
+        };
+        let store = loss.backward()?;
+        collect(&store, grads)?;
+        if let Some(tape) = self.model.take_tape() {
+            let grad = store.get(TrainText::tape_output(&tape)).cloned();
+            let grad = grad.map_or_else(|| TrainText::tape_output(&tape).zeros_like(), Ok)?;
+            drop(store);
+            self.model.backward_layers(tape, &grad, |part| collect(part, grads))?;
+        }
+        if let (Some(tape), Some(vision)) = (vision_tape, self.train_vision) {
+            let grad = vision_grad.map_or_else(|| TrainVision::tape_output(&tape).zeros_like(), Ok)?;
+            vision.backward_layers(tape, &grad, |part| accumulate(grads, vars, part))?;
+        }
+        Ok(())
     }
 
     /// The loss over `items` (per target token, or per pair), without dropout.

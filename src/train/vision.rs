@@ -4,11 +4,16 @@
 //! trains; under LoRA the weights are frozen and pairs sit on the projections
 //! `--lora-target-modules` names (`vision.q_proj`, ..., `connector`), as PEFT places them.
 
-use candle_core::{D, Result, Tensor};
+use std::cell::RefCell;
+
+use candle_core::backprop::GradStore;
+use candle_core::{D, Result, Tensor, Var};
 use candle_nn::VarBuilder;
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{Builder, Linear};
+use super::softmax::softmax_last_dim;
 use super::text::Method;
 use crate::model::smolvlm::config::VisionConfig;
 use crate::model::smolvlm::connector::{self, pixel_shuffle};
@@ -24,6 +29,23 @@ pub struct TrainVision {
     scale_factor: usize,
     /// LoRA dropout (0 under the full method).
     dropout: f32,
+    /// `--gradient-checkpointing`: keep each layer's input only, recompute in
+    /// `backward_layers`.
+    checkpointing: bool,
+    /// The last training forward's checkpoints, under `checkpointing`.
+    tape: RefCell<Option<VisionTape>>,
+}
+
+/// What a checkpointed forward kept: each layer's input (detached) and dropout seed, the
+/// tiles' count, the last layer's output as a leaf (the post-norm and connector run from
+/// it inside the loss's graph), and the first layer's input still attached to the patch
+/// embedding (which trains under `--method full`).
+pub struct VisionTape {
+    inputs: Vec<Tensor>,
+    seeds: Vec<u64>,
+    tiles: usize,
+    output: Var,
+    embedded: Tensor,
 }
 
 struct Layer {
@@ -103,7 +125,51 @@ impl TrainVision {
             cfg: cfg.clone(),
             scale_factor,
             dropout,
+            checkpointing: false,
+            tape: RefCell::new(None),
         })
+    }
+
+    /// Turns gradient checkpointing of the encoder's layers on or off.
+    pub fn checkpoint_layers(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// The checkpoints of the last training forward, if it kept any.
+    pub fn take_tape(&self) -> Option<VisionTape> {
+        self.tape.borrow_mut().take()
+    }
+
+    /// The leaf standing for the last layer's output in the loss's graph.
+    pub fn tape_output(tape: &VisionTape) -> &Tensor {
+        tape.output.as_tensor()
+    }
+
+    /// The backward pass through the layers of a checkpointed forward, given the gradient of
+    /// its output: each layer runs again from its saved input (last first); `sink` gets each
+    /// part's gradients.
+    pub fn backward_layers(
+        &self,
+        tape: VisionTape,
+        grad: &Tensor,
+        mut sink: impl FnMut(&GradStore) -> Result<()>,
+    ) -> Result<()> {
+        let mut grad = grad.clone();
+        for index in (0..self.layers.len()).rev() {
+            let input = Var::from_tensor(&tape.inputs[index])?;
+            let mut rng = ChaCha8Rng::seed_from_u64(tape.seeds[index]);
+            let output = self.layer(&self.layers[index], input.as_tensor(), tape.tiles, &mut Some(&mut rng))?;
+            let store = (output * &grad)?.sum_all()?.backward()?;
+            sink(&store)?;
+            grad = match store.get(input.as_tensor()) {
+                Some(g) => g.clone(),
+                None => input.zeros_like()?,
+            };
+        }
+        if tape.embedded.track_op() {
+            sink(&(tape.embedded * grad)?.sum_all()?.backward()?)?;
+        }
+        Ok(())
     }
 
     /// `[tiles, 3, S, S]` -> the decoder's image-token rows `[tiles * tokens, text_hidden]`.
@@ -122,14 +188,48 @@ impl TrainVision {
             .matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
         let xs = embeds.reshape((tiles, side * side, d))?.broadcast_add(&self.position)?;
-        let mut xs = xs.reshape((tiles * side * side, d))?;
-        for layer in &self.layers {
-            xs = self.layer(layer, &xs, tiles, dropout)?;
-        }
+        let xs = self.layers(xs.reshape((tiles * side * side, d))?, tiles, dropout)?;
         let xs = layer_norm(&xs, &self.post_norm, self.cfg.layer_norm_eps)?;
         let shuffled = pixel_shuffle(&xs.reshape((tiles, side * side, d))?, self.scale_factor)?;
         let (tiles, tokens, width) = shuffled.dims3()?;
         (self.connector).forward(&shuffled.reshape((tiles * tokens, width))?, self.dropout, dropout)
+    }
+
+    /// The encoder layers over `embedded`; each layer's dropout from its own seed, so that a
+    /// checkpointed layer run again draws the same masks.
+    fn layers(&self, embedded: Tensor, tiles: usize, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let seeds: Vec<u64> = match dropout {
+            Some(rng) => self.layers.iter().map(|_| rng.random()).collect(),
+            None => Vec::new(),
+        };
+        let run = |index: usize, xs: &Tensor| -> Result<Tensor> {
+            let mut rng = seeds.get(index).map(|&seed| ChaCha8Rng::seed_from_u64(seed));
+            self.layer(&self.layers[index], xs, tiles, &mut rng.as_mut())
+        };
+        if !self.checkpointing || seeds.is_empty() {
+            let mut xs = embedded;
+            for index in 0..self.layers.len() {
+                xs = run(index, &xs)?;
+            }
+            return Ok(xs);
+        }
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut xs = embedded.detach();
+        for index in 0..self.layers.len() {
+            let next = run(index, &xs)?.detach();
+            inputs.push(xs);
+            xs = next;
+        }
+        let output = Var::from_tensor(&xs)?;
+        let leaf = output.as_tensor().clone();
+        *self.tape.borrow_mut() = Some(VisionTape {
+            inputs,
+            seeds,
+            tiles,
+            output,
+            embedded,
+        });
+        Ok(leaf)
     }
 
     /// `xs`: `[tiles * patches, hidden]`, the tiles' patches one after the other.
@@ -145,8 +245,9 @@ impl TrainVision {
         let q = split(l.q.forward(&hs, p, dropout)?)?;
         let k = split(l.k.forward(&hs, p, dropout)?)?;
         let v = split(l.v.forward(&hs, p, dropout)?)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // The scale on q, not on the scores: one tensor of the scores' size fewer kept.
+        let scores = (q * (hd as f64).powf(-0.5))?.matmul(&k.t()?)?;
+        let probs = softmax_last_dim(&scores)?;
         let attended = probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, d))?;
         let xs = (l.out.forward(&attended, p, dropout)? + xs)?;
         let hs = layer_norm(&xs, &l.norm2, eps)?;
