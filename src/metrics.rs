@@ -36,6 +36,20 @@ pub const VISION_ENCODE_DURATION_SECONDS: &str = "ocellus_vision_encode_duration
 pub const REJECTED_REQUESTS_TOTAL: &str = "ocellus_rejected_requests_total";
 pub const GRAMMAR_MASK_DURATION_SECONDS: &str = "ocellus_grammar_mask_duration_seconds";
 
+/// vLLM's names for what Kubernetes' Gateway API Inference Extension (its endpoint picker,
+/// as llm-d and KServe run it) reads to route among model servers: aliases of ours, with
+/// vLLM's `model_name` label, so that an InferencePool of Ocellus pods needs no new metric
+/// names.
+pub const VLLM_NUM_REQUESTS_WAITING: &str = "vllm:num_requests_waiting";
+pub const VLLM_NUM_REQUESTS_RUNNING: &str = "vllm:num_requests_running";
+pub const VLLM_KV_CACHE_USAGE_PERC: &str = "vllm:kv_cache_usage_perc";
+/// Labels `running_lora_adapters`, `waiting_lora_adapters` (comma-separated names) and
+/// `max_lora`; its value the Unix time they were last true, as vLLM sets it: the picker reads
+/// the series of the largest value.
+pub const VLLM_LORA_REQUESTS_INFO: &str = "vllm:lora_requests_info";
+/// The KV cache's configuration as labels (`block_size`, `num_gpu_blocks`, ...), value 1.
+pub const VLLM_CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
+
 /// Latencies from a millisecond to ten minutes.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -229,6 +243,27 @@ impl Metrics {
             None,
             "Requests refused, by reason (the error code).",
         );
+        describe(
+            VLLM_NUM_REQUESTS_WAITING,
+            None,
+            "As ocellus_waiting_sequences, by vLLM's name.",
+        );
+        describe(
+            VLLM_NUM_REQUESTS_RUNNING,
+            None,
+            "As ocellus_running_sequences, by vLLM's name.",
+        );
+        describe(
+            VLLM_KV_CACHE_USAGE_PERC,
+            None,
+            "As ocellus_kv_cache_usage_ratio, by vLLM's name.",
+        );
+        describe(
+            VLLM_LORA_REQUESTS_INFO,
+            None,
+            "The LoRA adapters of running and waiting requests; the value is when (Unix seconds).",
+        );
+        describe(VLLM_CACHE_CONFIG_INFO, None, "The KV cache's configuration, as labels.");
         let histogram = |name: &'static str| recorder.register_histogram(&Key::from_static_name(name), &metadata());
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &metadata());
         let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &metadata());
@@ -282,6 +317,38 @@ impl Metrics {
             .increment(1);
     }
 
+    /// The vLLM-named gauges of a served model (`VLLM_*`), its cache configuration set.
+    pub fn vllm(&self, model_name: &str, cache: &[(&'static str, String)]) -> VllmGauges {
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            self.recorder
+                .register_gauge(&Key::from_parts(name, labels), &metadata())
+        };
+        let model = || vec![Label::new("model_name", model_name.to_string())];
+        let config: Vec<Label> = (cache.iter()).map(|(k, v)| Label::new(*k, v.clone())).collect();
+        gauge(VLLM_CACHE_CONFIG_INFO, config).set(1.0);
+        VllmGauges {
+            waiting: gauge(VLLM_NUM_REQUESTS_WAITING, model()),
+            running: gauge(VLLM_NUM_REQUESTS_RUNNING, model()),
+            kv_cache_usage: gauge(VLLM_KV_CACHE_USAGE_PERC, model()),
+        }
+    }
+
+    /// `vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}` set to
+    /// now: a new series whenever the adapters in use change (as vLLM's).
+    pub fn lora_requests_info(&self, running: &[String], waiting: &[String], max_lora: usize) {
+        let labels = vec![
+            Label::new("running_lora_adapters", running.join(",")),
+            Label::new("waiting_lora_adapters", waiting.join(",")),
+            Label::new("max_lora", max_lora.to_string()),
+        ];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        (self.recorder)
+            .register_gauge(&Key::from_parts(VLLM_LORA_REQUESTS_INFO, labels), &metadata())
+            .set(now);
+    }
+
     /// Records the time until the returned guard drops into `histogram`.
     pub fn time<'a>(&self, histogram: &'a Histogram) -> Timer<'a> {
         Timer {
@@ -299,6 +366,14 @@ impl Metrics {
         self.handle.run_upkeep();
         self.handle.render()
     }
+}
+
+/// The gauges the endpoint picker reads, under vLLM's names (`Metrics::vllm`).
+pub struct VllmGauges {
+    pub waiting: Gauge,
+    pub running: Gauge,
+    /// In use, 0 to 1 (vLLM's `_perc` is a fraction).
+    pub kv_cache_usage: Gauge,
 }
 
 /// Observes its lifetime into a histogram when dropped, however the scope ends.

@@ -291,7 +291,15 @@ fn build_server_engine(args: &ServeArgs, metrics: Arc<crate::metrics::Metrics>) 
     if let Err(e) = warm_up(&processor, &mut core) {
         tracing::warn!(error = %e, "the warm-up request failed; serving anyway");
     }
-    let observer = Arc::new(EngineMetrics(metrics.clone()));
+    let served = crate::api::observe::Served {
+        model_name: &api::server::served_model_name(args),
+        max_loras: args.adapters.max_loras,
+        block_size: crate::kv::BLOCK_TOKENS,
+        num_blocks: core.pool().num_blocks(),
+        kv_cache_dtype: format!("{:?}", core.pool().spec().dtype).to_lowercase(),
+        prefix_caching: !args.no_prefix_caching,
+    };
+    let observer = Arc::new(EngineMetrics::new(metrics.clone(), &served));
     let (engine, _thread) = EngineHandle::spawn(core, args.max_queue, Arc::new(adapters), observer);
     Ok(Ready {
         engine,

@@ -134,6 +134,19 @@ impl EngineCore {
         self.waiting.len()
     }
 
+    /// The adapters of the running and of the waiting sequences, each named once, sorted.
+    pub fn adapters_in_use(&self) -> (Vec<String>, Vec<String>) {
+        fn names<'a>(seqs: impl Iterator<Item = &'a Sequence>) -> Vec<String> {
+            let mut names: Vec<String> = seqs
+                .filter_map(|s| s.adapter.as_ref().map(|a| a.name().to_string()))
+                .collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+        (names(self.running.iter()), names(self.waiting.iter()))
+    }
+
     pub fn max_model_len(&self) -> usize {
         self.config.max_model_len.min(self.pool.capacity_tokens())
     }

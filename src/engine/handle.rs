@@ -18,12 +18,15 @@ use crate::model::ModelInfo;
 pub use crate::model::lora::{Adapter, AdapterRegistry, RegistryError};
 
 /// Where the engine stands after a step.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineState {
     pub waiting: usize,
     pub running: usize,
     pub used_blocks: usize,
     pub total_blocks: usize,
+    /// The LoRA adapters of running and of waiting sequences, by name (each once, sorted).
+    pub running_adapters: Vec<String>,
+    pub waiting_adapters: Vec<String>,
 }
 
 /// Told what the engine thread does; the server records it as metrics.
@@ -229,11 +232,14 @@ fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>
 }
 
 fn record(core: &EngineCore, report: &StepReport, published: &Published, observer: &dyn EngineObserver) {
+    let (running_adapters, waiting_adapters) = core.adapters_in_use();
     let state = EngineState {
         waiting: core.num_waiting(),
         running: core.num_running(),
         used_blocks: core.pool().used_blocks(),
         total_blocks: core.pool().num_blocks(),
+        running_adapters,
+        waiting_adapters,
     };
     published.waiting.store(state.waiting, Ordering::Release);
     published.running.store(state.running, Ordering::Release);
