@@ -56,7 +56,7 @@ RUN apt-get update \
 RUN useradd --system --uid 10001 --create-home --home-dir /home/ocellus ocellus \
     && mkdir -p /data/hf && chown ocellus /data/hf
 COPY --from=build /src/target/release/ocellus /usr/local/bin/ocellus
-# The built-in model, where the binary looks for it.
+# The built-in models as folders (the binary carries them too; the compose file names this).
 COPY --from=build /src/models /src/models
 # The fixture models too, for trying the parity fixtures in the container.
 COPY --from=build /src/tests/fixtures/models /src/tests/fixtures/models

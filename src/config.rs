@@ -9,8 +9,9 @@ use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 
 /// The built-in model: the demo SmolVLM trained by `ocellus finetune` on `ocellus
-/// demo-data` (colours, shapes, counts, positions, digits; see the README).
-pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/ocellus-demo");
+/// demo-data` (colours, shapes, counts, positions, digits; see the README), carried in the
+/// binary (`model::demo`).
+pub const DEFAULT_MODEL: &str = "ocellus-demo";
 
 #[derive(Debug, Parser)]
 #[command(name = "ocellus", version, about = "An inference server for vision-language models")]

@@ -139,3 +139,37 @@ fn a_device_this_build_cannot_open_is_a_clear_error() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn the_built_in_model_travels_with_the_binary() {
+    // A copy of the binary in a folder of its own, run from there with a cache of its own
+    // and no model named: it answers from the demo model it carries, unpacked into that
+    // cache (not read from the checkout's models/ folder).
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("ocellus");
+    std::fs::copy(env!("CARGO_BIN_EXE_ocellus"), &binary).unwrap();
+    let cache = dir.path().join("cache");
+    let run = || {
+        Command::new(&binary)
+            .args(["generate", "--prompt", "What colour is this?", "--max-tokens", "4"])
+            .current_dir(dir.path())
+            .env("XDG_CACHE_HOME", &cache)
+            .env_remove("OCELLUS_MODEL")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .expect("the copied binary runs")
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let unpacked: Vec<_> = std::fs::read_dir(cache.join("ocellus").join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(unpacked.len(), 1, "{unpacked:?}");
+    assert!(unpacked[0].starts_with("ocellus-demo-"), "{unpacked:?}");
+    // The same answer from the same files, unpacked once.
+    let second = run();
+    assert!(second.status.success());
+    assert_eq!(first.stdout, second.stdout);
+    assert!(!first.stdout.is_empty());
+}

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 pub enum LoadError {
     #[error("model folder {dir} has no {file}")]
     MissingFile { dir: PathBuf, file: String },
-    #[error("{model} is neither a local folder nor a Hugging Face model id (owner/name)")]
+    #[error(
+        "{model} is neither a local folder, a built-in model (ocellus-demo, ocellus-demo-clip) nor a Hugging Face model id (owner/name)"
+    )]
     NotAModel { model: String },
     #[error("{file}: {source}")]
     Io { file: PathBuf, source: std::io::Error },

@@ -41,12 +41,21 @@ pub fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
-/// A local folder as given, or the snapshot folder of a hub id in `cache_dir`, downloading
-/// it first when it is not cached and `offline` is false.
+/// A local folder as given, a built-in demo model (`demo`, unpacked on first use), or the
+/// snapshot folder of a hub id in `cache_dir`, downloading it first when it is not cached
+/// and `offline` is false.
 pub fn resolve_model(model: &str, cache_dir: &Path, offline: bool) -> Result<PathBuf, LoadError> {
     let path = Path::new(model);
     if path.is_dir() {
         return Ok(path.to_path_buf());
+    }
+    let demo_cache = super::demo::cache_dir_from_env();
+    let unpacked = super::demo::unpack(model, &demo_cache).map_err(|source| LoadError::Io {
+        file: demo_cache.clone(),
+        source,
+    })?;
+    if let Some(dir) = unpacked {
+        return Ok(dir);
     }
     if !looks_like_hub_id(model) {
         return Err(LoadError::NotAModel {

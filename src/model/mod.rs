@@ -7,6 +7,7 @@
 pub mod blip;
 pub mod clip;
 pub mod decoder;
+pub mod demo;
 pub mod embedding;
 pub mod encoder;
 pub mod error;

@@ -43,7 +43,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<Summary> {
         args.batch_size >= 2,
         "--batch-size must be at least 2: the batch's other pairs are the negatives"
     );
-    let files = ModelFiles::locate(Path::new(&args.model))?;
+    let files = ModelFiles::locate(&super::model_dir(&args.model)?)?;
     let family = registry::embedding_family(&files)?;
     let processor = EmbedProcessor::load(&files)?;
     let limits = LocalImageLimits {

@@ -177,9 +177,19 @@ fn served_model(args: &FinetuneArgs, files: &ModelFiles) -> anyhow::Result<Box<d
     Ok(served)
 }
 
+/// `--model`'s folder: a local folder, a built-in demo model or a hub id (as `serve` takes it).
+pub(crate) fn model_dir(model: &str) -> anyhow::Result<PathBuf> {
+    use crate::model::hub;
+    Ok(hub::resolve_model(
+        model,
+        &hub::cache_dir_from_env(),
+        hub::offline_from_env(),
+    )?)
+}
+
 /// The model folder of `--model`, if its family trains.
 fn trainable_files(args: &FinetuneArgs) -> anyhow::Result<ModelFiles> {
-    let files = ModelFiles::locate(Path::new(&args.model))?;
+    let files = ModelFiles::locate(&model_dir(&args.model)?)?;
     let family = crate::model::registry::family(&files)?;
     if !TRAINABLE.contains(&family.architectures[0]) {
         anyhow::bail!(
