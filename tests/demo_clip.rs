@@ -1,4 +1,5 @@
-//! The built-in embedding model, `models/ocellus-demo-clip`: a CLIP trained by `ocellus
+//! The built-in embedding model, `ocellus-demo-clip` (`models/ocellus-demo-clip`, carried in
+//! the binary and named as users name it): a CLIP trained by `ocellus
 //! finetune --method contrastive` on `ocellus demo-data --captions`, classifies the README's
 //! 200 held-out images zero-shot and finds them by their captions (regenerated here from
 //! their seed).
@@ -12,7 +13,7 @@ fn the_demo_clip_classifies_and_retrieves_held_out_images() {
     // `ocellus demo-data --seed 0` draws its test split from seed 1000000.
     write_caption_split(dir.path(), "test", 200, 1_000_000).unwrap();
     let args = EvaluateArgs {
-        model: concat!(env!("CARGO_MANIFEST_DIR"), "/models/ocellus-demo-clip").into(),
+        model: ocellus::model::demo::DEMO_CLIP.into(),
         lora: None,
         data: dir.path().join("test-captions.jsonl"),
         max_tokens: 8,
