@@ -78,11 +78,11 @@ impl EngineObserver for EngineMetrics {
         self.vllm.running.set(state.running as f64);
         self.vllm.waiting.set(state.waiting as f64);
         self.vllm.kv_cache_usage.set(usage);
-        let in_use = (state.running_adapters.clone(), state.waiting_adapters.clone());
+        let (running, waiting) = (&state.running_adapters, &state.waiting_adapters);
         let mut last = self.adapters.lock().unwrap_or_else(|e| e.into_inner());
-        if last.as_ref() != Some(&in_use) {
-            metrics.lora_requests_info(&in_use.0, &in_use.1, self.max_loras);
-            *last = Some(in_use);
+        if last.as_ref().is_none_or(|(r, w)| r != running || w != waiting) {
+            metrics.lora_requests_info(running, waiting, self.max_loras);
+            *last = Some((running.clone(), waiting.clone()));
         }
         if report.did_work() {
             let step = if report.prefill_tokens > 0 {

@@ -4,6 +4,7 @@
 //! accumulation, an eval loss per epoch, checkpoints that resume exactly.
 
 pub mod adamw;
+pub mod checkpoint;
 pub mod columns;
 pub mod contrastive;
 pub mod contrastive_model;

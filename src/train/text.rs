@@ -7,15 +7,15 @@
 
 use std::cell::RefCell;
 
-use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use super::layers::Trainable;
 use super::layers::{Builder, Linear, Weight};
 use super::softmax::softmax_last_dim;
 pub use checkpoint::Tape;
+use checkpoint::{Step, StepLayers};
 
 mod checkpoint;
 use crate::model::smolvlm::config::TextConfig;
@@ -175,49 +175,14 @@ impl TrainText {
         );
         let lens: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
         let masks: Vec<Tensor> = lens.iter().map(|&n| causal_mask(n, device)).collect::<Result<_>>()?;
-        // Each layer's dropout from its own seed, so a checkpointed layer run again draws
-        // the same masks (and a run is the same with checkpointing or without).
-        let seeds: Vec<u64> = match dropout {
-            Some(rng) => self.layers.iter().map(|_| rng.random()).collect(),
-            None => Vec::new(),
+        let step = Step { cos, sin, lens, masks };
+        let layers = StepLayers {
+            model: self,
+            step: &step,
         };
-        let run = |index: usize, xs: &Tensor| -> Result<Tensor> {
-            let mut rng = seeds.get(index).map(|&seed| ChaCha8Rng::seed_from_u64(seed));
-            let (cos, sin, lens, masks) = (&cos, &sin, &lens, &masks);
-            self.layer(&self.layers[index], xs, cos, sin, lens, masks, &mut rng.as_mut())
-        };
-        if !self.checkpointing {
-            for index in 0..self.layers.len() {
-                xs = run(index, &xs)?;
-            }
-            return Ok(xs);
-        }
-        // Only the layers' inputs stay alive: detaching each output drops the graph (and
-        // the activations) of the layer that made it.
-        let embedded = xs;
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut xs = embedded.detach();
-        for index in 0..self.layers.len() {
-            let next = run(index, &xs)?.detach();
-            inputs.push(xs);
-            xs = next;
-        }
-        if seeds.is_empty() {
-            return Ok(xs);
-        }
-        let output = Var::from_tensor(&xs)?;
-        let leaf = output.as_tensor().clone();
-        *self.tape.borrow_mut() = Some(Tape {
-            inputs,
-            seeds,
-            cos,
-            sin,
-            lens,
-            masks,
-            output,
-            embedded,
-        });
-        Ok(leaf)
+        let (xs, kept) = super::checkpoint::forward(&layers, xs, dropout, self.checkpointing)?;
+        *self.tape.borrow_mut() = kept.map(|kept| Tape { kept, step });
+        Ok(xs)
     }
 
     #[allow(clippy::too_many_arguments)]

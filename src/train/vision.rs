@@ -7,11 +7,11 @@
 use std::cell::RefCell;
 
 use candle_core::backprop::GradStore;
-use candle_core::{D, Result, Tensor, Var};
+use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
-use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::checkpoint::{self, Checkpoints, Layers};
 use super::layers::{Builder, Linear};
 use super::softmax::softmax_last_dim;
 use super::text::Method;
@@ -36,16 +36,13 @@ pub struct TrainVision {
     tape: RefCell<Option<VisionTape>>,
 }
 
-/// What a checkpointed forward kept: each layer's input (detached) and dropout seed, the
-/// tiles' count, the last layer's output as a leaf (the post-norm and connector run from
-/// it inside the loss's graph), and the first layer's input still attached to the patch
-/// embedding (which trains under `--method full`).
+/// What a checkpointed forward kept: the layers' checkpoints (the last layer's output a
+/// leaf, from which the post-norm and connector run inside the loss's graph; the first
+/// input attached to the patch embedding, which trains under `--method full`) and the tiles'
+/// count.
 pub struct VisionTape {
-    inputs: Vec<Tensor>,
-    seeds: Vec<u64>,
+    kept: Checkpoints,
     tiles: usize,
-    output: Var,
-    embedded: Tensor,
 }
 
 struct Layer {
@@ -57,6 +54,22 @@ struct Layer {
     norm2: (Tensor, Tensor),
     fc1: Linear,
     fc2: Linear,
+}
+
+/// The encoder's layers over one forward's tiles.
+struct TileLayers<'a> {
+    model: &'a TrainVision,
+    tiles: usize,
+}
+
+impl Layers for TileLayers<'_> {
+    fn count(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    fn run(&self, index: usize, xs: &Tensor, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        (self.model).layer(&self.model.layers[index], xs, self.tiles, dropout)
+    }
 }
 
 impl TrainVision {
@@ -142,34 +155,22 @@ impl TrainVision {
 
     /// The leaf standing for the last layer's output in the loss's graph.
     pub fn tape_output(tape: &VisionTape) -> &Tensor {
-        tape.output.as_tensor()
+        tape.kept.output()
     }
 
     /// The backward pass through the layers of a checkpointed forward, given the gradient of
-    /// its output: each layer runs again from its saved input (last first); `sink` gets each
-    /// part's gradients.
+    /// its output; `sink` gets each part's gradients.
     pub fn backward_layers(
         &self,
         tape: VisionTape,
         grad: &Tensor,
-        mut sink: impl FnMut(&GradStore) -> Result<()>,
+        sink: impl FnMut(&GradStore) -> Result<()>,
     ) -> Result<()> {
-        let mut grad = grad.clone();
-        for index in (0..self.layers.len()).rev() {
-            let input = Var::from_tensor(&tape.inputs[index])?;
-            let mut rng = ChaCha8Rng::seed_from_u64(tape.seeds[index]);
-            let output = self.layer(&self.layers[index], input.as_tensor(), tape.tiles, &mut Some(&mut rng))?;
-            let store = (output * &grad)?.sum_all()?.backward()?;
-            sink(&store)?;
-            grad = match store.get(input.as_tensor()) {
-                Some(g) => g.clone(),
-                None => input.zeros_like()?,
-            };
-        }
-        if tape.embedded.track_op() {
-            sink(&(tape.embedded * grad)?.sum_all()?.backward()?)?;
-        }
-        Ok(())
+        let layers = TileLayers {
+            model: self,
+            tiles: tape.tiles,
+        };
+        tape.kept.backward(&layers, grad, sink)
     }
 
     /// `[tiles, 3, S, S]` -> the decoder's image-token rows `[tiles * tokens, text_hidden]`.
@@ -195,41 +196,12 @@ impl TrainVision {
         (self.connector).forward(&shuffled.reshape((tiles * tokens, width))?, self.dropout, dropout)
     }
 
-    /// The encoder layers over `embedded`; each layer's dropout from its own seed, so that a
-    /// checkpointed layer run again draws the same masks.
+    /// The encoder layers over `embedded` (checkpointed under `checkpointing`).
     fn layers(&self, embedded: Tensor, tiles: usize, dropout: &mut Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let seeds: Vec<u64> = match dropout {
-            Some(rng) => self.layers.iter().map(|_| rng.random()).collect(),
-            None => Vec::new(),
-        };
-        let run = |index: usize, xs: &Tensor| -> Result<Tensor> {
-            let mut rng = seeds.get(index).map(|&seed| ChaCha8Rng::seed_from_u64(seed));
-            self.layer(&self.layers[index], xs, tiles, &mut rng.as_mut())
-        };
-        if !self.checkpointing || seeds.is_empty() {
-            let mut xs = embedded;
-            for index in 0..self.layers.len() {
-                xs = run(index, &xs)?;
-            }
-            return Ok(xs);
-        }
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut xs = embedded.detach();
-        for index in 0..self.layers.len() {
-            let next = run(index, &xs)?.detach();
-            inputs.push(xs);
-            xs = next;
-        }
-        let output = Var::from_tensor(&xs)?;
-        let leaf = output.as_tensor().clone();
-        *self.tape.borrow_mut() = Some(VisionTape {
-            inputs,
-            seeds,
-            tiles,
-            output,
-            embedded,
-        });
-        Ok(leaf)
+        let layers = TileLayers { model: self, tiles };
+        let (xs, kept) = checkpoint::forward(&layers, embedded, dropout, self.checkpointing)?;
+        *self.tape.borrow_mut() = kept.map(|kept| VisionTape { kept, tiles });
+        Ok(xs)
     }
 
     /// `xs`: `[tiles * patches, hidden]`, the tiles' patches one after the other.
