@@ -371,6 +371,15 @@ pub struct MediaArgs {
     /// host. Checked on every redirect.
     #[arg(long, env = "OCELLUS_ALLOWED_MEDIA_DOMAINS", value_delimiter = ',')]
     pub allowed_media_domains: Vec<String>,
+    /// Fetch media from any address: loopback, private, link-local (cloud metadata) and
+    /// unique-local ones included, which are refused by default (the address connected to is
+    /// checked, on every redirect). Also lets the fetcher use the environment's proxy.
+    #[arg(long, env = "OCELLUS_ALLOW_PRIVATE_MEDIA_ADDRESSES")]
+    pub allow_private_media_addresses: bool,
+    /// Networks media may come from although they are not public (comma-separated CIDRs,
+    /// e.g. an internal image store's `10.1.0.0/16`); the rest stay refused.
+    #[arg(long, env = "OCELLUS_ALLOWED_MEDIA_NETWORKS", value_delimiter = ',')]
+    pub allowed_media_networks: Vec<ipnet::IpNet>,
     /// Fetching one media URL, connection to last byte.
     #[arg(long, env = "OCELLUS_MEDIA_FETCH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub media_fetch_timeout: std::time::Duration,

@@ -17,7 +17,7 @@ use crate::config::{DeviceArg, GenerateArgs, KvCacheDType, ModelArgs, Quantizati
 use crate::engine::embed::{EmbedConfig, EmbedHandle};
 use crate::engine::{AdapterRegistry, EngineConfig, EngineCore, EngineHandle, GenerationRequest};
 use crate::kv::{KvPool, KvSpec, blocks_for};
-use crate::media::{FetchConfig, MediaFetcher, MediaLimits, MediaPool};
+use crate::media::{AddressRule, FetchConfig, MediaFetcher, MediaLimits, MediaPool};
 use crate::model::lora::AdapterLimits;
 use crate::model::{LoadError, ModelFiles, Quantization, VisionLanguageModel};
 use crate::processor::embed::EmbedPreparer;
@@ -340,6 +340,10 @@ fn fetcher(args: &ServeArgs) -> anyhow::Result<MediaFetcher> {
         allowed_domains: (media.allowed_media_domains.iter())
             .map(|d| d.trim().to_ascii_lowercase())
             .collect(),
+        addresses: AddressRule {
+            allow_private: media.allow_private_media_addresses,
+            allowed_networks: media.allowed_media_networks.clone(),
+        },
         allowed_local_path: media.allowed_local_media_path.clone(),
     })
     .map_err(anyhow::Error::msg)

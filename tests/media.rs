@@ -4,11 +4,12 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::Path;
+use axum::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -24,6 +25,11 @@ fn with_type(content_type: &'static str, bytes: Vec<u8>) -> Response {
 
 /// The hostile and the honest, on a loopback port.
 async fn media_server() -> String {
+    media_server_on("127.0.0.1").await
+}
+
+/// `media_server` on one loopback address (Linux routes all of 127/8 to loopback).
+async fn media_server_on(address: &str) -> String {
     let wide = std::fs::read(fixtures().join("images/wide.png")).unwrap();
     let (wide_a, wide_b) = (wide.clone(), wide.clone());
     let app = Router::new()
@@ -88,6 +94,10 @@ async fn media_server() -> String {
         .route("/missing.png", get(|| async { StatusCode::NOT_FOUND }))
         .route("/loop", get(|| async { Redirect::temporary("/loop") }))
         .route(
+            "/redirect",
+            get(|Query(to): Query<HashMap<String, String>>| async move { Redirect::temporary(&to["to"]) }),
+        )
+        .route(
             "/chain/{n}",
             get(|Path(n): Path<u32>| async move {
                 if n == 0 {
@@ -97,7 +107,7 @@ async fn media_server() -> String {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind((address, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
@@ -133,6 +143,7 @@ async fn urls_and_local_files_work_and_every_bad_source_gets_a_clear_400() {
     std::os::unix::fs::symlink(outside.path().join("secret.png"), folder.path().join("link.png")).unwrap();
     let allowed = folder.path().to_path_buf();
     let server = server(move |args| {
+        args.media.allow_private_media_addresses = true;
         args.media.allowed_local_media_path = Some(allowed);
         args.media.media_fetch_timeout = Duration::from_millis(1500);
         args.media.max_media_redirects = 3;
@@ -240,6 +251,7 @@ async fn domains_local_files_and_image_tokens_are_bounded_by_flags() {
     let media = media_server().await;
     let port = media.rsplit(':').next().unwrap().to_string();
     let server = server(|args| {
+        args.media.allow_private_media_addresses = true;
         args.media.allowed_media_domains = vec!["localhost".into()];
         args.limits.max_image_tokens_per_request = 150;
     })
@@ -270,5 +282,74 @@ async fn domains_local_files_and_image_tokens_are_bounded_by_flags() {
         metric(&text, "ocellus_vision_cache_misses_total"),
         Some(2.0),
         "one.png (low) and wide.png"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_addresses_are_refused_unless_allowed_on_every_hop() {
+    let (first, second) = (media_server_on("127.0.0.1").await, media_server_on("127.0.0.2").await);
+    let port = |media: &str| media.rsplit(':').next().unwrap().to_string();
+    let (first_port, second_port) = (port(&first), port(&second));
+    let by_name = format!("http://localhost:{first_port}");
+    let low = |source: String| {
+        let mut request = ask(&source);
+        request["messages"][0]["content"][0]["image_url"]["detail"] = json!("low");
+        request
+    };
+    let refused = "media_address_not_allowed";
+
+    // By default: loopback by address (in any spelling) and by a name resolving to it.
+    let strict = server(|_| {}).await;
+    let client = reqwest::Client::new();
+    let chat = url(&strict, "/v1/chat/completions");
+    for source in [
+        format!("{first}/one.png"),
+        format!("{by_name}/one.png"),
+        format!("http://2130706433:{first_port}/one.png"),
+        format!("http://[::1]:{first_port}/one.png"),
+        format!("http://[::ffff:127.0.0.1]:{first_port}/one.png"),
+    ] {
+        let (status, body) = post(&client, &chat, &low(source.clone())).await;
+        assert_error(&source, status, &body, refused);
+    }
+    let (status, body) = post(&client, &chat, &low(fixture_image_uri("wide"))).await;
+    assert_eq!(status, 200, "inline images are not fetched: {body}");
+
+    // --allow-private-media-addresses: both fetched.
+    let open = server(|args| args.media.allow_private_media_addresses = true).await;
+    let chat = url(&open, "/v1/chat/completions");
+    for source in [format!("{first}/one.png"), format!("{by_name}/one.png")] {
+        let (status, body) = post(&client, &chat, &low(source.clone())).await;
+        assert_eq!(status, 200, "{source}: {body}");
+    }
+
+    // Only 127.0.0.1 allowed: the name's first hop is fetched, a redirect to another loopback
+    // address is refused on the hop.
+    let one = server(|args| args.media.allowed_media_networks = vec!["127.0.0.1/32".parse().unwrap()]).await;
+    let chat = url(&one, "/v1/chat/completions");
+    for source in [format!("{first}/one.png"), format!("{by_name}/one.png")] {
+        let (status, body) = post(&client, &chat, &low(source.clone())).await;
+        assert_eq!(status, 200, "{source}: {body}");
+    }
+    let hop = format!("{by_name}/redirect?to=http://127.0.0.2:{second_port}/one.png");
+    let (status, body) = post(&client, &chat, &low(hop.clone())).await;
+    assert_error(&hop, status, &body, refused);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("127.0.0.2"),
+        "{body}"
+    );
+
+    // Only 127.0.0.2 allowed: a redirect to a name that resolves to loopback is refused when
+    // the name is resolved for the hop.
+    let two = server(|args| args.media.allowed_media_networks = vec!["127.0.0.2/32".parse().unwrap()]).await;
+    let chat = url(&two, "/v1/chat/completions");
+    let (status, body) = post(&client, &chat, &low(format!("{second}/one.png"))).await;
+    assert_eq!(status, 200, "{body}");
+    let hop = format!("{second}/redirect?to=http://localhost:{second_port}/one.png");
+    let (status, body) = post(&client, &chat, &low(hop.clone())).await;
+    assert_error(&hop, status, &body, refused);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("localhost"),
+        "{body}"
     );
 }

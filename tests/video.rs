@@ -97,6 +97,8 @@ async fn video_model_server(
             .to_str()
             .unwrap()
             .to_string();
+        // The test's media server is on loopback.
+        args.media.allow_private_media_addresses = true;
         configure(args);
     })
     .await

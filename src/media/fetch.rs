@@ -1,14 +1,17 @@
 //! Getting the bytes an image URL names: `data:` URIs, http(s) URLs (a total timeout that a
 //! trickling body cannot outlast, a byte cap enforced while streaming, a redirect cap, an
-//! optional domain allowlist checked on every hop), and local files under one allowed
-//! folder. Everything a client can get wrong is a `MediaError`.
+//! optional domain allowlist checked on every hop, private addresses refused on the address
+//! connected to: `address`), and local files under one allowed folder. Everything a client
+//! can get wrong is a `MediaError`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 
 use super::MediaError;
+use super::address::{AddressRule, GuardedResolver, Refused, SystemLookup};
 
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -19,6 +22,8 @@ pub struct FetchConfig {
     pub max_bytes: usize,
     /// Hosts http(s) URLs may name (and their subdomains); empty: any host.
     pub allowed_domains: Vec<String>,
+    /// The addresses http(s) URLs may reach.
+    pub addresses: AddressRule,
     /// The folder `file://` URLs may read from; none: local files are refused.
     pub allowed_local_path: Option<PathBuf>,
 }
@@ -37,33 +42,35 @@ pub struct MediaFetcher {
     local_root: Option<PathBuf>,
 }
 
-#[derive(Debug)]
-struct RedirectRefused(MediaError);
-
-impl std::fmt::Display for RedirectRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for RedirectRefused {}
-
 impl MediaFetcher {
     pub fn new(config: FetchConfig) -> Result<Self, String> {
         // reqwest is built without a TLS crypto provider of its own; rustls's ring is the
         // one the rest of the binary already links. Installed once per process.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (max_redirects, domains) = (config.max_redirects, config.allowed_domains.clone());
+        let addresses = config.addresses.clone();
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            let checked = check_domain(attempt.url(), &domains).and_then(|()| addresses.check_url(attempt.url()));
             if attempt.previous().len() > max_redirects {
-                attempt.error(RedirectRefused(MediaError::TooManyRedirects { limit: max_redirects }))
-            } else if let Err(err) = check_domain(attempt.url(), &domains) {
-                attempt.error(RedirectRefused(err))
+                attempt.error(Refused(MediaError::TooManyRedirects { limit: max_redirects }))
+            } else if let Err(err) = checked {
+                attempt.error(Refused(err))
             } else {
                 attempt.follow()
             }
         });
-        let client = reqwest::Client::builder()
+        let resolver = GuardedResolver {
+            lookup: Arc::new(SystemLookup),
+            rule: config.addresses.clone(),
+        };
+        let mut builder = reqwest::Client::builder();
+        if !config.addresses.allow_private {
+            // Through a proxy the proxy resolves the name, and the address it connects to
+            // cannot be checked here.
+            builder = builder.no_proxy();
+        }
+        let client = builder
+            .dns_resolver(resolver)
             .redirect(policy)
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
@@ -106,6 +113,7 @@ impl MediaFetcher {
     async fn http(&self, url: &str) -> Result<Fetched, MediaError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| MediaError::BadUrl(e.to_string()))?;
         check_domain(&parsed, &self.config.allowed_domains)?;
+        self.config.addresses.check_url(&parsed)?;
         let mut response = self.client.get(parsed).send().await.map_err(fetch_error)?;
         if !response.status().is_success() {
             return Err(MediaError::FetchFailed(format!(
@@ -179,11 +187,12 @@ fn check_domain(url: &reqwest::Url, allowed: &[String]) -> Result<(), MediaError
     }
 }
 
-/// A reqwest error as the client's problem: a refused redirect, a timeout, or a failure.
+/// A reqwest error as the client's problem: a refused redirect or address, a timeout, or a
+/// failure.
 fn fetch_error(err: reqwest::Error) -> MediaError {
     let mut source: Option<&dyn std::error::Error> = Some(&err);
     while let Some(e) = source {
-        if let Some(RedirectRefused(inner)) = e.downcast_ref::<RedirectRefused>() {
+        if let Some(Refused(inner)) = e.downcast_ref::<Refused>() {
             return inner.clone();
         }
         source = e.source();

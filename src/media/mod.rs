@@ -4,6 +4,7 @@
 //! refused before any decoding (a 50000x50000 PNG of a few kilobytes must not allocate
 //! gigabytes); likewise a video's frame count and rate come before its frames.
 
+pub mod address;
 pub mod fetch;
 pub mod pool;
 pub mod video;
@@ -12,6 +13,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader};
 
+pub use address::AddressRule;
 pub use fetch::{FetchConfig, Fetched, MediaFetcher};
 pub use pool::{JobFailed, MediaPool};
 pub use video::{Frames, VideoMeta, VideoSource, open_video};
@@ -45,6 +47,11 @@ pub enum MediaError {
     TooLarge { limit: usize },
     #[error("media from `{0}` is not allowed on this server")]
     DomainNotAllowed(String),
+    #[error(
+        "media from {0} is not allowed: the address is not public (loopback, private, link-local, \
+         unique-local, unspecified or reserved), and this server fetches only from public addresses"
+    )]
+    AddressNotAllowed(String),
     #[error("local files are not allowed on this server")]
     LocalFilesDisabled,
     #[error("the local file {0} is outside the folder this server allows")]

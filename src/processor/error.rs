@@ -128,6 +128,7 @@ fn media_code(error: &MediaError) -> &'static str {
         MediaError::TooManyRedirects { .. } => "too_many_redirects",
         MediaError::TooLarge { .. } => "media_too_large",
         MediaError::DomainNotAllowed(_) => "media_domain_not_allowed",
+        MediaError::AddressNotAllowed(_) => "media_address_not_allowed",
         MediaError::LocalFilesDisabled | MediaError::PathNotAllowed(_) => "local_media_not_allowed",
         MediaError::FileNotFound(_) => "media_not_found",
         MediaError::ContentTypeMismatch { .. } => "content_type_mismatch",

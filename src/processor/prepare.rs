@@ -76,6 +76,12 @@ impl Preparer {
     pub async fn chat(&self, chat: &openai::ValidChat) -> Result<Prepared, PrepareError> {
         let images: Vec<ImagePart> = chat.messages.iter().flat_map(Message::images).cloned().collect();
         let videos: Vec<VideoPart> = chat.messages.iter().flat_map(Message::videos).cloned().collect();
+        // Nothing is fetched for a video the model cannot take.
+        if let (Some(video), None) = (videos.first(), self.processor.video()) {
+            return Err(PrepareError::VideosNotSupported {
+                param: video.param.clone(),
+            });
+        }
         let (image_bytes, video_bytes) = self.fetch(&images, &videos).await?;
         let messages = template_messages(&chat.messages);
         let tools: Vec<serde_json::Value> = (chat.tools.iter())
