@@ -91,8 +91,17 @@ async fn media_server_on(address: &str) -> String {
                 Body::from_stream(chunks).into_response()
             }),
         )
-        .route("/missing.png", get(|| async { StatusCode::NOT_FOUND }))
-        .route("/loop", get(|| async { Redirect::temporary("/loop") }))
+        .route("/missing.png", get(|| async { StatusCode::NOT_FOUND }));
+    let listener = tokio::net::TcpListener::bind((address, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = with_redirects(app);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A redirect loop, chains of redirects ending at /wide.png, and a redirect to any URL.
+fn with_redirects(app: Router) -> Router {
+    app.route("/loop", get(|| async { Redirect::temporary("/loop") }))
         .route(
             "/redirect",
             get(|Query(to): Query<HashMap<String, String>>| async move { Redirect::temporary(&to["to"]) }),
@@ -106,11 +115,7 @@ async fn media_server_on(address: &str) -> String {
                     Redirect::temporary(&format!("/chain/{}", n - 1))
                 }
             }),
-        );
-    let listener = tokio::net::TcpListener::bind((address, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+        )
 }
 
 fn ask(image_url: &str) -> Value {

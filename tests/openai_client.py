@@ -159,6 +159,34 @@ named = client.chat.completions.create(
 )
 assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"], named
 
+# The Responses API (stateless): the chat's greedy answer, whole and streamed
+question = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "input_image", "image_url": image},
+            {"type": "input_text", "text": "What is in this picture?"},
+        ],
+    }
+]
+response = client.responses.create(model=model, input=question, max_output_tokens=12, temperature=0, store=False)
+assert response.object == "response" and response.output_text == answer, (response.output_text, answer)
+assert response.usage.input_tokens == int(prompt_tokens), response.usage
+assert response.status in ("completed", "incomplete"), response
+events = list(
+    client.responses.create(model=model, input=question, max_output_tokens=12, temperature=0, store=False, stream=True)
+)
+assert events[0].type == "response.created" and events[-1].type in ("response.completed", "response.incomplete")
+deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+assert deltas == answer and events[-1].response.output_text == answer, (deltas, answer)
+answer_only = client.responses.create(model=model, input="Say hi.", instructions="Be brief.", max_output_tokens=4)
+assert answer_only.usage.output_tokens <= 4 and answer_only.instructions == "Be brief.", answer_only
+try:
+    client.responses.create(model=model, input="Hi", previous_response_id="resp_1")
+    raise AssertionError("previous_response_id was accepted")
+except openai.BadRequestError as err:
+    assert err.code == "unsupported_parameter" and err.param == "previous_response_id", err
+
 # Completions
 completion = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
 assert completion.object == "text_completion" and completion.usage.completion_tokens == 5

@@ -33,11 +33,22 @@ pub(super) async fn start(
     fields: &SamplingFields,
     arrived: Instant,
 ) -> Result<Job, ApiError> {
+    start_as(state, request, fields, arrived, Endpoint::Chat).await
+}
+
+/// `start`, for an endpoint that answers a chat request in its own shapes.
+pub(super) async fn start_as(
+    state: &AppState,
+    request: &ChatCompletionRequest,
+    fields: &SamplingFields,
+    arrived: Instant,
+    endpoint: Endpoint,
+) -> Result<Job, ApiError> {
     let ready = state.accepting()?;
     let adapter = state.resolve_model(ready, request.model.as_deref())?;
     let chat = openai::chat(request, fields, &state.settings.limits, ready.engine.info().vocab_size)?;
     let prepared = ready.preparer.chat(&chat).await?;
-    let job = submit(state, ready, Endpoint::Chat, prepared, &chat.options, adapter, arrived)?;
+    let job = submit(state, ready, endpoint, prepared, &chat.options, adapter, arrived)?;
     Ok(Job {
         calls: CallReader::of(chat.tools.as_ref()),
         ..job

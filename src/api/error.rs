@@ -47,6 +47,14 @@ pub enum ApiError {
     /// A route for the other kind of model (chat on an embedding model, or the reverse).
     #[error("{0}")]
     WrongTask(String),
+    /// An error about a request that ran as another (`/v1/responses` as chat), its message
+    /// and field written as the client's request names them.
+    #[error("{message}")]
+    Renamed {
+        error: Box<ApiError>,
+        message: String,
+        param: Option<String>,
+    },
 }
 
 #[derive(Serialize)]
@@ -66,6 +74,7 @@ struct ErrorDetail<'a> {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         let code = match self {
+            Self::Renamed { error, .. } => return error.status(),
             Self::Invalid(e) => e.status(),
             Self::Prepare(e) => e.status(),
             Self::Admission { .. } | Self::Adapter(_) | Self::WrongTask(_) => 400,
@@ -85,6 +94,7 @@ impl ApiError {
     /// OpenAI's `code` string (every error has one).
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Renamed { error, .. } => error.code(),
             Self::Invalid(e) => e.code(),
             Self::Prepare(e) => e.code(),
             Self::Admission {
@@ -113,6 +123,7 @@ impl ApiError {
     /// OpenAI's error `type`.
     fn kind(&self) -> &'static str {
         match self {
+            Self::Renamed { error, .. } => error.kind(),
             Self::Invalid(e) => e.kind(),
             Self::Unauthorized => "authentication_error",
             Self::Forbidden(_) => "permission_error",
@@ -137,6 +148,7 @@ impl ApiError {
             Self::Adapter(RegistryError::Load(_)) => Some("lora_path".into()),
             Self::Adapter(_) => Some("lora_name".into()),
             Self::ModelNotFound { .. } => Some("model".into()),
+            Self::Renamed { param, .. } => param.clone(),
             _ => None,
         }
     }
@@ -172,6 +184,19 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
+    /// This error with the field names in its message and `param` rewritten; an error about
+    /// no field (overload, timeouts, the server's own) is left as it is.
+    pub fn renamed(self, rename: impl Fn(&str) -> String) -> Self {
+        let Some(param) = self.param() else {
+            return self;
+        };
+        Self::Renamed {
+            message: rename(&self.to_string()),
+            param: Some(rename(&param)),
+            error: Box::new(self),
+        }
+    }
+
     /// A refused submission; `param` names the prompt's field (`messages` or `prompt`).
     pub fn submit(error: SubmitError, param: &'static str) -> Self {
         match error {

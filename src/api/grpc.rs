@@ -68,7 +68,12 @@ pub fn status(error: &ApiError) -> Status {
         }
         _ => format!("{error} (code {})", error.code()),
     };
-    let code = match error {
+    Status::new(code(error), message)
+}
+
+fn code(error: &ApiError) -> tonic::Code {
+    match error {
+        ApiError::Renamed { error, .. } => code(error),
         ApiError::Invalid(_) | ApiError::Admission { .. } | ApiError::Adapter(_) | ApiError::PayloadTooLarge { .. } => {
             tonic::Code::InvalidArgument
         }
@@ -81,8 +86,7 @@ pub fn status(error: &ApiError) -> Status {
         ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
         ApiError::Unavailable(_) => tonic::Code::Unavailable,
         ApiError::Timeout => tonic::Code::DeadlineExceeded,
-    };
-    Status::new(code, message)
+    }
 }
 
 /// A gRPC request as the chat API's request and sampling fields. A content part that sets

@@ -13,7 +13,9 @@ pub mod error;
 pub mod grpc;
 pub mod observe;
 pub mod respond;
+pub mod responses;
 pub mod server;
+pub mod tokenize;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -158,10 +160,13 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/score", post(embeddings::score))
         .route("/v1/rerank", post(embeddings::rerank))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/load_lora_adapter", post(adapters::load))
         .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route_layer(axum::middleware::from_fn_with_state(

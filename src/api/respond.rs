@@ -30,6 +30,8 @@ use crate::openai::{
 pub enum Endpoint {
     Chat,
     Completions,
+    /// OpenAI's Responses API: a chat request answered in its own shapes (`responses`).
+    Responses,
 }
 
 impl Endpoint {
@@ -37,6 +39,7 @@ impl Endpoint {
         match self {
             Self::Chat => "chat_completions",
             Self::Completions => "completions",
+            Self::Responses => "responses",
         }
     }
 
@@ -44,13 +47,14 @@ impl Endpoint {
         match self {
             Self::Chat => "chatcmpl",
             Self::Completions => "cmpl",
+            Self::Responses => "resp",
         }
     }
 
     /// The request field that holds the prompt, for errors about it.
     pub fn prompt_param(self) -> &'static str {
         match self {
-            Self::Chat => "messages",
+            Self::Chat | Self::Responses => "messages",
             Self::Completions => "prompt",
         }
     }
@@ -60,6 +64,7 @@ impl Endpoint {
             (Self::Chat, false) => "chat.completion",
             (Self::Chat, true) => "chat.completion.chunk",
             (Self::Completions, _) => "text_completion",
+            (Self::Responses, _) => "response",
         }
     }
 }
@@ -208,7 +213,7 @@ async fn collect(mut job: Job, mut observer: Observer) -> Response {
     let (created, object) = (unix_now(), job.endpoint.object(false));
     let with_logprobs = |c: &Choice| !c.logprobs.is_empty();
     match job.endpoint {
-        Endpoint::Chat => Json(ChatCompletion {
+        Endpoint::Chat | Endpoint::Responses => Json(ChatCompletion {
             id: job.id.clone(),
             object,
             created,
@@ -274,7 +279,7 @@ fn stream(job: Job, observer: Observer) -> Sse<impl Stream<Item = Result<Event, 
         created,
     };
     let first: Vec<Event> = match state.job.endpoint {
-        Endpoint::Chat => (0..state.job.n)
+        Endpoint::Chat | Endpoint::Responses => (0..state.job.n)
             .map(|index| state.chunk(json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})))
             .collect(),
         Endpoint::Completions => Vec::new(),
@@ -330,7 +335,7 @@ impl Streaming {
                 let tokenizer = &self.job.tokenizer;
                 let lp = match (logprobs.is_empty(), endpoint) {
                     (true, _) => Value::Null,
-                    (false, Endpoint::Chat) => json!(chat_logprobs(tokenizer, &logprobs)),
+                    (false, Endpoint::Chat | Endpoint::Responses) => json!(chat_logprobs(tokenizer, &logprobs)),
                     (false, Endpoint::Completions) => json!(completion_logprobs(tokenizer, &logprobs, &[offset])),
                 };
                 if let Some(calls) = &mut self.calls[choice] {
@@ -374,7 +379,7 @@ impl Streaming {
     /// A chunk for one choice: a content delta (chat) or a text piece (completions).
     fn choice_chunk(&self, index: usize, text: &str, logprobs: Value, finish: Option<&str>) -> Event {
         let choice = match self.job.endpoint {
-            Endpoint::Chat => {
+            Endpoint::Chat | Endpoint::Responses => {
                 let delta = if finish.is_some() && text.is_empty() {
                     json!({})
                 } else {
