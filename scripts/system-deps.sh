@@ -4,11 +4,12 @@
 # with which the crate generates its bindings at build time. Debian/Ubuntu packages; on
 # other systems install the equivalents (FFmpeg >= 5 development files, pkg-config, clang).
 #   scripts/system-deps.sh          # to build and run
-#   scripts/system-deps.sh --test   # also promtool (Debian's prometheus), which a test runs
+#   scripts/system-deps.sh --test   # also what tests run: promtool (Debian's prometheus), and
+#                                   # Chromium with its WebDriver for the chat page's browser test
 set -euo pipefail
 
 packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev)
-[ "${1:-}" = "--test" ] && packages+=(prometheus)
+[ "${1:-}" = "--test" ] && packages+=(prometheus chromium chromium-driver)
 
 if ! command -v dpkg >/dev/null; then
   pkg-config --exists libavcodec libavformat libavutil libswscale && exit 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need besides Rust on first use: FFmpeg's
 # libraries and promtool (scripts/system-deps.sh) and a Python virtual environment with the
-# official openai package (target/test-venv).
+# official openai package and Selenium (target/test-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +10,7 @@ python3 scripts/check_layers.py
 scripts/system-deps.sh --test
 
 venv=target/test-venv
-if ! "$venv/bin/python" -c "import openai" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import openai, selenium" >/dev/null 2>&1; then
   mkdir -p target
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/test-requirements.txt

@@ -285,6 +285,9 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on the /v1 routes.
     #[arg(long, env = "OCELLUS_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Serve no chat page at `/` (the API only).
+    #[arg(long, env = "OCELLUS_NO_WEB_UI")]
+    pub no_web_ui: bool,
     /// Most sequences running at once.
     #[arg(long, env = "OCELLUS_MAX_NUM_SEQS", default_value_t = 64)]
     pub max_num_seqs: usize,

@@ -16,6 +16,7 @@ pub mod respond;
 pub mod responses;
 pub mod server;
 pub mod tokenize;
+pub mod web;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -46,6 +47,8 @@ pub struct ApiSettings {
     pub limits: openai::Limits,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// The chat page at `/`.
+    pub web_ui: bool,
 }
 
 /// The model, once loaded: the engine and what prepares its requests.
@@ -173,8 +176,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             auth::require_api_key,
         ));
+    let page = if state.settings.web_ui {
+        web::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(api)
+        .merge(page)
         .route("/health", get(health))
         .route("/livez", get(live))
         .route("/metrics", get(metrics))

@@ -235,6 +235,7 @@ fn api_settings(args: &ServeArgs) -> ApiSettings {
         },
         max_body_bytes: limits.max_body_size.as_u64() as usize,
         request_timeout: args.request_timeout,
+        web_ui: !args.no_web_ui,
     }
 }
 
