@@ -85,11 +85,11 @@ try:
 
     # Stop mid-stream: the server's running sequences go back to 0.
     find("#max-tokens").clear()
-    find("#max-tokens").send_keys("4000")
+    find("#max-tokens").send_keys("7000")
     find("#extra").send_keys('{"ignore_eos": true}')
     answer = ask("Talk.")
-    wait.until(lambda d: answer.get_attribute("data-raw"))
-    wait_for_metric("ocellus_running_sequences", 1.0)
+    # Tokens on the page while the server still generates.
+    wait.until(lambda d: answer.get_attribute("data-raw") and metric("ocellus_running_sequences") == 1.0)
     find("#stop").click()
     assert settle(answer) == "stopped"
     wait_for_metric("ocellus_running_sequences", 0.0)

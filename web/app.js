@@ -232,11 +232,22 @@ async function send() {
   const answer = bubble("assistant");
   const output = answer.querySelector(".body");
   let raw = "";
+  // Rendered at most once a frame: a fast model sends many tokens between two frames.
+  let frame = null;
+  const render = () => {
+    frame = null;
+    output.innerHTML = renderMarkdown(raw);
+    $("#messages").scrollTop = $("#messages").scrollHeight;
+  };
   const show = (state) => {
     answer.dataset.state = state;
     answer.dataset.raw = raw;
-    output.innerHTML = renderMarkdown(raw);
-    $("#messages").scrollTop = $("#messages").scrollHeight;
+    if (state !== "streaming") {
+      cancelAnimationFrame(frame);
+      render();
+    } else if (frame === null) {
+      frame = requestAnimationFrame(render);
+    }
   };
   const fail = (message) => {
     const error = document.createElement("div");
