@@ -18,15 +18,8 @@ fn question(image: &str) -> Value {
 /// An SSE body's events: each event's name and its data as JSON.
 async fn events(response: reqwest::Response) -> Vec<(String, Value)> {
     let body = response.text().await.unwrap();
-    body.split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|event| {
-            let field = |name: &str| event.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default();
-            (
-                field("event: ").to_string(),
-                serde_json::from_str(field("data: ")).unwrap(),
-            )
-        })
+    (common::sse::parse(&body).into_iter())
+        .map(|e| (e.event.unwrap_or_default(), serde_json::from_str(&e.data).unwrap()))
         .collect()
 }
 

@@ -74,14 +74,7 @@ pub async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Va
 /// The `data:` payloads of an SSE response, in order, `[DONE]` included.
 pub async fn sse(response: reqwest::Response) -> Vec<String> {
     let body = response.text().await.unwrap();
-    body.split("\n\n")
-        .filter_map(|event| {
-            event
-                .lines()
-                .find_map(|line| line.strip_prefix("data: "))
-                .map(str::to_string)
-        })
-        .collect()
+    super::sse::parse(&body).into_iter().map(|e| e.data).collect()
 }
 
 /// Concatenated content of a chat stream's chunks, and its chunks as JSON.

@@ -343,6 +343,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 pub mod http;
+pub mod sse;
 
 /// A fixture model folder copied into a temporary directory, to break.
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
