@@ -65,13 +65,12 @@ pub fn request(data: &[u8]) {
         let _ = translated.names.rename(&body.to_string());
     }
     let _ = openai::tokenize::tokenize(&body);
-    if fields::check(&body, fields::COMPLETION).is_ok() {
-        if let (Ok(request), Ok(sampling)) = (
-            openai::from_json::<CompletionRequest>(&body),
-            openai::from_json::<SamplingFields>(&body),
-        ) {
-            let _ = openai::completion(&request, &sampling, &LIMITS, 1088);
-        }
+    if let (Ok(()), Ok(request), Ok(sampling)) = (
+        fields::check(&body, fields::COMPLETION),
+        openai::from_json::<CompletionRequest>(&body),
+        openai::from_json::<SamplingFields>(&body),
+    ) {
+        let _ = openai::completion(&request, &sampling, &LIMITS, 1088);
     }
 }
 
@@ -129,7 +128,7 @@ pub fn template(data: &[u8]) {
         .collect();
     let tools: Vec<serde_json::Value> = serde_json::from_str(pieces.last().unwrap_or(&"")).unwrap_or_default();
     for processor in processors() {
-        let _ = processor.render_conversation(&messages, &tools, pieces.len() % 2 == 0);
+        let _ = processor.render_conversation(&messages, &tools, pieces.len().is_multiple_of(2));
     }
 }
 
