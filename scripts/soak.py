@@ -9,7 +9,8 @@ image from a pool of 24 generated PNGs at `detail: low`, so the vision cache bot
 misses), whole
 chats with an image, completions, streams the client drops after their first tokens, and bad
 requests of eight kinds. The server is started with a small queue (--max-num-seqs 8,
---max-queue 8) so that concurrency 32 also meets 429s. Every request ends in one expected
+--max-queue 8) so that concurrency 32 also meets 429s, after which a worker waits the
+Retry-After the server sends, as OpenAI's clients do. Every request ends in one expected
 outcome or is counted as unexpected (any 5xx, an unexpected code, a stream without its
 end, a request with no answer in 120 s). Each minute: the server's resident memory and its
 KV cache blocks in use. At the end, with traffic stopped, the KV blocks in use must be 0.
@@ -166,6 +167,8 @@ def finish_error(connection, response):
     body = response.read()
     connection.close()
     if response.status == 429:
+        # As OpenAI's clients do: wait what Retry-After says before the next request.
+        time.sleep(float(response.getheader("Retry-After", "1")))
         return record("429")
     try:
         code = json.loads(body)["error"]["code"]
@@ -192,6 +195,7 @@ def bad_one():
     answer = response.read()
     connection.close()
     if response.status == 429:
+        time.sleep(float(response.getheader("Retry-After", "1")))
         return record("429")
     got = json.loads(answer).get("error", {}).get("code") if answer.startswith(b"{") else None
     record(f"bad_refused:{code}" if response.status in (400, 404) and got == code else f"unexpected:bad:{code}:{response.status}:{got}")

@@ -325,8 +325,10 @@ impl EngineCore {
     /// Attaches the vision thread's output to its sequence (if it is still waiting).
     fn take_vision(&mut self, done: VisionDone) {
         self.encoding.remove(&done.seq);
-        self.unreported.vision += done.took;
-        self.unreported.vision_encodes.push(done.took);
+        if done.encoded {
+            self.unreported.vision += done.took;
+            self.unreported.vision_encodes.push(done.took);
+        }
         let Some(index) = self.waiting.iter().position(|s| s.id == done.seq) else {
             return;
         };

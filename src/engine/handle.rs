@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::core::{EngineCore, StepReport};
 use super::request::{AddError, EngineFailure, EventReceiver, GenerationRequest, SequenceEvent, admit};
@@ -169,6 +169,9 @@ impl EngineHandle {
     }
 }
 
+/// How often an engine that waits only on the vision thread looks at the clock.
+const DEADLINE_CHECK: Duration = Duration::from_millis(100);
+
 fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>, observer: Arc<dyn EngineObserver>) {
     // The pool's size (and an idle engine) is known before any request.
     record(&core, &StepReport::default(), &published, observer.as_ref());
@@ -178,16 +181,19 @@ fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>
         // thread when all that is left waits on it.
         let first = if core.has_runnable_work() {
             inbox.try_recv().ok()
-        } else if core.vision_in_flight() > 0 {
+        } else if core.vision_in_flight() > 0 && !deadline.is_some_and(|d| Instant::now() >= d) {
             let mut select = crossbeam_channel::Select::new();
             let commands = select.recv(&inbox);
             select.recv(core.vision_results());
-            if select.ready() == commands {
-                inbox.try_recv().ok()
-            } else {
-                None
+            // Woken now and then besides: a waiting request's timeout and the shutdown's
+            // deadline pass while an image encodes, and the step that acts on them must run.
+            match select.ready_timeout(DEADLINE_CHECK) {
+                Ok(ready) if ready == commands => inbox.try_recv().ok(),
+                _ => None,
             }
         } else if deadline.is_some() {
+            // Past the deadline (everything was aborted) or nothing left: the vision thread
+            // skips the abandoned jobs still queued.
             break;
         } else if core.has_work() {
             // Waiting sequences no step can start yet: look for commands, then plan again.

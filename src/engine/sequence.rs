@@ -33,8 +33,9 @@ pub enum Vision {
     /// Not started: waiting for another sequence's encoding of one of its images, to take
     /// it from the cache instead of encoding it again. Its pixels, per image.
     Waiting(Vec<Pixels>),
-    /// On the vision thread; per image, the features known so far (cache hits).
-    Encoding(Vec<Option<ImageFeatures>>),
+    /// On the vision thread; per image, the features known so far (cache hits). The ticket
+    /// goes with the sequence: dropped with it, the job is skipped if not yet started.
+    Encoding(Vec<Option<ImageFeatures>>, super::vision::Ticket),
     /// Every image's features, in prompt order, as one (`None`: a text prompt). Kept so that
     /// a preempted sequence is recomputed without the vision encoder.
     Ready(Option<ImageFeatures>),

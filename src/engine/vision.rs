@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -21,6 +22,20 @@ pub struct VisionJob {
     pub images: Vec<Pixels>,
     /// The sequence's adapter, which may change the vision tower.
     pub adapter: Option<Arc<Adapter>>,
+    /// Set when the sequence is gone (its `Ticket` dropped): the job is not started.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// A sequence's claim on its queued vision job. Dropped with the sequence (the client left,
+/// the request timed out, the server aborted it), it marks the job abandoned, and the vision
+/// thread skips it instead of spending seconds on features nobody will read; an encoding
+/// already under way finishes.
+pub struct Ticket(Arc<AtomicBool>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 pub struct VisionDone {
@@ -28,6 +43,8 @@ pub struct VisionDone {
     /// One result per image of the job.
     pub features: Result<Vec<ImageFeatures>, String>,
     pub took: Duration,
+    /// False for a job skipped as abandoned.
+    pub encoded: bool,
 }
 
 pub struct VisionWorker {
@@ -46,16 +63,20 @@ impl VisionWorker {
                 // Ends when the engine drops its sender.
                 for job in inbox {
                     let started = Instant::now();
-                    let images: Vec<&Pixels> = job.images.iter().collect();
-                    let features = (model.encode_images(&images, job.adapter.as_deref())).map_err(|e| e.to_string());
-                    if results
-                        .send(VisionDone {
-                            seq: job.seq,
-                            features,
-                            took: started.elapsed(),
-                        })
-                        .is_err()
-                    {
+                    let encoded = !job.abandoned.load(Ordering::Acquire);
+                    let features = if encoded {
+                        let images: Vec<&Pixels> = job.images.iter().collect();
+                        (model.encode_images(&images, job.adapter.as_deref())).map_err(|e| e.to_string())
+                    } else {
+                        Err("abandoned".into())
+                    };
+                    let done = VisionDone {
+                        seq: job.seq,
+                        features,
+                        took: started.elapsed(),
+                        encoded,
+                    };
+                    if results.send(done).is_err() {
                         break;
                     }
                 }
@@ -130,11 +151,13 @@ pub fn start(seq: &mut Sequence, cache: &mut VisionCache, worker: &mut VisionWor
     if images.is_empty() {
         seq.vision = Vision::Ready(Some(assemble(&seq.images, &parts)?));
     } else {
-        seq.vision = Vision::Encoding(parts);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        seq.vision = Vision::Encoding(parts, Ticket(abandoned.clone()));
         worker.submit(VisionJob {
             seq: seq.id,
             images,
             adapter: seq.adapter.clone(),
+            abandoned,
         });
     }
     Ok(Started { hits, encoding })
@@ -152,7 +175,7 @@ pub fn waits_on(seq: &Sequence, cache: &VisionCache, encoding: &HashMap<SeqId, V
 /// order) and caches each newly encoded image.
 pub fn finish(seq: &mut Sequence, features: Vec<ImageFeatures>, cache: &mut VisionCache) -> candle_core::Result<()> {
     let mut parts = match std::mem::replace(&mut seq.vision, Vision::Ready(None)) {
-        Vision::Encoding(parts) => parts,
+        Vision::Encoding(parts, _) => parts,
         other => {
             seq.vision = other;
             candle_core::bail!("vision results for a sequence that is not encoding. This is a bug.")
@@ -196,5 +219,44 @@ fn assemble(images: &[ImageSlot], parts: &[Option<ImageFeatures>]) -> candle_cor
     match ordered.as_slice() {
         [one] => Ok((*one).clone()),
         _ => ImageFeatures::cat(&ordered),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn job(seq: SeqId, abandoned: &Arc<AtomicBool>) -> VisionJob {
+        // One 64x64 view: the fixture SigLIP's input.
+        let (pixels, _) = Pixels::keyed(vec![0.5; 3 * 64 * 64], &[1, 3, 64, 64], None).unwrap();
+        VisionJob {
+            seq,
+            images: vec![pixels],
+            adapter: None,
+            abandoned: abandoned.clone(),
+        }
+    }
+
+    #[test]
+    fn a_job_whose_sequence_is_gone_is_skipped_and_the_rest_are_encoded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-idefics3");
+        let loaded =
+            crate::runtime::load_folder(&dir, crate::config::WeightDType::F32, &candle_core::Device::Cpu).unwrap();
+        let mut worker = VisionWorker::spawn(Arc::from(loaded.model));
+        let (kept, gone) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (kept_ticket, gone_ticket) = (Ticket(kept.clone()), Ticket(gone.clone()));
+        drop(gone_ticket); // the sequence left before its job started
+        assert!(gone.load(Ordering::Acquire) && !kept.load(Ordering::Acquire));
+        worker.submit(job(1, &gone));
+        worker.submit(job(2, &kept));
+        let first = worker.wait(Duration::from_secs(30)).unwrap();
+        let second = worker.wait(Duration::from_secs(30)).unwrap();
+        assert_eq!((first.seq, first.encoded, first.features.is_err()), (1, false, true));
+        assert_eq!((second.seq, second.encoded), (2, true));
+        assert_eq!(second.features.unwrap().len(), 1);
+        assert_eq!(worker.in_flight(), 0);
+        drop(kept_ticket);
     }
 }
