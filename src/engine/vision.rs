@@ -242,9 +242,9 @@ mod tests {
     #[test]
     fn a_job_whose_sequence_is_gone_is_skipped_and_the_rest_are_encoded() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-idefics3");
-        let loaded =
-            crate::runtime::load_folder(&dir, crate::config::WeightDType::F32, &candle_core::Device::Cpu).unwrap();
-        let mut worker = VisionWorker::spawn(Arc::from(loaded.model));
+        let files = crate::model::ModelFiles::locate(&dir).unwrap();
+        let model = crate::model::load(&files, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let mut worker = VisionWorker::spawn(Arc::from(model));
         let (kept, gone) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let (kept_ticket, gone_ticket) = (Ticket(kept.clone()), Ticket(gone.clone()));
         drop(gone_ticket); // the sequence left before its job started
