@@ -90,3 +90,25 @@ fn video_containers_and_decoding() {
 fn the_tests_sse_reader() {
     run("sse", targets::sse, 5000);
 }
+
+/// The fuzzer's find (video, 10 minutes in): a 5 x 5 GIF whose frame claims 65533 x 65530
+/// pixels made the decoder allocate 17 GB. Refused now, by the pixel limit, before any
+/// buffer of that size.
+#[test]
+fn a_gif_frame_larger_than_its_screen_is_refused() {
+    use ocellus::media::{Fetched, MediaLimits, open_video};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/video/gif-frame-larger-than-its-screen.gif");
+    let fetched = Fetched {
+        bytes: std::fs::read(path).unwrap(),
+        declared_type: None,
+    };
+    let limits = MediaLimits {
+        max_image_pixels: 40_000_000,
+        max_video_seconds: 60.0,
+    };
+    let error = open_video(&fetched, &limits).err().expect("the GIF is refused");
+    assert!(
+        matches!(error, ocellus::media::MediaError::CorruptVideo(_)),
+        "{error:?}"
+    );
+}

@@ -181,6 +181,14 @@ deltas = "".join(e.delta for e in events if e.type == "response.output_text.delt
 assert deltas == answer and events[-1].response.output_text == answer, (deltas, answer)
 answer_only = client.responses.create(model=model, input="Say hi.", instructions="Be brief.", max_output_tokens=4)
 assert answer_only.usage.output_tokens <= 4 and answer_only.instructions == "Be brief.", answer_only
+# text.format: structured outputs, the schema held whatever the weights
+shaped = client.responses.create(
+    model=model, input=question, max_output_tokens=100, temperature=1,
+    text={"format": {"type": "json_schema", "name": "verdict", "schema": schema, "strict": True}},
+    extra_body={"seed": 5},
+)
+verdict = json.loads(shaped.output_text)
+assert verdict["answer"] in ("yes", "no") and 0 <= verdict["confidence"] <= 9, verdict
 try:
     client.responses.create(model=model, input="Hi", previous_response_id="resp_1")
     raise AssertionError("previous_response_id was accepted")

@@ -262,7 +262,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(body["error"]["type"], "rate_limit_error");
     assert_eq!(body["error"]["code"], "queue_full");
     drop(running);
-    waiting.abort();
+    // The waiting request's headers came back at once (a stream starts before its first
+    // token): its client leaves by dropping that response. (Aborting the finished task that
+    // holds it left the stream open, and the test waited for its 4,000 tokens.)
+    drop(waiting.await.unwrap().unwrap());
     let text = wait_for_metrics(&client, &server, |m| {
         metric(m, "ocellus_kv_cache_used_blocks") == Some(0.0)
     })

@@ -91,7 +91,7 @@ impl<'a> VideoSource<'a> {
                 seen: 0,
                 finished: false,
             })),
-            Container::Gif(bytes) => Inner::Gif(gif(bytes).map(|d| d.into_frames().enumerate())),
+            Container::Gif(bytes) => Inner::Gif(gif(bytes, &self.limits).map(|d| d.into_frames().enumerate())),
         };
         Frames {
             inner,
@@ -341,18 +341,29 @@ fn check_pixels(width: u32, height: u32, limits: &MediaLimits) -> Result<(), Med
     super::check_pixel_limit(width, height, limits)
 }
 
-fn gif(bytes: &[u8]) -> Result<image::codecs::gif::GifDecoder<Cursor<&[u8]>>, MediaError> {
-    image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(|e| MediaError::CorruptVideo(e.to_string()))
+fn gif<'a>(
+    bytes: &'a [u8],
+    limits: &MediaLimits,
+) -> Result<image::codecs::gif::GifDecoder<Cursor<&'a [u8]>>, MediaError> {
+    let corrupt = |e: image::ImageError| MediaError::CorruptVideo(e.to_string());
+    let mut decoder = image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(corrupt)?;
+    // A frame may claim far more pixels than the screen it is drawn on (the fuzzer's: 65533 x
+    // 65530 on a 5 x 5 screen, 17 GB as RGBA): the decoder's buffers, the screen's and one
+    // frame's, are bounded by the pixel limit, and past it the frame is an error.
+    let mut bounds = image::Limits::default();
+    bounds.max_alloc = Some(limits.max_image_pixels.saturating_mul(4 * 2));
+    decoder.set_limits(bounds).map_err(corrupt)?;
+    Ok(decoder)
 }
 
 /// An animated GIF's header: its frames counted (without keeping them) and the frame rate
 /// from their delays.
 fn gif_meta(bytes: &[u8], limits: &MediaLimits) -> Result<VideoMeta, MediaError> {
-    let (width, height) = gif(bytes)?.dimensions();
+    let (width, height) = gif(bytes, limits)?.dimensions();
     check_pixels(width, height, limits)?;
     let mut total_frames = 0usize;
     let mut total_ms = 0f64;
-    for frame in gif(bytes)?.into_frames() {
+    for frame in gif(bytes, limits)?.into_frames() {
         let frame = frame.map_err(|e| MediaError::CorruptVideo(e.to_string()))?;
         let (num, den) = frame.delay().numer_denom_ms();
         total_ms += num as f64 / den.max(1) as f64;
