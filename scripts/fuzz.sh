@@ -4,8 +4,11 @@
 # hunted is a panic, an overflow, a hang or a runaway allocation) and runs each for a while.
 #   scripts/fuzz.sh TARGET [SECONDS]   # one target (request, image, video, template, sse)
 #   scripts/fuzz.sh all [SECONDS]      # each in turn (default 600 s each)
-# New inputs that reach new code go to fuzz/corpus/TARGET (commit the interesting ones,
-# small); a crash is written to fuzz/artifacts/TARGET/ and replays with
+#   scripts/fuzz.sh merge              # fold what the runs found into fuzz/corpus
+# The committed corpus (fuzz/corpus/TARGET) seeds each run; what a run finds goes to
+# fuzz/target/corpus/TARGET, and `scripts/fuzz.sh merge` folds it into the committed corpus,
+# keeping only inputs that add coverage (libFuzzer's -merge=1). A crash is written to
+# fuzz/artifacts/TARGET/ and replays with
 #   fuzz/target/x86_64-unknown-linux-gnu/release/TARGET fuzz/artifacts/TARGET/crash-...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +23,16 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --release --manifest-path fuzz/Cargo.toml --target-dir fuzz/target --target "$host"
 bin=fuzz/target/$host/release
 targets=("$target")
-[ "$target" = all ] && targets=(request image video template sse)
+[ "$target" = all ] || [ "$target" = merge ] && targets=(request image video template sse)
 for t in "${targets[@]}"; do
-  mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+  if [ "$target" = merge ]; then
+    mkdir -p "fuzz/target/merged/$t"
+    "$bin/$t" -merge=1 -rss_limit_mb=2048 "fuzz/target/merged/$t" "fuzz/corpus/$t" "fuzz/target/corpus/$t"
+    rm -rf "fuzz/corpus/$t" && mv "fuzz/target/merged/$t" "fuzz/corpus/$t"
+    continue
+  fi
+  mkdir -p "fuzz/target/corpus/$t" "fuzz/artifacts/$t"
   # 2 GB of memory and 10 s per input at most: past either, libFuzzer reports the input.
-  "$bin/$t" "fuzz/corpus/$t" -artifact_prefix="fuzz/artifacts/$t/" \
+  "$bin/$t" "fuzz/target/corpus/$t" "fuzz/corpus/$t" -artifact_prefix="fuzz/artifacts/$t/" \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=262144 -print_final_stats=1
 done

@@ -97,7 +97,7 @@ fn the_tests_sse_reader() {
 #[test]
 fn a_gif_frame_larger_than_its_screen_is_refused() {
     use ocellus::media::{Fetched, MediaLimits, open_video};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/video/gif-frame-larger-than-its-screen.gif");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/gif-frame-larger-than-its-screen.gif");
     let fetched = Fetched {
         bytes: std::fs::read(path).unwrap(),
         declared_type: None,
