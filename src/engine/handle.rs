@@ -181,7 +181,7 @@ fn run(mut core: EngineCore, inbox: Receiver<Command>, published: Arc<Published>
         // thread when all that is left waits on it.
         let first = if core.has_runnable_work() {
             inbox.try_recv().ok()
-        } else if core.vision_in_flight() > 0 && !deadline.is_some_and(|d| Instant::now() >= d) {
+        } else if core.vision_in_flight() > 0 && deadline.is_none_or(|d| Instant::now() < d) {
             let mut select = crossbeam_channel::Select::new();
             let commands = select.recv(&inbox);
             select.recv(core.vision_results());
