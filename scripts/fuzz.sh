@@ -33,9 +33,6 @@ for t in "${targets[@]}"; do
   fi
   mkdir -p "fuzz/target/corpus/$t" "fuzz/artifacts/$t"
   # 2 GB of memory and 10 s per input at most: past either, libFuzzer reports the input.
-  # One malloc arena: FFmpeg's decoder threads, new for every video, each get a glibc arena
-  # that keeps freed memory, and the peak RSS libFuzzer watches climbed to 2 GB over 320k
-  # inputs with no leak behind it (flat at 73 MB with one arena).
-  MALLOC_ARENA_MAX=1 "$bin/$t" "fuzz/target/corpus/$t" "fuzz/corpus/$t" -artifact_prefix="fuzz/artifacts/$t/" \
+  "$bin/$t" "fuzz/target/corpus/$t" "fuzz/corpus/$t" -artifact_prefix="fuzz/artifacts/$t/" \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=262144 -print_final_stats=1
 done
