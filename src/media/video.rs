@@ -271,8 +271,11 @@ impl FfmpegFrames {
 
     /// Feeds the decoder one packet of the stream (or the end), and takes what it gives.
     fn decode_more(&mut self) -> Result<(), MediaError> {
-        let mut packet = ffmpeg::Packet::empty();
         loop {
+            // A new packet per read: av_read_frame fills a blank packet and does not release
+            // what one already holds, so reusing it leaked every skipped packet's buffer and
+            // side data (an audio track's packets, corrupt ones; found by the video fuzzer).
+            let mut packet = ffmpeg::Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) if packet.stream() != self.stream => continue,
                 Ok(()) => {
